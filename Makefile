@@ -1,0 +1,63 @@
+# sidemesh — every target works from a fresh clone: `install` builds .venv/ on first use.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+SIDEMESH := $(VENV)/bin/sidemesh
+CERTS ?= certs
+HOST ?= 127.0.0.1
+PORT ?= 8443
+
+.PHONY: install run certs test unit e2e golden lint bench deploy undeploy clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+## run: the webhook (and CA) on https://$(HOST):$(PORT), with a development PKI in certs/
+run: install certs
+	$(SIDEMESH) serve --host $(HOST) --port $(PORT) --cert-dir $(CERTS)
+
+## certs: create the development root if missing, then a fresh serving certificate
+certs: install
+	$(SIDEMESH) ca init --dir $(CERTS) --if-missing
+	$(SIDEMESH) ca serving-cert --dir $(CERTS)
+
+## test: lint, then every test (root/netns/Envoy tests run when possible; required when CI=true)
+test: install lint
+	$(PY) -m pytest -q tests
+
+unit: install
+	$(PY) -m pytest -q tests -m "not e2e and not root"
+
+## e2e: the end-to-end data-plane test in network namespaces (root)
+e2e: install
+	$(PY) -m pytest -q tests -m e2e
+
+## golden: rewrite every golden file from the current code
+golden: install
+	UPDATE_GOLDEN=1 $(PY) -m pytest -q tests -m golden
+
+lint: install
+	$(VENV)/bin/ruff check webhook tests
+	$(VENV)/bin/ruff format --check webhook tests
+	$(VENV)/bin/mypy
+
+## bench: every benchmark under tests/bench/, figures printed and written to bench-results/
+bench: install
+	@mkdir -p bench-results
+	@set -e; for b in tests/bench/bench_*.py; do echo "== $$b"; $(PY) $$b; done
+
+## deploy/undeploy: install sidemesh into the current kubectl context
+deploy: install
+	$(SIDEMESH) install
+
+undeploy: install
+	$(SIDEMESH) uninstall
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis bench-results

@@ -1,0 +1,292 @@
+"""The mesh config: frozen dataclasses, every default in this one file.
+
+A config file is YAML whose keys mirror the dataclass fields (``proxy.image``,
+``ca.max_ttl_seconds`` …). It is parsed once at start-up by :func:`load_config`; an unknown key
+or a bad value raises :class:`~webhook.errors.ConfigError` naming the dotted key and the value,
+so a typo never silently falls back to a default. Pure apart from :func:`load_config_file`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from webhook import names
+from webhook.errors import ConfigError
+from webhook.values import parse_quantity
+
+__all__ = [
+    "RESERVED_PORTS",
+    "CAConfig",
+    "MeshConfig",
+    "Ports",
+    "ProxyConfig",
+    "WebhookConfig",
+    "load_config",
+    "load_config_file",
+]
+
+InboundMTLS = Literal["PERMISSIVE", "STRICT"]
+LogLevel = Literal["trace", "debug", "info", "warning", "error", "critical", "off"]
+
+DEFAULT_IMAGE = "ghcr.io/sidemesh/sidemesh:0.1.0"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """The proxy's well-known ports. Apps may not declare any of them (see RESERVED_PORTS)."""
+
+    outbound: int = 15001
+    """Outbound capture: every TCP connection the app opens is redirected here."""
+    inbound: int = 15006
+    """Inbound capture: every TCP connection to the pod (except excluded ports) lands here."""
+    admin: int = 15000
+    """Envoy admin, bound to 127.0.0.1 only."""
+    probes: int = 15020
+    """Rewritten app probes (``/app-health/<container>/<livez|readyz|startupz>``)."""
+    health: int = 15021
+    """Proxy health, ``/healthz/ready``: the proxy's own readiness and startup probe."""
+    stats: int = 15090
+    """Prometheus scrape endpoint, ``/stats/prometheus``."""
+
+    def all(self) -> tuple[int, ...]:
+        return (self.admin, self.outbound, self.inbound, self.probes, self.health, self.stats)
+
+    def never_captured_inbound(self) -> tuple[int, ...]:
+        """Inbound ports that are always excluded from capture (kubelet and Prometheus)."""
+        return (self.probes, self.health, self.stats)
+
+
+RESERVED_PORTS: tuple[int, ...] = Ports().all()
+
+
+@dataclass(frozen=True)
+class ProxyConfig:
+    """How the sidecar and the init container look."""
+
+    image: str = DEFAULT_IMAGE
+    """Image of the proxy container (runs ``sidemesh proxy`` and Envoy)."""
+    init_image: str = DEFAULT_IMAGE
+    """Image of the init container (runs ``sidemesh init-traffic``)."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Pull policy of both injected containers."""
+    uid: int = 1337
+    """The proxy's uid; traffic of this uid is never captured. Apps may not run as it."""
+    gid: int = 1337
+    """The proxy's gid; traffic of this gid is never captured either."""
+    cpu_request: str = "100m"
+    """Proxy CPU request (a Kubernetes quantity)."""
+    memory_request: str = "128Mi"
+    """Proxy memory request."""
+    cpu_limit: str = "2"
+    """Proxy CPU limit; empty string for none."""
+    memory_limit: str = "1Gi"
+    """Proxy memory limit; empty string for none."""
+    native_sidecar: bool = True
+    """Run the proxy as a native sidecar (an init container with ``restartPolicy: Always``)."""
+    hold_application_until_proxy_starts: bool = False
+    """Classic mode only: put the proxy first and block app start until it is ready."""
+    log_level: LogLevel = "warning"
+    """The proxy's log level (agent and Envoy)."""
+    concurrency: int = 1
+    """Envoy worker threads (``--concurrency``); 1 served as much as 2 on 2 cores."""
+    cert_ttl_seconds: int = 86400
+    """Lifetime the agent asks for its workload certificate; renewed at half of it."""
+
+
+@dataclass(frozen=True)
+class CAConfig:
+    """The bundled mini-CA."""
+
+    default_ttl_seconds: int = 86400
+    """Workload certificate lifetime when the request names none (24 h)."""
+    max_ttl_seconds: int = 7 * 86400
+    """Longest lifetime a request may ask for; longer requests are refused, not clamped."""
+    min_ttl_seconds: int = 10
+    """Shortest lifetime a request may ask for."""
+    serving_cert_ttl_seconds: int = 90 * 86400
+    """Lifetime of the webhook's own serving certificate."""
+    rate_per_identity_per_minute: int = 60
+    """Certificate requests one SPIFFE identity may make per minute before 429."""
+    max_body_bytes: int = 64 * 1024
+    """Largest certificate request body accepted (413 above)."""
+
+
+@dataclass(frozen=True)
+class WebhookConfig:
+    """The admission endpoint."""
+
+    max_body_bytes: int = 3 * 1024 * 1024
+    """Largest AdmissionReview accepted (413 above); the API server sends at most ~3 MiB."""
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Everything that shapes an injected pod and the control plane. Defaults are the mesh's."""
+
+    trust_domain: str = "cluster.local"
+    """SPIFFE trust domain: ids are ``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``."""
+    ca_address: str = "https://sidemesh.sidemesh-system.svc:443"
+    """Where proxies send their CSRs (``POST <ca_address>/v1/certificates``)."""
+    inbound_mtls: InboundMTLS = "PERMISSIVE"
+    """Default inbound mode: PERMISSIVE accepts mTLS and plaintext, STRICT mTLS only."""
+    mesh_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
+    """Destinations treated as meshed (outbound mTLS); the rest is plain passthrough."""
+    rewrite_probes: bool = True
+    """Rewrite app HTTP/TCP/gRPC probes to the proxy's probe port."""
+    ignored_namespaces: tuple[str, ...] = (
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        names.CONTROL_PLANE_NAMESPACE,
+    )
+    """Namespaces never injected, whatever their labels say."""
+    ports: Ports = field(default_factory=Ports)
+    """The proxy's well-known ports."""
+    proxy: ProxyConfig = field(default_factory=ProxyConfig)
+    """The sidecar and init container."""
+    ca: CAConfig = field(default_factory=CAConfig)
+    """The mini-CA."""
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    """The admission endpoint."""
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+
+def _fail(key: str, value: object, why: str) -> ConfigError:
+    return ConfigError(f"config key {key!r} has bad value {value!r}: {why}")
+
+
+def _validate(cfg: MeshConfig) -> None:
+    td = cfg.trust_domain
+    if not td or "/" in td or ":" in td or td != td.lower() or " " in td:
+        raise _fail("trust_domain", td, "a lower-case DNS-like name without '/' or ':'")
+    if not cfg.ca_address.startswith("https://"):
+        raise _fail("ca_address", cfg.ca_address, "must be an https:// URL")
+    for cidr in cfg.mesh_cidrs:
+        try:
+            ipaddress.ip_network(cidr, strict=True)
+        except ValueError as exc:
+            raise _fail("mesh_cidrs", cidr, str(exc)) from None
+    ports = cfg.ports.all()
+    for name_, port in zip(("admin", "outbound", "inbound", "probes", "health", "stats"), ports):
+        if not 1 <= port <= 65535:
+            raise _fail(f"ports.{name_}", port, "must be 1-65535")
+    if len(set(ports)) != len(ports):
+        raise _fail("ports", ports, "the proxy's ports must be distinct")
+    px = cfg.proxy
+    for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit"):
+        value = getattr(px, key)
+        if value == "" and key.endswith("_limit"):
+            continue
+        try:
+            parse_quantity(value)
+        except ValueError as exc:
+            raise _fail(f"proxy.{key}", value, str(exc)) from None
+    for key in ("uid", "gid"):
+        if not 1 <= getattr(px, key) < 2**31:
+            raise _fail(f"proxy.{key}", getattr(px, key), "must be a positive id, not root")
+    if px.concurrency < 1:
+        raise _fail("proxy.concurrency", px.concurrency, "must be at least 1")
+    ca = cfg.ca
+    if not 1 <= ca.min_ttl_seconds <= ca.default_ttl_seconds <= ca.max_ttl_seconds:
+        raise _fail(
+            "ca.default_ttl_seconds",
+            ca.default_ttl_seconds,
+            "need 1 <= min_ttl_seconds <= default_ttl_seconds <= max_ttl_seconds",
+        )
+    if not ca.min_ttl_seconds <= px.cert_ttl_seconds <= ca.max_ttl_seconds:
+        raise _fail("proxy.cert_ttl_seconds", px.cert_ttl_seconds, "outside the CA's TTL range")
+    for key in ("rate_per_identity_per_minute", "max_body_bytes", "serving_cert_ttl_seconds"):
+        if getattr(ca, key) < 1:
+            raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
+    if cfg.webhook.max_body_bytes < 1024:
+        raise _fail("webhook.max_body_bytes", cfg.webhook.max_body_bytes, "at least 1024")
+
+
+# --- loading -------------------------------------------------------------------------------
+
+
+def load_config(data: Mapping[str, Any] | None) -> MeshConfig:
+    """Build a :class:`MeshConfig` from a parsed YAML mapping (``None`` = all defaults)."""
+    if data is None:
+        return MeshConfig()
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config must be a mapping of keys, got {type(data).__name__}")
+    built = _build(MeshConfig, data, prefix="")
+    assert isinstance(built, MeshConfig)
+    return built
+
+
+def load_config_file(path: str | Path | None) -> MeshConfig:
+    """Read and validate a YAML config file; ``None`` gives the defaults."""
+    if path is None:
+        return MeshConfig()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+    return load_config(data)
+
+
+def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, raw in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            known = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown config key {dotted!r} (known here: {known})")
+        kwargs[key] = _coerce(hints[key], raw, dotted)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - guarded by _coerce
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'}: {exc}") from None
+
+
+def _coerce(hint: Any, raw: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint) and isinstance(hint, type):
+        if not isinstance(raw, Mapping):
+            raise _fail(key, raw, "expected a mapping")
+        return _build(hint, raw, prefix=f"{key}.")
+    origin = get_origin(hint)
+    if origin is Literal:
+        allowed = get_args(hint)
+        if raw not in allowed:
+            raise _fail(key, raw, f"expected one of {', '.join(map(str, allowed))}")
+        return raw
+    if origin is tuple:
+        if isinstance(raw, str) or not isinstance(raw, list | tuple):
+            raise _fail(key, raw, "expected a list")
+        item_type = get_args(hint)[0]
+        return tuple(_coerce(item_type, item, key) for item in raw)
+    if origin in (Union, types.UnionType):  # pragma: no cover - no optional fields yet
+        raise _fail(key, raw, "unsupported type")
+    if hint is bool:
+        if not isinstance(raw, bool):
+            raise _fail(key, raw, "expected true or false")
+        return raw
+    if hint is int:
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise _fail(key, raw, "expected an integer")
+        return raw
+    if hint is str:
+        if not isinstance(raw, str):
+            raise _fail(key, raw, "expected a string")
+        return raw
+    raise _fail(key, raw, f"unsupported type {hint!r}")  # pragma: no cover

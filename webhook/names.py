@@ -1,0 +1,73 @@
+"""Names, ports and paths that users and the other sidemesh roles rely on.
+
+These are conventions (DESIGN.md, "Names and numbers"): the injector writes them into pods, the
+init container, the proxy agent and the Envoy bootstrap read them. Keep them stable; change one
+here and every role follows.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+# --- labels and annotations -------------------------------------------------------------
+NAMESPACE_LABEL: Final = "sidemesh-injection"  # "enabled" | "disabled"
+INJECT: Final = "sidemesh.io/inject"  # pod label (first) or annotation: "true" | "false"
+STATUS: Final = "sidemesh.io/status"  # JSON record of what was injected
+TRUST_BUNDLE_ANNOTATION: Final = "sidemesh.io/trust-bundle"  # root PEM, read by a downwardAPI volume
+DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
+MIRROR_POD: Final = "kubernetes.io/config.mirror"
+
+# --- containers and volumes ---------------------------------------------------------------
+INIT_CONTAINER: Final = "sidemesh-init"
+PROXY_CONTAINER: Final = "sidemesh-proxy"
+VOLUME_CERTS: Final = "sidemesh-certs"  # emptyDir, medium Memory: key + workload cert
+VOLUME_TOKEN: Final = "sidemesh-token"  # projected SA token, audience sidemesh-ca
+VOLUME_BUNDLE: Final = "sidemesh-bundle"  # downwardAPI: the trust bundle annotation as ca.crt
+VOLUME_WORK: Final = "sidemesh-work"  # emptyDir: Envoy bootstrap and SDS files
+
+# --- where those volumes are mounted in the proxy container -----------------------------
+CERTS_DIR: Final = "/var/run/sidemesh/certs"
+TOKEN_DIR: Final = "/var/run/secrets/sidemesh.io/token"
+TOKEN_FILE: Final = TOKEN_DIR + "/token"
+BUNDLE_DIR: Final = "/var/run/sidemesh/bundle"
+BUNDLE_FILE: Final = BUNDLE_DIR + "/ca.crt"
+WORK_DIR: Final = "/var/lib/sidemesh"
+
+# --- identity ------------------------------------------------------------------------------
+TOKEN_AUDIENCE: Final = "sidemesh-ca"
+TOKEN_EXPIRATION_SECONDS: Final = 3600
+
+# --- control plane ---------------------------------------------------------------------------
+CONTROL_PLANE_NAMESPACE: Final = "sidemesh-system"
+SERVICE_NAME: Final = "sidemesh"
+WEBHOOK_CONFIGURATION: Final = "sidemesh-injector"
+
+# --- environment of the proxy container (read by `sidemesh proxy`) ----------------------
+ENV_POD_NAME: Final = "POD_NAME"  # downward API metadata.name
+ENV_POD_NAMESPACE: Final = "POD_NAMESPACE"  # downward API metadata.namespace
+ENV_POD_IP: Final = "POD_IP"  # downward API status.podIP
+ENV_POD_IPS: Final = "POD_IPS"  # downward API status.podIPs (comma-separated, dual stack)
+ENV_SERVICE_ACCOUNT: Final = "SERVICE_ACCOUNT"  # downward API spec.serviceAccountName
+ENV_TRUST_DOMAIN: Final = "SIDEMESH_TRUST_DOMAIN"
+ENV_CA_ADDRESS: Final = "SIDEMESH_CA_ADDRESS"
+ENV_INBOUND_MTLS: Final = "SIDEMESH_INBOUND_MTLS"  # PERMISSIVE | STRICT
+ENV_MESH_CIDRS: Final = "SIDEMESH_MESH_CIDRS"  # comma-separated CIDRs
+ENV_APP_PORTS: Final = "SIDEMESH_APP_PORTS"  # comma-separated TCP containerPorts of the app
+ENV_APP_PROBES: Final = "SIDEMESH_APP_PROBES"  # JSON: {"/app-health/<c>/<kind>": <probe>}
+ENV_CERT_TTL: Final = "SIDEMESH_CERT_TTL_SECONDS"  # requested workload cert lifetime
+ENV_LOG_LEVEL: Final = "SIDEMESH_LOG_LEVEL"
+
+#: The path prefix of rewritten probes on the probe port: /app-health/<container>/<kind>.
+APP_HEALTH_PREFIX: Final = "/app-health"
+PROBE_KINDS: Final = {
+    "livenessProbe": "livez",
+    "readinessProbe": "readyz",
+    "startupProbe": "startupz",
+}
+
+#: The proxy's readiness endpoint on the health port.
+HEALTH_PATH: Final = "/healthz/ready"
+#: Prometheus endpoint on the stats port.
+STATS_PATH: Final = "/stats/prometheus"
+#: Envoy's upstream bind source for the hop to the app; exempt from capture.
+INBOUND_PASSTHROUGH_SOURCE: Final = "127.0.0.6"

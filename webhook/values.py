@@ -1,0 +1,123 @@
+"""Parsers for the small value types that config keys and pod annotations share.
+
+Each parser takes the raw string and returns a plain value, or raises :class:`ValueError` with a
+short reason; the caller wraps it into an error that names the key or annotation and the value.
+Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+__all__ = [
+    "ALL",
+    "parse_bool",
+    "parse_cidr_list",
+    "parse_port",
+    "parse_port_list",
+    "parse_quantity",
+]
+
+#: The wildcard accepted by include-lists ("capture everything").
+ALL = "*"
+
+_TRUE = {"true", "yes", "on", "1", "enabled"}
+_FALSE = {"false", "no", "off", "0", "disabled"}
+
+
+def parse_bool(raw: str) -> bool:
+    """``"true"``/``"false"`` (and the usual spellings: yes/no, on/off, 1/0, enabled/disabled)."""
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise ValueError("expected true or false")
+
+
+def parse_port(raw: str) -> int:
+    """A TCP port number, 1-65535."""
+    text = raw.strip()
+    if not text.isdigit():
+        raise ValueError(f"{text!r} is not a port number")
+    port = int(text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"port {port} is outside 1-65535")
+    return port
+
+
+def parse_port_list(raw: str, *, allow_all: bool = False) -> tuple[int, ...] | str:
+    """A comma-separated list of ports (``"80, 443"``); ``"*"`` when ``allow_all``.
+
+    Ranges (``"8000-8010"``) are accepted and expanded, at most 1024 ports per range. Duplicates
+    are removed and the order kept, so the output is stable for golden files.
+    """
+    text = raw.strip()
+    if allow_all and text == ALL:
+        return ALL
+    if text == "":
+        return ()
+    ports: list[int] = []
+    for item in text.split(","):
+        part = item.strip()
+        if not part:
+            raise ValueError("empty entry in port list")
+        if "-" in part:
+            lo_raw, _, hi_raw = part.partition("-")
+            lo, hi = parse_port(lo_raw), parse_port(hi_raw)
+            if hi < lo or hi - lo >= 1024:
+                raise ValueError(f"bad port range {part!r}")
+            candidates = list(range(lo, hi + 1))
+        else:
+            candidates = [parse_port(part)]
+        for port in candidates:
+            if port not in ports:
+                ports.append(port)
+    return tuple(ports)
+
+
+def parse_cidr_list(raw: str, *, allow_all: bool = False) -> tuple[str, ...] | str:
+    """A comma-separated list of IPv4/IPv6 CIDRs (a bare address means /32 or /128).
+
+    Returns them normalised (``10.1.2.3/8`` is refused: host bits set is almost always a typo).
+    """
+    text = raw.strip()
+    if allow_all and text == ALL:
+        return ALL
+    if text == "":
+        return ()
+    out: list[str] = []
+    for item in text.split(","):
+        part = item.strip()
+        if not part:
+            raise ValueError("empty entry in CIDR list")
+        try:
+            net = ipaddress.ip_network(part, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"{part!r} is not a CIDR ({exc})") from None
+        if str(net) not in out:
+            out.append(str(net))
+    return tuple(out)
+
+
+# Kubernetes resource.Quantity: a signed decimal number with an optional suffix, either a
+# binary SI suffix (Ki Mi Gi Ti Pi Ei), a decimal SI suffix (n u m "" k M G T P E) or a
+# decimal exponent (e3, E-2).
+_QUANTITY = re.compile(
+    r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
+    r"(?:Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$"
+)
+
+
+def parse_quantity(raw: str) -> str:
+    """A Kubernetes quantity (``100m``, ``1.5``, ``128Mi``, ``1e3``); returned unchanged.
+
+    Negative quantities are refused: no resource request or limit can be negative.
+    """
+    text = raw.strip()
+    if not _QUANTITY.match(text):
+        raise ValueError(f"{text!r} is not a Kubernetes quantity")
+    if text.startswith("-"):
+        raise ValueError("a resource quantity cannot be negative")
+    return text
