@@ -177,10 +177,10 @@ def _validate(cfg: MeshConfig) -> None:
         except ValueError as exc:
             raise _fail("mesh_cidrs", cidr, str(exc)) from None
     ports = cfg.ports.all()
-    for name_, port in zip(("admin", "outbound", "inbound", "probes", "health", "stats"), ports):
+    for name_, port in zip(("admin", "outbound", "inbound", "probes", "health", "stats"), ports, strict=True):
         if not 1 <= port <= 65535:
             raise _fail(f"ports.{name_}", port, "must be 1-65535")
-    if len(set(ports)) != len(ports):
+    if len(set(ports)) != len(ports, strict=True):
         raise _fail("ports", ports, "the proxy's ports must be distinct")
     px = cfg.proxy
     for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit"):

@@ -13,7 +13,8 @@ from typing import Final
 NAMESPACE_LABEL: Final = "sidemesh-injection"  # "enabled" | "disabled"
 INJECT: Final = "sidemesh.io/inject"  # pod label (first) or annotation: "true" | "false"
 STATUS: Final = "sidemesh.io/status"  # JSON record of what was injected
-TRUST_BUNDLE_ANNOTATION: Final = "sidemesh.io/trust-bundle"  # root PEM, read by a downwardAPI volume
+# The root PEM, exposed to the proxy as a file by a downwardAPI volume.
+TRUST_BUNDLE_ANNOTATION: Final = "sidemesh.io/trust-bundle"
 DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
 MIRROR_POD: Final = "kubernetes.io/config.mirror"
 
