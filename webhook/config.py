@@ -177,7 +177,8 @@ def _validate(cfg: MeshConfig) -> None:
         except ValueError as exc:
             raise _fail("mesh_cidrs", cidr, str(exc)) from None
     ports = cfg.ports.all()
-    for name_, port in zip(("admin", "outbound", "inbound", "probes", "health", "stats"), ports, strict=True):
+    port_keys = ("admin", "outbound", "inbound", "probes", "health", "stats")
+    for name_, port in zip(port_keys, ports, strict=True):
         if not 1 <= port <= 65535:
             raise _fail(f"ports.{name_}", port, "must be 1-65535")
     if len(set(ports)) != len(ports, strict=True):
