@@ -181,7 +181,7 @@ def _validate(cfg: MeshConfig) -> None:
     for name_, port in zip(port_keys, ports, strict=True):
         if not 1 <= port <= 65535:
             raise _fail(f"ports.{name_}", port, "must be 1-65535")
-    if len(set(ports)) != len(ports, strict=True):
+    if len(set(ports)) != len(ports):
         raise _fail("ports", ports, "the proxy's ports must be distinct")
     px = cfg.proxy
     for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit"):
