@@ -14,6 +14,7 @@ from :class:`SidemeshError`, so an edge can catch one type and never leak a trac
     ├── ManifestError        an input document cannot be read (names the document index, line)
     ├── ReviewError          a malformed AdmissionReview (→ HTTP 4xx; carries the status code)
     ├── IdentityError        a certificate request is refused (→ HTTP 4xx; carries the code)
+    ├── PKIError             the CA's files are missing, unreadable or do not belong together
     └── TrafficError         capture rules cannot be applied (iptables missing, no NET_ADMIN,
                              refusing the host's network namespace)
 """
@@ -27,6 +28,7 @@ __all__ = [
     "IdentityError",
     "InjectionError",
     "ManifestError",
+    "PKIError",
     "ReviewError",
     "SidemeshError",
     "TrafficError",
@@ -48,11 +50,12 @@ class InjectionError(SidemeshError):
 class AnnotationError(InjectionError):
     """A per-pod annotation or label has a value sidemesh cannot use."""
 
-    def __init__(self, name: str, value: str, why: str) -> None:
+    def __init__(self, name: str, value: str, why: str, *, kind: str = "annotation") -> None:
         self.name = name
         self.value = value
         self.why = why
-        super().__init__(f"annotation {name}={value!r}: {why}")
+        self.kind = kind  # "annotation" or "label"
+        super().__init__(f"{kind} {name}={value!r}: {why}")
 
 
 class ConflictError(InjectionError):
@@ -78,6 +81,10 @@ class IdentityError(SidemeshError):
         self.status = status
         self.reason = reason
         super().__init__(message)
+
+
+class PKIError(SidemeshError):
+    """The CA's files are missing, unreadable or inconsistent, or a certificate cannot be made."""
 
 
 class TrafficError(SidemeshError):
