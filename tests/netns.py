@@ -1,0 +1,598 @@
+"""A small toolkit for tests that need real network namespaces (root only).
+
+Everything a test creates here is owned by one :class:`NetnsLab` and removed by
+:meth:`NetnsLab.close` (also on failure: use it as a context manager or a pytest fixture)::
+
+    with NetnsLab("smcap") as lab:
+        node = lab.node()                     # "node" netns with bridge br0, 10.200.0.1/24
+        server = node.add_pod("server")       # pod netns, eth0 10.200.0.2/24 on the bridge
+        client = node.add_pod("client")       # 10.200.0.3/24
+        srv = server.ns.spawn(listener_argv([8080]), uid=1000, gid=1000)
+        srv.expect("listening")
+        reply = probe(client.ns, server.ip, 8080, uid=1000)
+        assert reply["ok"] and reply["port"] == 8080
+
+Safety (the working agreement's "machine safety"): namespace names are ``<prefix><pid>-<n>-<label>``
+so they are unique per run and per helper; veth pairs are created *inside* the namespaces (never
+in the host's); pod addresses come from a test-only range that exists only inside these
+namespaces, and the node namespace has no uplink, so nothing can leave. Teardown kills what it
+started by PID, then every PID still inside each of its namespaces (``ip netns pids``), then
+deletes the namespaces by name. Never by pattern.
+
+Processes run as ``ip netns exec NS [unshare --mount --propagation private sh -c 'mount …; exec
+"$@"'] [setpriv --reuid U --regid G --clear-groups] ARGV``: every step *execs* the next one, so
+the PID we record is the PID of the program itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ipaddress
+import itertools
+import json
+import os
+import queue
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "PYTHON",
+    "Mount",
+    "Netns",
+    "NetnsLab",
+    "Node",
+    "Pod",
+    "Proc",
+    "listener_argv",
+    "probe",
+    "probe_argv",
+]
+
+#: A stdlib-only interpreter that any uid can run (the venv's lives under root's home).
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+
+_CLONE_NEWNET = 0x40000000
+_counter = itertools.count(1)
+
+
+def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30) -> str:
+    done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout)
+    if check and done.returncode != 0:
+        raise RuntimeError(f"{shlex.join(argv)} failed ({done.returncode}): {done.stderr.strip()}")
+    return done.stdout
+
+
+@dataclass(frozen=True)
+class Mount:
+    """Bind ``source`` (a host directory) at ``target`` inside the process's own mount namespace."""
+
+    source: str | Path
+    target: str
+    read_only: bool = False
+
+
+class Proc:
+    """A process started inside a namespace. Output (stdout+stderr merged) is collected by a
+    reader thread, so a chatty process never blocks on a full pipe."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], argv: Sequence[str], ns: str) -> None:
+        self.popen = popen
+        self.argv = list(argv)
+        self.ns = ns
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        self._seen: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def _read(self) -> None:
+        assert self.popen.stdout is not None
+        for raw in self.popen.stdout:
+            self._lines.put(raw.decode("utf-8", "replace").rstrip("\n"))
+        self._lines.put(None)
+
+    def output(self) -> str:
+        """Everything read so far through :meth:`expect` plus what is still queued."""
+        while True:
+            try:
+                line = self._lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._lines.put(None)
+                break
+            self._seen.append(line)
+        return "\n".join(self._seen)
+
+    def expect(self, text: str, timeout: float = 10.0) -> str:
+        """Wait for an output line containing ``text``; return it. Fails with the output so far
+        if the process exits or the time runs out first."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(
+                    f"{self.argv[0]} in {self.ns}: no {text!r} in {timeout}s:\n" + self.output()
+                )
+            try:
+                line = self._lines.get(timeout=left)
+            except queue.Empty:
+                continue
+            if line is None:
+                self._lines.put(None)
+                raise RuntimeError(
+                    f"{self.argv[0]} in {self.ns} exited ({self.popen.wait()}) before {text!r}:\n"
+                    + self.output()
+                )
+            self._seen.append(line)
+            if text in line:
+                return line
+
+    def wait_exec(self, timeout: float = 5.0) -> None:
+        """Wait until the exec chain (ip, unshare, sh, setpriv) has reached ``argv`` itself, so
+        that :attr:`pid` is the program's PID (a signal sent earlier would hit ``ip``)."""
+        want = "\0".join(self.argv).encode() + b"\0"
+        deadline = time.monotonic() + timeout
+        while self.running():
+            try:
+                if Path(f"/proc/{self.pid}/cmdline").read_bytes() == want:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"pid {self.pid} never exec'd {self.argv[0]} in {self.ns}")
+            time.sleep(0.005)
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.running():
+            os.kill(self.pid, sig)
+
+    def stop(self, timeout: float = 3.0) -> int:
+        """SIGTERM, then SIGKILL after ``timeout``; returns the exit status."""
+        if self.running():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.pid, signal.SIGKILL)
+        code = self.popen.wait(timeout=10)
+        self._reader.join(timeout=2)
+        return code
+
+
+class Netns:
+    """One named network namespace owned by a :class:`NetnsLab`."""
+
+    def __init__(self, lab: NetnsLab, name: str) -> None:
+        self.lab = lab
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"Netns({self.name!r})"
+
+    def ip(self, *args: str) -> str:
+        """``ip -n NAME ARGS`` (raises with ip's message on failure)."""
+        return _run(["ip", "-n", self.name, *args])
+
+    def command(
+        self,
+        argv: Sequence[str],
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        mounts: Sequence[Mount] = (),
+    ) -> list[str]:
+        """The exec chain that runs ``argv`` in this namespace (see the module docstring)."""
+        if (uid is None) != (gid is None):
+            raise ValueError("give both uid and gid, or neither")
+        chain = ["ip", "netns", "exec", self.name]
+        if mounts:
+            steps = []
+            for m in mounts:
+                self.lab._ensure_mount_target(m.target)
+                src, dst = shlex.quote(str(m.source)), shlex.quote(m.target)
+                steps.append(f"mount --bind {src} {dst}")
+                if m.read_only:
+                    steps.append(f"mount -o remount,bind,ro {dst}")
+            script = "set -e; " + "; ".join(steps) + '; exec "$@"'
+            chain += ["unshare", "--mount", "--propagation", "private", "--"]
+            chain += ["/bin/sh", "-c", script, "sidemesh-pod"]
+        if uid is not None:
+            chain += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+        return chain + list(argv)
+
+    def spawn(
+        self,
+        argv: Sequence[str],
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        mounts: Sequence[Mount] = (),
+        env: Mapping[str, str] | None = None,
+        cwd: str | Path = "/",
+    ) -> Proc:
+        """Start ``argv`` in the background; the lab stops it at teardown (by PID)."""
+        chain = self.command(argv, uid=uid, gid=gid, mounts=mounts)
+        popen = subprocess.Popen(
+            chain,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+            start_new_session=True,  # a Ctrl-C of pytest reaches the lab, not the process
+        )
+        proc = Proc(popen, argv, self.name)
+        self.lab._procs.append(proc)
+        proc.wait_exec()
+        return proc
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        uid: int | None = None,
+        gid: int | None = None,
+        mounts: Sequence[Mount] = (),
+        env: Mapping[str, str] | None = None,
+        input: str | None = None,
+        timeout: float = 30,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``argv`` to completion; ``check`` raises with its output when it fails."""
+        chain = self.command(argv, uid=uid, gid=gid, mounts=mounts)
+        done = subprocess.run(
+            chain,
+            input=input,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=dict(env) if env is not None else None,
+            cwd="/",
+        )
+        if check and done.returncode != 0:
+            raise RuntimeError(
+                f"in {self.name}: {shlex.join(argv)} exited {done.returncode}\n"
+                f"stdout: {done.stdout}\nstderr: {done.stderr}"
+            )
+        return done
+
+    def pids(self) -> list[int]:
+        out = _run(["ip", "netns", "pids", self.name], check=False)
+        return [int(p) for p in out.split()]
+
+    def in_namespace(self, fn: Callable[[], Any]) -> Any:
+        """Call ``fn`` on a fresh thread that has joined this namespace (setns is per thread), so
+        sockets it creates live there. No process is spawned; the caller stays in its own."""
+        result: list[Any] = []
+        error: list[BaseException] = []
+
+        def body() -> None:
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+                try:
+                    if libc.setns(fd, _CLONE_NEWNET) != 0:
+                        raise OSError(ctypes.get_errno(), "setns failed")
+                finally:
+                    os.close(fd)
+                result.append(fn())
+            except BaseException as exc:  # handed to the caller
+                error.append(exc)
+
+        thread = threading.Thread(target=body, daemon=True)
+        thread.start()
+        thread.join()
+        if error:
+            raise error[0]
+        return result[0]
+
+    def wait_port(self, port: int, host: str = "127.0.0.1", timeout: float = 10.0) -> None:
+        """Wait until ``host:port`` accepts a TCP connection from inside this namespace."""
+        import socket
+
+        def attempt() -> bool:
+            try:
+                socket.create_connection((host, port), timeout=0.5).close()
+                return True
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + timeout
+        while not self.in_namespace(attempt):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{host}:{port} in {self.name} not accepting after {timeout}s")
+            time.sleep(0.05)
+
+
+@dataclass(frozen=True)
+class Pod:
+    """A pod's network namespace joined to a node's bridge."""
+
+    ns: Netns
+    ip: str
+    ip6: str | None
+    iface: str = "eth0"
+
+
+@dataclass
+class Node:
+    """A "node" namespace holding bridge ``br0``; pods join it through veth pairs whose ends are
+    created directly inside the node and pod namespaces. The node has the subnet's first address
+    (so it can play the kubelet, calling pods "from outside") and no other interface: traffic
+    to anything but these namespaces has nowhere to go."""
+
+    lab: NetnsLab
+    ns: Netns
+    subnet: ipaddress.IPv4Network
+    subnet6: ipaddress.IPv6Network | None
+    pods: list[Pod] = field(default_factory=list)
+
+    @property
+    def ip(self) -> str:
+        return str(self.subnet.network_address + 1)
+
+    @property
+    def ip6(self) -> str | None:
+        return None if self.subnet6 is None else str(self.subnet6.network_address + 1)
+
+    def add_pod(self, label: str, *, default_route: bool = False) -> Pod:
+        """A new pod namespace with ``eth0`` on the bridge and the next free address.
+
+        ``default_route`` points the pod's default route at the node (a dead end: the node has
+        no uplink) so that connecting to an address outside the subnet reaches the nat OUTPUT
+        hook instead of failing with "network unreachable"."""
+        index = len(self.pods) + 2
+        ns = self.lab.namespace(label)
+        peer = f"vp{index}"
+        self.ns.ip("link", "add", peer, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        self.ns.ip("link", "set", peer, "master", "br0", "up")
+        ip = str(self.subnet.network_address + index)
+        ns.ip("addr", "add", f"{ip}/{self.subnet.prefixlen}", "dev", "eth0")
+        ip6 = None
+        if self.subnet6 is not None:
+            ip6 = str(self.subnet6.network_address + index)
+            # nodad: the address is usable at once instead of after duplicate detection (~1 s)
+            ns.ip("-6", "addr", "add", f"{ip6}/{self.subnet6.prefixlen}", "dev", "eth0", "nodad")
+        ns.ip("link", "set", "eth0", "up")
+        if default_route:
+            ns.ip("route", "add", "default", "via", self.ip)
+            if ip6 is not None:
+                ns.ip("-6", "route", "add", "default", "via", str(self.ip6))
+        pod = Pod(ns=ns, ip=ip, ip6=ip6)
+        self.pods.append(pod)
+        return pod
+
+
+class NetnsLab:
+    """Owns namespaces, processes and temporary directories; :meth:`close` removes them all.
+
+    ``prefix`` should name the helper (``smcap``, ``sme2e`` …); the PID is appended."""
+
+    def __init__(self, prefix: str) -> None:
+        if not prefix.isalnum():
+            raise ValueError(f"prefix must be alphanumeric, got {prefix!r}")
+        self.prefix = f"{prefix}{os.getpid()}"
+        self.namespaces: list[Netns] = []
+        self._procs: list[Proc] = []
+        self._dirs: list[Path] = []
+        self._made_targets: list[Path] = []
+        self._nodes = 0
+        self._closed = False
+
+    def __enter__(self) -> NetnsLab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close(raise_errors=exc[0] is None)
+
+    # --- building ------------------------------------------------------------------------
+
+    def namespace(self, label: str) -> Netns:
+        """A new namespace ``<prefix><pid>-<n>-<label>`` with loopback up."""
+        if not label.replace("-", "").isalnum():
+            raise ValueError(f"label must be alphanumeric (dashes allowed), got {label!r}")
+        name = f"{self.prefix}-{next(_counter)}-{label}"
+        _run(["ip", "netns", "add", name])
+        ns = Netns(self, name)
+        self.namespaces.append(ns)
+        ns.ip("link", "set", "lo", "up")
+        return ns
+
+    def node(self, label: str = "node", *, ipv6: bool = False) -> Node:
+        """A node namespace with bridge ``br0`` on 10.<200+n>.0.0/24 (and fd00:5e:<n>::/64)."""
+        if self._nodes >= 50:
+            raise ValueError("at most 50 nodes per lab")
+        subnet = ipaddress.IPv4Network(f"10.{200 + self._nodes}.0.0/24")
+        subnet6 = ipaddress.IPv6Network(f"fd00:5e:{self._nodes}::/64") if ipv6 else None
+        self._nodes += 1
+        ns = self.namespace(label)
+        ns.ip("link", "add", "br0", "type", "bridge")
+        ns.ip("addr", "add", f"{subnet.network_address + 1}/{subnet.prefixlen}", "dev", "br0")
+        if subnet6 is not None:
+            ns.ip("-6", "addr", "add", f"{subnet6.network_address + 1}/64", "dev", "br0", "nodad")
+        ns.ip("link", "set", "br0", "up")
+        return Node(self, ns, subnet, subnet6)
+
+    def tmpdir(self, label: str, mode: int = 0o755) -> Path:
+        """A fresh directory removed at teardown. ``mkdtemp`` makes 0700 dirs; ``mode`` opens it
+        so that other uids (1337, the app's) can traverse it."""
+        path = Path(tempfile.mkdtemp(prefix=f"{self.prefix}-{label}-"))
+        path.chmod(mode)
+        self._dirs.append(path)
+        return path
+
+    def _ensure_mount_target(self, target: str) -> None:
+        # A bind mount needs an existing mount point. Missing components are created on the
+        # host's filesystem (the mount itself stays private); we remember exactly which ones we
+        # made and remove them, deepest first, at teardown if they are empty.
+        path = Path(target)
+        missing: list[Path] = []
+        while not path.exists():
+            missing.append(path)
+            path = path.parent
+        for p in reversed(missing):
+            p.mkdir(mode=0o755)
+            self._made_targets.append(p)
+
+    # --- teardown ------------------------------------------------------------------------
+
+    def close(self, raise_errors: bool = True) -> None:
+        """Stop processes (by PID), sweep each namespace's remaining PIDs, delete the
+        namespaces by name, remove directories. Idempotent; errors are collected, and raised
+        at the end only when ``raise_errors`` (not while another exception is propagating)."""
+        if self._closed:
+            return
+        self._closed = True
+        errors: list[str] = []
+        for proc in reversed(self._procs):
+            try:
+                proc.stop()
+            except Exception as exc:
+                errors.append(f"stopping pid {proc.pid}: {exc}")
+        for ns in reversed(self.namespaces):
+            try:
+                for _ in range(50):
+                    pids = ns.pids()
+                    if not pids:
+                        break
+                    for pid in pids:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
+                    time.sleep(0.02)
+                else:
+                    errors.append(f"{ns.name}: processes left: {ns.pids()}")
+                _run(["ip", "netns", "del", ns.name])
+            except Exception as exc:
+                errors.append(f"deleting {ns.name}: {exc}")
+        for path in reversed(self._made_targets):
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        for path in self._dirs:
+            shutil.rmtree(path, ignore_errors=True)
+        if errors:
+            message = "netns teardown: " + "; ".join(errors)
+            if raise_errors:
+                raise RuntimeError(message)
+            print(message, file=sys.stderr)
+
+
+# --- observing where connections land ------------------------------------------------------
+
+# A listener on one or more ports (one thread each). For every connection it answers one JSON
+# line: which port accepted it, the peer, the local address and SO_ORIGINAL_DST (the address
+# the client asked for before a nat REDIRECT; equal to "local" when nothing was rewritten),
+# then closes. It prints "listening" once every socket is bound.
+_LISTENER = r"""
+import json, socket, struct, sys, threading
+SO_ORIGINAL_DST = 80
+def original_dst(conn, family):
+    try:
+        if family == socket.AF_INET:
+            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+            return "%s:%d" % (socket.inet_ntop(socket.AF_INET, raw[4:8]),
+                              struct.unpack("!H", raw[2:4])[0])
+        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
+        return "[%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]),
+                            struct.unpack("!H", raw[2:4])[0])
+    except OSError:
+        return None
+def addr(a):
+    return ("[%s]:%d" if ":" in a[0] else "%s:%d") % (a[0], a[1])
+def serve(sock, port, family):
+    while True:
+        conn, peer = sock.accept()
+        with conn:
+            reply = {"port": port, "peer": addr(peer), "local": addr(conn.getsockname()),
+                     "orig": original_dst(conn, family)}
+            conn.sendall((json.dumps(reply) + "\n").encode())
+threads = []
+for spec in sys.argv[1:]:
+    host, _, port = spec.rpartition(":")
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    sock.bind((host.strip("[]"), int(port)))
+    sock.listen(64)
+    t = threading.Thread(target=serve, args=(sock, int(port), family), daemon=True)
+    t.start()
+    threads.append(t)
+print("listening", flush=True)
+for t in threads:
+    t.join()
+"""
+
+# A client: connect (optionally from a given source address), read the listener's line, print
+# {"ok": true, ...reply} or {"ok": false, "error": "..."} as one JSON line.
+_PROBE = r"""
+import json, socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+source = sys.argv[3] if len(sys.argv) > 3 else ""
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+try:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(3)
+    if source:
+        sock.bind((source, 0))
+    sock.connect((host, port))
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    out = dict(json.loads(data), ok=True) if data else {"ok": False, "error": "no reply"}
+except OSError as exc:
+    out = {"ok": False, "error": type(exc).__name__ + ": " + str(exc)}
+print(json.dumps(out))
+"""
+
+
+def listener_argv(ports: Sequence[int | str], host: str = "0.0.0.0") -> list[str]:
+    """argv of a listener on each port (``8080``, or ``"127.0.0.1:8080"`` / ``"[::]:8080"``)."""
+    specs = [p if isinstance(p, str) else f"{host}:{p}" for p in ports]
+    return [PYTHON, "-c", _LISTENER, *specs]
+
+
+def probe_argv(host: str, port: int, source: str = "") -> list[str]:
+    return [PYTHON, "-c", _PROBE, host, str(port), *([source] if source else [])]
+
+
+def probe(
+    ns: Netns,
+    host: str,
+    port: int,
+    *,
+    uid: int | None = None,
+    gid: int | None = None,
+    source: str = "",
+) -> dict[str, Any]:
+    """Connect from ``ns`` (as ``uid``/``gid``, default the same as uid) to ``host:port``; return
+    the listener's answer plus ``ok``, or ``{"ok": False, "error": …}``."""
+    if uid is not None and gid is None:
+        gid = uid
+    done = ns.run(probe_argv(host, port, source), uid=uid, gid=gid)
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
