@@ -1,0 +1,121 @@
+"""Probe rewriting: the kubelet probes the proxy, the proxy probes the app.
+
+With inbound capture and STRICT mTLS a kubelet probe to the app's port would meet Envoy and
+fail (the kubelet has no mesh certificate). So httpGet, tcpSocket and grpc probes become
+``httpGet :15020 /app-health/<container>/<livez|readyz|startupz>`` — a port that is never
+captured — and the original handler, named ports resolved to numbers, goes to the proxy in
+``SIDEMESH_APP_PROBES``; the proxy runs it against the app from inside the pod. Periods and
+thresholds stay as they were. Left alone: exec probes (they run inside the container), probes
+with an explicit ``host`` (they do not target this pod) and probes whose named port the
+container does not declare (the kubelet would fail them anyway; rewriting would hide that). Pure.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from webhook import names
+
+__all__ = ["ProbeRewrite", "health_path", "rewrite_container"]
+
+_HANDLERS = ("httpGet", "tcpSocket", "grpc", "exec")
+
+
+def health_path(container: str, kind: str) -> str:
+    """``/app-health/<container>/<livez|readyz|startupz>`` for a probe field name."""
+    return f"{names.APP_HEALTH_PREFIX}/{container}/{names.PROBE_KINDS[kind]}"
+
+
+@dataclass
+class ProbeRewrite:
+    """What rewriting one container's probes changed."""
+
+    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """probe field (``livenessProbe`` …) → the rewritten probe."""
+    originals: dict[str, Any] = field(default_factory=dict)
+    """probe field → the original probe, exactly as it was (for uninject)."""
+    handlers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """``/app-health/…`` path → the original handler for the proxy, ports as numbers."""
+
+
+def _named_ports(container: Mapping[str, Any]) -> dict[str, int]:
+    out: dict[str, int] = {}
+    ports = container.get("ports")
+    if isinstance(ports, list):
+        for p in ports:
+            if isinstance(p, Mapping) and isinstance(p.get("name"), str):
+                num = p.get("containerPort")
+                if isinstance(num, int) and not isinstance(num, bool):
+                    out.setdefault(p["name"], num)
+    return out
+
+
+def _resolve(port: Any, named: Mapping[str, int]) -> int | None:
+    if isinstance(port, bool):
+        return None
+    if isinstance(port, str):
+        port = int(port) if port.isdigit() else named.get(port)
+    if isinstance(port, int) and 1 <= port <= 65535:
+        return port
+    return None
+
+
+def _handler(probe: Mapping[str, Any], named: Mapping[str, int]) -> dict[str, Any] | None:
+    """The proxy's copy of a probe's handler, or None when the probe is left alone."""
+    timeout = probe.get("timeoutSeconds", 1)
+    get = probe.get("httpGet")
+    if isinstance(get, Mapping):
+        port = _resolve(get.get("port"), named)
+        if port is None or get.get("host"):
+            return None
+        http: dict[str, Any] = {
+            "path": get.get("path") or "/",
+            "port": port,
+            "scheme": get.get("scheme") or "HTTP",
+        }
+        if get.get("httpHeaders"):
+            http["httpHeaders"] = get["httpHeaders"]
+        return {"httpGet": http, "timeoutSeconds": timeout}
+    tcp = probe.get("tcpSocket")
+    if isinstance(tcp, Mapping):
+        port = _resolve(tcp.get("port"), named)
+        if port is None or tcp.get("host"):
+            return None
+        return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
+    grpc = probe.get("grpc")
+    if isinstance(grpc, Mapping):
+        port = _resolve(grpc.get("port"), named)
+        if port is None:
+            return None
+        rpc: dict[str, Any] = {"port": port}
+        if grpc.get("service"):
+            rpc["service"] = grpc["service"]
+        return {"grpc": rpc, "timeoutSeconds": timeout}
+    return None  # exec, or no handler at all
+
+
+def rewrite_container(container: Mapping[str, Any], probe_port: int) -> ProbeRewrite | None:
+    """Rewrite one container's probes; None when there is nothing to rewrite."""
+    result = ProbeRewrite()
+    named: dict[str, int] | None = None
+    name = container.get("name", "")
+    for kind in names.PROBE_KINDS:
+        probe = container.get(kind)
+        if not isinstance(probe, Mapping):
+            continue
+        if named is None:
+            named = _named_ports(container)
+        handler = _handler(probe, named)
+        if handler is None:
+            continue
+        path = health_path(name, kind)
+        get = {"path": path, "port": probe_port, "scheme": "HTTP"}
+        # The handler moves to where the old one was, so the probe reads the same.
+        new = {("httpGet" if k in _HANDLERS else k): (get if k in _HANDLERS else v)
+               for k, v in probe.items()}  # fmt: skip
+        result.probes[kind] = new
+        result.originals[kind] = probe
+        result.handlers[path] = handler
+    return result if result.probes else None
