@@ -49,11 +49,13 @@ __all__ = [
     "AdmissionResponse",
     "AdmissionReview",
     "Injector",
+    "InvalidReview",
     "Outcome",
     "allow_only",
     "check_content_type",
     "parse_review",
     "review",
+    "too_large",
 ]
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
@@ -160,6 +162,19 @@ class Outcome:
     """An unexpected exception from the injector (a bug): the server logs its traceback."""
 
 
+class InvalidReview(ReviewError):
+    """A request that is not an AdmissionReview: answered with HTTP ``status``, not a review.
+
+    ``reason`` is the metric label; ``uid`` is set when the request's uid could still be read,
+    so that even this answer names the review it refuses.
+    """
+
+    def __init__(self, status: int, reason: str, message: str, uid: str = "") -> None:
+        super().__init__(status, message)
+        self.reason = reason
+        self.uid = uid
+
+
 # --- parsing ------------------------------------------------------------------------------------
 
 
@@ -168,35 +183,47 @@ def check_content_type(content_type: str | None) -> None:
     media = (content_type or "").split(";", 1)[0].strip().lower()
     if media != "application/json":
         shown = content_type or "none"
-        raise ReviewError(415, f"Content-Type must be application/json, got {shown}")
+        raise InvalidReview(
+            415, "content-type", f"Content-Type must be application/json, got {shown}"
+        )
 
 
 def parse_review(body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> AdmissionReview:
     """Check the envelope of a review: JSON object, apiVersion, kind, request, uid."""
     if len(body) > max_body_bytes:
-        raise ReviewError(413, f"AdmissionReview is {len(body)} bytes, limit {max_body_bytes}")
+        raise too_large(len(body), max_body_bytes)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise ReviewError(400, f"body is not valid JSON: {exc}") from None
+        raise InvalidReview(400, "not-json", f"body is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
-        raise ReviewError(400, f"body must be a JSON object, got {type(doc).__name__}")
+        raise InvalidReview(
+            400, "not-a-review", f"body must be a JSON object, got {type(doc).__name__}"
+        )
+    request = doc.get("request")
+    uid = request.get("uid") if isinstance(request, dict) else None
+    uid = uid if isinstance(uid, str) else ""
     api_version = doc.get("apiVersion")
     kind = doc.get("kind")
     if kind != "AdmissionReview":
-        raise ReviewError(400, f"kind must be AdmissionReview, got {_show(kind)}")
-    if api_version not in API_VERSIONS:
-        raise ReviewError(
-            400, f"apiVersion must be one of {', '.join(API_VERSIONS)}, got {_show(api_version)}"
+        raise InvalidReview(
+            400, "not-a-review", f"kind must be AdmissionReview, got {_show(kind)}", uid
         )
-    request = doc.get("request")
+    if api_version not in API_VERSIONS:
+        message = f"apiVersion must be one of {', '.join(API_VERSIONS)}, got {_show(api_version)}"
+        raise InvalidReview(400, "api-version", message, uid)
     if not isinstance(request, dict):
         why = "missing" if request is None else f"a {type(request).__name__}, not an object"
-        raise ReviewError(400, f"AdmissionReview.request is {why}")
-    uid = request.get("uid")
-    if not isinstance(uid, str) or not uid:
-        raise ReviewError(400, "AdmissionReview.request.uid is missing or not a non-empty string")
+        raise InvalidReview(400, "no-request", f"AdmissionReview.request is {why}")
+    if not uid:
+        raise InvalidReview(
+            400, "no-uid", "AdmissionReview.request.uid is missing or not a non-empty string"
+        )
     return doc  # type: ignore[return-value]
+
+
+def too_large(size: int, limit: int) -> InvalidReview:
+    return InvalidReview(413, "too-large", f"AdmissionReview is {size} bytes, limit {limit}")
 
 
 def _show(value: object) -> str:

@@ -1,0 +1,120 @@
+"""Prometheus metrics of the webhook.
+
+| metric                                            | type      | labels          |
+|---------------------------------------------------|-----------|-----------------|
+| ``sidemesh_admission_requests_total``             | counter   | result, reason  |
+| ``sidemesh_admission_duration_seconds``           | histogram | result          |
+| ``sidemesh_serving_cert_expiry_timestamp_seconds``| gauge     |                 |
+| ``sidemesh_serving_cert_reloads_total``           | counter   | result          |
+| ``sidemesh_build_info``                           | gauge = 1 | version, python |
+
+``result`` is ``injected``, ``unchanged``, ``skipped``, ``denied`` (pod refused with a
+message) or ``invalid`` (HTTP 4xx, not a review); ``reason`` is a stable short string
+(``host-network``, ``bad-annotation``, ``too-large`` …), so label cardinality stays bounded.
+
+The duration buckets start at 100 µs: a review costs well under a millisecond, and the API
+server's own webhook latency histogram starts at 5 ms, so coarse buckets would hide everything.
+
+With ``sidemesh serve --workers N`` each worker is its own process; the supervisor points
+``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory, and every scrape then sums all workers
+(:func:`render` detects the mode).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client import multiprocess as _multiprocess
+
+from webhook import __version__
+
+__all__ = ["DURATION_BUCKETS", "MULTIPROC_ENV", "Metrics", "render"]
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+DURATION_BUCKETS = (
+    0.0001,
+    0.00025,
+    0.0005,
+    0.00075,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.1,
+    0.5,
+    2.5,
+)
+
+
+class Metrics:
+    """The webhook's metrics in their own registry (one per app, so tests stay independent)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        self.requests = Counter(
+            "sidemesh_admission_requests",
+            "Admission reviews answered, by result and reason.",
+            ["result", "reason"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "sidemesh_admission_duration_seconds",
+            "Time to answer one admission review, from request body to response bytes.",
+            ["result"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.cert_expiry = Gauge(
+            "sidemesh_serving_cert_expiry_timestamp_seconds",
+            "notAfter of the serving certificate in use (Unix time).",
+            registry=self.registry,
+            multiprocess_mode="min",
+        )
+        self.cert_reloads = Counter(
+            "sidemesh_serving_cert_reloads_total",
+            "Serving certificate reloads after the files changed, by result.",
+            ["result"],
+            registry=self.registry,
+        )
+        self.build_info = Gauge(
+            "sidemesh_build_info",
+            "Always 1; the labels say which sidemesh runs.",
+            ["version", "python"],
+            registry=self.registry,
+            multiprocess_mode="max",
+        )
+        self.build_info.labels(__version__, platform.python_version()).set(1)
+
+    def observe(self, result: str, reason: str, seconds: float) -> None:
+        self.requests.labels(result, reason).inc()
+        self.duration.labels(result).observe(seconds)
+
+    def cert_loaded(self, not_after: float, *, reloaded: bool) -> None:
+        self.cert_expiry.set(not_after)
+        if reloaded:
+            self.cert_reloads.labels("success").inc()
+
+    def cert_reload_failed(self) -> None:
+        self.cert_reloads.labels("failure").inc()
+
+    def render(self) -> tuple[bytes, str]:
+        return render(self.registry)
+
+
+def render(registry: CollectorRegistry) -> tuple[bytes, str]:
+    """The exposition text: this process's registry, or the sum of all workers' files."""
+    if os.environ.get(MULTIPROC_ENV):
+        merged = CollectorRegistry()
+        _multiprocess.MultiProcessCollector(merged)  # type: ignore[no-untyped-call]
+        return generate_latest(merged), CONTENT_TYPE_LATEST
+    return generate_latest(registry), CONTENT_TYPE_LATEST

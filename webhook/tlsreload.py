@@ -1,0 +1,134 @@
+"""Serving-certificate hot reload: new handshakes get the new certificate, nobody fails.
+
+How: uvicorn is given one *front* :class:`ssl.SSLContext` for its whole life. Its
+``sni_callback`` runs inside every handshake, right after the ClientHello (with or without
+SNI), and points that one connection at the *current* context — a complete context built
+from the newest cert/key files. Building a fresh context instead of calling
+``load_cert_chain`` again on the shared one matters: a writer that replaces ``tls.crt`` and
+``tls.key`` one after the other leaves a moment where they do not match; loading the pair into
+a new context fails cleanly there (OpenSSL checks the key against the cert) and we keep
+serving the previous pair, whereas re-loading the shared context could leave it holding the
+new cert with the old key and break every handshake until the next change.
+
+When: at most every ``check_interval`` seconds, a handshake ``stat()``s both files (following
+symlinks) and compares device, inode, size and mtime. A mounted Secret is updated by the
+kubelet with an atomic rename of the ``..data`` symlink, so both files change at once and the
+new inode is seen by the first handshake after the swap. Connections already established keep
+the certificate they were opened with; in-flight requests are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import ssl
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from cryptography import x509
+
+__all__ = ["ReloadingTLS", "make_server_context"]
+
+LOG = logging.getLogger("sidemesh.tls")
+
+_Signature = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
+
+
+def make_server_context(certfile: str | Path, keyfile: str | Path) -> ssl.SSLContext:
+    """A server context: TLS 1.2 minimum (1.3 preferred by OpenSSL), HTTP/1.1 by ALPN."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    ctx.load_cert_chain(str(certfile), str(keyfile))
+    return ctx
+
+
+class ReloadingTLS:
+    """The front context for the server plus the watcher that swaps certificates in.
+
+    ``on_load(not_after, reloaded)`` is called after every successful load (for the expiry
+    gauge), ``on_error()`` after a failed reload attempt (the old pair stays in use).
+    """
+
+    def __init__(
+        self,
+        certfile: str | Path,
+        keyfile: str | Path,
+        *,
+        check_interval: float = 1.0,
+        on_load: Callable[[float, bool], None] | None = None,
+        on_error: Callable[[], None] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.certfile = Path(certfile)
+        self.keyfile = Path(keyfile)
+        self.check_interval = check_interval
+        self._on_load = on_load
+        self._on_error = on_error
+        self._clock = clock
+        self._signature = self._stat()
+        self.front, self.not_after = self._load()
+        self.front.sni_callback = self._sni
+        self._current = self.front
+        self._next_check = clock() + check_interval
+        self.reloads = 0
+        if on_load is not None:
+            on_load(self.not_after, False)
+
+    @property
+    def current(self) -> ssl.SSLContext:
+        return self._current
+
+    def context_factory(self, *_args: object) -> ssl.SSLContext:
+        """For ``uvicorn.Config(ssl_context_factory=...)``."""
+        return self.front
+
+    def _stat(self) -> _Signature:
+        a, b = os.stat(self.certfile), os.stat(self.keyfile)
+        return (
+            (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns),
+            (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns),
+        )
+
+    def _load(self) -> tuple[ssl.SSLContext, float]:
+        ctx = make_server_context(self.certfile, self.keyfile)
+        cert = x509.load_pem_x509_certificate(self.certfile.read_bytes())
+        return ctx, cert.not_valid_after_utc.timestamp()
+
+    def check(self) -> bool:
+        """Reload now if the files changed; ``True`` when a new certificate was loaded."""
+        try:
+            signature = self._stat()
+        except OSError:  # mid-swap or briefly missing: keep serving, look again next time
+            return False
+        if signature == self._signature:
+            return False
+        try:
+            ctx, not_after = self._load()
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            # Half-written files or a cert/key mismatch: keep the old pair; retry at the next
+            # check, because the signature we remember is still the old one.
+            LOG.warning("serving certificate reload failed, keeping the old one: %s", exc)
+            if self._on_error is not None:
+                self._on_error()
+            return False
+        self._current, self.not_after, self._signature = ctx, not_after, signature
+        self.reloads += 1
+        LOG.info(
+            "serving certificate reloaded",
+            extra={"event": "cert-reload", "not_after": int(not_after), "cert": str(self.certfile)},
+        )
+        if self._on_load is not None:
+            self._on_load(not_after, True)
+        return True
+
+    def _sni(
+        self, conn: ssl.SSLSocket | ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext
+    ) -> None:
+        now = self._clock()
+        if now >= self._next_check:
+            self._next_check = now + self.check_interval
+            self.check()
+        if self._current is not self.front:
+            conn.context = self._current
