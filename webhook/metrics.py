@@ -78,7 +78,7 @@ class Metrics:
             "sidemesh_serving_cert_expiry_timestamp_seconds",
             "notAfter of the serving certificate in use (Unix time).",
             registry=self.registry,
-            multiprocess_mode="min",
+            multiprocess_mode="livemin",
         )
         self.cert_reloads = Counter(
             "sidemesh_serving_cert_reloads_total",
@@ -91,7 +91,7 @@ class Metrics:
             "Always 1; the labels say which sidemesh runs.",
             ["version", "python"],
             registry=self.registry,
-            multiprocess_mode="max",
+            multiprocess_mode="livemax",
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
 
