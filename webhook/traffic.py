@@ -1,0 +1,199 @@
+"""Applying and removing the capture rules in the current network namespace (the I/O edge).
+
+The rules themselves come from :mod:`webhook.iptables` (pure). This module checks the facts
+first and fails with a :class:`~webhook.errors.TrafficError` that says what to do:
+
+- it refuses the host's (initial) network namespace unless told otherwise: capture rules there
+  would redirect the whole machine's traffic to a proxy that is not running;
+- ``iptables-restore`` / ``iptables-save`` (and the ip6tables pair for IPv6) must be on PATH;
+- the process must hold CAP_NET_ADMIN (the init container's ``securityContext.capabilities``).
+
+Then, per address family, it reads the nat table (``iptables-save -t nat``) and feeds
+``iptables-restore --noflush`` one transaction that removes our previous jump rules and rewrites
+our chains — other chains and rules in the namespace are never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from webhook.errors import TrafficError
+from webhook.iptables import (
+    CaptureOptions,
+    Family,
+    apply_input,
+    cleanup_input,
+    rule_count,
+)
+
+__all__ = [
+    "Outcome",
+    "apply",
+    "cleanup",
+    "has_global_ipv6",
+    "in_initial_network_namespace",
+    "want_ipv6",
+]
+
+IPv6Mode = Literal["auto", "on", "off"]
+
+#: The inode of the initial PID namespace (fixed by the kernel, PROC_PID_INIT_INO).
+_INITIAL_PID_NS = 0xEFFFFFFC
+_CAP_NET_ADMIN = 12
+_TOOLS: dict[int, tuple[str, str]] = {
+    4: ("iptables-save", "iptables-restore"),
+    6: ("ip6tables-save", "ip6tables-restore"),
+}
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one family's apply or cleanup did."""
+
+    family: Family
+    rules_before: int
+    rules_after: int
+    seconds: float
+    changed: bool
+
+
+def in_initial_network_namespace(proc: Path = Path("/proc")) -> bool:
+    """True when this process shares its network namespace with the host's init.
+
+    Only decidable from the initial PID namespace (where PID 1 is the host's init): inside a
+    container, PID 1 is the container's own first process, in the container's network
+    namespace, so the comparison would refuse every pod. There we answer False and rely on the
+    injector, which never injects ``hostNetwork`` pods."""
+    try:
+        pid_ns = os.stat(proc / "self/ns/pid").st_ino
+        if pid_ns != _INITIAL_PID_NS:
+            return False
+        return os.stat(proc / "self/ns/net").st_ino == os.stat(proc / "1/ns/net").st_ino
+    except OSError:
+        return False
+
+
+def has_global_ipv6(if_inet6: str) -> bool:
+    """Whether ``/proc/net/if_inet6`` text lists a global-scope address off loopback."""
+    for line in if_inet6.splitlines():
+        fields = line.split()
+        # address ifindex prefixlen scope flags name; scope 00 = global (ULAs included)
+        if len(fields) == 6 and fields[3] == "00" and fields[5] != "lo":
+            return True
+    return False
+
+
+def want_ipv6(mode: IPv6Mode, proc: Path = Path("/proc")) -> bool:
+    if mode != "auto":
+        return mode == "on"
+    try:
+        return has_global_ipv6((proc / "net/if_inet6").read_text())
+    except OSError:  # IPv6 disabled in this kernel
+        return False
+
+
+def _holds_net_admin(proc: Path = Path("/proc")) -> bool:
+    for line in (proc / "self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> _CAP_NET_ADMIN & 1)
+    return False
+
+
+def _check(families: list[Family], allow_host_namespace: bool) -> None:
+    if not allow_host_namespace and in_initial_network_namespace():
+        raise TrafficError(
+            "refusing to change iptables in the host's network namespace (this would capture "
+            "the whole machine's traffic); run inside the pod's namespace, or pass "
+            "--allow-host-namespace if you really mean it"
+        )
+    for family in families:
+        missing = [tool for tool in _TOOLS[family] if shutil.which(tool) is None]
+        if missing:
+            raise TrafficError(
+                f"{' and '.join(missing)} not found on PATH: install iptables (Debian/Ubuntu: "
+                "apt-get install iptables) in the init container's image"
+            )
+    if not _holds_net_admin():
+        raise TrafficError(
+            "CAP_NET_ADMIN is not held: the init container needs "
+            "securityContext.capabilities.add: [NET_ADMIN] (and runs as root)"
+        )
+
+
+def _run(argv: list[str], stdin: str | None = None) -> str:
+    try:
+        done = subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise TrafficError(f"{argv[0]}: {exc}") from None
+    if done.returncode != 0:
+        detail = (done.stderr or done.stdout).strip()
+        if stdin is not None:
+            detail += "\ninput was:\n" + stdin
+        raise TrafficError(f"{' '.join(argv)} failed (exit {done.returncode}): {detail}")
+    return done.stdout
+
+
+def _save(family: Family) -> str:
+    return _run([_TOOLS[family][0], "-t", "nat"])
+
+
+def _restore(family: Family, text: str) -> None:
+    _run([_TOOLS[family][1], "--noflush"], stdin=text)
+
+
+def _families(ipv6: IPv6Mode) -> list[Family]:
+    return [4, 6] if want_ipv6(ipv6) else [4]
+
+
+def apply(
+    options: CaptureOptions, *, ipv6: IPv6Mode = "auto", allow_host_namespace: bool = False
+) -> list[Outcome]:
+    """Install (or replace) the capture rules in this network namespace."""
+    families = _families(ipv6)
+    _check(families, allow_host_namespace)
+    outcomes = []
+    for family in families:
+        start = time.perf_counter()
+        saved = _save(family)
+        _restore(family, apply_input(saved, options, family))
+        after = _save(family)
+        outcomes.append(
+            Outcome(
+                family,
+                rule_count(saved),
+                rule_count(after),
+                time.perf_counter() - start,
+                changed=True,
+            )
+        )
+    return outcomes
+
+
+def cleanup(*, ipv6: IPv6Mode = "auto", allow_host_namespace: bool = False) -> list[Outcome]:
+    """Remove sidemesh's chains and the jumps into them; nothing else."""
+    families = _families(ipv6)
+    _check(families, allow_host_namespace)
+    outcomes = []
+    for family in families:
+        start = time.perf_counter()
+        saved = _save(family)
+        text = cleanup_input(saved)
+        if text is not None:
+            _restore(family, text)
+        after = _save(family) if text is not None else saved
+        outcomes.append(
+            Outcome(
+                family,
+                rule_count(saved),
+                rule_count(after),
+                time.perf_counter() - start,
+                changed=text is not None,
+            )
+        )
+    return outcomes
