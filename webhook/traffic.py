@@ -43,8 +43,10 @@ __all__ = [
 
 IPv6Mode = Literal["auto", "on", "off"]
 
-#: The inode of the initial PID namespace (fixed by the kernel, PROC_PID_INIT_INO).
+#: Inodes of the initial PID and network namespaces (fixed by the kernel; the network one only
+#: on recent kernels — dynamically numbered namespaces start at 0xF0000000).
 _INITIAL_PID_NS = 0xEFFFFFFC
+_INITIAL_NET_NS = 0xEFFFFFF9
 _CAP_NET_ADMIN = 12
 _TOOLS: dict[int, tuple[str, str]] = {
     4: ("iptables-save", "iptables-restore"),
@@ -64,17 +66,25 @@ class Outcome:
 
 
 def in_initial_network_namespace(proc: Path = Path("/proc")) -> bool:
-    """True when this process shares its network namespace with the host's init.
+    """True when this process runs in the host's (initial) network namespace.
 
-    Only decidable from the initial PID namespace (where PID 1 is the host's init): inside a
-    container, PID 1 is the container's own first process, in the container's network
-    namespace, so the comparison would refuse every pod. There we answer False and rely on the
-    injector, which never injects ``hostNetwork`` pods."""
+    Two ways to know, tried in order:
+
+    1. Recent kernels (observed here on 6.18) give the initial network namespace a fixed inode
+       number, 0xEFFFFFF9, below the range every other namespace is numbered from
+       (0xF0000000 up); that inode means the host's namespace, even seen from a container.
+    2. From the initial PID namespace, PID 1 is the host's init: share its network namespace and
+       you are in the host's. Inside a container, PID 1 is the container's own first process
+       (in the pod's namespace), so this comparison would refuse every pod; there, on older
+       kernels, we cannot tell and answer False — the injector never injects ``hostNetwork``
+       pods."""
     try:
-        pid_ns = os.stat(proc / "self/ns/pid").st_ino
-        if pid_ns != _INITIAL_PID_NS:
+        net_ns = os.stat(proc / "self/ns/net").st_ino
+        if net_ns == _INITIAL_NET_NS:
+            return True
+        if os.stat(proc / "self/ns/pid").st_ino != _INITIAL_PID_NS:
             return False
-        return os.stat(proc / "self/ns/net").st_ino == os.stat(proc / "1/ns/net").st_ino
+        return net_ns == os.stat(proc / "1/ns/net").st_ino
     except OSError:
         return False
 
