@@ -32,8 +32,11 @@ POD_RESOURCE = {"group": "", "version": "v1", "resource": "pods"}
 
 
 def make_pki(directory: Path) -> Path:
+    """A development PKI, unless the directory already holds a serving pair and root cert
+    (like a mounted Secret, which has no ``ca.key``); the same rule as ``sidemesh serve``."""
     directory.mkdir(parents=True, exist_ok=True)
-    ensure_dev_pki(directory, now=datetime.now(UTC))
+    if not all((directory / name).exists() for name in (CA_CERT, TLS_CERT, TLS_KEY)):
+        ensure_dev_pki(directory, now=datetime.now(UTC))
     return directory
 
 
