@@ -73,6 +73,10 @@ def _run(argv: Sequence[str], *, check: bool = True, timeout: float = 30) -> str
     return done.stdout
 
 
+def _tool(name: str) -> str:
+    return shutil.which(name) or name
+
+
 @dataclass(frozen=True)
 class Mount:
     """Bind ``source`` (a host directory) at ``target`` inside the process's own mount namespace."""
@@ -204,7 +208,8 @@ class Netns:
         """The exec chain that runs ``argv`` in this namespace (see the module docstring)."""
         if (uid is None) != (gid is None):
             raise ValueError("give both uid and gid, or neither")
-        chain = ["ip", "netns", "exec", self.name]
+        # tools resolved here, with our PATH: the process may get another environment
+        chain = [_tool("ip"), "netns", "exec", self.name]
         if mounts:
             steps = []
             for m in mounts:
@@ -214,10 +219,10 @@ class Netns:
                 if m.read_only:
                     steps.append(f"mount -o remount,bind,ro {dst}")
             script = "set -e; " + "; ".join(steps) + '; exec "$@"'
-            chain += ["unshare", "--mount", "--propagation", "private", "--"]
+            chain += [_tool("unshare"), "--mount", "--propagation", "private", "--"]
             chain += ["/bin/sh", "-c", script, "sidemesh-pod"]
         if uid is not None:
-            chain += ["setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
+            chain += [_tool("setpriv"), f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--"]
         return chain + list(argv)
 
     def spawn(
@@ -499,9 +504,9 @@ class NetnsLab:
 # --- observing where connections land ------------------------------------------------------
 
 # A listener on one or more ports (one thread each). For every connection it answers one JSON
-# line: which port accepted it, the peer, the local address and SO_ORIGINAL_DST (the address
-# the client asked for before a nat REDIRECT; equal to "local" when nothing was rewritten),
-# then closes. It prints "listening" once every socket is bound.
+# line: its name, which port accepted it, the peer, the local address and SO_ORIGINAL_DST (the
+# address the client asked for before a nat REDIRECT; equal to "local" when nothing was
+# rewritten), then closes. It prints "listening" once every socket is bound.
 _LISTENER = r"""
 import json, socket, struct, sys, threading
 SO_ORIGINAL_DST = 80
@@ -522,11 +527,12 @@ def serve(sock, port, family):
     while True:
         conn, peer = sock.accept()
         with conn:
-            reply = {"port": port, "peer": addr(peer), "local": addr(conn.getsockname()),
-                     "orig": original_dst(conn, family)}
+            reply = {"name": name, "port": port, "peer": addr(peer),
+                     "local": addr(conn.getsockname()), "orig": original_dst(conn, family)}
             conn.sendall((json.dumps(reply) + "\n").encode())
 threads = []
-for spec in sys.argv[1:]:
+name = sys.argv[1]
+for spec in sys.argv[2:]:
     host, _, port = spec.rpartition(":")
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -570,10 +576,13 @@ print(json.dumps(out))
 """
 
 
-def listener_argv(ports: Sequence[int | str], host: str = "0.0.0.0") -> list[str]:
-    """argv of a listener on each port (``8080``, or ``"127.0.0.1:8080"`` / ``"[::]:8080"``)."""
+def listener_argv(
+    ports: Sequence[int | str], host: str = "0.0.0.0", *, name: str = "listener"
+) -> list[str]:
+    """argv of a listener on each port (``8080``, or ``"127.0.0.1:8080"`` / ``"[::]:8080"``);
+    its answers carry ``name`` so a test can tell which pod's listener took a connection."""
     specs = [p if isinstance(p, str) else f"{host}:{p}" for p in ports]
-    return [PYTHON, "-c", _LISTENER, *specs]
+    return [PYTHON, "-c", _LISTENER, name, *specs]
 
 
 def probe_argv(host: str, port: int, source: str = "") -> list[str]:
