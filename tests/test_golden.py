@@ -1,0 +1,193 @@
+"""Golden files: every case in tests/testdata/inject, and what must hold for each of them.
+
+``UPDATE_GOLDEN=1`` (``make golden``) rewrites the expected files and deletes stale ones;
+otherwise a difference, a missing expected file or a stale one fails.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import jsonpatch
+import jsonpointer
+import pytest
+import yaml
+from conftest import UPDATE_GOLDEN
+from golden_cases import GOLDEN_DIR, Case, cases, normalise, pod_cases, run_case, validate_k8s
+
+from webhook.cli import main
+from webhook.inject import inject_pod
+from webhook.workloads import inject_object, uninject_object
+
+CASES = cases()
+IDS = [c.name for c in CASES]
+SUCCESS = [c for c in CASES if c.expected_error() is None]
+
+
+@pytest.mark.golden
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_golden_output(case: Case) -> None:
+    rendered = run_case(case).rendered(case)
+    if UPDATE_GOLDEN:
+        for other in (case.injected_file, case.patch_file, case.error_file):
+            if other.name not in rendered and other.exists():
+                other.unlink()
+        for name, text in rendered.items():
+            (GOLDEN_DIR / name).write_text(text)
+        return
+    for name, text in rendered.items():
+        path = GOLDEN_DIR / name
+        assert path.exists(), f"missing golden file {name} (run make golden)"
+        assert path.read_text() == text, f"{name} differs (run make golden and review the diff)"
+
+
+@pytest.mark.golden
+def test_no_stale_golden_files() -> None:
+    expected = {c.path.name for c in CASES}
+    for case in CASES:
+        expected |= set(run_case(case).rendered(case))
+    present = {p.name for p in GOLDEN_DIR.iterdir() if p.is_file()}
+    stale = sorted(present - expected)
+    if UPDATE_GOLDEN:
+        for name in stale:
+            if not name.endswith(".yaml"):
+                (GOLDEN_DIR / name).unlink()
+        stale = [n for n in stale if n.endswith(".yaml")]
+    assert not stale, f"golden files no case produces: {stale}"
+
+
+def _templates(doc: Any) -> list[tuple[str, Any]]:
+    """(pointer, pod template) of every template inside a document."""
+    out: list[tuple[str, Any]] = []
+    result = inject_object(copy.deepcopy(doc), namespace="x", config=CASES[0].config, bundle="b")
+    for t in result.templates:
+        out.append((t.path, jsonpointer.resolve_pointer(doc, t.path) if t.path else doc))
+    return out
+
+
+@pytest.mark.parametrize("case", SUCCESS, ids=[c.name for c in SUCCESS])
+def test_invariants(case: Case) -> None:
+    """Idempotent, reversible, patch applies, and the output is valid Kubernetes."""
+    originals = case.input_documents()
+    snapshot = copy.deepcopy(originals)
+    outcome = run_case(case)
+    assert originals == snapshot, "the core modified its input"
+    assert len(outcome.documents) == len(originals), "same documents in, same documents out"
+    by_doc: dict[int, list[dict[str, Any]]] = {}
+    for entry in outcome.patches:
+        by_doc.setdefault(entry["document"], []).append(entry)
+    for original, injected in zip(originals, outcome.documents, strict=True):
+        again = inject_object(
+            injected, namespace=case.namespace, config=case.config, bundle=case.bundle
+        )
+        assert again.obj == injected, "inject(inject(x)) != inject(x)"
+        assert all(t.patch == [] for t in again.templates), "re-injection must patch nothing"
+        assert uninject_object(injected).obj == uninject_object(original).obj
+        validate_k8s(injected)
+    for entry in outcome.patches:
+        doc = originals[_position(case, entry["document"])]
+        pointer = entry["template"]
+        before = jsonpointer.resolve_pointer(doc, pointer) if pointer else doc
+        after_doc = outcome.documents[_position(case, entry["document"])]
+        after = jsonpointer.resolve_pointer(after_doc, pointer) if pointer else after_doc
+        assert jsonpatch.apply_patch(before, entry["patch"]) == after
+        _assert_patch_shape(before, entry["patch"])
+        # Cross-check with the library's diff: both describe the same change.
+        assert jsonpatch.apply_patch(before, jsonpatch.make_patch(before, after).patch) == after
+
+
+def _position(case: Case, index: int) -> int:
+    """Position among the non-empty documents of the stream of the document with ``index``."""
+    from webhook.manifests import iter_documents
+
+    indices = [d.index for d in iter_documents(case.text) if d.data is not None]
+    return indices.index(index)
+
+
+def _assert_patch_shape(pod: Any, ops: list[dict[str, Any]]) -> None:
+    """Arrays are inserted into, never replaced; managedFields never touched."""
+    doc = copy.deepcopy(pod)
+    for op in ops:
+        path = op["path"]
+        assert not path.startswith("/metadata/managedFields"), path
+        if op["op"] in ("add", "replace") and isinstance(op["value"], list):
+            existing = jsonpointer.resolve_pointer(doc, path, None)
+            assert not existing, f"{op['op']} {path} would replace a non-empty array"
+        doc = jsonpatch.apply_patch(doc, [op])
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_cli_prints_the_golden_output(case: Case, tmp_path: Path) -> None:
+    """`sidemesh inject` itself, in-process, gives the golden stream (or the golden error)."""
+    bundle = tmp_path / "ca.crt"
+    bundle.write_text(case.bundle)
+    argv = ["inject", "-f", str(case.path), "--bundle", str(bundle)]
+    if case.namespace:
+        argv += ["--namespace", case.namespace]
+    header = _header_config(case)
+    if header is not None:
+        cfg = tmp_path / "mesh.yaml"
+        cfg.write_text(yaml.safe_dump(header))
+        argv += ["--config", str(cfg)]
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    expected_error = case.expected_error()
+    if expected_error is not None:
+        assert code == 1
+        assert out.getvalue() == "", "nothing on stdout when a document fails"
+        for line in expected_error.splitlines():
+            assert f"error: {line}" in err.getvalue()
+        return
+    assert code == 0, err.getvalue()
+    docs = yaml.safe_load_all(out.getvalue()) if not case.is_json else None
+    if docs is not None:
+        rendered = yaml.dump_all(
+            [normalise(d, case.bundle) for d in docs], sort_keys=False, width=2**30
+        )
+        golden = yaml.dump_all(
+            list(yaml.safe_load_all(case.expected_documents() or "")),
+            sort_keys=False,
+            width=2**30,
+        )
+        assert rendered == golden
+    else:
+        assert json.loads(json.dumps(normalise(_json_docs(out.getvalue()), case.bundle))) == (
+            _json_docs(case.expected_documents() or "")
+        )
+
+
+def _json_docs(text: str) -> list[Any]:
+    from webhook.manifests import read_documents
+
+    return [d.data for d in read_documents(text)]
+
+
+def _header_config(case: Case) -> Any:
+    import re
+
+    match = re.search(r"^#\s*case:\s*(\{.*\})\s*$", case.text, re.MULTILINE)
+    return json.loads(match.group(1)).get("config") if match else None
+
+
+def test_pod_cases_match_the_core() -> None:
+    """What the webhook's tests will send: each template alone, as a Pod, gives the patch."""
+    from webhook.errors import InjectionError
+
+    checked = 0
+    for pc in pod_cases():
+        if pc.error is not None:
+            with pytest.raises(InjectionError) as info:
+                inject_pod(pc.pod, namespace=pc.namespace, config=pc.config, bundle=pc.bundle)
+            assert str(info.value) == pc.error
+        else:
+            got = inject_pod(pc.pod, namespace=pc.namespace, config=pc.config, bundle=pc.bundle)
+            assert normalise(got.patch, pc.bundle) == pc.patch, (pc.case, pc.template)
+            assert (got.decision.inject, got.decision.reason) == (pc.inject, pc.reason)
+        checked += 1
+    assert checked >= len(SUCCESS)
