@@ -150,12 +150,13 @@ def test_inbound_passthrough_source_is_exempt(pods: Pods) -> None:
 
 def test_rerun_is_idempotent_and_replaces_our_rules(pods: Pods) -> None:
     ns = pods.app.ns
-    sidemesh(ns)
+    assert "capture installed" in sidemesh(ns).stderr
     first = nat_rules(ns)
     sidemesh(ns)
-    sidemesh(ns)
+    assert "already in place, unchanged" in sidemesh(ns).stderr
     assert nat_rules(ns) == first  # the same rules, once
-    sidemesh(ns, "--exclude-outbound-ports", "5432")  # a re-run with other options
+    done = sidemesh(ns, "--exclude-outbound-ports", "5432")  # a re-run with other options
+    assert "capture installed" in done.stderr
     assert len(nat_rules(ns)) == len(first) + 1
     assert landed(pods.from_app(pods.peer.ip, 5432), pods.peer, 5432)
 
@@ -184,7 +185,7 @@ def test_cleanup_removes_only_ours(pods: Pods) -> None:
 
 def test_apply_reports_time_and_rule_count(pods: Pods) -> None:
     done = sidemesh(pods.app.ns)
-    match = re.search(r"IPv4 capture installed \((\d+) nat rules, (\d+) ms\)", done.stderr)
+    match = re.search(r"IPv4 capture installed \((\d+) nat rules, ([\d.]+) ms\)", done.stderr)
     assert match, done.stderr
     assert int(match.group(1)) == len(nat_rules(pods.app.ns))
     assert "IPv6" not in done.stderr  # no global IPv6 address in this pod: auto = IPv4 only

@@ -107,7 +107,7 @@ def _init_traffic(args: argparse.Namespace) -> int:
             what = "removed" if o.changed else "nothing to remove"
             print(
                 f"sidemesh init-traffic: IPv{o.family} {what} "
-                f"({o.rules_before} → {o.rules_after} nat rules, {o.seconds * 1000:.0f} ms)",
+                f"({o.rules_before} → {o.rules_after} nat rules, {o.seconds * 1000:.1f} ms)",
                 file=sys.stderr,
             )
         return 0
@@ -120,9 +120,10 @@ def _init_traffic(args: argparse.Namespace) -> int:
         options, ipv6=args.ipv6, allow_host_namespace=args.allow_host_namespace
     )
     for o in outcomes:
+        what = "capture installed" if o.changed else "capture already in place, unchanged"
         print(
-            f"sidemesh init-traffic: IPv{o.family} capture installed "
-            f"({o.rules_after} nat rules, {o.seconds * 1000:.0f} ms)",
+            f"sidemesh init-traffic: IPv{o.family} {what} "
+            f"({o.rules_after} nat rules, {o.seconds * 1000:.1f} ms)",
             file=sys.stderr,
         )
     return 0

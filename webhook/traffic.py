@@ -157,6 +157,11 @@ def _restore(family: Family, text: str) -> None:
     _run([_TOOLS[family][1], "--noflush"], stdin=text)
 
 
+def _rules_of(saved: str) -> list[str]:
+    # iptables-save without its timestamped comments and counters: the rules as they stand
+    return [line for line in saved.splitlines() if line.startswith(("-A ", ":"))]
+
+
 def _families(ipv6: IPv6Mode) -> list[Family]:
     return [4, 6] if want_ipv6(ipv6) else [4]
 
@@ -179,7 +184,7 @@ def apply(
                 rule_count(saved),
                 rule_count(after),
                 time.perf_counter() - start,
-                changed=True,
+                changed=_rules_of(saved) != _rules_of(after),
             )
         )
     return outcomes
