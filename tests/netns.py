@@ -90,9 +90,17 @@ class Proc:
     """A process started inside a namespace. Output (stdout+stderr merged) is collected by a
     reader thread, so a chatty process never blocks on a full pipe."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], argv: Sequence[str], ns: str) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        argv: Sequence[str],
+        ns: str,
+        chain: Sequence[str] = (),
+    ) -> None:
         self.popen = popen
         self.argv = list(argv)
+        #: the full exec chain that started it (``ip netns exec …`` + argv)
+        self.chain = list(chain) or list(argv)
         self.ns = ns
         self._lines: queue.Queue[str | None] = queue.Queue()
         self._seen: list[str] = []
@@ -147,16 +155,22 @@ class Proc:
                 return line
 
     def wait_exec(self, timeout: float = 5.0) -> None:
-        """Wait until the exec chain (ip, unshare, sh, setpriv) has reached ``argv`` itself, so
-        that :attr:`pid` is the program's PID (a signal sent earlier would hit ``ip``)."""
-        want = "\0".join(self.argv).encode() + b"\0"
+        """Wait until the exec chain (ip, unshare, sh, setpriv) has handed over to ``argv``, so
+        that :attr:`pid` is the program's own PID (a signal sent earlier would hit ``ip``).
+
+        Each step of the chain execs the next with a suffix of the full command line, so while
+        ``/proc/PID/cmdline`` is one of those wrapper suffixes the program is not running yet.
+        (Comparing with ``argv`` alone would hang on programs that rewrite their title.)"""
+        wrappers = len(self.chain) - len(self.argv)
+        waiting = {("\0".join(self.chain[i:]) + "\0").encode() for i in range(wrappers)}
         deadline = time.monotonic() + timeout
         while self.running():
             try:
-                if Path(f"/proc/{self.pid}/cmdline").read_bytes() == want:
-                    return
+                cmdline = Path(f"/proc/{self.pid}/cmdline").read_bytes()
             except OSError:
-                pass
+                cmdline = b""
+            if cmdline and cmdline not in waiting:
+                return
             if time.monotonic() > deadline:
                 raise TimeoutError(f"pid {self.pid} never exec'd {self.argv[0]} in {self.ns}")
             time.sleep(0.005)
@@ -178,9 +192,9 @@ class Proc:
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(self.pid, signal.SIGKILL)
-        code = self.popen.wait(timeout=10)
-        self._reader.join(timeout=2)
-        return code
+        # (the reader thread ends by itself at EOF; a daemon that inherited the pipe may hold
+        # it open until the namespace sweep, so it is not joined here)
+        return self.popen.wait(timeout=10)
 
 
 class Netns:
@@ -212,12 +226,13 @@ class Netns:
         chain = [_tool("ip"), "netns", "exec", self.name]
         if mounts:
             steps = []
+            mount = _tool("mount")
             for m in mounts:
                 self.lab._ensure_mount_target(m.target)
                 src, dst = shlex.quote(str(m.source)), shlex.quote(m.target)
-                steps.append(f"mount --bind {src} {dst}")
+                steps.append(f"{mount} --bind {src} {dst}")
                 if m.read_only:
-                    steps.append(f"mount -o remount,bind,ro {dst}")
+                    steps.append(f"{mount} -o remount,bind,ro {dst}")
             script = "set -e; " + "; ".join(steps) + '; exec "$@"'
             chain += [_tool("unshare"), "--mount", "--propagation", "private", "--"]
             chain += ["/bin/sh", "-c", script, "sidemesh-pod"]
@@ -246,7 +261,7 @@ class Netns:
             cwd=cwd,
             start_new_session=True,  # a Ctrl-C of pytest reaches the lab, not the process
         )
-        proc = Proc(popen, argv, self.name)
+        proc = Proc(popen, argv, self.name, chain)
         self.lab._procs.append(proc)
         proc.wait_exec()
         return proc

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,6 +89,20 @@ def test_spawned_pid_is_the_program_itself_running_as_the_uid(lab: NetnsLab) -> 
     assert os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
     assert proc.pid in ns.pids()
     assert ns.run(["id", "-G"], uid=1000, gid=1000).stdout.split() == ["1000"]
+
+
+def test_spawn_returns_for_programs_whose_command_line_differs_from_argv(lab: NetnsLab) -> None:
+    # a script runs as "/bin/sh SCRIPT": its cmdline never equals argv; spawn must not wait
+    script = lab.tmpdir("script") / "run.sh"
+    script.write_text("#!/bin/sh\necho started\nexec sleep 30\n")
+    script.chmod(0o755)
+    ns = lab.namespace("script")
+    start = time.monotonic()
+    proc = ns.spawn([str(script)], uid=1337, gid=1337)
+    assert time.monotonic() - start < 2
+    proc.expect("started")
+    assert Path(f"/proc/{proc.pid}/status").read_text().count("1337") >= 2
+    assert proc.stop() == -15  # SIGTERM reached the program itself
 
 
 def test_two_pods_mount_different_dirs_at_the_same_path(lab: NetnsLab) -> None:
