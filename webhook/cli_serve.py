@@ -57,6 +57,18 @@ def register(subparsers: Any) -> None:
         default=1.0,
         help="seconds between checks of the cert files for changes (default 1)",
     )
+    ca = p.add_argument_group(
+        "certificate authority",
+        "POST /v1/certificates is served when the cert dir holds ca.key and a token verifier "
+        "is configured (flags below, their SIDEMESH_* environment variables, or in-cluster "
+        "TokenReview); see docs/CONTRACTS.md section 3",
+    )
+    ca.add_argument("--jwks-file", default=None, help="issuer public keys (JWKS JSON)")
+    ca.add_argument("--jwks-url", default=None, help="issuer public keys over HTTPS")
+    ca.add_argument("--jwks-issuer", default=None, help="the tokens' iss (with a JWKS source)")
+    ca.add_argument("--jwks-ca-file", default=None, help="CA that verifies --jwks-url")
+    ca.add_argument("--token-review", action="store_true", help="authenticate by TokenReview")
+    ca.add_argument("--kubeconfig", default=None, help="API access outside a cluster")
     # The benchmark's ceiling: POST /noop parses the review and allows it. Not for production.
     p.add_argument("--noop-endpoint", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=_serve)
@@ -73,6 +85,9 @@ class ServeSettings:
     log_level: str
     reload_interval: float
     noop_endpoint: bool
+    verifier: Any = None
+    """``ca_api.VerifierOptions`` (picklable), or ``None`` for its environment defaults."""
+    kubeconfig: str | None = None
 
 
 def curl_example(host: str, port: int, cert_dir: str) -> str:
@@ -104,6 +119,8 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         reload_interval=args.reload_interval,
         noop_endpoint=args.noop_endpoint,
+        verifier=_verifier_options(args),
+        kubeconfig=args.kubeconfig,
     )
     _check_port_free(args.host, args.port)
     print(
@@ -169,7 +186,7 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
         on_load=lambda not_after, reloaded: metrics.cert_loaded(not_after, reloaded=reloaded),
         on_error=metrics.cert_reload_failed,
     )
-    routers, services = _ca_parts(config, cert_dir)
+    routers, services = _ca_parts(config, cert_dir, settings, metrics)
     app = create_app(
         config=config,
         bundle=bundle,
@@ -186,16 +203,35 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
     server.run(sockets=[sock])
 
 
-def _ca_parts(config: Any, cert_dir: Path) -> tuple[list[Any], list[Any]]:
-    """The CA's router (POST /v1/certificates) and upkeep, when this cert dir holds ca.key."""
+def _verifier_options(args: argparse.Namespace) -> Any:
     try:
         ca_api: Any = importlib.import_module("webhook.ca_api")
-    except ImportError:  # the CA API is optional: the webhook works without it
+    except ImportError:  # pragma: no cover - the CA API ships with sidemesh
+        return None
+    return ca_api.VerifierOptions.from_env(
+        jwks_file=args.jwks_file,
+        jwks_url=args.jwks_url,
+        jwks_issuer=args.jwks_issuer,
+        jwks_ca_file=args.jwks_ca_file,
+        token_review=args.token_review,
+        kubeconfig=args.kubeconfig,
+    )
+
+
+def _ca_parts(
+    config: Any, cert_dir: Path, settings: ServeSettings, metrics: Any
+) -> tuple[list[Any], list[Any]]:
+    """The CA's router (POST /v1/certificates) and its upkeep (caBundle patching, serving cert
+    renewal), each only when there is something for it to do."""
+    try:
+        ca_api: Any = importlib.import_module("webhook.ca_api")
+    except ImportError:  # pragma: no cover - the CA API ships with sidemesh
         return [], []
-    router = ca_api.router_from_config(config, cert_dir)
-    if router is None:
-        return [], []
-    return [router], []
+    router = ca_api.router_from_config(
+        config, cert_dir, settings.verifier, registry=metrics.registry
+    )
+    upkeep = ca_api.upkeep_from_config(config, cert_dir, kubeconfig=settings.kubeconfig)
+    return ([router] if router is not None else []), ([upkeep] if upkeep is not None else [])
 
 
 # --- the supervisor (--workers N) ---------------------------------------------------------------

@@ -28,7 +28,7 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"mess
 
 
 class JsonFormatter(logging.Formatter):
-    """``{"ts": ..., "level": ..., "logger": ..., "msg": ..., <extra fields>}``."""
+    """``{"ts", "level", "logger", "pid", "msg", <extra fields>}`` as one line of JSON."""
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -36,6 +36,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,  # tells workers apart with --workers N
             "msg": record.getMessage(),
         }
         for key, value in record.__dict__.items():
