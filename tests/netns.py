@@ -419,6 +419,11 @@ class NetnsLab:
         self._nodes = 0
         self._closed = False
 
+    @property
+    def processes(self) -> tuple[Proc, ...]:
+        """Every process :meth:`Netns.spawn` started in this lab, oldest first."""
+        return tuple(self._procs)
+
     def __enter__(self) -> NetnsLab:
         return self
 

@@ -88,6 +88,7 @@ def test_spawned_pid_is_the_program_itself_running_as_the_uid(lab: NetnsLab) -> 
     assert "Uid:\t1337\t1337" in status and "Gid:\t1337\t1337" in status
     assert os.readlink(f"/proc/{proc.pid}/ns/net") != os.readlink("/proc/self/ns/net")
     assert proc.pid in ns.pids()
+    assert lab.processes == (proc,)
     assert ns.run(["id", "-G"], uid=1000, gid=1000).stdout.split() == ["1000"]
 
 
