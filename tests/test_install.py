@@ -32,6 +32,7 @@ from webhook.ca import CertificateAuthority, ensure_dev_pki
 from webhook.install import (
     CA_SECRET,
     REDACTED,
+    SETTLE_SECONDS,
     TLS_SECRET,
     Completed,
     InstallError,
@@ -344,7 +345,11 @@ def test_missing_kubectl_is_a_clear_error(tmp_path: Path) -> None:
 
 def run_uninstall(fake: FakeKubectl, **kw: Any) -> tuple[int, str]:
     out, err = io.StringIO(), io.StringIO()
-    code = uninstall(Options(**kw), run=fake, out=out, err=err)
+
+    def sleep(seconds: float) -> None:  # recorded in order with the commands
+        fake.calls.append((["sleep", str(seconds)], None))
+
+    code = uninstall(Options(**kw), run=fake, out=out, err=err, sleep=sleep)
     return code, err.getvalue()
 
 
@@ -357,8 +362,10 @@ def test_uninstall_removes_the_webhook_first() -> None:
     assert (
         commands[0] == f"kubectl delete mutatingwebhookconfiguration {webhook} --ignore-not-found"
     )
-    assert "delete namespace sidemesh-system" in commands[1]
-    assert "clusterrolebinding/sidemesh clusterrole/sidemesh" in commands[2]
+    # A pause, so no API server still calls the webhook when its servers go away.
+    assert commands[1] == f"sleep {SETTLE_SECONDS}"
+    assert "delete namespace sidemesh-system" in commands[2]
+    assert "clusterrolebinding/sidemesh clusterrole/sidemesh" in commands[3]
     assert "keep their sidecars until they are re-created" in err
 
 

@@ -36,6 +36,7 @@ import json
 import os
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -65,6 +66,7 @@ __all__ = [
     "MANIFESTS",
     "REDACTED",
     "SERVICE_DNS_NAMES",
+    "SETTLE_SECONDS",
     "TLS_SECRET",
     "Completed",
     "InstallError",
@@ -537,8 +539,10 @@ def install(
     if done.returncode != 0:
         raise InstallError(
             f"deployment/{DEPLOYMENT} did not become ready: {done.stderr.strip()}\n"
-            f"The MutatingWebhookConfiguration was NOT applied, so pod creation is unaffected. "
-            f"Look at `kubectl -n {NAMESPACE} get pods` and `kubectl -n {NAMESPACE} logs "
+            f"The MutatingWebhookConfiguration was NOT applied, so pod creation is unaffected "
+            f"(on a first install no webhook exists; on an upgrade the previous servers keep "
+            f"answering, as a rollout never takes a ready replica away). Look at "
+            f"`kubectl -n {NAMESPACE} get pods` and `kubectl -n {NAMESPACE} logs "
             f"deploy/{DEPLOYMENT}`, then run `sidemesh install` again."
         )
     out.write(_apply(opts, run, hooks))
@@ -550,7 +554,19 @@ def install(
     return 0
 
 
-def uninstall(opts: Options, *, run: Runner = run_subprocess, out: TextIO, err: TextIO) -> int:
+#: Pause after deleting the webhook configuration: every API server drops it from its informer
+#: cache within moments, and until then it may still call the (soon gone) servers.
+SETTLE_SECONDS = 3.0
+
+
+def uninstall(
+    opts: Options,
+    *,
+    run: Runner = run_subprocess,
+    out: TextIO,
+    err: TextIO,
+    sleep: Callable[[float], None] = time.sleep,
+) -> int:
     """``sidemesh uninstall``: the webhook configuration first, then the rest."""
     steps = [
         opts.kubectl_argv(
@@ -576,6 +592,8 @@ def uninstall(opts: Options, *, run: Runner = run_subprocess, out: TextIO, err: 
                 "affected; run `sidemesh uninstall` again to remove the rest."
             )
             raise InstallError(f"{' '.join(argv)} failed: {done.stderr.strip()}\n{state}")
+        if i == 0:
+            sleep(SETTLE_SECONDS)
     print(
         f"sidemesh is removed. Pods injected earlier keep their sidecars until they are "
         f"re-created, and their certificates are no longer renewed: remove the "
