@@ -246,3 +246,47 @@ def test_pure_modules_do_no_io() -> None:
     source = (REPO / "webhook/iptables.py").read_text()
     for banned in ("import subprocess", "import os", "open(", "import time"):
         assert banned not in source
+
+
+# --- the contract with the injector ---------------------------------------------------------
+
+
+def _injected_init_args(annotations: dict[str, str]) -> list[str]:
+    from webhook.config import MeshConfig
+    from webhook.inject import inject_pod
+
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "labels": {"sidemesh.io/inject": "true"}},
+        "spec": {
+            "containers": [{"name": "web", "image": "web:1", "ports": [{"containerPort": 8080}]}]
+        },
+    }
+    pod["metadata"]["annotations"] = annotations  # type: ignore[index]
+    result = inject_pod(pod, namespace="shop", config=MeshConfig(), bundle="PEM")
+    init = result.pod["spec"]["initContainers"][0]
+    assert init["command"] == ["sidemesh", "init-traffic"]
+    return [str(arg) for arg in init["args"]]
+
+
+def test_what_the_injector_emits_gives_the_default_rules(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = _injected_init_args({})
+    assert _dry_run(shlex.join(args), capsys) == (GOLDEN / "default.rules").read_text()
+
+
+def test_injected_traffic_annotations_reach_the_rules(capsys: pytest.CaptureFixture[str]) -> None:
+    args = _injected_init_args(
+        {
+            "traffic.sidemesh.io/include-inbound-ports": "8080",
+            "traffic.sidemesh.io/exclude-outbound-cidrs": "169.254.169.254/32",
+            "traffic.sidemesh.io/exclude-outbound-ports": "5432",
+        }
+    )
+    out = _dry_run(shlex.join(args), capsys)
+    assert "-A SIDEMESH_INBOUND -p tcp --dport 8080 -j SIDEMESH_IN_REDIRECT" in out
+    assert "-A SIDEMESH_INBOUND -p tcp -j SIDEMESH_IN_REDIRECT" not in out
+    assert "-A SIDEMESH_OUTPUT -d 169.254.169.254/32 -j RETURN" in out
+    assert "-A SIDEMESH_OUTPUT -p tcp --dport 5432 -j RETURN" in out
