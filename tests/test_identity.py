@@ -254,3 +254,16 @@ def test_real_clock_by_default() -> None:
     assert check(v, issuer.token("a", "b", ttl=60)).namespace == "a"
     with pytest.raises(IdentityError, match="expired"):
         check(v, issuer.token("a", "b", ttl=60, now=time.time() - 3600))
+
+
+def test_a_cached_token_still_expires(issuer: Issuer) -> None:
+    clock = [NOW]
+    v = JWKSVerifier(issuer.issuer_url, jwks=issuer.jwks(), clock=lambda: clock[0])
+    token = issuer.token("shop", "cart", now=NOW, ttl=600)
+    assert check(v, token).service_account == "cart"
+    clock[0] = NOW + 300
+    assert check(v, token).service_account == "cart"  # from the cache
+    clock[0] = NOW + 600 + 31  # past exp and the leeway
+    with pytest.raises(IdentityError) as err:
+        check(v, token)
+    assert err.value.reason == "token-expired"

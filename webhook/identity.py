@@ -147,6 +147,7 @@ class JWKSVerifier:
         audience: str = names.TOKEN_AUDIENCE,
         leeway_seconds: int = 30,
         refresh_seconds: float = 30.0,
+        cache_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if sum(x is not None for x in (jwks, jwks_file, jwks_url)) != 1:
@@ -162,6 +163,10 @@ class JWKSVerifier:
         self._lock = threading.Lock()
         self._loaded_at = float("-inf")
         self._keys: dict[str | None, jwt.PyJWK] = {}
+        self._cache_seconds = cache_seconds
+        # sha256(token) -> (exp, verified at, identity): a proxy presents the same projected
+        # token for up to an hour, so a renewal burst checks each signature once.
+        self._verified: dict[bytes, tuple[float, float, Identity]] = {}
         if jwks is not None:
             self._keys = _parse_jwks(jwks)
         else:
@@ -199,12 +204,38 @@ class JWKSVerifier:
         return key
 
     async def verify(self, token: str) -> Identity:
-        # Pure CPU (a signature check, ~tens of µs): no thread hop, except when an unknown
-        # key id makes us fetch the key set again.
+        # Pure CPU (a signature check, ~tens of µs): no thread hop, except when the key set
+        # may have to be fetched from a URL again (an unknown key id).
+        if self._url is not None:
+            try:
+                kid = jwt.get_unverified_header(token).get("kid")
+            except jwt.PyJWTError:
+                kid = None
+            if kid not in self._keys:
+                return await asyncio.to_thread(self.verify_now, token)
         return self.verify_now(token)
 
     def verify_now(self, token: str) -> Identity:
-        """The synchronous check (benchmarks and the CLI use it directly)."""
+        """The synchronous check (benchmarks use it directly)."""
+        digest = hashlib.sha256(token.encode()).digest()
+        now = self._clock()
+        hit = self._verified.get(digest)
+        if hit is not None:
+            exp, verified_at, identity = hit
+            if now <= exp + self._leeway and 0 <= now - verified_at <= self._cache_seconds:
+                return identity
+            del self._verified[digest]
+        identity, exp = self._verify_uncached(token)
+        if len(self._verified) >= 10_000:  # bound memory: keep only live entries
+            self._verified = {
+                k: v for k, v in self._verified.items() if now - v[1] <= self._cache_seconds
+            }
+            if len(self._verified) >= 10_000:
+                self._verified.clear()
+        self._verified[digest] = (exp, now, identity)
+        return identity
+
+    def _verify_uncached(self, token: str) -> tuple[Identity, float]:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -237,7 +268,7 @@ class JWKSVerifier:
             raise _unauth("invalid-token", f"the token does not decode: {exc}") from None
         return self._check_claims(claims)
 
-    def _check_claims(self, claims: Mapping[str, Any]) -> Identity:
+    def _check_claims(self, claims: Mapping[str, Any]) -> tuple[Identity, float]:
         now = self._clock()
         if claims.get("iss") != self.issuer:
             raise _unauth("wrong-issuer", "the token was not issued by the configured issuer")
@@ -270,7 +301,7 @@ class JWKSVerifier:
             )
         if (namespace, service_account) != (identity.namespace, identity.service_account):
             raise _unauth("missing-claims", "the kubernetes.io claims disagree with sub")
-        return Identity(namespace, service_account, pod_name)
+        return Identity(namespace, service_account, pod_name), exp
 
 
 def _parse_jwks(data: Mapping[str, Any]) -> dict[str | None, jwt.PyJWK]:
