@@ -184,6 +184,10 @@ def _validate(cfg: MeshConfig) -> None:
     if len(set(ports)) != len(ports):
         raise _fail("ports", ports, "the proxy's ports must be distinct")
     px = cfg.proxy
+    for key in ("image", "init_image"):
+        image = getattr(px, key)
+        if not image or any(ch.isspace() for ch in image):
+            raise _fail(f"proxy.{key}", image, "an image reference without whitespace")
     for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit"):
         value = getattr(px, key)
         if value == "" and key.endswith("_limit"):

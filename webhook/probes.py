@@ -56,7 +56,7 @@ def _resolve(port: Any, named: Mapping[str, int]) -> int | None:
     if isinstance(port, bool):
         return None
     if isinstance(port, str):
-        port = int(port) if port.isdigit() else named.get(port)
+        port = int(port) if port.isascii() and port.isdigit() else named.get(port)
     if isinstance(port, int) and 1 <= port <= 65535:
         return port
     return None

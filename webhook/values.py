@@ -39,7 +39,8 @@ def parse_bool(raw: str) -> bool:
 def parse_port(raw: str) -> int:
     """A TCP port number, 1-65535."""
     text = raw.strip()
-    if not text.isdigit():
+    # isdigit() alone accepts "²" and "８０"; a port is plain ASCII digits.
+    if not (text.isascii() and text.isdigit()):
         raise ValueError(f"{text!r} is not a port number")
     port = int(text)
     if not 1 <= port <= 65535:
@@ -106,7 +107,8 @@ def parse_cidr_list(raw: str, *, allow_all: bool = False) -> tuple[str, ...] | s
 # decimal exponent (e3, E-2).
 _QUANTITY = re.compile(
     r"^[+-]?(?:\d+(?:\.\d*)?|\.\d+)"
-    r"(?:Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$"
+    r"(?:Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][+-]?\d+)?$",
+    re.ASCII,  # \d must not match "１" (Kubernetes quantities are ASCII)
 )
 
 
