@@ -1,0 +1,266 @@
+"""Benchmark of `sidemesh serve`: POST /mutate against the stack's ceiling, over HTTPS.
+
+For 1 and 2 workers, the same server process answers, in one run:
+
+* ``noop``   — ``POST /noop``: read the body, parse it, answer ``allowed`` (the ceiling of
+  FastAPI + uvicorn + TLS on this machine);
+* ``mutate`` — ``POST /mutate`` with a realistic ~5 KB pod (``webhook/samples/review.json``):
+  the full review, the injection core, metrics and the JSON log line;
+* ``mutate, new TLS handshake per request`` — the same with ``Connection: close``.
+
+The load generator is wrk (16 keep-alive connections, HTTPS, on the same machine), driven by a
+small Lua script. Figures: requests/s, p50, p99, the ratio mutate/noop, the speed-up of 2
+workers over 1 and the RSS of each worker after the load. Goals (issue 4) are checked and
+printed; the JSON goes to ``bench-results/webhook.json``.
+
+    .venv/bin/python tests/bench/bench_webhook.py [--seconds 5] [--workers 1 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+SAMPLE = REPO / "webhook" / "samples" / "review.json"
+RESULTS = REPO / "bench-results" / "webhook.json"
+CONNECTIONS = 16
+
+GOALS = {
+    "ratio": 0.85,  # mutate / noop throughput, keep-alive
+    "p99_ms": 5.0,  # mutate p99 at 16 connections
+    "scaling": 1.4,  # 2 workers / 1 worker, mutate
+    "handshake_rps": 1200,  # mutate with a new TLS handshake per request
+    "rss_mb": 80,  # per worker
+}
+
+LUA = """
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+if os.getenv("BENCH_CLOSE") == "1" then wrk.headers["Connection"] = "close" end
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.body = f:read("*a")
+f:close()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _ms(text: str) -> float:
+    value, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, seconds: float, body: Path, script: Path, *, close: bool) -> dict[str, Any]:
+    env = {**os.environ, "BENCH_BODY": str(body), "BENCH_CLOSE": "1" if close else "0"}
+    cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(script), url]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out)
+    socket_errors = sum(int(x) for x in errors.groups()) if errors else 0
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    return {
+        "rps": round(rps, 1),
+        "p50_ms": round(p50, 3),
+        "p99_ms": round(p99, 3),
+        "requests": total,
+        "non_2xx": int(bad.group(1)) if bad else 0,
+        "socket_errors": socket_errors,
+    }
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and b"spawn_main" in cmdline:
+            kids.append(int(entry.name))
+    return kids
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return 0.0
+
+
+def _wait_ready(url: str, ca: Path, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit("sidemesh serve exited during start-up")
+        if not ca.exists():  # the development PKI is being created
+            time.sleep(0.1)
+            continue
+        ctx = ssl.create_default_context(cafile=str(ca))
+        try:
+            with urllib.request.urlopen(f"{url}/readyz", context=ctx, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise SystemExit("sidemesh serve did not become ready")
+
+
+def _check_answer(url: str, ca: Path, body: bytes) -> None:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    req = urllib.request.Request(
+        f"{url}/mutate", data=body, headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(req, context=ctx, timeout=5) as r:
+        answer = json.loads(r.read())
+    assert answer["response"]["patchType"] == "JSONPatch", "the benchmark must measure injection"
+
+
+def run(workers: int, seconds: float, tmp: Path, body: Path, script: Path) -> dict[str, Any]:
+    port = free_port()
+    cert_dir = tmp / "certs"
+    url = f"https://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--cert-dir", str(cert_dir), "--workers", str(workers), "--noop-endpoint"]
+    # Logs stay at info, as in production (one JSON line per review), into a file.
+    with (tmp / f"serve-{workers}.log").open("wb") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
+    try:
+        _wait_ready(url, cert_dir / "ca.crt", proc)
+        _check_answer(url, cert_dir / "ca.crt", body.read_bytes())
+        wrk(f"{url}/mutate", 1, body, script, close=False)  # warm-up
+        result = {
+            "workers": workers,
+            "noop": wrk(f"{url}/noop", seconds, body, script, close=False),
+            "mutate": wrk(f"{url}/mutate", seconds, body, script, close=False),
+            "mutate_handshake": wrk(f"{url}/mutate", seconds, body, script, close=True),
+        }
+        pids = _children(proc.pid) if workers > 1 else [proc.pid]
+        result["rss_mb"] = [_rss_mb(pid) for pid in pids]
+        result["ratio"] = round(result["mutate"]["rps"] / result["noop"]["rps"], 3)
+        return result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", 5)))
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        print("bench_webhook: needs wrk (Debian package `wrk`)", file=sys.stderr)
+        return 2
+    runs = []
+    with tempfile.TemporaryDirectory(prefix="sidemesh-bench-") as tmp_name:
+        tmp = Path(tmp_name)
+        body = tmp / "review.json"
+        body.write_bytes(json.dumps(json.loads(SAMPLE.read_text()), separators=(",", ":")).encode())
+        script = tmp / "post.lua"
+        script.write_text(LUA)
+        for workers in args.workers:
+            runs.append(run(workers, args.seconds, tmp, body, script))
+        pod_bytes = body.stat().st_size
+
+    print(
+        f"\nsidemesh serve over HTTPS, wrk {CONNECTIONS} connections, {args.seconds:g} s each, "
+        f"review body {pod_bytes} bytes, {os.cpu_count()} CPUs (load generator on the same box)"
+    )
+    header = (
+        f"{'workers':>7}  {'endpoint':<28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in runs:
+        for key, label in (
+            ("noop", "noop (ceiling)"),
+            ("mutate", "mutate"),
+            ("mutate_handshake", "mutate, handshake/request"),
+        ):
+            m = r[key]
+            print(
+                f"{r['workers']:>7}  {label:<28} {m['rps']:>9.0f} {m['p50_ms']:>8.2f} "
+                f"{m['p99_ms']:>8.2f} {m['non_2xx'] + m['socket_errors']:>6}"
+            )
+        print(f"{'':>7}  ratio mutate/noop {r['ratio']:.2f}, RSS per worker {r['rss_mb']} MB")
+
+    summary: dict[str, Any] = {
+        "connections": CONNECTIONS,
+        "seconds": args.seconds,
+        "body_bytes": pod_bytes,
+        "cpus": os.cpu_count(),
+        "runs": runs,
+        "goals": GOALS,
+    }
+    by_workers = {r["workers"]: r for r in runs}
+    checks = []
+    if 1 in by_workers:
+        one = by_workers[1]
+        checks += [
+            ("ratio mutate/noop (1 worker)", one["ratio"], ">=", GOALS["ratio"]),
+            ("p99 mutate ms (1 worker)", one["mutate"]["p99_ms"], "<=", GOALS["p99_ms"]),
+            (
+                "handshake req/s (1 worker)",
+                one["mutate_handshake"]["rps"],
+                ">=",
+                GOALS["handshake_rps"],
+            ),
+        ]
+    if 1 in by_workers and 2 in by_workers:
+        scaling = round(by_workers[2]["mutate"]["rps"] / by_workers[1]["mutate"]["rps"], 2)
+        summary["scaling_2_over_1"] = scaling
+        checks += [
+            ("ratio mutate/noop (2 workers)", by_workers[2]["ratio"], ">=", GOALS["ratio"]),
+            ("2 workers / 1 worker", scaling, ">=", GOALS["scaling"]),
+        ]
+    rss = max(mb for r in runs for mb in r["rss_mb"])
+    checks.append(("max RSS per worker MB", rss, "<=", GOALS["rss_mb"]))
+    print("\ngoals:")
+    summary["checks"] = []
+    for name, value, op, goal in checks:
+        ok = value >= goal if op == ">=" else value <= goal
+        summary["checks"].append({"name": name, "value": value, "goal": f"{op} {goal}", "ok": ok})
+        print(f"  {'ok  ' if ok else 'MISS'} {name}: {value} (goal {op} {goal})")
+    errors = sum(
+        r[k]["non_2xx"] + r[k]["socket_errors"]
+        for r in runs
+        for k in ("noop", "mutate", "mutate_handshake")
+    )
+    summary["errors"] = errors
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"\nwritten to {RESULTS.relative_to(REPO)}")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
