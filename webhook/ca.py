@@ -153,7 +153,7 @@ class CertificateAuthority:
 
     # --- facts -----------------------------------------------------------------------------
 
-    @property
+    @functools.cached_property
     def root_pem(self) -> str:
         """The root certificate as PEM: the trust bundle and the webhook's caBundle (public)."""
         return self.cert.public_bytes(serialization.Encoding.PEM).decode()

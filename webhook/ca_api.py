@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 import orjson
+from cryptography import x509
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
@@ -276,16 +277,24 @@ def certificates_router(
         except PKIError as exc:
             log.error("cannot sign", extra={"event": "ca-error", "error": str(exc)})
             return _error(503, "ca-unavailable", str(exc))
-        expires = min(now + ttl, authority.not_after)
+        # X.509 times have whole seconds: say exactly what the certificate says.
+        expires_at = min(now + ttl, authority.not_after).strftime("%Y-%m-%dT%H:%M:%SZ")
         metrics.issued.inc()
-        log.info(
-            "certificate issued",
-            extra={"event": "ca-issued", "id": spiffe_id, "expires": expires.isoformat()},
-        )
+        if log.isEnabledFor(logging.INFO):
+            serial = x509.load_pem_x509_certificate(cert_pem.encode()).serial_number
+            log.info(
+                "certificate issued",
+                extra={
+                    "event": "ca-issued",
+                    "id": spiffe_id,
+                    "serial": f"{serial:x}",
+                    "expires": expires_at,
+                },
+            )
         answer: CertificateResponse = {
             "certificateChain": cert_pem,
             "trustBundle": authority.root_pem,
-            "expiresAt": expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "expiresAt": expires_at,
             "spiffeId": spiffe_id,
         }
         return Response(orjson.dumps(answer), media_type=_JSON)
@@ -507,8 +516,6 @@ class CAUpkeep:
 
 
 def _serving_names(cert_pem: bytes | None) -> tuple[list[str], list[str]]:
-    from cryptography import x509
-
     if not cert_pem:
         return [], []
     try:
