@@ -228,3 +228,27 @@ def test_upkeep_survives_an_unreachable_api_server(tmp_path: Path) -> None:
     upkeep = CAUpkeep(tmp_path, config=MeshConfig(), api=api)
     asyncio.run(upkeep.run_once())  # logs a warning, does not raise
     assert upkeep.patched_root is None
+
+
+def test_upkeep_renewals_racing_in_parallel_leave_a_matching_pair(tmp_path: Path) -> None:
+    import threading
+
+    from cryptography.hazmat.primitives import serialization
+
+    now = datetime.now(UTC)
+    ensure_dev_pki(tmp_path, now=now)
+    later = now + timedelta(days=61)
+    workers = [CAUpkeep(tmp_path, config=MeshConfig(), clock=lambda: later) for _ in range(4)]
+    renewed: list[bool] = []
+    threads = [
+        threading.Thread(target=lambda u=u: renewed.append(u._renew_serving_cert()))
+        for u in workers
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(renewed) == [False, False, False, True]  # one renews, the rest find it fresh
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    key = serialization.load_pem_private_key((tmp_path / "tls.key").read_bytes(), None)
+    assert key.public_key() == cert.public_key()

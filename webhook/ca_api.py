@@ -487,22 +487,31 @@ class CAUpkeep:
         kubeapi.patch_ca_bundle(self.api, root, self.webhook_config)
         self.patched_root = root
 
+    def _renewal_due(self) -> tuple[CertificateAuthority, bytes | None] | None:
+        """The CA and the current serving cert when it must be renewed, else ``None``."""
+        ca = CertificateAuthority.load(self.cert_dir)
+        try:
+            current: bytes | None = (self.cert_dir / TLS_CERT).read_bytes()
+        except OSError:
+            current = None
+        if serving_cert_needs_renewal(current, ca, now=self.clock()):
+            return ca, current
+        return None
+
     def _renew_serving_cert(self) -> bool:
-        if not (self.cert_dir / CA_KEY).exists():
+        # Check before locking: a read-only Secret mount with a fresh cert never needs the lock.
+        if not (self.cert_dir / CA_KEY).exists() or self._renewal_due() is None:
             return False
-        # Several workers may share the directory: one renews, the others find it fresh.
+        # Several workers may share the directory: one renews, the others then find it fresh.
         with open(self.cert_dir / ".renew.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            ca = CertificateAuthority.load(self.cert_dir)
-            now = self.clock()
-            try:
-                current: bytes | None = (self.cert_dir / TLS_CERT).read_bytes()
-            except OSError:
-                current = None
-            if not serving_cert_needs_renewal(current, ca, now=now):
+            due = self._renewal_due()
+            if due is None:
                 return False
+            ca, current = due
             dns, ips = _serving_names(current)
             ttl = timedelta(seconds=self.config.ca.serving_cert_ttl_seconds)
+            now = self.clock()
             cert_pem, key_pem = (
                 ca.issue_serving(dns, ips, now=now, ttl=ttl)
                 if dns or ips
