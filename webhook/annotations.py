@@ -9,6 +9,7 @@ that sidemesh does not define. Pure: no I/O.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -181,6 +182,7 @@ _DECIMAL = {"n": "1e-9", "u": "1e-6", "m": "1e-3", "k": "1e3", "M": "1e6", "G": 
 _DECIMAL |= {"T": "1e12", "P": "1e15", "E": "1e18"}
 
 
+@functools.lru_cache(maxsize=256)
 def quantity_value(text: str) -> Decimal:
     """The numeric value of a Kubernetes quantity (already validated by ``parse_quantity``)."""
     for suffix, factor in _BINARY.items():
@@ -207,6 +209,28 @@ def _check_request_within_limit(
 
 def read_overrides(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:
     """Parse every override annotation of a pod; raise AnnotationError on the first bad one."""
+    if not any(name in annotations for name in ANNOTATIONS):
+        return _defaults(config)  # most pods: the config's values, computed once per config
+    return _read(annotations, config)
+
+
+# config id → (config, its defaults). Keyed by identity: hashing a MeshConfig walks every
+# field, which costs more than reading the defaults does.
+_DEFAULTS: dict[int, tuple[MeshConfig, Overrides]] = {}
+
+
+def _defaults(config: MeshConfig) -> Overrides:
+    hit = _DEFAULTS.get(id(config))
+    if hit is not None and hit[0] is config:
+        return hit[1]
+    if len(_DEFAULTS) > 16:
+        _DEFAULTS.clear()
+    ov = _read({}, config)
+    _DEFAULTS[id(config)] = (config, ov)
+    return ov
+
+
+def _read(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:
     px = config.proxy
     ann = annotations
     ov = Overrides(

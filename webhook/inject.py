@@ -25,12 +25,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
+
 from webhook import __version__, names
 from webhook.annotations import PROMETHEUS, Overrides, read_overrides
 from webhook.config import MeshConfig
 from webhook.containers import SIDEMESH_VOLUMES, init_container, proxy_container, volumes
 from webhook.errors import ConflictError, InjectionError
-from webhook.patch import Patch, pointer
+from webhook.patch import Patch, escape
 from webhook.policy import ALREADY_INJECTED, Decision, decide
 from webhook.probes import rewrite_container
 
@@ -42,6 +44,20 @@ _OUR_VOLUMES = frozenset(SIDEMESH_VOLUMES)
 _OUR_ANNOTATIONS = frozenset(
     {names.TRUST_BUNDLE_ANNOTATION, names.DEFAULT_CONTAINER, names.STATUS, *PROMETHEUS}
 )
+_ANNOTATIONS_PATH = "/metadata/annotations/"
+_json_fallback = json.JSONEncoder(separators=(",", ":")).encode
+
+
+def _to_json(value: Any) -> str:
+    """Compact, deterministic JSON (key order kept) for the status and the probe table.
+
+    orjson takes ~0.6 µs where the standard encoder takes ~7 µs for a typical status; values
+    orjson refuses (integers beyond 64 bits in a user's probe …) go through the standard one.
+    """
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:
+        return _json_fallback(value)
 # Fields injection may create; the status says whether each was absent or null before.
 _CREATABLE = ("metadata", "metadata.annotations", "spec.initContainers", "spec.volumes")
 
@@ -64,17 +80,17 @@ def _shape_error(where: str, what: str) -> InjectionError:
 
 def _check_shape(pod: Mapping[str, Any]) -> None:
     """Refuse what the API server would never send, with a message instead of a traceback."""
-    if not isinstance(pod, Mapping):
+    if not isinstance(pod, dict):
         raise _shape_error("a pod", "an object")
     meta = pod.get("metadata")
     if meta is not None:
-        if not isinstance(meta, Mapping):
+        if not isinstance(meta, dict):
             raise _shape_error("metadata", "an object")
         for key in ("labels", "annotations"):
-            if not isinstance(meta.get(key) or {}, Mapping):
+            if not isinstance(meta.get(key) or {}, dict):
                 raise _shape_error(f"metadata.{key}", "an object")
     spec = pod.get("spec")
-    if not isinstance(spec, Mapping):
+    if not isinstance(spec, dict):
         raise _shape_error("spec", "an object (a pod needs a spec)")
     containers = spec.get("containers")
     if not isinstance(containers, list) or not containers:
@@ -86,7 +102,7 @@ def _check_shape(pod: Mapping[str, Any]) -> None:
         if not isinstance(items, list):
             raise _shape_error(f"spec.{field}", "a list")
         for i, item in enumerate(items):
-            if not isinstance(item, Mapping) or not isinstance(item.get("name"), str):
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise _shape_error(f"spec.{field}[{i}]", "an object with a name")
             if field != "volumes" and not isinstance(item.get("ports") or [], list):
                 raise _shape_error(f"spec.{field}[{i}].ports", "a list")
@@ -100,10 +116,10 @@ def _annotations(pod: Mapping[str, Any]) -> Mapping[str, Any]:
 def is_injected(pod: Mapping[str, Any]) -> bool:
     """Whether the pod carries sidemesh's status annotation."""
     meta = pod.get("metadata")
-    if not isinstance(meta, Mapping):
+    if not isinstance(meta, dict):
         return False
     annotations = meta.get("annotations")
-    return isinstance(annotations, Mapping) and names.STATUS in annotations
+    return isinstance(annotations, dict) and names.STATUS in annotations
 
 
 def _status_error(why: str) -> InjectionError:
@@ -170,7 +186,7 @@ def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> None:
                     "its own"
                 )
             for port in c.get("ports") or ():
-                number = port.get("containerPort") if isinstance(port, Mapping) else None
+                number = port.get("containerPort") if isinstance(port, dict) else None
                 if number in reserved:
                     raise ConflictError(
                         f"container {name!r} declares port {number}, which the sidemesh proxy "
@@ -216,7 +232,7 @@ def _app_ports(spec: Mapping[str, Any]) -> str:
     sidecars = [c for c in spec.get("initContainers") or () if c.get("restartPolicy") == "Always"]
     for c in [*spec["containers"], *sidecars]:
         for p in c.get("ports") or ():
-            number = p.get("containerPort") if isinstance(p, Mapping) else None
+            number = p.get("containerPort") if isinstance(p, dict) else None
             if isinstance(number, int) and p.get("protocol", "TCP") == "TCP" and number not in out:
                 out.append(number)
     return ",".join(map(str, out))
@@ -251,7 +267,7 @@ def _inject(
                     continue
                 items[i] = {**c, **rw.probes}
                 for kind, probe in rw.probes.items():
-                    patch.replace(pointer("spec", field, i, kind), probe)
+                    patch.replace(f"/spec/{field}/{i}/{kind}", probe)
                 probes_orig[c["name"]] = rw.originals
                 handlers.update(rw.handlers)
 
@@ -262,7 +278,7 @@ def _inject(
         config,
         ov,
         app_ports=_app_ports(pod["spec"]),
-        app_probes=json.dumps(handlers, separators=(",", ":")),
+        app_probes=_to_json(handlers),
         native=native,
         hold=hold,
     )
@@ -323,7 +339,7 @@ def _inject(
         created["metadata.annotations"] = ann_was
     status["created"] = created
     status["probes"] = probes_orig
-    added[names.STATUS] = json.dumps(status, separators=(",", ":"))
+    added[names.STATUS] = _to_json(status)
 
     if meta_was:
         new["metadata"] = {"annotations": added}
@@ -334,7 +350,7 @@ def _inject(
     else:
         new["metadata"] = {**(meta_in or {}), "annotations": {**ann_in, **added}}
         for key, value in added.items():
-            patch.add(pointer("metadata", "annotations", key), value)
+            patch.add(_ANNOTATIONS_PATH + escape(key), value)
     return new
 
 
@@ -368,7 +384,7 @@ def _uninject(pod: Mapping[str, Any], patch: Patch) -> dict[str, Any]:
             if not originals:
                 continue
             for kind, probe in originals.items():
-                path = pointer("spec", field, i, kind)
+                path = f"/spec/{field}/{i}/{kind}"
                 if kind in c:
                     patch.replace(path, probe)
                 else:
@@ -399,7 +415,7 @@ def _uninject(pod: Mapping[str, Any], patch: Patch) -> dict[str, Any]:
     for key in status.get("annotations", ()):
         if key in ann:
             del ann[key]
-            patch.remove(pointer("metadata", "annotations", key))
+            patch.remove(_ANNOTATIONS_PATH + escape(key))
     how = created.get("metadata.annotations")
     if how and not ann:
         _restore_field(meta, "annotations", how, "/metadata/annotations", patch)

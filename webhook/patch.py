@@ -17,12 +17,14 @@ __all__ = ["Patch", "escape", "pointer"]
 
 def escape(token: str) -> str:
     """Escape one JSON-pointer reference token (RFC 6901: ``~`` → ``~0``, ``/`` → ``~1``)."""
+    if "~" not in token and "/" not in token:
+        return token  # the common case, and the hot path
     return token.replace("~", "~0").replace("/", "~1")
 
 
 def pointer(*tokens: str | int) -> str:
     """A JSON pointer from raw (unescaped) tokens: ``pointer("metadata", "annotations", k)``."""
-    return "".join("/" + escape(t) if isinstance(t, str) else f"/{t}" for t in tokens)
+    return "".join(["/" + escape(t) if isinstance(t, str) else f"/{t}" for t in tokens])
 
 
 class Patch:

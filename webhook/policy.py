@@ -68,7 +68,7 @@ class Decision:
 
 
 def _mapping(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+    return value if isinstance(value, dict) else {}
 
 
 def _opt(name: str, raw: object, kind: str) -> Decision:

@@ -13,7 +13,7 @@ container does not declare (the kubelet would fail them anyway; rewriting would 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from webhook import names
@@ -28,15 +28,15 @@ def health_path(container: str, kind: str) -> str:
     return f"{names.APP_HEALTH_PREFIX}/{container}/{names.PROBE_KINDS[kind]}"
 
 
-@dataclass
+@dataclass(slots=True)
 class ProbeRewrite:
     """What rewriting one container's probes changed."""
 
-    probes: dict[str, dict[str, Any]] = field(default_factory=dict)
+    probes: dict[str, dict[str, Any]]
     """probe field (``livenessProbe`` …) → the rewritten probe."""
-    originals: dict[str, Any] = field(default_factory=dict)
+    originals: dict[str, Any]
     """probe field → the original probe, exactly as it was (for uninject)."""
-    handlers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    handlers: dict[str, dict[str, Any]]
     """``/app-health/…`` path → the original handler for the proxy, ports as numbers."""
 
 
@@ -45,7 +45,7 @@ def _named_ports(container: Mapping[str, Any]) -> dict[str, int]:
     ports = container.get("ports")
     if isinstance(ports, list):
         for p in ports:
-            if isinstance(p, Mapping) and isinstance(p.get("name"), str):
+            if isinstance(p, dict) and isinstance(p.get("name"), str):
                 num = p.get("containerPort")
                 if isinstance(num, int) and not isinstance(num, bool):
                     out.setdefault(p["name"], num)
@@ -66,7 +66,7 @@ def _handler(probe: Mapping[str, Any], named: Mapping[str, int]) -> dict[str, An
     """The proxy's copy of a probe's handler, or None when the probe is left alone."""
     timeout = probe.get("timeoutSeconds", 1)
     get = probe.get("httpGet")
-    if isinstance(get, Mapping):
+    if isinstance(get, dict):
         port = _resolve(get.get("port"), named)
         if port is None or get.get("host"):
             return None
@@ -79,13 +79,13 @@ def _handler(probe: Mapping[str, Any], named: Mapping[str, int]) -> dict[str, An
             http["httpHeaders"] = get["httpHeaders"]
         return {"httpGet": http, "timeoutSeconds": timeout}
     tcp = probe.get("tcpSocket")
-    if isinstance(tcp, Mapping):
+    if isinstance(tcp, dict):
         port = _resolve(tcp.get("port"), named)
         if port is None or tcp.get("host"):
             return None
         return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
     grpc = probe.get("grpc")
-    if isinstance(grpc, Mapping):
+    if isinstance(grpc, dict):
         port = _resolve(grpc.get("port"), named)
         if port is None:
             return None
@@ -98,19 +98,21 @@ def _handler(probe: Mapping[str, Any], named: Mapping[str, int]) -> dict[str, An
 
 def rewrite_container(container: Mapping[str, Any], probe_port: int) -> ProbeRewrite | None:
     """Rewrite one container's probes; None when there is nothing to rewrite."""
-    result = ProbeRewrite()
+    result: ProbeRewrite | None = None
     named: dict[str, int] | None = None
     name = container.get("name", "")
-    for kind in names.PROBE_KINDS:
+    for kind, short in names.PROBE_KINDS.items():
         probe = container.get(kind)
-        if not isinstance(probe, Mapping):
+        if not isinstance(probe, dict):
             continue
         if named is None:
             named = _named_ports(container)
         handler = _handler(probe, named)
         if handler is None:
             continue
-        path = health_path(name, kind)
+        if result is None:
+            result = ProbeRewrite({}, {}, {})
+        path = f"{names.APP_HEALTH_PREFIX}/{name}/{short}"
         get = {"path": path, "port": probe_port, "scheme": "HTTP"}
         # The handler moves to where the old one was, so the probe reads the same.
         new = {("httpGet" if k in _HANDLERS else k): (get if k in _HANDLERS else v)
@@ -118,4 +120,4 @@ def rewrite_container(container: Mapping[str, Any], probe_port: int) -> ProbeRew
         result.probes[kind] = new
         result.originals[kind] = probe
         result.handlers[path] = handler
-    return result if result.probes else None
+    return result
