@@ -58,6 +58,8 @@ def _to_json(value: Any) -> str:
         return orjson.dumps(value).decode()
     except TypeError:
         return _json_fallback(value)
+
+
 # Fields injection may create; the status says whether each was absent or null before.
 _CREATABLE = ("metadata", "metadata.annotations", "spec.initContainers", "spec.volumes")
 
