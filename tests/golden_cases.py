@@ -333,3 +333,23 @@ def _describe(doc: Any, version: str, exc: Any) -> str:
     where = "/".join(map(str, getattr(caught, "absolute_path", [])))
     message = getattr(caught, "message", str(caught))
     return f"{doc.get('kind')} invalid for Kubernetes {version} at {where}: {message}"
+
+
+# --- inputs derived from other cases ---------------------------------------------------------
+
+#: Cases whose input is the injected output of another case (with the default config), so
+#: they track the injector's current output: derived case → source case.
+DERIVED: dict[str, str] = {
+    "already-injected": "deployment",
+    "reinjected-after-config-change": "pod-probes",
+}
+
+
+def derived_input(case: Case) -> str:
+    """What the input of a derived case should be: its header comments + the source, injected."""
+    source = next(c for c in cases() if c.name == DERIVED[case.name])
+    outcome = run_case(source)
+    assert not outcome.errors, outcome.errors
+    header = "".join(ln for ln in case.text.splitlines(keepends=True) if ln.startswith("#"))
+    body = dump_json(outcome.documents) if source.is_json else dump_yaml(outcome.documents)
+    return header + body

@@ -76,8 +76,10 @@ def init_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
     """``sidemesh-init``: installs the capture rules, then exits.
 
     It needs NET_ADMIN and NET_RAW as root to program iptables in the pod's network namespace;
-    everything else is dropped, and it cannot escalate. It gets the proxy's resources, so it
-    never raises the pod's effective request above what the proxy already needs.
+    everything else is dropped, and it cannot escalate. Its root filesystem stays writable
+    because iptables takes its lock file under ``/run`` (Istio's init container does the same;
+    the alternative is one more volume). It gets the proxy's resources, so it never raises the
+    pod's effective request above what the proxy already needs.
     """
     return {
         "name": names.INIT_CONTAINER,
@@ -90,7 +92,7 @@ def init_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
             "allowPrivilegeEscalation": False,
             "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
             "privileged": False,
-            "readOnlyRootFilesystem": True,
+            "readOnlyRootFilesystem": False,
             "runAsGroup": 0,
             "runAsNonRoot": False,
             "runAsUser": 0,
