@@ -371,3 +371,21 @@ def test_a_certificate_from_another_root_fails_the_handshake(
     t.join(timeout=10)
     listener.close()
     assert errors and "certificate" in str(errors[0]).lower()
+
+
+class _BrokenVerifier:
+    async def verify(self, token: str) -> Any:
+        raise RuntimeError("verifier bug")
+
+
+def test_an_unexpected_error_is_a_json_500_without_the_token_in_the_log(
+    tmp_path: Path, issuer: Issuer, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = issuer.token("shop", "cart")
+    caplog.set_level(logging.DEBUG)
+    with serve_ca(tmp_path, _BrokenVerifier()) as srv:
+        resp = post(srv, {"csr": make_csr().decode()}, token)
+        assert resp.status_code == 500
+        assert resp.json()["error"] == "internal"
+        assert srv.metric("sidemesh_ca_refusals_total", reason="internal") == 1
+    assert "unexpected error" in caplog.text and token not in caplog.text

@@ -226,6 +226,14 @@ def certificates_router(
         return _error(exc.status, exc.reason, str(exc))
 
     async def issue(request: Request) -> Response:
+        try:
+            return await answer(request)
+        except Exception:  # never a bare 500 page: log it (no request data), answer JSON
+            log.exception("unexpected error answering a certificate request")
+            metrics.refused.labels("internal").inc()
+            return _error(500, "internal", "the CA could not answer; see its log")
+
+    async def answer(request: Request) -> Response:
         declared = request.headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:
             return refuse(IdentityError(413, "too-large", f"body above {limit} bytes"))
@@ -276,6 +284,7 @@ def certificates_router(
             return refuse(exc, spiffe_id)
         except PKIError as exc:
             log.error("cannot sign", extra={"event": "ca-error", "error": str(exc)})
+            metrics.refused.labels("ca-unavailable").inc()
             return _error(503, "ca-unavailable", str(exc))
         # X.509 times have whole seconds: say exactly what the certificate says.
         expires_at = min(now + ttl, authority.not_after).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -291,13 +300,13 @@ def certificates_router(
                     "expires": expires_at,
                 },
             )
-        answer: CertificateResponse = {
+        body: CertificateResponse = {
             "certificateChain": cert_pem,
             "trustBundle": authority.root_pem,
             "expiresAt": expires_at,
             "spiffeId": spiffe_id,
         }
-        return Response(orjson.dumps(answer), media_type=_JSON)
+        return Response(orjson.dumps(body), media_type=_JSON)
 
     # A plain Starlette route: the handler reads the raw request itself, so FastAPI's
     # dependency and body machinery would only add per-request cost.
