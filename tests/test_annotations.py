@@ -115,10 +115,16 @@ def test_quantities_compare_by_value(text: str, value: str) -> None:
 def test_sidemesh_keys_lists_what_check_reports() -> None:
     keys = sidemesh_keys(
         {"sidemesh.io/inject": "true", "app": "x"},
-        {"sidemesh.io/proxy-cpu": "1", "traffic.sidemesh.io/exclude-inbound-ports": "1", "o": "x"},
+        {
+            "sidemesh.io/proxy-cpu": "1",
+            "traffic.sidemesh.io/exclude-inbound-ports": "1",
+            "o": "x",
+            "sidemesh.io/proxy-cpus": "2",
+        },
     )
     assert keys == [
         "label sidemesh.io/inject",
         "annotation sidemesh.io/proxy-cpu",
         "annotation traffic.sidemesh.io/exclude-inbound-ports",
+        "annotation sidemesh.io/proxy-cpus (unknown, ignored)",
     ]

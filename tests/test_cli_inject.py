@@ -189,6 +189,17 @@ def test_config_errors_name_the_key(tmp_path: Path, bundle: Path) -> None:
     assert "unknown config key 'proxy.imagee'" in p.stderr
 
 
+def test_unknown_sidemesh_annotations_are_warned_about(bundle: Path) -> None:
+    typo = POD.replace("  namespace: shop\n", "  namespace: shop\n  annotations:\n"
+                       "    sidemesh.io/proxy-cpus: '2'\n")  # fmt: skip
+    p = run("inject", "-f", "-", "--bundle", str(bundle), stdin=typo)
+    assert p.returncode == 0
+    assert (
+        "warning: document 0 (line 1): Pod shop/web: "
+        "annotation sidemesh.io/proxy-cpus (unknown, ignored)"
+    ) in p.stderr
+
+
 def test_namespace_flag_applies_to_objects_without_one(bundle: Path) -> None:
     pod = POD.replace("  namespace: shop\n", "")
     p = run("inject", "-f", "-", "-n", "kube-system", "--bundle", str(bundle), stdin=pod)

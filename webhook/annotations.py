@@ -42,6 +42,7 @@ __all__ = [
     "PROXY_MEMORY",
     "PROXY_MEMORY_LIMIT",
     "REWRITE_PROBES",
+    "UNKNOWN_MARK",
     "Overrides",
     "quantity_value",
     "read_overrides",
@@ -262,11 +263,20 @@ def _read(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:
     return ov
 
 
+#: What sidemesh reads or writes under its prefixes; anything else there is probably a typo.
+_KNOWN = frozenset({*ANNOTATIONS, names.INJECT, names.STATUS, names.TRUST_BUNDLE_ANNOTATION})
+UNKNOWN_MARK: Final = " (unknown, ignored)"
+
+
 def sidemesh_keys(labels: Mapping[str, Any], annotations: Mapping[str, Any]) -> list[str]:
-    """Every sidemesh label/annotation on a pod, as ``label:K`` / ``annotation:K`` (for check)."""
+    """Every sidemesh label/annotation on a pod, as ``label K`` / ``annotation K`` (for check).
+
+    Annotations under sidemesh's prefixes that it does not define are marked with
+    :data:`UNKNOWN_MARK`, so that ``sidemesh.io/proxy-cpus: "2"`` does not go unnoticed.
+    """
     out = [f"label {k}" for k in labels if k == names.INJECT]
     out += [
-        f"annotation {k}"
+        f"annotation {k}{'' if k in _KNOWN else UNKNOWN_MARK}"
         for k in annotations
         if k.startswith(("sidemesh.io/", "traffic.sidemesh.io/"))
     ]

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, TextIO
 
+from webhook.annotations import UNKNOWN_MARK
 from webhook.config import MeshConfig, load_config_file
 from webhook.errors import ManifestError, SidemeshError
 from webhook.manifests import Document, dump_json, dump_yaml, iter_documents
@@ -189,11 +190,11 @@ def _report(run: _Run, done: str, err: TextIO) -> None:
             what = done if t.decision.inject else "skipped"
             counts[what] += 1
             at = f" {t.item}" if t.item else ""
-            print(
-                f"{doc.where()}{at}: {t.kind} {t.namespace}/{t.name or '<unnamed>'}: "
-                f"{what} ({t.decision.reason})",
-                file=err,
-            )
+            label = f"{doc.where()}{at}: {t.kind} {t.namespace}/{t.name or '<unnamed>'}"
+            print(f"{label}: {what} ({t.decision.reason})", file=err)
+            for key in t.read:
+                if key.endswith(UNKNOWN_MARK):
+                    print(f"warning: {label}: {key}", file=err)
         for label in result.passed_through:
             counts["passed through"] += 1
             print(f"{doc.where()}: {label}: passed through ({NOT_A_WORKLOAD})", file=err)
