@@ -40,6 +40,9 @@ def make_server_context(certfile: str | Path, keyfile: str | Path) -> ssl.SSLCon
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_alpn_protocols(["http/1.1"])
+    # No TLS 1.3 session tickets: the API server's Go client keeps no session cache, so every
+    # ticket would be minted, encrypted and sent for nothing on each new connection.
+    ctx.num_tickets = 0
     ctx.load_cert_chain(str(certfile), str(keyfile))
     return ctx
 

@@ -19,6 +19,7 @@ printed; the JSON goes to ``bench-results/webhook.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -105,6 +106,45 @@ def _children(pid: int) -> list[int]:
     return kids
 
 
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of the server processes (noise-robust: a review's own cost)."""
+    ticks = 0
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def measure(
+    url: str, seconds: float, rounds: int, body: Path, script: Path, pids: list[int]
+) -> dict[str, dict[str, Any]]:
+    """noop, mutate and mutate-with-handshake, interleaved in ``rounds`` short slices, so that
+    a neighbour's burst of load hits all three alike rather than one of them."""
+    slices: dict[str, list[dict[str, Any]]] = {"noop": [], "mutate": [], "mutate_handshake": []}
+    cpu: dict[str, float] = dict.fromkeys(slices, 0.0)
+    each = max(1, round(seconds / rounds))
+    for _ in range(rounds):
+        for key in slices:
+            path = "/noop" if key == "noop" else "/mutate"
+            before = _cpu_seconds(pids)
+            slices[key].append(wrk(url + path, each, body, script, close=key.endswith("shake")))
+            cpu[key] += _cpu_seconds(pids) - before
+    out = {}
+    for key, runs in slices.items():
+        requests = sum(r["requests"] for r in runs)
+        out[key] = {
+            "rps": round(sum(r["rps"] for r in runs) / len(runs), 1),
+            "p50_ms": sorted(r["p50_ms"] for r in runs)[len(runs) // 2],
+            "p99_ms": max(r["p99_ms"] for r in runs),
+            "requests": requests,
+            "non_2xx": sum(r["non_2xx"] for r in runs),
+            "socket_errors": sum(r["socket_errors"] for r in runs),
+            "server_cpu_us_per_request": round(cpu[key] / max(requests, 1) * 1e6, 1),
+        }
+    return out
+
+
 def _rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -140,7 +180,9 @@ def _check_answer(url: str, ca: Path, body: bytes) -> None:
     assert answer["response"]["patchType"] == "JSONPatch", "the benchmark must measure injection"
 
 
-def run(workers: int, seconds: float, tmp: Path, body: Path, script: Path) -> dict[str, Any]:
+def run(
+    workers: int, seconds: float, rounds: int, tmp: Path, body: Path, script: Path
+) -> dict[str, Any]:
     port = free_port()
     cert_dir = tmp / "certs"
     url = f"https://127.0.0.1:{port}"
@@ -152,14 +194,12 @@ def run(workers: int, seconds: float, tmp: Path, body: Path, script: Path) -> di
     try:
         _wait_ready(url, cert_dir / "ca.crt", proc)
         _check_answer(url, cert_dir / "ca.crt", body.read_bytes())
-        wrk(f"{url}/mutate", 1, body, script, close=False)  # warm-up
-        result = {
-            "workers": workers,
-            "noop": wrk(f"{url}/noop", seconds, body, script, close=False),
-            "mutate": wrk(f"{url}/mutate", seconds, body, script, close=False),
-            "mutate_handshake": wrk(f"{url}/mutate", seconds, body, script, close=True),
-        }
         pids = _children(proc.pid) if workers > 1 else [proc.pid]
+        wrk(f"{url}/mutate", 1, body, script, close=False)  # warm-up
+        result: dict[str, Any] = {
+            "workers": workers,
+            **measure(url, seconds, rounds, body, script, pids),
+        }
         result["rss_mb"] = [_rss_mb(pid) for pid in pids]
         result["ratio"] = round(result["mutate"]["rps"] / result["noop"]["rps"], 3)
         return result
@@ -176,6 +216,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=float(os.environ.get("BENCH_SECONDS", 5)))
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="interleaved slices per measurement (default 3)"
+    )
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         print("bench_webhook: needs wrk (Debian package `wrk`)", file=sys.stderr)
@@ -188,15 +231,17 @@ def main() -> int:
         script = tmp / "post.lua"
         script.write_text(LUA)
         for workers in args.workers:
-            runs.append(run(workers, args.seconds, tmp, body, script))
+            runs.append(run(workers, args.seconds, args.rounds, tmp, body, script))
         pod_bytes = body.stat().st_size
 
     print(
-        f"\nsidemesh serve over HTTPS, wrk {CONNECTIONS} connections, {args.seconds:g} s each, "
+        f"\nsidemesh serve over HTTPS, wrk {CONNECTIONS} connections, {args.seconds:g} s each "
+        f"in {args.rounds} interleaved rounds, "
         f"review body {pod_bytes} bytes, {os.cpu_count()} CPUs (load generator on the same box)"
     )
     header = (
-        f"{'workers':>7}  {'endpoint':<28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6}"
+        f"{'workers':>7}  {'endpoint':<28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'CPU us/req':>10} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -209,7 +254,8 @@ def main() -> int:
             m = r[key]
             print(
                 f"{r['workers']:>7}  {label:<28} {m['rps']:>9.0f} {m['p50_ms']:>8.2f} "
-                f"{m['p99_ms']:>8.2f} {m['non_2xx'] + m['socket_errors']:>6}"
+                f"{m['p99_ms']:>8.2f} {m['server_cpu_us_per_request']:>10.0f} "
+                f"{m['non_2xx'] + m['socket_errors']:>6}"
             )
         print(f"{'':>7}  ratio mutate/noop {r['ratio']:.2f}, RSS per worker {r['rss_mb']} MB")
 
