@@ -38,13 +38,13 @@ def free_port() -> int:
 class Serve:
     """A `sidemesh serve` process; its stderr (JSON log lines) goes to a file."""
 
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, shutdown_delay: float = 0) -> None:
         self.port = free_port()
         self.cert_dir = tmp / "certs"
         self.log = tmp / "serve.log"
         self.url = f"https://127.0.0.1:{self.port}"
         cmd = [*SIDEMESH, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--cert-dir", str(self.cert_dir), *args]
+        cmd += ["--cert-dir", str(self.cert_dir), "--shutdown-delay", str(shutdown_delay), *args]
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
 
@@ -176,6 +176,24 @@ def test_sigterm_finishes_the_request_in_flight_then_exits_0(
     assert s.proc.wait(timeout=30) == 0
     with pytest.raises(OSError):  # and nothing listens any more
         socket.create_connection(("127.0.0.1", s.port), timeout=2).close()
+
+
+def test_sigterm_drains_first_serving_new_connections_while_not_ready(
+    tmp_path: Path, serve: list[Serve]
+) -> None:
+    s = Serve(tmp_path, shutdown_delay=2)
+    serve.append(s)
+    s.wait_ready()
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    with s.client() as c:  # a new connection, after SIGTERM
+        assert c.get("/readyz").status_code == 503
+        assert "shutting down" in c.get("/readyz").json()["problems"]
+        r = c.post("/mutate", json=admission_review(simple_pod()))
+        assert r.status_code == 200 and r.json()["response"]["patchType"] == "JSONPatch"
+    started = time.monotonic()
+    assert s.proc.wait(timeout=30) == 0
+    assert time.monotonic() - started < 10
 
 
 def _children(pid: int) -> set[int]:

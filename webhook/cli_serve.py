@@ -69,6 +69,13 @@ def register(subparsers: Any) -> None:
     ca.add_argument("--jwks-ca-file", default=None, help="CA that verifies --jwks-url")
     ca.add_argument("--token-review", action="store_true", help="authenticate by TokenReview")
     ca.add_argument("--kubeconfig", default=None, help="API access outside a cluster")
+    p.add_argument(
+        "--shutdown-delay",
+        type=float,
+        default=5.0,
+        help="on SIGTERM, keep serving (and fail /readyz) this many seconds before the "
+        "graceful stop, while the pod leaves the Service's endpoints (default 5; Ctrl-C skips)",
+    )
     # The benchmark's ceiling: POST /noop parses the review and allows it. Not for production.
     p.add_argument("--noop-endpoint", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(handler=_serve)
@@ -85,6 +92,7 @@ class ServeSettings:
     log_level: str
     reload_interval: float
     noop_endpoint: bool
+    shutdown_delay: float = 0.0
     verifier: Any = None
     """``ca_api.VerifierOptions`` (picklable), or ``None`` for its environment defaults."""
     kubeconfig: str | None = None
@@ -119,6 +127,7 @@ def _serve(args: argparse.Namespace) -> int:
         log_level=args.log_level,
         reload_interval=args.reload_interval,
         noop_endpoint=args.noop_endpoint,
+        shutdown_delay=args.shutdown_delay,
         verifier=_verifier_options(args),
         kubeconfig=args.kubeconfig,
     )
@@ -199,7 +208,9 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
     if metrics_port is not None:
         _start_metrics_port(settings.host, metrics_port, metrics.registry)
     sock = reuse_port_socket(settings.host, settings.port)
-    server = make_server(app, tls, host=settings.host, port=settings.port)
+    server = make_server(
+        app, tls, host=settings.host, port=settings.port, shutdown_delay=settings.shutdown_delay
+    )
     server.run(sockets=[sock])
 
 
@@ -273,7 +284,7 @@ def _supervise(settings: ServeSettings, workers: int, metrics_port: int | None) 
         stopping = True
         for proc in procs.values():
             if proc.pid is not None and proc.is_alive():
-                os.kill(proc.pid, signal.SIGTERM)
+                os.kill(proc.pid, signum)  # SIGTERM drains first, SIGINT stops at once
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

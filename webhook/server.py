@@ -34,6 +34,7 @@ import orjson
 import uvicorn
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
+from starlette.requests import ClientDisconnect
 
 from webhook import __version__
 from webhook.admission import (
@@ -120,6 +121,7 @@ def create_app(
     )
     app.state.metrics = metrics
     app.state.tls = tls
+    app.state.draining = False
 
     async def read_body(request: Request) -> bytes:
         check_content_type(request.headers.get("content-type"))
@@ -155,6 +157,8 @@ def create_app(
             payload = orjson.dumps(outcome.response)
         except ReviewError as exc:
             return refuse(exc, started)
+        except ClientDisconnect:  # the client gave up mid-body: nobody is left to answer
+            return Response(status_code=400)
         except Exception as exc:  # never a 500 with a traceback: log it, refuse the request
             LOGGER.exception("unexpected error answering a review")
             return refuse(InvalidReview(400, "unprocessable", f"cannot process: {exc}"), started)
@@ -180,6 +184,8 @@ def create_app(
     @app.get("/readyz")
     async def readyz() -> Response:
         problems = []
+        if getattr(app.state, "draining", False):
+            problems.append("shutting down")
         if tls is None:
             problems.append("no serving certificate loaded")
         elif tls.not_after <= time.time():
@@ -203,7 +209,36 @@ def create_app(
 
 
 class _Server(uvicorn.Server):
-    """uvicorn's server, minus re-raising the signal after a graceful stop (exit code 0)."""
+    """uvicorn's server with two changes for Kubernetes.
+
+    * SIGTERM first *drains* for ``shutdown_delay`` seconds: ``/readyz`` answers 503 and new
+      connections are still served, because the API server keeps sending reviews to this pod
+      until the endpoint removal has reached it; a refused connection there would fail a pod
+      creation under ``failurePolicy: Fail``. Then the graceful stop: no new connections,
+      requests in flight finish. SIGINT (Ctrl-C) and a second SIGTERM skip the delay.
+    * No re-raising of the signal after the graceful stop: the exit code is 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI, shutdown_delay: float) -> None:
+        super().__init__(config)
+        self._app = app
+        self._shutdown_delay = shutdown_delay
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        import signal
+
+        draining = getattr(self._app.state, "draining", False)
+        if sig == signal.SIGTERM and self._shutdown_delay > 0 and not draining:
+            self._app.state.draining = True
+            LOGGER.info(
+                "SIGTERM: draining before shutdown",
+                extra={"event": "shutdown", "delay_seconds": self._shutdown_delay},
+            )
+            timer = threading.Timer(self._shutdown_delay, super().handle_exit, (sig, frame))
+            timer.daemon = True
+            timer.start()
+            return
+        super().handle_exit(sig, frame)
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -222,7 +257,9 @@ class _Server(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-def make_server(app: FastAPI, tls: ReloadingTLS, *, host: str, port: int) -> uvicorn.Server:
+def make_server(
+    app: FastAPI, tls: ReloadingTLS, *, host: str, port: int, shutdown_delay: float = 0.0
+) -> uvicorn.Server:
     """A uvicorn server for ``app`` with the hot-reloading TLS context."""
     config = uvicorn.Config(
         app,
@@ -238,7 +275,7 @@ def make_server(app: FastAPI, tls: ReloadingTLS, *, host: str, port: int) -> uvi
         timeout_keep_alive=KEEP_ALIVE_SECONDS,
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
-    return _Server(config)
+    return _Server(config, app, shutdown_delay)
 
 
 def reuse_port_socket(host: str, port: int) -> socket.socket:

@@ -188,6 +188,7 @@ def run(
     url = f"https://127.0.0.1:{port}"
     cmd = [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--cert-dir", str(cert_dir), "--workers", str(workers), "--noop-endpoint"]
+    cmd += ["--shutdown-delay", "0"]
     # Logs stay at info, as in production (one JSON line per review), into a file.
     with (tmp / f"serve-{workers}.log").open("wb") as log:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
