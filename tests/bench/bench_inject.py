@@ -128,7 +128,7 @@ def measure(fn: Callable[[], object], rounds: int) -> dict[str, float]:
     The machine is shared: wall-clock figures include time spent descheduled, so the CPU-time
     figure (``time.thread_time``) is given too; compare figures within one run only.
     """
-    for _ in range(min(50, rounds)):
+    for _ in range(min(1000, rounds)):  # warm up: caches, branch predictors, allocator
         fn()
     samples = []
     for _ in range(rounds):
