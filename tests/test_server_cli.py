@@ -310,3 +310,29 @@ def test_a_port_in_use_fails_at_start(tmp_path: Path) -> None:
             timeout=60,
         )
     assert out.returncode == 1 and f"127.0.0.1:{port}" in out.stderr
+
+
+def test_a_second_server_on_the_same_port_refuses_to_start(
+    tmp_path: Path, serve: list[Serve]
+) -> None:
+    first = Serve(tmp_path)
+    serve.append(first)
+    first.wait_ready()
+    out = subprocess.run(
+        [
+            *SIDEMESH,
+            "serve",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(first.port),
+            "--cert-dir",
+            str(first.cert_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 1 and "another process is listening" in out.stderr
+    assert first.stop() == 0

@@ -164,10 +164,24 @@ def _ensure_pki(cert_dir: Path) -> None:
 
 
 def _check_port_free(host: str, port: int) -> None:
-    """Fail at start with a clear message if someone else holds the port."""
+    """Fail at start with a clear message if someone else holds the port.
+
+    SO_REUSEPORT lets every process of the same user bind the port again, so a second
+    ``sidemesh serve`` would silently share the traffic with the first; a successful connect
+    means someone is already listening there.
+    """
+    import socket
+
     from webhook.errors import ConfigError
     from webhook.server import reuse_port_socket
 
+    probe = "127.0.0.1" if host in ("0.0.0.0", "") else "::1" if host == "::" else host
+    try:
+        socket.create_connection((probe, port), timeout=0.5).close()
+    except OSError:
+        pass
+    else:
+        raise ConfigError(f"cannot listen on {host}:{port}: another process is listening there")
     try:
         reuse_port_socket(host, port).close()
     except OSError as exc:
