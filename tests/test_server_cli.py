@@ -336,3 +336,14 @@ def test_a_second_server_on_the_same_port_refuses_to_start(
     )
     assert out.returncode == 1 and "another process is listening" in out.stderr
     assert first.stop() == 0
+
+
+def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, serve: list[Serve]) -> None:
+    s = Serve(tmp_path, "--workers", "2")
+    serve.append(s)
+    s.wait_ready()
+    workers = _children(s.proc.pid)
+    assert len(workers) == 2
+    s.proc.kill()
+    s.proc.wait()
+    assert _gone(workers), "workers kept serving after their supervisor was killed"

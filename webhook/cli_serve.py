@@ -12,6 +12,7 @@ workers' metrics (prometheus-client's multi-process mode).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import multiprocessing
 import os
@@ -188,6 +189,19 @@ def _check_port_free(host: str, port: int) -> None:
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror}") from None
 
 
+def _worker_main(settings: ServeSettings) -> None:
+    """A supervised worker: it gets SIGTERM if the supervisor dies (no orphans serving on)."""
+    import ctypes
+    import ctypes.util
+
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() == 1:  # the supervisor died before prctl took effect
+        return
+    run_worker(settings)
+
+
 def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None:
     """One worker: load config, certs and CA, build the app, serve until SIGTERM/SIGINT."""
     from webhook import ca
@@ -289,7 +303,7 @@ def _supervise(settings: ServeSettings, workers: int, metrics_port: int | None) 
     restarts = 0
 
     def spawn(slot: int) -> None:
-        proc = ctx.Process(target=run_worker, args=(settings,), name=f"sidemesh-worker-{slot}")
+        proc = ctx.Process(target=_worker_main, args=(settings,), name=f"sidemesh-worker-{slot}")
         proc.start()
         procs[slot] = proc
 
