@@ -221,9 +221,11 @@ def main() -> int:
         "--rounds", type=int, default=3, help="interleaved slices per measurement (default 3)"
     )
     args = parser.parse_args()
-    if shutil.which("wrk") is None:
-        print("bench_webhook: needs wrk (Debian package `wrk`)", file=sys.stderr)
-        return 2
+    if shutil.which("wrk") is None:  # skip loudly, so that `make bench` still runs the others
+        print("bench_webhook: SKIPPED, needs wrk (apt-get install wrk)", file=sys.stderr)
+        RESULTS.parent.mkdir(exist_ok=True)
+        RESULTS.write_text(json.dumps({"skipped": "wrk not installed"}) + "\n")
+        return 0
     runs = []
     with tempfile.TemporaryDirectory(prefix="sidemesh-bench-") as tmp_name:
         tmp = Path(tmp_name)
