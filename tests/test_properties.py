@@ -126,7 +126,11 @@ def pods(draw: Any) -> dict[str, Any]:
     return pod
 
 
-SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("HYPOTHESIS_EXAMPLES", "100")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 @SETTINGS
@@ -189,3 +193,38 @@ def test_no_field_sidemesh_does_not_own_is_lost(pod: dict[str, Any]) -> None:
             assert out["metadata"][key] == value
     for key, value in (meta.get("annotations") or {}).items():
         assert out["metadata"]["annotations"][key] == value
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    out = [prefix]
+    if isinstance(value, dict):
+        for k, v in value.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+@SETTINGS
+@given(pods(), st.data())
+def test_malformed_pods_give_an_error_never_a_crash(pod: dict[str, Any], data: Any) -> None:
+    """Any field replaced by junk: injection works or raises a SidemeshError, nothing else."""
+    from webhook.errors import SidemeshError
+    from webhook.workloads import inject_object, uninject_object
+
+    path = data.draw(st.sampled_from(_paths(pod)[1:]))
+    junk = data.draw(json_value)
+    node: Any = pod
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = junk
+    before = copy.deepcopy(pod)
+    try:
+        result = inject_object(pod, namespace="app", config=CFG, bundle=BUNDLE)
+    except SidemeshError:
+        return
+    assert pod == before
+    if result.templates and result.templates[0].patch:
+        assert jsonpatch.apply_patch(pod, result.templates[0].patch) == result.obj
+        assert uninject_object(result.obj).obj == pod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import io
 import json
 import sys
 from collections.abc import Callable
@@ -253,8 +254,9 @@ def _uninject(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     config = _config(args)
-    # The bundle only ends up in the (discarded) pod; no need to warn about a placeholder.
-    bundle = load_bundle(args.bundle, warn=sys.stderr) if args.bundle else PLACEHOLDER_BUNDLE
+    # The same bundle as inject, so that a pod injected with it reads "already-injected"; it
+    # only ends up in the discarded pod, so a placeholder needs no warning here.
+    bundle = load_bundle(args.bundle, warn=io.StringIO())
 
     def op(obj: Any) -> ObjectResult:
         return check_object(obj, namespace=args.namespace, config=config, bundle=bundle)

@@ -45,7 +45,8 @@ _OUR_ANNOTATIONS = frozenset(
     {names.TRUST_BUNDLE_ANNOTATION, names.DEFAULT_CONTAINER, names.STATUS, *PROMETHEUS}
 )
 _ANNOTATIONS_PATH = "/metadata/annotations/"
-_json_fallback = json.JSONEncoder(separators=(",", ":")).encode
+# Values JSON has no type for (bytes from YAML's !!binary …) are written as strings.
+_json_fallback = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
 
 def _to_json(value: Any) -> str:
@@ -89,7 +90,8 @@ def _check_shape(pod: Mapping[str, Any]) -> None:
         if not isinstance(meta, dict):
             raise _shape_error("metadata", "an object")
         for key in ("labels", "annotations"):
-            if not isinstance(meta.get(key) or {}, dict):
+            value = meta.get(key)
+            if value is not None and not isinstance(value, dict):
                 raise _shape_error(f"metadata.{key}", "an object")
     spec = pod.get("spec")
     if not isinstance(spec, dict):
@@ -106,8 +108,13 @@ def _check_shape(pod: Mapping[str, Any]) -> None:
         for i, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise _shape_error(f"spec.{field}[{i}]", "an object with a name")
-            if field != "volumes" and not isinstance(item.get("ports") or [], list):
+            ports = item.get("ports")
+            if field != "volumes" and ports is not None and not isinstance(ports, list):
                 raise _shape_error(f"spec.{field}[{i}].ports", "a list")
+
+
+def _dict(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
 
 
 def _annotations(pod: Mapping[str, Any]) -> Mapping[str, Any]:
@@ -177,7 +184,7 @@ def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> None:
     spec = pod["spec"]
     reserved = config.ports.all()
     px = config.proxy
-    pod_sc = spec.get("securityContext") or {}
+    pod_sc = _dict(spec.get("securityContext"))
     for field in ("initContainers", "containers"):
         for c in spec.get(field) or ():
             name = c["name"]
@@ -197,7 +204,7 @@ def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> None:
                     )
             if field == "initContainers" and c.get("restartPolicy") != "Always":
                 continue  # a run-to-completion init container may run as the proxy uid on purpose
-            sc = c.get("securityContext") or {}
+            sc = _dict(c.get("securityContext"))
             for key, ours in (("runAsUser", px.uid), ("runAsGroup", px.gid)):
                 value = sc.get(key, pod_sc.get(key))
                 if value == ours and not isinstance(value, bool):

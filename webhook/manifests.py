@@ -135,4 +135,14 @@ def dump_yaml(documents: list[Any]) -> str:
 
 def dump_json(documents: list[Any]) -> str:
     """JSON: one document as itself; several as a stream of objects, one after the other."""
-    return "".join(json.dumps(doc, indent=2, ensure_ascii=False) + "\n" for doc in documents)
+    return "".join(
+        json.dumps(doc, indent=2, ensure_ascii=False, default=_unjsonable) + "\n"
+        for doc in documents
+    )
+
+
+def _unjsonable(value: Any) -> Any:
+    raise ManifestError(
+        f"a {type(value).__name__} value (YAML tag such as !!binary or !!set) has no JSON form: "
+        "use -o yaml"
+    )
