@@ -315,6 +315,9 @@ def _active_capture_connections(s: AgentSettings) -> int:
 
 def _drain_and_stop(s: AgentSettings, proc: subprocess.Popen[bytes]) -> int:
     try:
+        # First fail readiness (admin /ready, and so 15021, answers 503 once health checks are
+        # failed), then drain: HTTP peers are told to close, listeners stop after the drain time.
+        _admin(s, "/healthcheck/fail", method="POST")
         _admin(s, "/drain_listeners?graceful", method="POST")
         deadline = time.monotonic() + s.drain_seconds
         while time.monotonic() < deadline and proc.poll() is None:

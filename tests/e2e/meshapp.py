@@ -1,0 +1,169 @@
+"""The test app of the data-plane test and benchmark (stdlib only: any uid can run it).
+
+``serve PORT...``  an HTTP/1.1 keep-alive server on 0.0.0.0:PORT for each PORT. Every answer is
+    one JSON line: the port, the peer address it saw (127.0.0.6 when the sidecar delivered the
+    connection, the caller's own address when nothing was in between), and the
+    ``x-forwarded-client-cert`` header (the caller's SPIFFE id, set by the sidecar) or null.
+    ``/ready`` answers 200, ``/fail`` 500. Nagle is off and each answer is one write: Python's
+    stock ``http.server`` with keep-alive spends ~40 ms per request in Nagle + delayed ACK.
+``get HOST PORT PATH [HEADER]``  one request (plus one raw header line) on a fresh connection;
+    prints the answer plus the local address the client used, so a test can tell a direct
+    connection (the server saw exactly that address) from a proxied one.
+``stream HOST PORT SECONDS``  a new connection per request for SECONDS; prints a summary:
+    successes, failures (with reasons) and the distinct ``x-forwarded-client-cert`` values seen.
+``hold HOST PORT FILE``  one request, then keep the connection open until FILE exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import sys
+import time
+
+
+class _Http(asyncio.Protocol):
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.buf = b""
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        sock = transport.get_extra_info("socket")
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        host, port = transport.get_extra_info("peername")[:2]
+        self.peer = f"{host}:{port}"
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while b"\r\n\r\n" in self.buf:
+            head, _, rest = self.buf.partition(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, path, _version = [*lines[0].split(" "), "", ""][:3]
+            headers = {}
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0") or 0)
+            if len(rest) < length:
+                return
+            self.buf = rest[length:]
+            self.respond(method, path, headers)
+
+    def respond(self, method: str, path: str, headers: dict[str, str]) -> None:
+        status = {"/fail": "500 Internal Server Error"}.get(path, "200 OK")
+        body = (
+            json.dumps(
+                {
+                    "port": self.port,
+                    "peer": self.peer,
+                    "xfcc": headers.get("x-forwarded-client-cert"),
+                    "path": path,
+                    "method": method,
+                }
+            ).encode()
+            + b"\n"
+        )
+        close = headers.get("connection", "").lower() == "close"
+        head = (
+            f"HTTP/1.1 {status}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n" + ("Connection: close\r\n" if close else "") + "\r\n"
+        )
+        assert self.transport is not None
+        self.transport.write(head.encode() + body)
+        if close:
+            self.transport.close()
+
+
+async def _serve(ports: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    for port in ports:
+        await loop.create_server(lambda p=port: _Http(p), "0.0.0.0", port, reuse_address=True)
+    print("listening", flush=True)
+    await asyncio.Event().wait()
+
+
+def _request(
+    host: str, port: int, path: str, keep: bool = False, extra: str = ""
+) -> tuple[dict, socket.socket]:
+    sock = socket.create_connection((host, port), timeout=5)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    local = "{}:{}".format(*sock.getsockname()[:2])
+    conn = "keep-alive" if keep else "close"
+    head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: {conn}\r\n"
+    sock.sendall((head + (f"{extra}\r\n" if extra else "") + "\r\n").encode())
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed without an answer after {len(data)} bytes")
+        data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.decode("latin-1").split("\r\n")[1:]:
+        if line.lower().startswith("content-length:"):
+            length = int(line.split(":", 1)[1])
+    while len(body) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("answer truncated")
+        body += chunk
+    status = int(head.split(b" ", 2)[1])
+    answer = json.loads(body) if body.strip().startswith(b"{") else {"text": body.decode()}
+    return {"status": status, "local": local, **answer}, sock
+
+
+def _get(host: str, port: int, path: str, extra: str = "") -> dict:
+    try:
+        answer, sock = _request(host, port, path, extra=extra)
+        sock.close()
+        return {"ok": True, **answer}
+    except (OSError, ValueError) as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+
+def _stream(host: str, port: int, seconds: float) -> dict:
+    ok, failures, xfcc = 0, [], set()
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        result = _get(host, port, "/stream")
+        if result["ok"] and result["status"] == 200:
+            ok += 1
+            xfcc.add(result.get("xfcc"))
+        else:
+            failures.append(result.get("error") or result.get("status"))
+        time.sleep(0.02)
+    return {"ok": ok, "failures": failures, "xfcc": sorted(str(x) for x in xfcc)}
+
+
+def _hold(host: str, port: int, flag: str) -> None:
+    answer, sock = _request(host, port, "/hold", keep=True)
+    print(json.dumps({"held": True, **answer}), flush=True)
+    while not os.path.exists(flag):
+        time.sleep(0.05)
+    sock.close()
+    print("closed", flush=True)
+
+
+def main(argv: list[str]) -> None:
+    cmd, args = argv[0], argv[1:]
+    if cmd == "serve":
+        asyncio.run(_serve([int(p) for p in args]))
+    elif cmd == "get":
+        extra = args[3] if len(args) > 3 else ""
+        print(json.dumps(_get(args[0], int(args[1]), args[2], extra)), flush=True)
+    elif cmd == "stream":
+        print(json.dumps(_stream(args[0], int(args[1]), float(args[2]))), flush=True)
+    elif cmd == "hold":
+        _hold(args[0], int(args[1]), args[2])
+    else:
+        raise SystemExit(f"unknown command {cmd}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
