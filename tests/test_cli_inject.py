@@ -142,7 +142,7 @@ def test_uninject_restores_the_input(bundle: Path) -> None:
     p = run("uninject", "-f", "-", stdin=injected)
     assert p.returncode == 0, p.stderr
     assert docs(p.stdout) == [yaml.safe_load(POD)]
-    assert "uninjected (uninjected)" in p.stderr
+    assert "document 0 (line 1): Pod shop/web: uninjected\n" in p.stderr
     p = run("uninject", "-f", "-", stdin=POD)
     assert "skipped (not-injected)" in p.stderr
 

@@ -192,7 +192,8 @@ def _report(run: _Run, done: str, err: TextIO) -> None:
             counts[what] += 1
             at = f" {t.item}" if t.item else ""
             label = f"{doc.where()}{at}: {t.kind} {t.namespace}/{t.name or '<unnamed>'}"
-            print(f"{label}: {what} ({t.decision.reason})", file=err)
+            why = "" if t.decision.reason == what else f" ({t.decision.reason})"
+            print(f"{label}: {what}{why}", file=err)
             for key in t.read:
                 if key.endswith(UNKNOWN_MARK):
                     print(f"warning: {label}: {key}", file=err)
