@@ -216,3 +216,30 @@ def test_pod_cases_match_the_core() -> None:
             assert (got.decision.inject, got.decision.reason) == (pc.inject, pc.reason)
         checked += 1
     assert checked >= len(SUCCESS)
+
+
+def test_the_golden_set_covers_every_kind_annotation_reason_and_mode() -> None:
+    """Removing a case must not silently drop coverage of a user-visible behaviour."""
+    from webhook.annotations import ANNOTATIONS
+    from webhook.policy import REASONS
+    from webhook.workloads import TEMPLATE_PATHS
+
+    texts = "\n".join(c.text for c in CASES)
+    reasons = {e["decision"]["reason"] for c in SUCCESS for e in c.expected_patches() or []}
+    kinds = {e["kind"] for c in SUCCESS for e in c.expected_patches() or []}
+    assert set(REASONS) <= reasons, set(REASONS) - reasons
+    assert set(TEMPLATE_PATHS) <= kinds, set(TEMPLATE_PATHS) - kinds
+    missing = [a for a in ANNOTATIONS if a not in texts]
+    assert not missing, missing
+    for needle in (
+        "kind: List",
+        "hostNetwork: true",
+        "kubernetes.io/config.mirror",
+        "restartPolicy: Always",
+        "grpc:",
+        "tcpSocket:",
+        "exec:",
+        "httpGet:",
+    ):
+        assert needle in texts, needle  # fmt: skip
+    assert sum(1 for c in CASES if c.expected_error() is not None) >= 10
