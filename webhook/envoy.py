@@ -90,6 +90,12 @@ _T_HTTP_INSPECTOR = (
 )
 _T_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _T_SECRET = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"
+_T_MAX_CX = (
+    "type.googleapis.com/envoy.extensions.resource_monitors.downstream_connections.v3."
+    "DownstreamConnectionsConfig"
+)
+#: Envoy's overload manager refuses new downstream connections above this.
+MAX_DOWNSTREAM_CONNECTIONS: Final = 65536
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,19 @@ def render_bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             "metadata": {"spiffe_id": opts.spiffe_id},
         },
         "admin": {"address": _addr("127.0.0.1", ports.admin)},
+        # A ceiling on downstream connections (Envoy warns at start-up without one); far above
+        # what one pod serves, it only stops a connection flood from exhausting the sidecar.
+        "overload_manager": {
+            "resource_monitors": [
+                {
+                    "name": "envoy.resource_monitors.global_downstream_max_connections",
+                    "typed_config": {
+                        _TYPE: _T_MAX_CX,
+                        "max_active_downstream_connections": MAX_DOWNSTREAM_CONNECTIONS,
+                    },
+                }
+            ]
+        },
         "static_resources": {
             "listeners": [
                 _outbound_listener(opts),

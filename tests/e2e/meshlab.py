@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import ssl
 import subprocess
 import time
@@ -48,6 +49,7 @@ __all__ = [
     "is_direct",
     "start_mesh",
     "stats",
+    "trouble",
 ]
 
 MESHAPP = str(Path(__file__).resolve().parent / "meshapp.py")
@@ -139,6 +141,23 @@ def stats(ns: Netns, *wanted: str) -> dict[str, int]:
     text: str = ns.in_namespace(call)
     values = dict(line.split(": ", 1) for line in text.splitlines() if ": " in line)
     return {name: int(values.get(name, "0")) for name in wanted}
+
+
+def trouble(ns: Netns) -> dict[str, int]:
+    """The pod's Envoy counters of failures (TLS, resets, connect failures) that are not zero:
+    what to print when a request failed."""
+
+    def call() -> str:
+        with urllib.request.urlopen("http://127.0.0.1:15000/stats", timeout=3) as resp:
+            return str(resp.read().decode())
+
+    text: str = ns.in_namespace(call)
+    out = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(": ")
+        if value.isdigit() and int(value) and re.search(r"fail|error|reset|timeout|no_", name):
+            out[name] = int(value)
+    return out
 
 
 def generation(cert_dir: Path) -> str:

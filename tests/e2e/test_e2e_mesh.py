@@ -28,6 +28,7 @@ from meshlab import (
     is_direct,
     start_mesh,
     stats,
+    trouble,
 )
 from netns import NetnsLab
 
@@ -143,7 +144,7 @@ def _checks(lab: NetnsLab, all_pids: set[int]) -> None:
 
     # (6) continued: zero failures, and both proxies rotated while the stream ran.
     stream_out = json.loads(stream.expect('"failures"', timeout=STREAM_SECONDS + 30))
-    assert stream_out["failures"] == [], stream_out
+    assert stream_out["failures"] == [], (stream_out, trouble(client.ns), trouble(server.ns))
     assert stream_out["ok"] > 20, stream_out
     assert generation(client_certs) != gens[0], "client proxy never renewed"
     assert generation(server_certs) != gens[1], "server proxy never renewed"
