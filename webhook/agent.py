@@ -176,9 +176,8 @@ def envoy_command(s: AgentSettings, bootstrap: Path) -> list[str]:
 def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> int:
     stop = threading.Event()
 
-    def on_signal(signum: int, _frame: object) -> None:
-        LOG.warning("received %s: draining", signal.Signals(signum).name)
-        stop.set()
+    def on_signal(_signum: int, _frame: object) -> None:
+        stop.set()  # no logging here: the handler may interrupt the main thread mid-log
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
@@ -191,7 +190,7 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
             return 0  # asked to stop before we ever had a certificate
         bootstrap = _write_config(s, owner)
         proc = _start_envoy(s, bootstrap)
-        LOG.warning("envoy started (pid %d) as %s", proc.pid, s.spiffe_id)
+        LOG.info("envoy started (pid %d) as %s", proc.pid, s.spiffe_id)
         return _supervise(s, proc, owner, now, stop, issued, renew_at)
     finally:
         probes.shutdown()
@@ -314,6 +313,7 @@ def _active_capture_connections(s: AgentSettings) -> int:
 
 
 def _drain_and_stop(s: AgentSettings, proc: subprocess.Popen[bytes]) -> int:
+    LOG.warning("asked to stop: draining for up to %gs", s.drain_seconds)
     try:
         # First fail readiness (admin /ready, and so 15021, answers 503 once health checks are
         # failed), then drain: HTTP peers are told to close, listeners stop after the drain time.
@@ -327,7 +327,7 @@ def _drain_and_stop(s: AgentSettings, proc: subprocess.Popen[bytes]) -> int:
     except (OSError, urllib.error.URLError, ValueError) as exc:
         LOG.warning("drain via admin failed (%s); stopping envoy", exc)
     code = _terminate(proc)
-    LOG.warning("envoy stopped (code %s)", code)
+    LOG.info("envoy stopped (code %s)", code)
     return 0
 
 

@@ -19,7 +19,7 @@ port       bound to         what
 15090      0.0.0.0          ``/stats/prometheus``.
 15000      127.0.0.1        Envoy admin, never reachable from outside the pod.
 15020      (the agent)      rewritten app probes are answered by ``sidemesh proxy`` itself,
-                            not by Envoy: see :mod:`webhook.probes_server`.
+                            not by Envoy: see :mod:`webhook.agent_probes`.
 =========  ===============  ===============================================================
 
 Why the outbound listener uses the ``original_dst`` *filter* rather than
