@@ -192,7 +192,23 @@ class Mesh:
     pki: Path
 
 
+def _preflight() -> None:
+    """The proxy container runs ``sidemesh`` as uid 1337, so the venv's interpreter must be
+    usable by that uid (not the case for a checkout inside a 0700 home directory)."""
+    done = subprocess.run(
+        ["setpriv", "--reuid=1337", "--regid=1337", "--clear-groups", *SIDEMESH, "--version"],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"uid 1337 cannot run {' '.join(SIDEMESH)} ({done.stderr.strip()}): put the "
+            "checkout and its virtualenv where other users can read them"
+        )
+
+
 def start_mesh(lab: NetnsLab, *, cert_ttl: int | None = None) -> Mesh:
+    _preflight()
     node = lab.node()
     cp, client_net, server_net = node.add_pod("cp"), node.add_pod("client"), node.add_pod("server")
     outside, ext = node.add_pod("outside"), node.add_pod("ext")
