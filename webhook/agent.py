@@ -191,7 +191,10 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
         bootstrap = _write_config(s, owner)
         proc = _start_envoy(s, bootstrap)
         LOG.info("envoy started (pid %d) as %s", proc.pid, s.spiffe_id)
-        return _supervise(s, proc, owner, now, stop, issued, renew_at)
+        try:
+            return _supervise(s, proc, owner, now, stop, issued, renew_at)
+        finally:
+            _terminate(proc)  # never leave Envoy behind, whatever went wrong above
     finally:
         probes.shutdown()
 
