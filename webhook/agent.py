@@ -71,6 +71,7 @@ class AgentSettings:
     pod_namespace: str
     pod_ip: str
     service_account: str
+    pod_ips: tuple[str, ...] = ()
     trust_domain: str = "cluster.local"
     inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
     mesh_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
@@ -140,6 +141,7 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
         pod_name=need(names.ENV_POD_NAME),
         pod_namespace=need(names.ENV_POD_NAMESPACE),
         pod_ip=pod_ip.split(",")[0],
+        pod_ips=tuple(ip.strip() for ip in env.get(names.ENV_POD_IPS, "").split(",") if ip.strip()),
         service_account=env.get(names.ENV_SERVICE_ACCOUNT, "").strip() or "default",
         trust_domain=env.get(names.ENV_TRUST_DOMAIN, "").strip() or "cluster.local",
         inbound_mtls=cast(Literal["PERMISSIVE", "STRICT"], mode),
@@ -183,6 +185,10 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
     signal.signal(signal.SIGINT, on_signal)
 
     owner = _owner_for_envoy(s)
+    if any(":" in ip for ip in s.pod_ips):
+        # The listeners are IPv4 only: IPv6 connections that init-traffic redirects would
+        # find no listener. Say so rather than fail silently.
+        LOG.warning("pod has IPv6 addresses %s; this proxy serves IPv4 only", s.pod_ips)
     probes = start_probe_server(s.app_probes, pod_ip=s.pod_ip, port=s.ports.probes)
     try:
         issued, renew_at = _obtain(s, owner, now, stop)
