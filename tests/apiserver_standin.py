@@ -9,18 +9,25 @@ the real API server does (paths, verbs, content types, ``Status`` error bodies):
   requested audiences (``status.audiences`` is the intersection);
 * ``GET``/``PATCH /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/<name>``
   — with JSON patch (``test`` ops included) and merge patch; ``resourceVersion`` increments;
+* ``GET``/``PUT``/``PATCH /api/v1/namespaces/<ns>/secrets/<name>`` — optimistic concurrency
+  like the API server: a PUT (or a merge patch) whose ``metadata.resourceVersion`` is not the
+  current one is a 409 Conflict; every accepted write increments ``resourceVersion``;
 * ``GET /openid/v1/jwks`` — the issuer's public keys.
 
 Callers must present ``Authorization: Bearer <caller_token>``; like RBAC for sidemesh, only
-the webhook configuration named in ``allowed_names`` may be read or patched (403 otherwise).
+the webhook configuration named in ``allowed_names`` may be read or patched, and only the
+Secrets in ``allowed_secrets`` (namespace, name) may be touched (403 otherwise).
 It listens on 127.0.0.1 (a random free port) with a certificate from a throw-away CA and
 records every request in ``requests`` for assertions.
 """
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import copy
 import json
+import re
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -38,6 +45,7 @@ from webhook.ca import CertificateAuthority
 __all__ = ["APIServerStandin", "Recorded"]
 
 MWC_PATH = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"
+SECRETS_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
 
 
@@ -60,6 +68,12 @@ class APIServerStandin:
     webhook_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
     fail_next_patches: int = 0  # answer this many PATCHes with 409 Conflict (races)
+    #: (namespace, name) of the Secrets the caller may get, update and patch (sidemesh's Role).
+    allowed_secrets: tuple[tuple[str, str], ...] = (("sidemesh-system", "sidemesh-tls"),)
+    secrets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: The first N Secret GETs wait for each other (up to 20 s), so N concurrent writers all
+    #: read the same resourceVersion and the race between their writes really happens.
+    secret_get_rendezvous: int = 0
 
     def start(self) -> APIServerStandin:
         ca = CertificateAuthority.create(now=datetime.now(UTC), common_name="standin ca")
@@ -72,6 +86,11 @@ class APIServerStandin:
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(self.directory / "standin.crt", self.directory / "standin.key")
         standin = self
+        self.lock = threading.Lock()  # one writer at a time, like etcd's compare-and-swap
+        self._rendezvous = (
+            threading.Barrier(self.secret_get_rendezvous) if self.secret_get_rendezvous else None
+        )
+        self._secret_gets = 0
 
         class Handler(_Handler):
             owner = standin
@@ -121,6 +140,39 @@ class APIServerStandin:
         }
         self.webhook_configs[name] = obj
         return obj
+
+    def add_secret(
+        self, name: str, data: dict[str, bytes], *, namespace: str = "sidemesh-system"
+    ) -> dict[str, Any]:
+        """A Secret as ``sidemesh install`` leaves it (type ``kubernetes.io/tls``)."""
+        obj = {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "kubernetes.io/tls",
+            "metadata": {
+                "name": name,
+                "namespace": namespace,
+                "resourceVersion": "1",
+                "uid": "u-" + name,
+            },
+            "data": {k: base64.b64encode(v).decode() for k, v in data.items()},
+        }
+        self.secrets[(namespace, name)] = obj
+        return obj
+
+    def secret_data(self, name: str, *, namespace: str = "sidemesh-system") -> dict[str, bytes]:
+        obj = self.secrets[(namespace, name)]
+        return {k: base64.b64decode(v) for k, v in (obj.get("data") or {}).items()}
+
+    def wait_at_rendezvous(self) -> None:
+        if self._rendezvous is None:
+            return
+        with self.lock:
+            self._secret_gets += 1
+            waits = self._secret_gets <= self._rendezvous.parties
+        if waits:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                self._rendezvous.wait(timeout=20)
 
     # --- what the API server decides ---------------------------------------------------
 
@@ -209,9 +261,32 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorized():
             return
+        if SECRETS_PATH.match(self.path.split("?")[0]):
+            key = self._secret_key("get")
+            if key is not None:
+                self.owner.wait_at_rendezvous()
+                with self.owner.lock:
+                    self._send(200, self.owner.secrets[key])
+            return
         name = self._mwc_name()
         if name is not None:
             self._send(200, self.owner.webhook_configs[name])
+
+    def do_PUT(self) -> None:
+        body = self._body()
+        self._record(body)
+        if not self._authorized():
+            return
+        key = self._secret_key("update")
+        if key is None:
+            return
+        meta = (body or {}).get("metadata") or {}
+        if meta.get("name") != key[1] or meta.get("namespace", key[0]) != key[0]:
+            msg = "the name of the object does not match the name on the URL"
+            self._send(400, _status(400, "BadRequest", msg))
+            return
+        with self.owner.lock:
+            self._write_secret(key, body, meta.get("resourceVersion"))
 
     def do_POST(self) -> None:
         body = self._body()
@@ -238,6 +313,9 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._body()
         self._record(body)
         if not self._authorized():
+            return
+        if SECRETS_PATH.match(self.path.split("?")[0]):
+            self._patch_secret(body)
             return
         name = self._mwc_name()
         if name is None:
@@ -266,6 +344,67 @@ class _Handler(BaseHTTPRequestHandler):
         patched["metadata"]["resourceVersion"] = str(rv)
         self.owner.webhook_configs[name] = patched
         self._send(200, patched)
+
+    def _patch_secret(self, body: Any) -> None:
+        key = self._secret_key("patch")
+        if key is None:
+            return
+        ctype = self.headers.get("Content-Type", "")
+        with self.owner.lock:
+            current = self.owner.secrets[key]
+            try:
+                if ctype == "application/json-patch+json":
+                    patched = jsonpatch.apply_patch(current, body)
+                    precondition = None  # a JSON patch guards itself with `test` ops
+                elif ctype == "application/merge-patch+json":
+                    patched = _merge(copy.deepcopy(current), body)
+                    precondition = ((body or {}).get("metadata") or {}).get("resourceVersion")
+                else:
+                    self._send(415, _status(415, "UnsupportedMediaType", f"unsupported {ctype}"))
+                    return
+            except (jsonpatch.JsonPatchException, jsonpatch.JsonPointerException) as exc:
+                self._send(422, _status(422, "Invalid", f"the patch does not apply: {exc}"))
+                return
+            self._write_secret(key, patched, precondition)
+
+    def _write_secret(self, key: tuple[str, str], obj: Any, precondition: str | None) -> None:
+        """Store ``obj`` if ``precondition`` (a resourceVersion) is unset or current; 409 if not.
+        The caller holds ``owner.lock``, so check and write are one step."""
+        current = self.owner.secrets[key]
+        rv = current["metadata"]["resourceVersion"]
+        if precondition is not None and precondition != rv:
+            msg = (
+                f'Operation cannot be fulfilled on secrets "{key[1]}": the object has been '
+                "modified; please apply your changes to the latest version and try again"
+            )
+            self._send(409, _status(409, "Conflict", msg))
+            return
+        stored = copy.deepcopy(obj)
+        stored.setdefault("metadata", {}).update(
+            {"name": key[1], "namespace": key[0], "resourceVersion": str(int(rv) + 1)}
+        )
+        stored["metadata"]["uid"] = current["metadata"]["uid"]
+        self.owner.secrets[key] = stored
+        self._send(200, stored)
+
+    def _secret_key(self, verb: str) -> tuple[str, str] | None:
+        match = SECRETS_PATH.match(self.path.split("?")[0])
+        if match is None:
+            self._send(404, _status(404, "NotFound", "the server could not find the resource"))
+            return None
+        key = (match.group(1), match.group(2))
+        if key not in self.owner.allowed_secrets:
+            msg = (
+                f'secrets "{key[1]}" is forbidden: User "system:serviceaccount:sidemesh-system:'
+                f'sidemesh" cannot {verb} resource "secrets" in API group "" in the namespace '
+                f'"{key[0]}"'
+            )
+            self._send(403, _status(403, "Forbidden", msg))
+            return None
+        if key not in self.owner.secrets:
+            self._send(404, _status(404, "NotFound", f'secrets "{key[1]}" not found'))
+            return None
+        return key
 
     def _mwc_name(self) -> str | None:
         path = self.path.split("?")[0]

@@ -24,13 +24,16 @@ expiry of each certificate; never a token, a CSR or a key.
 
 :class:`CAUpkeep` is the companion service the server's lifespan runs: it patches the
 ``caBundle`` of the MutatingWebhookConfiguration when the root changes and renews the serving
-certificate before it expires (the server's TLS reloader picks the new files up).
+certificate before it expires — in the cert dir when that is writable, else (in a cluster,
+where the dir is the read-only Secret mount) in Secret ``sidemesh-tls`` — and the server's TLS
+reloader picks the new files up.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -40,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import IO, Any, TypedDict
 
 import orjson
 from cryptography import x509
@@ -53,6 +56,7 @@ from webhook.ca import (
     CA_CERT,
     CA_KEY,
     TLS_CERT,
+    TLS_KEY,
     CertificateAuthority,
     resolve_ttl,
     serving_cert_needs_renewal,
@@ -434,8 +438,11 @@ class CAUpkeep:
     Every ``interval`` seconds (and once at start): if ``api`` is set and the root in
     ``cert_dir`` differs from what was last patched, patch the webhook configuration's
     ``caBundle``; if this process holds the root key, renew ``tls.crt``/``tls.key`` once they
-    are in the last third of their life (names kept from the current certificate). Failures
-    are logged and retried on the next round; they never stop the server.
+    are in the last third of their life (names kept from the current certificate). Where:
+    in ``cert_dir`` when it is writable (a file lock serialises workers); else through ``api``
+    in Secret ``sidemesh-tls`` (resourceVersion-guarded, so one replica wins and the others
+    find it fresh); else nowhere, with one warning that says to re-run ``sidemesh install``.
+    Failures are logged and retried on the next round; they never stop the server.
     """
 
     def __init__(
@@ -457,6 +464,7 @@ class CAUpkeep:
         self.clock = clock
         self.on_serving_cert_renewed = on_serving_cert_renewed
         self.patched_root: str | None = None
+        self._warned_read_only = False
         self._task: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -499,10 +507,7 @@ class CAUpkeep:
     def _renewal_due(self) -> tuple[CertificateAuthority, bytes | None] | None:
         """The CA and the current serving cert when it must be renewed, else ``None``."""
         ca = CertificateAuthority.load(self.cert_dir)
-        try:
-            current: bytes | None = (self.cert_dir / TLS_CERT).read_bytes()
-        except OSError:
-            current = None
+        current = self._read_mounted_cert()
         if serving_cert_needs_renewal(current, ca, now=self.clock()):
             return ca, current
         return None
@@ -510,27 +515,99 @@ class CAUpkeep:
     def _renew_serving_cert(self) -> bool:
         # Check before locking: a read-only Secret mount with a fresh cert never needs the lock.
         if not (self.cert_dir / CA_KEY).exists() or self._renewal_due() is None:
+            self._warned_read_only = False  # a later due period deserves its own warning
+            return False
+        lock = self._open_lock()
+        if lock is None:
+            # The cert dir is read-only: in a cluster it is the mounted Secret (CONTRACTS §5).
+            if self.api is not None:
+                return self._renew_in_secret()
+            self._warn_read_only_once()
             return False
         # Several workers may share the directory: one renews, the others then find it fresh.
-        with open(self.cert_dir / ".renew.lock", "a") as lock:
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             due = self._renewal_due()
             if due is None:
                 return False
             ca, current = due
-            dns, ips = _serving_names(current)
-            ttl = timedelta(seconds=self.config.ca.serving_cert_ttl_seconds)
-            now = self.clock()
-            cert_pem, key_pem = (
-                ca.issue_serving(dns, ips, now=now, ttl=ttl)
-                if dns or ips
-                else ca.issue_serving(now=now, ttl=ttl)
-            )
+            cert_pem, key_pem = self._issue(ca, current)
             write_serving_pair(self.cert_dir, cert_pem, key_pem)
         log.info("renewed the serving certificate", extra={"event": "serving-cert-renewed"})
         if self.on_serving_cert_renewed is not None:
             self.on_serving_cert_renewed()
         return True
+
+    def _open_lock(self) -> IO[str] | None:
+        """The renewal lock file, or ``None`` when the cert dir cannot be written."""
+        try:
+            return open(self.cert_dir / ".renew.lock", "a")  # the caller closes it (with)
+        except OSError as exc:
+            if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+                return None
+            raise
+
+    def _issue(self, ca: CertificateAuthority, current: bytes | None) -> tuple[str, str]:
+        """A fresh serving pair for the names of ``current`` (the defaults when it has none)."""
+        dns, ips = _serving_names(current)
+        ttl = timedelta(seconds=self.config.ca.serving_cert_ttl_seconds)
+        now = self.clock()
+        if dns or ips:
+            return ca.issue_serving(dns, ips, now=now, ttl=ttl)
+        return ca.issue_serving(now=now, ttl=ttl)
+
+    def _renew_in_secret(self) -> bool:
+        """Renew through Secret ``sidemesh-tls``; the kubelet then updates the mounted files.
+
+        Due-ness is decided on the Secret, not on the mounted files: after a renewal the mount
+        lags behind for up to a minute or so, and another replica may have renewed already.
+        """
+        from webhook import kubeapi
+
+        ca = CertificateAuthority.load(self.cert_dir)
+        mounted = self._read_mounted_cert()
+
+        def renewed_pair(data: dict[str, bytes]) -> dict[str, bytes] | None:
+            current = data.get(TLS_CERT)
+            if data.get(TLS_KEY) and not serving_cert_needs_renewal(current, ca, now=self.clock()):
+                return None  # fresh in the Secret already (another replica, or the kubelet lags)
+            cert_pem, key_pem = self._issue(ca, current or mounted)
+            return {TLS_CERT: cert_pem.encode("ascii"), TLS_KEY: key_pem.encode("ascii")}
+
+        if not kubeapi.update_secret_data(self.api, renewed_pair, kubeapi.TLS_SECRET):
+            return False
+        log.info(
+            "renewed the serving certificate in Secret %s/%s; the kubelet updates %s and the "
+            "server reloads it",
+            names.CONTROL_PLANE_NAMESPACE,
+            kubeapi.TLS_SECRET,
+            self.cert_dir,
+            extra={"event": "serving-cert-renewed"},
+        )
+        return True
+
+    def _read_mounted_cert(self) -> bytes | None:
+        try:
+            return (self.cert_dir / TLS_CERT).read_bytes()
+        except OSError:
+            return None
+
+    def _warn_read_only_once(self) -> None:
+        """One warning per due period, not one per round: nothing changes between rounds."""
+        from webhook import kubeapi
+
+        if self._warned_read_only:
+            return
+        self._warned_read_only = True
+        log.warning(
+            "the serving certificate in %s is due for renewal but the directory is read-only "
+            "and no Kubernetes API is configured (not in a cluster, no --kubeconfig): renew it "
+            "by running `sidemesh install` again (it re-issues Secret %s/%s), or give the "
+            "server a writable --cert-dir",
+            self.cert_dir,
+            names.CONTROL_PLANE_NAMESPACE,
+            kubeapi.TLS_SECRET,
+        )
 
 
 def _serving_names(cert_pem: bytes | None) -> tuple[list[str], list[str]]:

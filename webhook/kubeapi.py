@@ -5,6 +5,10 @@
 * ``MutatingWebhookConfiguration`` ``sidemesh-injector``: read it, and patch the ``caBundle`` of
   every webhook in it to the mesh root. The RBAC that goes with it is get/patch on that one
   resource name; nothing here lists or watches.
+* Secret ``sidemesh-tls`` in ``sidemesh-system``: read it, and replace its ``tls.crt``/``tls.key``
+  when the serving certificate is due (RBAC: get/update on that one name). In a cluster the
+  cert dir is a read-only Secret mount, so this is how the server renews its own certificate;
+  the kubelet then swaps the mounted files and :mod:`webhook.tlsreload` picks them up.
 
 Everything is blocking (the client is urllib3-based); async callers run these in a thread.
 Answers are handled as plain dicts (``_preload_content=False``), so fields the client's models
@@ -30,7 +34,9 @@ __all__ = [
     "in_cluster",
     "patch_ca_bundle",
     "read_ca_bundles",
+    "read_secret_data",
     "token_reviewer",
+    "update_secret_data",
 ]
 
 log = logging.getLogger(__name__)
@@ -38,6 +44,8 @@ log = logging.getLogger(__name__)
 #: The user.extra key under which the API server names the pod a bound token belongs to.
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 _TIMEOUT = 10.0
+#: The serving certificate's Secret (created by ``sidemesh install``, mounted into --cert-dir).
+TLS_SECRET = "sidemesh-tls"
 
 
 class KubeAPIError(SidemeshError):
@@ -201,3 +209,60 @@ def patch_ca_bundle(
         log.info("patched caBundle of %d webhook(s) in %s", changed, name)
         return changed
     raise KubeAPIError(409, f"{name} kept changing; caBundle not patched")  # pragma: no cover
+
+
+# --- the serving certificate's Secret ----------------------------------------------------------
+
+
+def read_secret_data(
+    api: Any, name: str = TLS_SECRET, namespace: str = names.CONTROL_PLANE_NAMESPACE
+) -> dict[str, bytes]:
+    """The decoded ``data`` of Secret ``namespace/name``."""
+    from kubernetes import client
+
+    obj = _call(client.CoreV1Api(api).read_namespaced_secret, name, namespace)
+    return _decoded(obj)
+
+
+def update_secret_data(
+    api: Any,
+    change: Callable[[dict[str, bytes]], dict[str, bytes] | None],
+    name: str = TLS_SECRET,
+    namespace: str = names.CONTROL_PLANE_NAMESPACE,
+    *,
+    attempts: int = 3,
+) -> bool:
+    """Read Secret ``namespace/name``, let ``change(data)`` decide, write its answer back.
+
+    ``change`` returns the keys to set (other keys are kept), or ``None`` for "nothing to do".
+    The write is a PUT of the object as read, so it carries that ``resourceVersion``: when
+    another replica wrote in between, the API server answers 409 Conflict and we read again
+    and ask ``change`` again — which then normally finds the other replica's result good
+    enough and returns ``None``. So concurrent writers cannot both win. True when written.
+    """
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    for attempt in range(attempts):
+        obj = _call(core.read_namespaced_secret, name, namespace)
+        wanted = change(_decoded(obj))
+        if wanted is None:
+            return False
+        data = dict(obj.get("data") or {})
+        data.update({k: base64.b64encode(v).decode("ascii") for k, v in wanted.items()})
+        obj["data"] = data
+        try:
+            _call(core.replace_namespaced_secret, name, namespace, obj)
+        except KubeAPIError as exc:
+            if exc.status == 409 and attempt + 1 < attempts:
+                log.info("update of Secret %s/%s raced another writer; re-reading", namespace, name)
+                continue
+            raise
+        return True
+    raise KubeAPIError(
+        409, f"Secret {namespace}/{name} kept changing; not updated"
+    )  # pragma: no cover
+
+
+def _decoded(secret: dict[str, Any]) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
