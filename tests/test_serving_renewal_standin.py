@@ -11,6 +11,7 @@ ignores file modes), a mode-0555 directory otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -30,6 +31,8 @@ from test_ca import openssl_verify
 
 from webhook import kubeapi
 from webhook.ca import CertificateAuthority, write_serving_pair
+from webhook.ca_api import CAUpkeep
+from webhook.config import MeshConfig
 from webhook.install import SERVICE_DNS_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -296,3 +299,18 @@ def test_standin_rbac_allows_only_our_serving_secret(
             kubeapi.update_secret_data(client, lambda d: {"a": b"b"}, name, namespace)
         assert err.value.status == 403
     assert "tls.crt" in kubeapi.read_secret_data(client)
+
+
+def test_standin_writable_cert_dir_keeps_renewing_files_not_the_secret(
+    tmp_path: Path, issuer: Issuer, ca: CertificateAuthority, cleanup: list[Any]
+) -> None:
+    old = serving_pair(ca, age_days=70)
+    api = with_standin(tmp_path, issuer, old)
+    certs = mounted_dir(tmp_path / "certs", ca, old)
+    cleanup.append(api)
+    asyncio.run(CAUpkeep(certs, config=MeshConfig(), api=client_for(api)).run_once())
+
+    assert (certs / "tls.crt").read_text() != old[0]  # a local run: the files are renewed
+    assert (
+        secret_requests(api) == [] and api.secret_data("sidemesh-tls")["tls.crt"] == old[0].encode()
+    )
