@@ -32,6 +32,15 @@ CASES: dict[str, BootstrapOptions] = {
         service_account="postgres",
         inbound_mtls="STRICT",
         mesh_cidrs=("10.0.0.0/8", "192.168.0.0/16", "fd00::/8"),
+        ipv6=True,
+    ),
+    "ipv6-only": BootstrapOptions(
+        pod_name="web-2",
+        pod_namespace="v6",
+        service_account="web",
+        mesh_cidrs=("fd00:10::/48",),
+        ipv4=False,
+        ipv6=True,
     ),
     "custom-trust-domain": BootstrapOptions(
         pod_name="api-1",

@@ -201,6 +201,9 @@ def test_ipv6_is_captured_when_the_pod_has_an_ipv6_address(lab: NetnsLab) -> Non
     app.ns.wait_port(15001, host="::1")
     done = sidemesh(app.ns)  # --ipv6 auto
     assert "IPv6 capture installed" in done.stderr
+    assert "::6/128 added to lo" in done.stderr
+    assert "inet6 ::6/128" in app.ns.ip("-6", "addr", "show", "dev", "lo")
+    assert "::6/128 on lo" in sidemesh(app.ns).stderr  # a re-run keeps it, once
     reply = probe(peer.ns, app.ip6, 8080, uid=APP_UID)
     assert reply["port"] == 15006 and reply["orig"] == f"[{app.ip6}]:8080", reply
     reply = probe(app.ns, peer.ip6, 8080, uid=APP_UID)
@@ -208,6 +211,21 @@ def test_ipv6_is_captured_when_the_pod_has_an_ipv6_address(lab: NetnsLab) -> Non
     assert probe(app.ns, peer.ip6, 8080, uid=PROXY_UID)["local"].startswith(f"[{peer.ip6}]")
     sidemesh(app.ns, "--cleanup")
     assert not [r for r in nat_rules(app.ns, "ip6tables-save") if "SIDEMESH" in r]
+    assert "::6" not in app.ns.ip("-6", "addr", "show", "dev", "lo")
+
+
+def test_ipv6_passthrough_source_is_bindable_and_exempt(lab: NetnsLab) -> None:
+    # The proxy's hop to an IPv6 app comes from ::6, which init-traffic puts on lo: bindable
+    # by an unprivileged uid, answered over lo, and never captured again (proxy uid unused).
+    require_tools("ip6tables-restore", "ip6tables-save")
+    app = lab.node(ipv6=True).add_pod("app6")
+    assert app.ip6
+    app.ns.spawn(listener_argv(["[::]:15001", "[::]:8080"], name="app6"), uid=1337, gid=1337)
+    app.ns.wait_port(8080, host="::1")
+    assert "Cannot assign" in probe(app.ns, app.ip6, 8080, uid=APP_UID, source="::6")["error"]
+    sidemesh(app.ns, "--proxy-uid", "4242", "--proxy-gid", "4242")
+    reply = probe(app.ns, app.ip6, 8080, uid=PROXY_UID, source="::6")
+    assert reply["ok"] and reply["port"] == 8080 and reply["peer"].startswith("[::6]:"), reply
 
 
 @pytest.mark.parametrize("golden", sorted(p.name for p in (TESTDATA / "iptables").glob("*.rules")))

@@ -16,6 +16,7 @@ install it, render the Envoy bootstrap, start Envoy as the proxy uid, and then s
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import os
@@ -45,8 +46,15 @@ from webhook.agent_identity import (
 )
 from webhook.agent_probes import parse_probes, start_probe_server
 from webhook.config import Ports, ProxyConfig
-from webhook.envoy import BootstrapOptions, render_bootstrap, render_sds, sds_dir
+from webhook.envoy import (
+    BootstrapOptions,
+    local_address_ip_version,
+    render_bootstrap,
+    render_sds,
+    sds_dir,
+)
 from webhook.errors import ConfigError
+from webhook.iptables import INBOUND_PASSTHROUGH_SOURCE_V6
 from webhook.values import parse_cidr_list
 
 __all__ = ["AgentSettings", "envoy_command", "run_agent", "settings_from", "wait_ready"]
@@ -88,7 +96,14 @@ class AgentSettings:
     def spiffe_id(self) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.pod_namespace}/sa/{self.service_account}"
 
+    @property
+    def ip_families(self) -> set[int]:
+        """The address families of the pod's IPs (``POD_IPS``, else ``POD_IP``)."""
+        ips = self.pod_ips or (self.pod_ip,)
+        return {6 if ":" in ip else 4 for ip in ips}
+
     def bootstrap_options(self) -> BootstrapOptions:
+        families = self.ip_families
         return BootstrapOptions(
             pod_name=self.pod_name,
             pod_namespace=self.pod_namespace,
@@ -99,6 +114,8 @@ class AgentSettings:
             cert_dir=str(self.cert_dir),
             work_dir=str(self.work_dir),
             ports=self.ports,
+            ipv6=6 in families,
+            ipv4=4 in families,
         )
 
 
@@ -168,7 +185,7 @@ def envoy_command(s: AgentSettings, bootstrap: Path) -> list[str]:
         "--drain-strategy",
         "immediate",
         "--local-address-ip-version",
-        "v4",
+        local_address_ip_version(s.bootstrap_options()),
     ]
 
 
@@ -185,11 +202,19 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
     signal.signal(signal.SIGINT, on_signal)
 
     owner = _owner_for_envoy(s)
-    if any(":" in ip for ip in s.pod_ips):
-        # The listeners are IPv4 only: IPv6 connections that init-traffic redirects would
-        # find no listener. Say so rather than fail silently.
-        LOG.warning("pod has IPv6 addresses %s; this proxy serves IPv4 only", s.pod_ips)
-    probes = start_probe_server(s.app_probes, pod_ip=s.pod_ip, port=s.ports.probes)
+    if 6 in s.ip_families and not _on_loopback(INBOUND_PASSTHROUGH_SOURCE_V6):
+        # Envoy could not bind its IPv6 hop to the app: every inbound IPv6 connection would
+        # fail. init-traffic adds the address; without it, say so rather than fail silently.
+        LOG.warning(
+            "pod has IPv6 addresses %s but %s is not on lo (init-traffic of this version adds "
+            "it): inbound IPv6 connections will fail",
+            s.pod_ips,
+            INBOUND_PASSTHROUGH_SOURCE_V6,
+        )
+    # "::" when the pod has IPv6: one socket for both families (an IPv6-first cluster's kubelet
+    # probes the pod's IPv6 address)
+    host = "::" if 6 in s.ip_families else "0.0.0.0"
+    probes = start_probe_server(s.app_probes, pod_ip=s.pod_ip, port=s.ports.probes, host=host)
     try:
         issued, renew_at = _obtain(s, owner, now, stop)
         if issued is None:
@@ -203,6 +228,21 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
             _terminate(proc)  # never leave Envoy behind, whatever went wrong above
     finally:
         probes.shutdown()
+
+
+def _on_loopback(address: str, if_inet6: Path = Path("/proc/net/if_inet6")) -> bool:
+    """Whether ``address`` is assigned to ``lo`` (``/proc/net/if_inet6``: 32 hex digits,
+    ifindex, prefix length, scope, flags, name)."""
+    wanted = ipaddress.IPv6Address(address).exploded.replace(":", "")
+    try:
+        lines = if_inet6.read_text().splitlines()
+    except OSError:  # no IPv6 in this kernel
+        return False
+    for line in lines:
+        fields = line.split()
+        if len(fields) == 6 and fields[0] == wanted and fields[5] == "lo":
+            return True
+    return False
 
 
 def _owner_for_envoy(s: AgentSettings) -> tuple[int, int] | None:

@@ -129,7 +129,7 @@ def _grpc(host: str, port: int, service: str, timeout: float) -> ProbeResult:
             (":method", "POST"),
             (":scheme", "http"),
             (":path", "/grpc.health.v1.Health/Check"),
-            (":authority", f"{host}:{port}"),
+            (":authority", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"),
             ("content-type", "application/grpc"),
             ("te", "trailers"),
         )
@@ -200,15 +200,24 @@ class _ProbeServer(ThreadingHTTPServer):
     allow_reuse_address = True
 
     def __init__(self, address: tuple[str, int], probes: dict[str, dict[str, Any]], pod_ip: str):
+        if ":" in address[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.probes = probes
         self.pod_ip = pod_ip
+
+    def server_bind(self) -> None:
+        if self.address_family == socket.AF_INET6:
+            # "::" serves both families: a dual-stack pod's kubelet may probe either address
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
 
 
 def start_probe_server(
     probes: dict[str, dict[str, Any]], *, pod_ip: str, port: int, host: str = "0.0.0.0"
 ) -> ThreadingHTTPServer:
-    """Serve the probes on ``host:port`` in a daemon thread; ``shutdown()`` stops it."""
+    """Serve the probes on ``host:port`` in a daemon thread; ``shutdown()`` stops it.
+    ``host="::"`` serves IPv4 and IPv6 on one socket."""
     server = _ProbeServer((host, port), probes, pod_ip)
     threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
     return server

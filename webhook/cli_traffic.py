@@ -105,9 +105,11 @@ def _init_traffic(args: argparse.Namespace) -> int:
         outcomes = traffic.cleanup(ipv6=args.ipv6, allow_host_namespace=args.allow_host_namespace)
         for o in outcomes:
             what = "removed" if o.changed else "nothing to remove"
+            loopback = f"; {o.loopback}" if o.loopback else ""
             print(
                 f"sidemesh init-traffic: IPv{o.family} {what} "
-                f"({o.rules_before} → {o.rules_after} nat rules, {o.seconds * 1000:.1f} ms)",
+                f"({o.rules_before} → {o.rules_after} nat rules, {o.seconds * 1000:.1f} ms)"
+                + loopback,
                 file=sys.stderr,
             )
         return 0
@@ -121,9 +123,10 @@ def _init_traffic(args: argparse.Namespace) -> int:
     )
     for o in outcomes:
         what = "capture installed" if o.changed else "capture already in place, unchanged"
+        loopback = f"; {o.loopback}" if o.loopback else ""
         print(
             f"sidemesh init-traffic: IPv{o.family} {what} "
-            f"({o.rules_after} nat rules, {o.seconds * 1000:.1f} ms)",
+            f"({o.rules_after} nat rules, {o.seconds * 1000:.1f} ms)" + loopback,
             file=sys.stderr,
         )
     return 0

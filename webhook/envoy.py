@@ -22,6 +22,17 @@ port       bound to         what
                             not by Envoy: see :mod:`webhook.agent_probes`.
 =========  ===============  ===============================================================
 
+A pod with an IPv6 address (``BootstrapOptions.ipv6``: dual-stack or IPv6-only, as the agent
+reads it from ``POD_IPS``) gets the IPv6 twin of each listener as an ``additional_addresses``
+entry of the *same* listener — [::1]:15001, [::]:15006, [::]:15021, [::]:15090 — so both
+families share one set of filter chains, stats and drain. ``init-traffic`` programs ip6tables
+for such a pod: without these sockets every redirected IPv6 connection would be refused. The
+hop to the app keeps its distinct source per family: 127.0.0.6, or ``::6`` for an IPv6
+destination (``extra_source_addresses``: Envoy binds the one of the target's family).
+``::6`` is not a loopback address in IPv6; ``init-traffic`` assigns ``::6/128`` to ``lo``
+when it programs ip6tables (see :mod:`webhook.traffic`), which is what makes it bindable and
+routed back inside the pod.
+
 Why the outbound listener uses the ``original_dst`` *filter* rather than
 ``use_original_dst: true``: the latter hands a connection off to whichever of our own
 listeners matches the original port, so an app scraping another pod's ``:15090`` or
@@ -45,6 +56,7 @@ from typing import Any, Final, Literal
 
 from webhook import names
 from webhook.config import Ports
+from webhook.iptables import INBOUND_PASSTHROUGH_SOURCE_V6
 
 __all__ = [
     "ALPN_HTTP",
@@ -52,6 +64,7 @@ __all__ = [
     "CERT_SECRET",
     "ROOT_SECRET",
     "BootstrapOptions",
+    "local_address_ip_version",
     "render_bootstrap",
     "render_sds",
     "sds_dir",
@@ -114,10 +127,20 @@ class BootstrapOptions:
     #: Listener-filter budget for protocol sniffing: a server-first protocol (the server
     #: speaks first) waits this long before being proxied as plain TCP.
     sniff_timeout_ms: int = 1000
+    #: The pod has an IPv6 address: every listener also listens on its IPv6 twin address.
+    ipv6: bool = False
+    #: The pod has an IPv4 address (False only for an IPv6-only pod).
+    ipv4: bool = True
 
     @property
     def spiffe_id(self) -> str:
         return f"spiffe://{self.trust_domain}/ns/{self.pod_namespace}/sa/{self.service_account}"
+
+
+def local_address_ip_version(opts: BootstrapOptions) -> Literal["v4", "v6"]:
+    """Envoy's ``--local-address-ip-version``: the family of the address Envoy reports as its
+    own (e.g. in ``x-forwarded-for``). IPv4 whenever the pod has it, IPv6 for an IPv6-only pod."""
+    return "v4" if opts.ipv4 or not opts.ipv6 else "v6"
 
 
 def sds_dir(work_dir: str) -> str:
@@ -191,14 +214,14 @@ def render_bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             "listeners": [
                 _outbound_listener(opts),
                 _inbound_listener(opts),
-                _health_listener(ports),
-                _stats_listener(ports),
+                _health_listener(opts),
+                _stats_listener(opts),
             ],
             "clusters": [
                 _mesh_cluster("outbound_mesh_http", opts, ALPN_HTTP),
                 _mesh_cluster("outbound_mesh_tcp", opts, ALPN_TCP),
                 _original_dst_cluster("passthrough"),
-                _inbound_app_cluster(),
+                _inbound_app_cluster(opts),
                 {
                     "name": "admin",
                     "type": "STATIC",
@@ -223,6 +246,8 @@ def render_bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
 
 
 def _check(opts: BootstrapOptions) -> None:
+    if not (opts.ipv4 or opts.ipv6):
+        raise ValueError("a pod needs an IPv4 or an IPv6 address")
     for cidr in opts.mesh_cidrs:
         ipaddress.ip_network(cidr, strict=True)  # ValueError names the bad one
     if opts.inbound_mtls not in ("PERMISSIVE", "STRICT"):
@@ -239,6 +264,20 @@ def _check(opts: BootstrapOptions) -> None:
 
 def _addr(ip: str, port: int) -> dict[str, Any]:
     return {"socket_address": {"address": ip, "port_value": port}}
+
+
+#: Each listener address and its IPv6 twin (loopback stays loopback, "any" stays "any").
+_V6_TWIN: Final = {"127.0.0.1": "::1", "0.0.0.0": "::"}
+
+
+def _listen(opts: BootstrapOptions, ip: str, port: int) -> dict[str, Any]:
+    """``address`` (and ``additional_addresses``) of a listener on ``ip:port`` in this pod's
+    families. An IPv6-only pod still has 127.0.0.1 on lo, so the IPv4 address always stays the
+    main one: the listener, its stats and the goldens of IPv4 pods do not change."""
+    out: dict[str, Any] = {"address": _addr(ip, port)}
+    if opts.ipv6:
+        out["additional_addresses"] = [{"address": _addr(_V6_TWIN[ip], port)}]
+    return out
 
 
 def _cidr_ranges(cidrs: tuple[str, ...]) -> list[dict[str, Any]]:
@@ -375,7 +414,7 @@ def _outbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
     return {
         "name": "outbound",
         "stat_prefix": "outbound",
-        "address": _addr("127.0.0.1", opts.ports.outbound),
+        **_listen(opts, "127.0.0.1", opts.ports.outbound),
         "listener_filters": [
             _listener_filter("envoy.filters.listener.original_dst", _T_ORIG_DST),
             _listener_filter("envoy.filters.listener.http_inspector", _T_HTTP_INSPECTOR),
@@ -452,7 +491,7 @@ def _inbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
     return {
         "name": "inbound",
         "stat_prefix": "inbound",
-        "address": _addr("0.0.0.0", opts.ports.inbound),
+        **_listen(opts, "0.0.0.0", opts.ports.inbound),
         "listener_filters": listener_filters,
         "listener_filters_timeout": f"{opts.sniff_timeout_ms / 1000:g}s",
         "continue_on_listener_filters_timeout": True,
@@ -460,7 +499,9 @@ def _inbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
     }
 
 
-def _admin_route_listener(name: str, port: int, path: str, rewrite: str) -> dict[str, Any]:
+def _admin_route_listener(
+    opts: BootstrapOptions, name: str, port: int, path: str, rewrite: str
+) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
             "match": {"path": path},
@@ -471,19 +512,22 @@ def _admin_route_listener(name: str, port: int, path: str, rewrite: str) -> dict
     hcm = _http_manager(name, "admin", forward_client_cert="SANITIZE", routes=routes)
     return {
         "name": name,
-        "address": _addr("0.0.0.0", port),
+        # [::] too on an IPv6 pod: an IPv6-first cluster's kubelet probes the pod's IPv6 address
+        **_listen(opts, "0.0.0.0", port),
         "filter_chains": [{"filters": [hcm]}],
     }
 
 
-def _health_listener(ports: Ports) -> dict[str, Any]:
+def _health_listener(opts: BootstrapOptions) -> dict[str, Any]:
     # Envoy's admin /ready answers 200 only in state LIVE: every listener initialised, which
     # includes the SDS certificate they wait for. While draining it answers 503.
-    return _admin_route_listener("health", ports.health, names.HEALTH_PATH, "/ready")
+    port = opts.ports.health
+    return _admin_route_listener(opts, "health", port, names.HEALTH_PATH, "/ready")
 
 
-def _stats_listener(ports: Ports) -> dict[str, Any]:
-    return _admin_route_listener("stats", ports.stats, names.STATS_PATH, names.STATS_PATH)
+def _stats_listener(opts: BootstrapOptions) -> dict[str, Any]:
+    port = opts.ports.stats
+    return _admin_route_listener(opts, "stats", port, names.STATS_PATH, names.STATS_PATH)
 
 
 def _circuit_breakers() -> dict[str, Any]:
@@ -517,13 +561,19 @@ def _mesh_cluster(name: str, opts: BootstrapOptions, alpn: str) -> dict[str, Any
     return cluster
 
 
-def _inbound_app_cluster() -> dict[str, Any]:
+def _inbound_app_cluster(opts: BootstrapOptions) -> dict[str, Any]:
     cluster = _original_dst_cluster("inbound_app")
     # The hop to the app comes from 127.0.0.6, which the capture rules let through: without it
     # Envoy's own connection to <podIP>:port over lo would be captured again.
-    cluster["upstream_bind_config"] = {
+    bind: dict[str, Any] = {
         "source_address": {"address": names.INBOUND_PASSTHROUGH_SOURCE, "port_value": 0}
     }
+    if opts.ipv6:
+        # An IPv6 connection is handed to the app at [podIPv6]:port from ::6 (assigned to lo
+        # by init-traffic); Envoy picks the source of the destination's family.
+        v6 = {"address": INBOUND_PASSTHROUGH_SOURCE_V6, "port_value": 0}
+        bind["extra_source_addresses"] = [{"address": v6}]
+    cluster["upstream_bind_config"] = bind
     # HTTP from the HTTP chains goes to the app in the protocol the caller spoke.
     cluster["typed_extension_protocol_options"] = {
         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {

@@ -44,6 +44,8 @@ SIDEMESH_OUTPUT (connections the pod *opens*):
 
 The IPv6 variant is the same with ``::6`` as the passthrough source and only the IPv6 CIDRs of
 the include/exclude lists (an include-list without IPv6 CIDRs captures no IPv6 outbound).
+``::6`` is not a loopback address in IPv6: the applier (:mod:`webhook.traffic`) assigns
+``::6/128`` to ``lo`` along with these rules, so that the proxy can bind it.
 """
 
 from __future__ import annotations
@@ -82,7 +84,8 @@ CHAINS: tuple[str, ...] = (INBOUND, IN_REDIRECT, OUTPUT, REDIRECT)
 #: Where each chain is jumped to from.
 _HOOKS = (("PREROUTING", INBOUND), ("OUTPUT", OUTPUT))
 
-#: The inbound passthrough source for IPv6 (the proxy must bind it on lo for IPv6 apps).
+#: The inbound passthrough source for IPv6: the proxy binds it for its hop to an IPv6 app;
+#: init-traffic assigns it to lo (IPv6 has no loopback range beyond ::1).
 INBOUND_PASSTHROUGH_SOURCE_V6 = "::6"
 
 _PORTS = Ports()
@@ -185,6 +188,8 @@ def rules(options: CaptureOptions, family: Family = 4) -> str:
     host = "32" if family == 4 else "128"
     ip = "IPv4" if family == 4 else "IPv6"
     out = [f"# sidemesh traffic capture ({ip}, nat table), written by `sidemesh init-traffic`"]
+    if family == 6:
+        out.append(f"# (init-traffic also assigns {source}/{host} to lo: the proxy binds it)")
     out.append("*nat")
     out += [f":{chain} - [0:0]" for chain in CHAINS]
     out.append(f"-A {IN_REDIRECT} -p tcp -j REDIRECT --to-ports {o.inbound_port}")

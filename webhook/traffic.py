@@ -11,12 +11,26 @@ first and fails with a :class:`~webhook.errors.TrafficError` that says what to d
 Then, per address family, it reads the nat table (``iptables-save -t nat``) and feeds
 ``iptables-restore --noflush`` one transaction that removes our previous jump rules and rewrites
 our chains — other chains and rules in the namespace are never touched.
+
+For IPv6 it also assigns the proxy's inbound passthrough source ``::6/128`` to ``lo``. IPv4 has
+a whole loopback /8, so 127.0.0.6 is bindable everywhere; IPv6 has only ``::1``, and ``::6`` is
+an ordinary (global-scope) address that must be assigned to be bound. On ``lo`` it is local to
+the pod and to nothing else: Envoy binds it for its hop to ``[podIPv6]:port``, the app's answer
+comes back over ``lo``, and the ``-s ::6 -o lo`` RETURN rule keeps that hop from being captured
+again. (Binding ``::1`` instead would work too, but then the app could not tell the proxy's
+deliveries from its own local calls, and neither could the capture rules.) The address is set
+over rtnetlink directly, because the init image has iptables but no iproute2; ``--cleanup``
+removes it again.
 """
 
 from __future__ import annotations
 
+import errno
+import ipaddress
 import os
 import shutil
+import socket
+import struct
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,6 +39,7 @@ from typing import Literal
 
 from webhook.errors import TrafficError
 from webhook.iptables import (
+    INBOUND_PASSTHROUGH_SOURCE_V6,
     CaptureOptions,
     Family,
     apply_input,
@@ -38,6 +53,7 @@ __all__ = [
     "cleanup",
     "has_global_ipv6",
     "in_initial_network_namespace",
+    "loopback_address",
     "want_ipv6",
 ]
 
@@ -63,6 +79,8 @@ class Outcome:
     rules_after: int
     seconds: float
     changed: bool
+    #: what happened to the IPv6 passthrough source on lo ("" for IPv4)
+    loopback: str = ""
 
 
 def in_initial_network_namespace(proc: Path = Path("/proc")) -> bool:
@@ -106,6 +124,56 @@ def want_ipv6(mode: IPv6Mode, proc: Path = Path("/proc")) -> bool:
         return has_global_ipv6((proc / "net/if_inet6").read_text())
     except OSError:  # IPv6 disabled in this kernel
         return False
+
+
+# --- the IPv6 passthrough source on lo (rtnetlink, no iproute2 needed) ----------------------
+
+_RTM_NEWADDR, _RTM_DELADDR = 20, 21
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_EXCL, _NLM_F_CREATE = 0x1, 0x4, 0x200, 0x400
+_NLMSG_ERROR = 2
+_IFA_ADDRESS, _IFA_LOCAL = 1, 2
+_IFA_F_NODAD = 0x2
+
+
+def _rtnetlink_address(command: int, flags: int, address: str, ifname: str) -> int:
+    """Send one RTM_NEWADDR/RTM_DELADDR for ``address``/128 on ``ifname``; return the errno the
+    kernel answered with (0: done)."""
+    packed = ipaddress.IPv6Address(address).packed
+    index = socket.if_nametoindex(ifname)
+    # struct ifaddrmsg: family, prefix length, flags, scope (0: global, as `ip` sets it), ifindex
+    body = struct.pack("=BBBBI", socket.AF_INET6, 128, _IFA_F_NODAD, 0, index)
+    for kind in (_IFA_LOCAL, _IFA_ADDRESS):  # struct rtattr: length, type, value
+        body += struct.pack("=HH", 4 + len(packed), kind) + packed
+    flags |= _NLM_F_REQUEST | _NLM_F_ACK
+    header = struct.pack("=IHHII", 16 + len(body), command, flags, 1, 0)  # struct nlmsghdr
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.settimeout(5)
+        sock.bind((0, 0))
+        sock.sendto(header + body, (0, 0))
+        reply = sock.recv(65536)
+    _length, kind = struct.unpack_from("=IH", reply)
+    if kind != _NLMSG_ERROR:
+        raise TrafficError(f"rtnetlink: unexpected answer type {kind} to an address request")
+    (error,) = struct.unpack_from("=i", reply, 16)
+    return -int(error)
+
+
+def loopback_address(address: str, *, present: bool) -> bool:
+    """Make ``address``/128 present on (or absent from) ``lo``; True when something changed."""
+    try:
+        if present:
+            flags = _NLM_F_CREATE | _NLM_F_EXCL
+            code = _rtnetlink_address(_RTM_NEWADDR, flags, address, "lo")
+            unchanged = code == errno.EEXIST
+        else:
+            code = _rtnetlink_address(_RTM_DELADDR, 0, address, "lo")
+            unchanged = code in (errno.EADDRNOTAVAIL, errno.ENOENT)
+    except OSError as exc:
+        raise TrafficError(f"cannot change {address} on lo: {exc}") from None
+    if code and not unchanged:
+        what = "add" if present else "remove"
+        raise TrafficError(f"cannot {what} {address}/128 on lo: {os.strerror(code)}")
+    return not unchanged
 
 
 def _holds_net_admin(proc: Path = Path("/proc")) -> bool:
@@ -175,6 +243,11 @@ def apply(
     outcomes = []
     for family in families:
         start = time.perf_counter()
+        loopback = ""
+        if family == 6:
+            # before the rules: a proxy that starts once we are done can bind it at once
+            added = loopback_address(INBOUND_PASSTHROUGH_SOURCE_V6, present=True)
+            loopback = f"{INBOUND_PASSTHROUGH_SOURCE_V6}/128 {'added to' if added else 'on'} lo"
         saved = _save(family)
         _restore(family, apply_input(saved, options, family))
         after = _save(family)
@@ -185,6 +258,7 @@ def apply(
                 rule_count(after),
                 time.perf_counter() - start,
                 changed=_rules_of(saved) != _rules_of(after),
+                loopback=loopback,
             )
         )
     return outcomes
@@ -202,6 +276,11 @@ def cleanup(*, ipv6: IPv6Mode = "auto", allow_host_namespace: bool = False) -> l
         if text is not None:
             _restore(family, text)
         after = _save(family) if text is not None else saved
+        loopback = ""
+        if family == 6:
+            removed = loopback_address(INBOUND_PASSTHROUGH_SOURCE_V6, present=False)
+            where = "removed from" if removed else "not on"
+            loopback = f"{INBOUND_PASSTHROUGH_SOURCE_V6}/128 {where} lo"
         outcomes.append(
             Outcome(
                 family,
@@ -209,6 +288,7 @@ def cleanup(*, ipv6: IPv6Mode = "auto", allow_host_namespace: bool = False) -> l
                 rule_count(after),
                 time.perf_counter() - start,
                 changed=text is not None,
+                loopback=loopback,
             )
         )
     return outcomes

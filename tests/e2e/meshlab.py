@@ -50,6 +50,7 @@ __all__ = [
     "start_mesh",
     "stats",
     "trouble",
+    "with_pod_ips",
 ]
 
 MESHAPP = str(Path(__file__).resolve().parent / "meshapp.py")
@@ -207,9 +208,24 @@ def _preflight() -> None:
         )
 
 
-def start_mesh(lab: NetnsLab, *, cert_ttl: int | None = None) -> Mesh:
+def with_pod_ips(pod: dict[str, Any], ips: list[str]) -> None:
+    """The kubelet fills ``status.podIPs`` with every address of a dual-stack pod; the test
+    runner knows only one, so such a pod gets the whole list as a plain env value."""
+    spec = pod["spec"]
+    for container in [*spec.get("initContainers", []), *spec["containers"]]:
+        for item in container.get("env", []):
+            if item.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") == "status.podIPs":
+                del item["valueFrom"]
+                item["value"] = ",".join(ips)
+
+
+def start_mesh(
+    lab: NetnsLab, *, cert_ttl: int | None = None, ipv6: bool = False, app_script: str = MESHAPP
+) -> Mesh:
+    """``ipv6``: dual-stack pods (every pod also gets an IPv6 address, the mesh CIDRs include
+    the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``)."""
     _preflight()
-    node = lab.node()
+    node = lab.node(ipv6=ipv6)
     cp, client_net, server_net = node.add_pod("cp"), node.add_pod("client"), node.add_pod("server")
     outside, ext = node.add_pod("outside"), node.add_pod("ext")
 
@@ -225,7 +241,7 @@ def start_mesh(lab: NetnsLab, *, cert_ttl: int | None = None) -> Mesh:
     jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
     mesh_config: dict[str, Any] = {
         "ca_address": f"https://{cp.ip}:8443",
-        "mesh_cidrs": [str(node.subnet)],
+        "mesh_cidrs": [str(node.subnet), *([str(node.subnet6)] if node.subnet6 else [])],
     }
     if cert_ttl is not None:
         mesh_config["proxy"] = {"cert_ttl_seconds": cert_ttl}
@@ -286,12 +302,14 @@ def start_mesh(lab: NetnsLab, *, cert_ttl: int | None = None) -> Mesh:
         (server_net, server_pod, ["8080", "9090"]),
         (client_net, client_pod, ["8080"]),
     ):
+        if net.ip6 is not None:
+            with_pod_ips(pod, [net.ip, net.ip6])
         runner = PodRunner(
             lab=lab,
             node=node,
             pod_net=net,
             pod=pod,
-            app_commands={"app": [PYTHON, MESHAPP, "serve", *ports]},
+            app_commands={"app": [PYTHON, app_script, "serve", *ports]},
             sidemesh=SIDEMESH,
             token_for=token_for,
         )
