@@ -98,3 +98,18 @@ def test_ipv6_only_pod_still_has_ipv4_loopback_listeners() -> None:
     assert _addresses(_listeners(opts)["outbound"]) == ["127.0.0.1:15001", "::1:15001"]
     with pytest.raises(ValueError, match="IPv4 or an IPv6"):
         render_bootstrap(BootstrapOptions("p", "ns", "sa", ipv4=False, ipv6=False))
+
+
+def test_agent_knows_whether_the_ipv6_passthrough_source_is_on_lo(tmp_path: Path) -> None:
+    from webhook.agent import _on_loopback
+
+    proc = tmp_path / "if_inet6"
+    eth0 = "fd00005e000000000000000000000003 02 40 00 80     eth0\n"
+    six_on_lo = "00000000000000000000000000000006 01 80 00 c0       lo\n"
+    proc.write_text(eth0)
+    assert not _on_loopback("::6", proc)
+    proc.write_text(eth0 + six_on_lo)
+    assert _on_loopback("::6", proc)
+    proc.write_text(six_on_lo.replace(" lo", " eth0"))  # elsewhere does not count
+    assert not _on_loopback("::6", proc)
+    assert not _on_loopback("::6", tmp_path / "missing")  # IPv6 disabled in the kernel
