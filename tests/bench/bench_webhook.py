@@ -8,6 +8,10 @@ For 1 and 2 workers, the same server process answers, in one run:
   the full review, the injection core, metrics and the JSON log line;
 * ``mutate, new TLS handshake per request`` — the same with ``Connection: close``.
 
+Besides the server's CPU per request (noise-robust: what a review costs, whatever the
+neighbours do), the table shows wrk's own CPU per request: the load generator shares the two
+cores, and with a handshake per request its side of the handshake costs more than the server's.
+
 The load generator is wrk (16 keep-alive connections, HTTPS, on the same machine), driven by a
 small Lua script. Figures: requests/s, p50, p99, the ratio mutate/noop, the speed-up of 2
 workers over 1 and the RSS of each worker after the load. Goals (issue 4) are checked and
@@ -23,6 +27,7 @@ import contextlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -70,10 +75,17 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def wrk(url: str, seconds: float, body: Path, script: Path, *, close: bool) -> dict[str, Any]:
     env = {**os.environ, "BENCH_BODY": str(body), "BENCH_CLOSE": "1" if close else "0"}
     cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds:g}s", "--latency", "-s", str(script), url]
+    before = _children_cpu()
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+    client_cpu = _children_cpu() - before  # wrk's own CPU: it shares the 2 cores with the server
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     p50 = _ms(re.search(r"^\s+50%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
     p99 = _ms(re.search(r"^\s+99%\s+(\S+)", out, re.M).group(1))  # type: ignore[union-attr]
@@ -88,6 +100,7 @@ def wrk(url: str, seconds: float, body: Path, script: Path, *, close: bool) -> d
         "requests": total,
         "non_2xx": int(bad.group(1)) if bad else 0,
         "socket_errors": socket_errors,
+        "client_cpu_seconds": client_cpu,
     }
 
 
@@ -141,6 +154,9 @@ def measure(
             "non_2xx": sum(r["non_2xx"] for r in runs),
             "socket_errors": sum(r["socket_errors"] for r in runs),
             "server_cpu_us_per_request": round(cpu[key] / max(requests, 1) * 1e6, 1),
+            "client_cpu_us_per_request": round(
+                sum(r["client_cpu_seconds"] for r in runs) / max(requests, 1) * 1e6, 1
+            ),
         }
     return out
 
@@ -244,7 +260,7 @@ def main() -> int:
     )
     header = (
         f"{'workers':>7}  {'endpoint':<28} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} "
-        f"{'CPU us/req':>10} {'errors':>6}"
+        f"{'CPU us/req':>10} {'wrk us/req':>10} {'errors':>6}"
     )
     print(header)
     print("-" * len(header))
@@ -258,9 +274,15 @@ def main() -> int:
             print(
                 f"{r['workers']:>7}  {label:<28} {m['rps']:>9.0f} {m['p50_ms']:>8.2f} "
                 f"{m['p99_ms']:>8.2f} {m['server_cpu_us_per_request']:>10.0f} "
-                f"{m['non_2xx'] + m['socket_errors']:>6}"
+                f"{m['client_cpu_us_per_request']:>10.0f} {m['non_2xx'] + m['socket_errors']:>6}"
             )
         print(f"{'':>7}  ratio mutate/noop {r['ratio']:.2f}, RSS per worker {r['rss_mb']} MB")
+    print(
+        "CPU us/req: the server's user+system CPU per request (all workers); wrk us/req: the load "
+        "generator's own,\non the same cores. With a handshake per request wrk's side of the "
+        "handshake is the larger one, so\n1e6 / (server CPU us/req) is what one server core "
+        "could answer with a client elsewhere."
+    )
 
     summary: dict[str, Any] = {
         "connections": CONNECTIONS,
@@ -284,6 +306,10 @@ def main() -> int:
                 GOALS["handshake_rps"],
             ),
         ]
+        shake = one["mutate_handshake"]
+        summary["handshake_server_capacity_rps"] = round(
+            1e6 / max(shake["server_cpu_us_per_request"], 1)
+        )
     if 1 in by_workers and 2 in by_workers:
         scaling = round(by_workers[2]["mutate"]["rps"] / by_workers[1]["mutate"]["rps"], 2)
         summary["scaling_2_over_1"] = scaling
@@ -299,6 +325,13 @@ def main() -> int:
         ok = value >= goal if op == ">=" else value <= goal
         summary["checks"].append({"name": name, "value": value, "goal": f"{op} {goal}", "ok": ok})
         print(f"  {'ok  ' if ok else 'MISS'} {name}: {value} (goal {op} {goal})")
+    if "handshake_server_capacity_rps" in summary:
+        print(
+            "  (handshake per request, 1 worker: one server core could answer "
+            f"{summary['handshake_server_capacity_rps']}/s at the server CPU measured; wrk "
+            f"spent {by_workers[1]['mutate_handshake']['client_cpu_us_per_request']:.0f} us "
+            "per request of the same 2 cores)"
+        )
     errors = sum(
         r[k]["non_2xx"] + r[k]["socket_errors"]
         for r in runs
