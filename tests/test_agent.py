@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from webhook.agent import settings_from
+from webhook.agent import api_server_destinations, settings_from
 from webhook.agent_identity import (
     CARequestError,
     build_csr,
@@ -123,10 +123,51 @@ def test_settings_come_from_flags_and_downward_api() -> None:
     assert set(s.app_probes) == {"/app-health/a/readyz"}
 
 
+def test_api_server_and_plaintext_ports_reach_the_bootstrap() -> None:
+    """The kubelet's KUBERNETES_SERVICE_* of the sidecar itself, and the injected
+    SIDEMESH_PLAINTEXT_PORTS, end up in the bootstrap options; defaults without them."""
+    env = {
+        **ENV,
+        "KUBERNETES_SERVICE_HOST": "10.96.0.1",
+        "KUBERNETES_SERVICE_PORT": "443",
+        "KUBERNETES_SERVICE_PORT_HTTPS": "443",
+        "SIDEMESH_PLAINTEXT_PORTS": "53,5432",
+    }
+    opts = settings_from(FLAGS, env).bootstrap_options()
+    assert opts.api_servers == (("10.96.0.1", 443),)
+    assert opts.plaintext_ports == (53, 5432)
+    plain = settings_from(FLAGS, ENV).bootstrap_options()
+    assert plain.api_servers == () and plain.plaintext_ports == (53,)
+    none = settings_from(FLAGS, {**ENV, "SIDEMESH_PLAINTEXT_PORTS": ""})
+    assert none.plaintext_ports == ()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"KUBERNETES_SERVICE_HOST": "fd00:10:96::1", "KUBERNETES_SERVICE_PORT": "443"},
+         (("fd00:10:96::1", 443),)),
+        ({"KUBERNETES_SERVICE_HOST": "[fd00:10:96::1]", "KUBERNETES_SERVICE_PORT": "443"},
+         (("fd00:10:96::1", 443),)),
+        ({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "6443",
+          "KUBERNETES_SERVICE_PORT_HTTPS": "443"}, (("10.96.0.1", 6443), ("10.96.0.1", 443))),
+        # Overridden with a host name, or a bad port: no exemption, but the pod still starts.
+        ({"KUBERNETES_SERVICE_HOST": "api.example", "KUBERNETES_SERVICE_PORT": "443"}, ()),
+        ({"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "https"}, ()),
+        ({"KUBERNETES_SERVICE_PORT": "443"}, ()),
+    ],
+)  # fmt: skip
+def test_api_server_destinations_from_the_kubelet_env(
+    env: dict[str, str], expected: tuple[tuple[str, int], ...]
+) -> None:
+    assert api_server_destinations(env) == expected
+
+
 @pytest.mark.parametrize(
     ("env", "message"),
     [
         ({"POD_NAMESPACE": "shop"}, "POD_NAME"),
+        ({**ENV, "SIDEMESH_PLAINTEXT_PORTS": "53,dns"}, "SIDEMESH_PLAINTEXT_PORTS"),
         ({**ENV, "SIDEMESH_INBOUND_MTLS": "LOOSE"}, "SIDEMESH_INBOUND_MTLS"),
         ({**ENV, "SIDEMESH_MESH_CIDRS": "10.1.2.3/8"}, "SIDEMESH_MESH_CIDRS"),
         ({**ENV, "SIDEMESH_APP_PROBES": "{not json"}, "SIDEMESH_APP_PROBES"),

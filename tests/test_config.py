@@ -30,12 +30,14 @@ def test_a_file_overrides_nested_keys(tmp_path: Path) -> None:
     path.write_text(
         "trust_domain: prod.example\n"
         "mesh_cidrs: [10.0.0.0/8, 'fd00::/8']\n"
+        "plaintext_ports: [53, 5432]\n"
         "proxy:\n  image: registry.example/sm:2\n  native_sidecar: false\n  cpu_limit: ''\n"
         "ports:\n  stats: 19090\n"
     )
     cfg = load_config_file(path)
     assert cfg.trust_domain == "prod.example"
     assert cfg.mesh_cidrs == ("10.0.0.0/8", "fd00::/8")
+    assert cfg.plaintext_ports == (53, 5432) and MeshConfig().plaintext_ports == (53,)
     assert cfg.proxy.image == "registry.example/sm:2" and not cfg.proxy.native_sidecar
     assert cfg.proxy.cpu_limit == "" and cfg.proxy.memory_limit == "1Gi"
     assert cfg.ports.stats == 19090 and cfg.ports.health == 15021
@@ -67,6 +69,8 @@ def test_a_file_overrides_nested_keys(tmp_path: Path) -> None:
         ({"ca_address": "http://ca"}, "must be an https:// URL"),
         ({"mesh_cidrs": "10.0.0.0/8"}, "expected a list"),
         ({"mesh_cidrs": ["10.0.0.1/8"]}, "'mesh_cidrs' has bad value '10.0.0.1/8'"),
+        ({"plaintext_ports": [0]}, "'plaintext_ports' has bad value 0"),
+        ({"plaintext_ports": ["53"]}, "'plaintext_ports' has bad value '53': expected an integer"),
         ({"ports": {"stats": 70000}}, "'ports.stats' has bad value 70000"),
         ({"ports": {"stats": 15021}}, "the proxy's ports must be distinct"),
         ({"ca": {"min_ttl_seconds": 0}}, "'ca.default_ttl_seconds'"),

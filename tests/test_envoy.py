@@ -50,6 +50,17 @@ CASES: dict[str, BootstrapOptions] = {
         mesh_cidrs=("172.16.0.0/12",),
         sniff_timeout_ms=250,
     ),
+    # The kubelet's KUBERNETES_SERVICE_HOST/_PORT (and _PORT_HTTPS), IPv4 and IPv6, plus the
+    # mesh config's always-plaintext ports: exact-address chains ahead of the mesh CIDRs.
+    "apiserver-plaintext-dual-stack": BootstrapOptions(
+        pod_name="operator-5c6d-xyz12",
+        pod_namespace="ops",
+        service_account="operator",
+        mesh_cidrs=("10.0.0.0/8", "fd00::/8"),
+        ipv6=True,
+        plaintext_ports=(53, 5432, 15090),
+        api_servers=(("10.96.0.1", 443), ("fd00:10:96::1", 443), ("10.96.0.1", 6443)),
+    ),
 }
 
 

@@ -123,6 +123,7 @@ def test_proxy_environment() -> None:
         "SIDEMESH_TRUST_DOMAIN": "cluster.local",
         "SIDEMESH_INBOUND_MTLS": "PERMISSIVE",
         "SIDEMESH_MESH_CIDRS": "10.0.0.0/8",
+        "SIDEMESH_PLAINTEXT_PORTS": "53",
         "SIDEMESH_APP_PORTS": "8080,9090",
         "SIDEMESH_CERT_TTL_SECONDS": "86400",
     }

@@ -55,14 +55,26 @@ from webhook.envoy import (
 )
 from webhook.errors import ConfigError
 from webhook.iptables import INBOUND_PASSTHROUGH_SOURCE_V6
-from webhook.values import parse_cidr_list
+from webhook.values import parse_cidr_list, parse_port, parse_port_list
 
-__all__ = ["AgentSettings", "envoy_command", "run_agent", "settings_from", "wait_ready"]
+__all__ = [
+    "AgentSettings",
+    "api_server_destinations",
+    "envoy_command",
+    "run_agent",
+    "settings_from",
+    "wait_ready",
+]
 
 LOG = logging.getLogger("sidemesh.proxy")
 
 #: Envoy's log levels for ours (Envoy says "warning" too, and has no "off" below critical).
 _ENVOY_LEVELS = {"warning": "warning", "off": "off"}
+
+#: The kubelet's environment for the ``kubernetes`` Service in the ``default`` namespace, set in
+#: every container (the sidecar's included): where the API server is reached from a pod.
+ENV_KUBERNETES_HOST = "KUBERNETES_SERVICE_HOST"
+ENV_KUBERNETES_PORTS = ("KUBERNETES_SERVICE_PORT", "KUBERNETES_SERVICE_PORT_HTTPS")
 
 
 @dataclass(frozen=True)
@@ -83,6 +95,8 @@ class AgentSettings:
     trust_domain: str = "cluster.local"
     inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
     mesh_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
+    plaintext_ports: tuple[int, ...] = (53,)
+    api_servers: tuple[tuple[str, int], ...] = ()
     app_probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     cert_ttl_seconds: int | None = None
     log_level: str = "warning"
@@ -111,6 +125,8 @@ class AgentSettings:
             trust_domain=self.trust_domain,
             inbound_mtls=self.inbound_mtls,
             mesh_cidrs=self.mesh_cidrs,
+            plaintext_ports=self.plaintext_ports,
+            api_servers=self.api_servers,
             cert_dir=str(self.cert_dir),
             work_dir=str(self.work_dir),
             ports=self.ports,
@@ -136,6 +152,12 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
         cidrs = parse_cidr_list(raw_cidrs)
     except ValueError as exc:
         raise ConfigError(f"{names.ENV_MESH_CIDRS}={raw_cidrs!r}: {exc}") from None
+    raw_plain = env.get(names.ENV_PLAINTEXT_PORTS, "53")
+    try:
+        plaintext_ports = parse_port_list(raw_plain)
+    except ValueError as exc:
+        raise ConfigError(f"{names.ENV_PLAINTEXT_PORTS}={raw_plain!r}: {exc}") from None
+    assert isinstance(plaintext_ports, tuple)  # no "*" without allow_all
     raw_probes = env.get(names.ENV_APP_PROBES, "")
     try:
         probes = parse_probes(raw_probes)
@@ -163,9 +185,43 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
         trust_domain=env.get(names.ENV_TRUST_DOMAIN, "").strip() or "cluster.local",
         inbound_mtls=cast(Literal["PERMISSIVE", "STRICT"], mode),
         mesh_cidrs=tuple(cidrs),
+        plaintext_ports=plaintext_ports,
+        api_servers=api_server_destinations(env),
         app_probes=probes,
         cert_ttl_seconds=int(raw_ttl) if raw_ttl else None,
     )
+
+
+def api_server_destinations(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:
+    """The API server's Service ``(ip, port)`` pairs from the kubelet's environment.
+
+    It sits inside the mesh CIDRs but never has a sidecar, so the outbound listener must pass
+    it through as it is. A value that is not an IP address or a port (someone overrode the
+    variable with a host name) is skipped with a warning rather than failing the pod: the
+    worst case is the behaviour without this exemption."""
+    raw_host = env.get(ENV_KUBERNETES_HOST, "").strip()
+    if not raw_host:
+        return ()
+    try:
+        ip = str(ipaddress.ip_address(raw_host.strip("[]")))
+    except ValueError:
+        LOG.warning(
+            "%s=%r is not an IP address: not exempted from mTLS", ENV_KUBERNETES_HOST, raw_host
+        )
+        return ()
+    out: list[tuple[str, int]] = []
+    for var in ENV_KUBERNETES_PORTS:
+        raw_port = env.get(var, "").strip()
+        if not raw_port:
+            continue
+        try:
+            port = parse_port(raw_port)
+        except ValueError as exc:
+            LOG.warning("%s=%r: %s; not exempted from mTLS", var, raw_port, exc)
+            continue
+        if (ip, port) not in out:
+            out.append((ip, port))
+    return tuple(out)
 
 
 def envoy_command(s: AgentSettings, bootstrap: Path) -> list[str]:

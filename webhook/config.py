@@ -139,6 +139,10 @@ class MeshConfig:
     """Default inbound mode: PERMISSIVE accepts mTLS and plaintext, STRICT mTLS only."""
     mesh_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
     """Destinations treated as meshed (outbound mTLS); the rest is plain passthrough."""
+    plaintext_ports: tuple[int, ...] = (53,)
+    """Outbound destination ports that stay plaintext even inside ``mesh_cidrs`` (default: DNS
+    over TCP, since kube-dns has no sidecar). The API server's Service address is always
+    plaintext too; the proxy reads it from ``KUBERNETES_SERVICE_HOST``/``_PORT``."""
     rewrite_probes: bool = True
     """Rewrite app HTTP/TCP/gRPC probes to the proxy's probe port."""
     ignored_namespaces: tuple[str, ...] = (
@@ -176,6 +180,9 @@ def _validate(cfg: MeshConfig) -> None:
             ipaddress.ip_network(cidr, strict=True)
         except ValueError as exc:
             raise _fail("mesh_cidrs", cidr, str(exc)) from None
+    for port in cfg.plaintext_ports:
+        if not 1 <= port <= 65535:
+            raise _fail("plaintext_ports", port, "must be 1-65535")
     ports = cfg.ports.all()
     port_keys = ("admin", "outbound", "inbound", "probes", "health", "stats")
     for name_, port in zip(port_keys, ports, strict=True):

@@ -149,6 +149,10 @@ def proxy_container(
             {"name": names.ENV_TRUST_DOMAIN, "value": config.trust_domain},
             {"name": names.ENV_INBOUND_MTLS, "value": ov.inbound_mtls},
             {"name": names.ENV_MESH_CIDRS, "value": ",".join(config.mesh_cidrs)},
+            {
+                "name": names.ENV_PLAINTEXT_PORTS,
+                "value": ",".join(map(str, config.plaintext_ports)),
+            },
             {"name": names.ENV_APP_PORTS, "value": app_ports},
             {"name": names.ENV_APP_PROBES, "value": app_probes},
             {"name": names.ENV_CERT_TTL, "value": str(px.cert_ttl_seconds)},

@@ -9,7 +9,8 @@ port       bound to         what
 =========  ===============  ===============================================================
 15001      127.0.0.1        outbound capture (iptables OUTPUT REDIRECT). The ``original_dst``
                             listener filter restores the destination; mesh CIDRs get mTLS
-                            with the workload certificate, everything else plain passthrough.
+                            with the workload certificate, everything else plain passthrough
+                            (and so do the API server and the always-plaintext ports, below).
 15006      0.0.0.0          inbound capture (PREROUTING REDIRECT rewrites the destination to
                             the address of the interface, hence not 127.0.0.1). mTLS with a
                             client certificate from the mesh; plaintext too in PERMISSIVE.
@@ -38,6 +39,17 @@ Why the outbound listener uses the ``original_dst`` *filter* rather than
 listeners matches the original port, so an app scraping another pod's ``:15090`` or
 ``:15021`` would be answered by its *own* Envoy. With the filter, the connection stays on
 15001 and the filter chains see the original destination.
+
+Which destinations inside the mesh CIDRs stay plaintext, without discovery: the ports that
+are never captured on a peer's side (15020/15021/15090), the mesh config's
+``plaintext_ports`` (default 53: kube-dns answers large replies over TCP, and kube-system is
+never injected), and the Kubernetes API server's Service address(es) (``api_servers``: the
+agent reads ``KUBERNETES_SERVICE_HOST``/``_PORT``/``_PORT_HTTPS``, which the kubelet gives
+every container). The API server has no sidecar, so wrapping an operator's own TLS in our
+mTLS would break every call it makes. Those chains win over the mesh-CIDR chains because
+Envoy matches the destination port first, then the most specific destination prefix: a chain
+with ``destination_port: 443`` and ``10.96.0.1/32`` takes 10.96.0.1:443, while another meshed
+pod's :443 finds no prefix match under port 443 and falls back to the port-less mesh chains.
 
 How the inbound side tells HTTP from other TCP after TLS: the outbound side sniffs the app's
 first bytes (``http_inspector``) and announces the protocol in ALPN (``sidemesh-http`` or
@@ -131,6 +143,10 @@ class BootstrapOptions:
     ipv6: bool = False
     #: The pod has an IPv4 address (False only for an IPv6-only pod).
     ipv4: bool = True
+    #: Destination ports that are plain passthrough whatever the address (mesh config).
+    plaintext_ports: tuple[int, ...] = (53,)
+    #: ``(ip, port)`` of the Kubernetes API server's Service: plain passthrough, never mTLS.
+    api_servers: tuple[tuple[str, int], ...] = ()
 
     @property
     def spiffe_id(self) -> str:
@@ -254,9 +270,19 @@ def _check(opts: BootstrapOptions) -> None:
         raise ValueError(
             f"inbound mTLS mode must be PERMISSIVE or STRICT, not {opts.inbound_mtls!r}"
         )
+    for port in opts.plaintext_ports:
+        _check_port(port, "plaintext port")
+    for ip, port in opts.api_servers:
+        ipaddress.ip_address(ip)  # ValueError names the bad one
+        _check_port(port, f"API server port of {ip}")
     for value in (opts.pod_namespace, opts.service_account, opts.trust_domain):
         if not value or "/" in value:
             raise ValueError(f"{value!r} cannot be part of a SPIFFE id")
+
+
+def _check_port(port: int, what: str) -> None:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+        raise ValueError(f"{what} {port!r} is outside 1-65535")
 
 
 # --- building blocks ---------------------------------------------------------------------
@@ -388,8 +414,9 @@ def _outbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
             "filter_chain_match": {"destination_port": port},
             "filters": [_tcp_proxy(f"outbound_plain_{port}", "passthrough")],
         }
-        for port in opts.ports.never_captured_inbound()
+        for port in _plain_ports(opts)
     ]
+    chains += _api_server_chains(opts)
     chains += [
         {
             "name": "outbound-mesh-http",
@@ -423,6 +450,43 @@ def _outbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
         "continue_on_listener_filters_timeout": True,
         "filter_chains": chains,
     }
+
+
+def _plain_ports(opts: BootstrapOptions) -> list[int]:
+    """The peers' never-captured ports, then the mesh's plaintext ports, each once."""
+    ports: list[int] = []
+    for port in (*opts.ports.never_captured_inbound(), *opts.plaintext_ports):
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _api_server_chains(opts: BootstrapOptions) -> list[dict[str, Any]]:
+    """One plain passthrough chain per API server port, matching its exact addresses (/32 or
+    /128): more specific than the mesh CIDRs under the same port, and other addresses on that
+    port fall back to the port-less chains (see the module docstring)."""
+    by_port: dict[int, list[str]] = {}
+    for ip, port in opts.api_servers:
+        addr = str(ipaddress.ip_address(ip))
+        if addr not in by_port.setdefault(port, []):
+            by_port[port].append(addr)
+    return [
+        {
+            "name": f"outbound-apiserver-{port}",
+            "filter_chain_match": {
+                "destination_port": port,
+                "prefix_ranges": [
+                    {
+                        "address_prefix": addr,
+                        "prefix_len": ipaddress.ip_address(addr).max_prefixlen,
+                    }
+                    for addr in addrs
+                ],
+            },
+            "filters": [_tcp_proxy("outbound_apiserver", "passthrough")],
+        }
+        for port, addrs in by_port.items()
+    ]
 
 
 def _inbound_listener(opts: BootstrapOptions) -> dict[str, Any]:

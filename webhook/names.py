@@ -53,6 +53,7 @@ ENV_TRUST_DOMAIN: Final = "SIDEMESH_TRUST_DOMAIN"
 ENV_CA_ADDRESS: Final = "SIDEMESH_CA_ADDRESS"
 ENV_INBOUND_MTLS: Final = "SIDEMESH_INBOUND_MTLS"  # PERMISSIVE | STRICT
 ENV_MESH_CIDRS: Final = "SIDEMESH_MESH_CIDRS"  # comma-separated CIDRs
+ENV_PLAINTEXT_PORTS: Final = "SIDEMESH_PLAINTEXT_PORTS"  # comma-separated, never mTLS outbound
 ENV_APP_PORTS: Final = "SIDEMESH_APP_PORTS"  # comma-separated TCP containerPorts of the app
 ENV_APP_PROBES: Final = "SIDEMESH_APP_PROBES"  # JSON: {"/app-health/<c>/<kind>": <probe>}
 ENV_CERT_TTL: Final = "SIDEMESH_CERT_TTL_SECONDS"  # requested workload cert lifetime
