@@ -9,7 +9,8 @@ Given a Pod (a dict, as the webhook's patch left it) and a pod network namespace
 * every container runs as a process in the pod's namespace, in a private mount namespace where
   its ``volumeMounts`` are bind-mounted at their ``mountPath``; with the spec's command + args
   (``sidemesh`` resolved to the venv's console script, app images replaced by a test command),
-  env (downward-API ``fieldRef`` values filled in: pod name/namespace/IP(s), service account)
+  env (downward-API ``fieldRef`` values filled in: pod name/namespace/IP(s), service account;
+  plus ``cluster_env``, the kubelet's own variables such as ``KUBERNETES_SERVICE_HOST``)
   and user (``runAsUser``/``runAsGroup`` of the container, else of the pod);
 * init containers first and in order: a regular one must exit 0; a native sidecar
   (``restartPolicy: Always``) is started and its ``startupProbe`` polled, the way the kubelet
@@ -85,6 +86,9 @@ class PodRunner:
     sidemesh: Sequence[str]
     #: (namespace, service account, pod name) → a signed projected token.
     token_for: Callable[[str, str, str], str]
+    #: What the kubelet adds to every container's environment on its own, e.g. the
+    #: ``kubernetes`` Service's ``KUBERNETES_SERVICE_HOST``/``_PORT``; the spec's env wins.
+    cluster_env: Mapping[str, str] = field(default_factory=dict)
     procs: dict[str, Proc] = field(default_factory=dict)
     volume_dirs: dict[str, Path] = field(default_factory=dict)
 
@@ -141,6 +145,7 @@ class PodRunner:
 
     def _env(self, container: Mapping[str, Any]) -> dict[str, str]:
         env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/"}
+        env.update(self.cluster_env)
         for item in container.get("env", []):
             if "value" in item:
                 env[item["name"]] = str(item["value"])

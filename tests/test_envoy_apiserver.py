@@ -50,9 +50,28 @@ def test_api_server_gets_an_exact_address_passthrough_chain_per_port() -> None:
         "destination_port": 6443,
         "prefix_ranges": [{"address_prefix": "10.96.0.1", "prefix_len": 32}],
     }
-    # The mesh chains stay exactly as they were for every other address and port.
+    # Envoy prunes by port first: once a chain names :443, the port-less chains are out of the
+    # race for every address on :443. So :443 carries its own copy of the mesh chains (other
+    # meshed pods' :443 keep mTLS) and of the passthrough.
+    for port in (443, 6443):
+        assert chains[f"outbound-mesh-tcp-{port}"]["filter_chain_match"] == {
+            "destination_port": port,
+            "prefix_ranges": chains["outbound-mesh-tcp"]["filter_chain_match"]["prefix_ranges"],
+        }
+        assert _cluster(chains[f"outbound-mesh-http-{port}"]) == "outbound_mesh_http"
+        assert chains[f"outbound-passthrough-{port}"]["filter_chain_match"] == {
+            "destination_port": port
+        }
+    # The port-less mesh chains stay exactly as they were for every other port.
     assert _cluster(chains["outbound-mesh-tcp"]) == "outbound_mesh_tcp"
     assert "destination_port" not in chains["outbound-mesh-tcp"]["filter_chain_match"]
+
+
+def test_api_server_on_a_port_plain_for_everyone_needs_no_chain_of_its_own() -> None:
+    opts = BootstrapOptions(**BASE, api_servers=(("10.96.0.1", 53),))
+    names = [c["name"] for c in _outbound_chains(opts)]
+    assert "outbound-plain-53" in names
+    assert not [n for n in names if n.endswith("-53") and n != "outbound-plain-53"]
 
 
 def test_without_api_server_env_there_is_no_api_chain() -> None:

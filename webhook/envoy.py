@@ -46,10 +46,14 @@ are never captured on a peer's side (15020/15021/15090), the mesh config's
 never injected), and the Kubernetes API server's Service address(es) (``api_servers``: the
 agent reads ``KUBERNETES_SERVICE_HOST``/``_PORT``/``_PORT_HTTPS``, which the kubelet gives
 every container). The API server has no sidecar, so wrapping an operator's own TLS in our
-mTLS would break every call it makes. Those chains win over the mesh-CIDR chains because
-Envoy matches the destination port first, then the most specific destination prefix: a chain
-with ``destination_port: 443`` and ``10.96.0.1/32`` takes 10.96.0.1:443, while another meshed
-pod's :443 finds no prefix match under port 443 and falls back to the port-less mesh chains.
+mTLS would break every call it makes. Envoy picks a filter chain by pruning, criterion by
+criterion: destination port first (chains naming the port, if any does, else the port-less
+ones), then the longest matching destination prefix among the survivors. So a chain with
+``destination_port: 443`` and ``10.96.0.1/32`` takes 10.96.0.1:443 over the mesh CIDR, but it
+also removes every port-less chain from the race for *any* address on :443: a meshed pod's
+:443 would match nothing and be closed (seen with real traffic). Each API server port
+therefore gets its own copy of the mesh and passthrough chains (``outbound-mesh-tcp-443`` …,
+same stats and clusters), and only the exact address:port is exempt.
 
 How the inbound side tells HTTP from other TCP after TLS: the outbound side sniffs the app's
 first bytes (``http_inspector``) and announces the protocol in ALPN (``sidemesh-http`` or
@@ -405,7 +409,6 @@ def _listener_filter(name: str, type_url: str) -> dict[str, Any]:
 
 
 def _outbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
-    mesh = _cidr_ranges(opts.mesh_cidrs)
     chains: list[dict[str, Any]] = [
         # Other pods' probe, health and stats ports are never captured on their side, so they
         # must not get mTLS either (a meshed Prometheus scraping :15090, a peer's :15021).
@@ -417,27 +420,7 @@ def _outbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
         for port in _plain_ports(opts)
     ]
     chains += _api_server_chains(opts)
-    chains += [
-        {
-            "name": "outbound-mesh-http",
-            "filter_chain_match": {
-                "prefix_ranges": mesh,
-                "application_protocols": _HTTP_PROTOCOLS,
-            },
-            "filters": [_tcp_proxy("outbound_mesh_http", "outbound_mesh_http")],
-        },
-        {
-            "name": "outbound-mesh-tcp",
-            "filter_chain_match": {"prefix_ranges": mesh},
-            "filters": [_tcp_proxy("outbound_mesh_tcp", "outbound_mesh_tcp")],
-        },
-        {
-            # Anything outside the mesh CIDRs: as if there were no proxy.
-            "name": "outbound-passthrough",
-            "filter_chain_match": {},
-            "filters": [_tcp_proxy("outbound_passthrough", "passthrough")],
-        },
-    ]
+    chains += _mesh_chains(opts)
     return {
         "name": "outbound",
         "stat_prefix": "outbound",
@@ -462,30 +445,60 @@ def _plain_ports(opts: BootstrapOptions) -> list[int]:
 
 
 def _api_server_chains(opts: BootstrapOptions) -> list[dict[str, Any]]:
-    """One plain passthrough chain per API server port, matching its exact addresses (/32 or
-    /128): more specific than the mesh CIDRs under the same port, and other addresses on that
-    port fall back to the port-less chains (see the module docstring)."""
+    """Per API server port: its exact addresses (/32 or /128) as plain passthrough, then that
+    port's copy of the mesh and passthrough chains for every other address (see the module
+    docstring: a port-specific chain hides the port-less ones). A port that is plaintext for
+    every address anyway needs nothing more."""
+    plain = set(_plain_ports(opts))
     by_port: dict[int, list[str]] = {}
     for ip, port in opts.api_servers:
         addr = str(ipaddress.ip_address(ip))
-        if addr not in by_port.setdefault(port, []):
+        if port not in plain and addr not in by_port.setdefault(port, []):
             by_port[port].append(addr)
+    chains: list[dict[str, Any]] = []
+    for port, addrs in by_port.items():
+        exact = [
+            {"address_prefix": a, "prefix_len": ipaddress.ip_address(a).max_prefixlen}
+            for a in addrs
+        ]
+        chains.append(
+            {
+                "name": f"outbound-apiserver-{port}",
+                "filter_chain_match": {"destination_port": port, "prefix_ranges": exact},
+                "filters": [_tcp_proxy("outbound_apiserver", "passthrough")],
+            }
+        )
+        chains += _mesh_chains(opts, port)
+    return chains
+
+
+def _mesh_chains(opts: BootstrapOptions, port: int | None = None) -> list[dict[str, Any]]:
+    """mTLS to the mesh CIDRs (HTTP or other TCP, told apart by the sniffed protocol), plain
+    passthrough elsewhere; restricted to one destination port when ``port`` is given."""
+    mesh = _cidr_ranges(opts.mesh_cidrs)
+    only: dict[str, Any] = {} if port is None else {"destination_port": port}
+    suffix = "" if port is None else f"-{port}"
     return [
         {
-            "name": f"outbound-apiserver-{port}",
+            "name": f"outbound-mesh-http{suffix}",
             "filter_chain_match": {
-                "destination_port": port,
-                "prefix_ranges": [
-                    {
-                        "address_prefix": addr,
-                        "prefix_len": ipaddress.ip_address(addr).max_prefixlen,
-                    }
-                    for addr in addrs
-                ],
+                **only,
+                "prefix_ranges": mesh,
+                "application_protocols": _HTTP_PROTOCOLS,
             },
-            "filters": [_tcp_proxy("outbound_apiserver", "passthrough")],
-        }
-        for port, addrs in by_port.items()
+            "filters": [_tcp_proxy("outbound_mesh_http", "outbound_mesh_http")],
+        },
+        {
+            "name": f"outbound-mesh-tcp{suffix}",
+            "filter_chain_match": {**only, "prefix_ranges": mesh},
+            "filters": [_tcp_proxy("outbound_mesh_tcp", "outbound_mesh_tcp")],
+        },
+        {
+            # Anything outside the mesh CIDRs: as if there were no proxy.
+            "name": f"outbound-passthrough{suffix}",
+            "filter_chain_match": only,
+            "filters": [_tcp_proxy("outbound_passthrough", "passthrough")],
+        },
     ]
 
 

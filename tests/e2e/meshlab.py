@@ -26,6 +26,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -220,10 +221,17 @@ def with_pod_ips(pod: dict[str, Any], ips: list[str]) -> None:
 
 
 def start_mesh(
-    lab: NetnsLab, *, cert_ttl: int | None = None, ipv6: bool = False, app_script: str = MESHAPP
+    lab: NetnsLab,
+    *,
+    cert_ttl: int | None = None,
+    ipv6: bool = False,
+    app_script: str = MESHAPP,
+    kubelet_env: Callable[[Pod], Mapping[str, str]] | None = None,
 ) -> Mesh:
     """``ipv6``: dual-stack pods (every pod also gets an IPv6 address, the mesh CIDRs include
-    the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``)."""
+    the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``).
+    ``kubelet_env``: given the sidecar-less ``outside`` pod, the variables the kubelet adds to
+    every container of the meshed pods (e.g. ``KUBERNETES_SERVICE_HOST`` pointing at it)."""
     _preflight()
     node = lab.node(ipv6=ipv6)
     cp, client_net, server_net = node.add_pod("cp"), node.add_pod("client"), node.add_pod("server")
@@ -312,6 +320,7 @@ def start_mesh(
             app_commands={"app": [PYTHON, app_script, "serve", *ports]},
             sidemesh=SIDEMESH,
             token_for=token_for,
+            cluster_env=kubelet_env(outside) if kubelet_env else {},
         )
         runner.start()
         runner.procs["app"].expect("listening")
