@@ -191,6 +191,8 @@ def test_api_server_and_dns_over_tcp_pass_through_the_sidecar(family: str) -> No
     """IPv6: dual-stack pods and an IPv6 ``KUBERNETES_SERVICE_HOST`` (an IPv6-first cluster)."""
     require_root()
     require_tools("ip", "iptables", "iptables-restore", "setpriv", "unshare")
+    if family == "IPv6":
+        require_tools("ip6tables-restore")
     envoy_binary()
     started = time.monotonic()
     lab = NetnsLab("smapi")
