@@ -202,3 +202,38 @@ def test_a_forged_status_cannot_make_uninject_remove_user_containers() -> None:
         read_status(p)
     with pytest.raises(InjectionError):
         inject(p)
+
+
+def _objects(value: Any) -> list[Any]:
+    """Every dict and list inside ``value`` (itself included)."""
+    if isinstance(value, dict):
+        return [value, *(o for v in value.values() for o in _objects(v))]
+    if isinstance(value, list):
+        return [value, *(o for v in value for o in _objects(v))]
+    return []
+
+
+def _scribble(value: Any) -> None:
+    """What a careless caller might do to a result: change every dict and list in it."""
+    for obj in _objects(value):
+        if isinstance(obj, dict):
+            obj["scribbled"] = True
+        else:
+            obj.append("scribbled")
+
+
+def test_what_one_pod_gets_never_leaks_into_the_next() -> None:
+    # The containers and volumes are built from strings worked out once per (config,
+    # overrides); every list and dict must still be this pod's own, or a caller changing one
+    # result would change the next, and a YAML dump of two pods would show &id001 anchors.
+    first, second = inject(pod()), inject(pod())
+    ours = {id(o) for o in _objects(first.pod) + _objects(first.patch)}
+    added = [first.pod["spec"]["initContainers"], first.pod["spec"]["volumes"]]
+    shared = [o for o in _objects(second.pod) + _objects(second.patch) if id(o) in ours]
+    assert shared == [], "two injections share a list or dict"
+    expected = copy.deepcopy(second.pod), copy.deepcopy(second.patch)
+    _scribble(added)
+    _scribble(first.patch)
+    third = inject(pod())
+    assert (third.pod, third.patch) == expected
+    assert "scribbled" not in json.dumps([third.pod, third.patch])

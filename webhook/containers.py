@@ -7,6 +7,7 @@ here, so every literal comes from :mod:`webhook.names` or the config. Pure.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Final
 
 from webhook import names
@@ -72,6 +73,59 @@ def init_args(config: MeshConfig, ov: Overrides) -> list[str]:
     return args
 
 
+@dataclass(frozen=True, slots=True)
+class _Strings:
+    """The strings of our containers that depend only on (config, overrides), worked out once.
+
+    Only immutable values (str, int, tuples) live here: every container is still built as a
+    fresh literal per pod, so no list or dict is ever shared between two pods. Sharing them
+    would be unsafe, not just impolite: a YAML dump of a ``kind: List`` holding two injected
+    templates would turn shared objects into ``&id001`` anchors, and a caller mutating one
+    result would change the next.
+    """
+
+    init_args: tuple[str, ...]
+    proxy_args: tuple[str, ...]
+    mesh_cidrs: str
+    plaintext_ports: str
+    cert_ttl: str
+
+
+# (id(config), id(ov)) → (config, ov, strings). Keyed by identity because hashing a MeshConfig
+# and an Overrides walks every field, which costs more than the lookup saves; the entry keeps
+# both objects alive and is checked with ``is``, so a reused id can never match. Pods without
+# sidemesh annotations share one Overrides per config (annotations.read_overrides), so they
+# all hit; an annotated pod gets a new Overrides and just computes its strings (as before).
+_STRINGS: dict[tuple[int, int], tuple[MeshConfig, Overrides, _Strings]] = {}
+
+
+def _strings(config: MeshConfig, ov: Overrides) -> _Strings:
+    key = (id(config), id(ov))
+    hit = _STRINGS.get(key)
+    if hit is not None and hit[0] is config and hit[1] is ov:
+        return hit[2]
+    px = config.proxy
+    strings = _Strings(
+        init_args=tuple(init_args(config, ov)),
+        proxy_args=(
+            *("--ca-address", config.ca_address),
+            *("--token-file", names.TOKEN_FILE),
+            *("--bundle-file", names.BUNDLE_FILE),
+            *("--cert-dir", names.CERTS_DIR),
+            *("--work-dir", names.WORK_DIR),
+            *("--log-level", ov.log_level),
+            *("--concurrency", str(px.concurrency)),
+        ),
+        mesh_cidrs=",".join(config.mesh_cidrs),
+        plaintext_ports=",".join(map(str, config.plaintext_ports)),
+        cert_ttl=str(px.cert_ttl_seconds),
+    )
+    if len(_STRINGS) > 64:  # annotated pods each bring a new Overrides: stay bounded
+        _STRINGS.clear()
+    _STRINGS[key] = (config, ov, strings)
+    return strings
+
+
 def init_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
     """``sidemesh-init``: installs the capture rules, then exits.
 
@@ -86,7 +140,7 @@ def init_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
         "image": config.proxy.init_image,
         "imagePullPolicy": config.proxy.image_pull_policy,
         "command": ["sidemesh", "init-traffic"],
-        "args": init_args(config, ov),
+        "args": list(_strings(config, ov).init_args),
         "resources": _resources(ov),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -104,9 +158,14 @@ def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
 
-def _health_probe(config: MeshConfig, **timing: int) -> dict[str, Any]:
-    get = {"path": names.HEALTH_PATH, "port": config.ports.health, "scheme": "HTTP"}
-    return {"httpGet": get, **timing}
+def _health_probe(port: int, period: int, failures: int) -> dict[str, Any]:
+    get = {"path": names.HEALTH_PATH, "port": port, "scheme": "HTTP"}
+    return {
+        "httpGet": get,
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
 
 
 def proxy_container(
@@ -124,22 +183,18 @@ def proxy_container(
     startupProbe holds back the next containers until Envoy is ready, so apps start after the
     proxy and Jobs still complete. ``hold`` (classic mode): a postStart hook that blocks the
     kubelet from starting the next container until the proxy is ready.
+
+    Written as one literal (every list and dict fresh for this pod) with the strings that
+    depend only on the config and overrides worked out once: it runs once per admitted pod.
     """
-    px = config.proxy
+    px, s = config.proxy, _strings(config, ov)
+    health = config.ports.health
     container: dict[str, Any] = {
         "name": names.PROXY_CONTAINER,
         "image": ov.proxy_image,
         "imagePullPolicy": px.image_pull_policy,
         "command": ["sidemesh", "proxy"],
-        "args": _flags(
-            ("--ca-address", config.ca_address),
-            ("--token-file", names.TOKEN_FILE),
-            ("--bundle-file", names.BUNDLE_FILE),
-            ("--cert-dir", names.CERTS_DIR),
-            ("--work-dir", names.WORK_DIR),
-            ("--log-level", ov.log_level),
-            ("--concurrency", str(px.concurrency)),
-        ),
+        "args": list(s.proxy_args),
         "env": [
             _field_env(names.ENV_POD_NAME, "metadata.name"),
             _field_env(names.ENV_POD_NAMESPACE, "metadata.namespace"),
@@ -148,21 +203,16 @@ def proxy_container(
             _field_env(names.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
             {"name": names.ENV_TRUST_DOMAIN, "value": config.trust_domain},
             {"name": names.ENV_INBOUND_MTLS, "value": ov.inbound_mtls},
-            {"name": names.ENV_MESH_CIDRS, "value": ",".join(config.mesh_cidrs)},
-            {
-                "name": names.ENV_PLAINTEXT_PORTS,
-                "value": ",".join(map(str, config.plaintext_ports)),
-            },
+            {"name": names.ENV_MESH_CIDRS, "value": s.mesh_cidrs},
+            {"name": names.ENV_PLAINTEXT_PORTS, "value": s.plaintext_ports},
             {"name": names.ENV_APP_PORTS, "value": app_ports},
             {"name": names.ENV_APP_PROBES, "value": app_probes},
-            {"name": names.ENV_CERT_TTL, "value": str(px.cert_ttl_seconds)},
+            {"name": names.ENV_CERT_TTL, "value": s.cert_ttl},
         ],
         "ports": [
             {"containerPort": config.ports.stats, "name": METRICS_PORT_NAME, "protocol": "TCP"}
         ],
-        "readinessProbe": _health_probe(
-            config, periodSeconds=2, timeoutSeconds=3, failureThreshold=30
-        ),
+        "readinessProbe": _health_probe(health, 2, 30),
         "resources": _resources(ov),
         "securityContext": {
             "allowPrivilegeEscalation": False,
@@ -183,17 +233,17 @@ def proxy_container(
     if native:
         container["restartPolicy"] = "Always"
         # Up to 10 minutes for the first certificate and Envoy start, polled every second.
-        container["startupProbe"] = _health_probe(
-            config, periodSeconds=1, timeoutSeconds=3, failureThreshold=600
-        )
+        container["startupProbe"] = _health_probe(health, 1, 600)
     elif hold:
         container["lifecycle"] = {"postStart": {"exec": {"command": ["sidemesh", "proxy", "wait"]}}}
     return container
 
 
+_BUNDLE_REF: Final = f"metadata.annotations['{names.TRUST_BUNDLE_ANNOTATION}']"
+
+
 def volumes() -> list[dict[str, Any]]:
     """The four volumes, in SIDEMESH_VOLUMES order (all mounted into the proxy only)."""
-    bundle_ref = f"metadata.annotations['{names.TRUST_BUNDLE_ANNOTATION}']"
     return [
         {"name": names.VOLUME_CERTS, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
         {
@@ -214,7 +264,7 @@ def volumes() -> list[dict[str, Any]]:
             "name": names.VOLUME_BUNDLE,
             "downwardAPI": {
                 "items": [
-                    {"path": "ca.crt", "fieldRef": {"apiVersion": "v1", "fieldPath": bundle_ref}}
+                    {"path": "ca.crt", "fieldRef": {"apiVersion": "v1", "fieldPath": _BUNDLE_REF}}
                 ]
             },
         },

@@ -45,6 +45,8 @@ _OUR_ANNOTATIONS = frozenset(
     {names.TRUST_BUNDLE_ANNOTATION, names.DEFAULT_CONTAINER, names.STATUS, *PROMETHEUS}
 )
 _ANNOTATIONS_PATH = "/metadata/annotations/"
+# Their patch paths, escaped once: every key has a "/" to escape, on every pod.
+_ANNOTATION_PATHS = {key: _ANNOTATIONS_PATH + escape(key) for key in _OUR_ANNOTATIONS}
 # Values JSON has no type for (bytes from YAML's !!binary …) are written as strings.
 _json_fallback = json.JSONEncoder(separators=(",", ":"), default=str).encode
 
@@ -180,14 +182,24 @@ def read_status(pod: Mapping[str, Any]) -> dict[str, Any]:
 # --- conflicts -------------------------------------------------------------------------------
 
 
-def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> None:
+def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> str:
+    """Refuse a pod that collides with what sidemesh adds; else return its app ports.
+
+    The app ports (``SIDEMESH_APP_PORTS``: the TCP ports of app containers, then of user
+    sidecars, i.e. restartable init containers) come from the same pass over the ports.
+    """
     spec = pod["spec"]
+    app_ports: list[int] = []
+    sidecar_ports: list[int] = []
     reserved = config.ports.all()
     px = config.proxy
     pod_sc = _dict(spec.get("securityContext"))
     for field in ("initContainers", "containers"):
         for c in spec.get(field) or ():
             name = c["name"]
+            sidecar = c.get("restartPolicy") == "Always"
+            # Where its TCP ports count as app ports (nowhere: a run-to-completion init).
+            out = app_ports if field == "containers" else sidecar_ports if sidecar else None
             if name in _OUR_CONTAINERS:
                 raise ConflictError(
                     f"spec.{field} already has a container named {name!r} but the pod has no "
@@ -195,14 +207,23 @@ def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> None:
                     "its own"
                 )
             for port in c.get("ports") or ():
-                number = port.get("containerPort") if isinstance(port, dict) else None
+                if not isinstance(port, dict):
+                    continue
+                number = port.get("containerPort")
                 if number in reserved:
                     raise ConflictError(
                         f"container {name!r} declares port {number}, which the sidemesh proxy "
                         f"reserves ({', '.join(map(str, sorted(reserved)))}): move the app off it, "
                         f"or opt the pod out with label {names.INJECT}=false"
                     )
-            if field == "initContainers" and c.get("restartPolicy") != "Always":
+                if (
+                    out is not None
+                    and isinstance(number, int)
+                    and port.get("protocol", "TCP") == "TCP"
+                    and number not in out
+                ):
+                    out.append(number)
+            if field == "initContainers" and not sidecar:
                 continue  # a run-to-completion init container may run as the proxy uid on purpose
             sc = _dict(c.get("securityContext"))
             for key, ours in (("runAsUser", px.uid), ("runAsGroup", px.gid)):
@@ -223,6 +244,8 @@ def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> None:
             f"the pod already has annotation {names.TRUST_BUNDLE_ANNOTATION} but no "
             f"{names.STATUS} annotation: remove it, sidemesh sets it"
         )
+    app_ports += [p for p in sidecar_ports if p not in app_ports]
+    return ",".join(map(str, app_ports))
 
 
 # --- inject ----------------------------------------------------------------------------------
@@ -235,24 +258,13 @@ def _was(container: Mapping[str, Any], key: str) -> str | None:
     return "null" if container[key] is None else None
 
 
-def _app_ports(spec: Mapping[str, Any]) -> str:
-    """TCP ports of app containers and of user sidecars (restartable init containers)."""
-    out: list[int] = []
-    sidecars = [c for c in spec.get("initContainers") or () if c.get("restartPolicy") == "Always"]
-    for c in [*spec["containers"], *sidecars]:
-        for p in c.get("ports") or ():
-            number = p.get("containerPort") if isinstance(p, dict) else None
-            if isinstance(number, int) and p.get("protocol", "TCP") == "TCP" and number not in out:
-                out.append(number)
-    return ",".join(map(str, out))
-
-
 def _inject(
     pod: Mapping[str, Any],
     *,
     config: MeshConfig,
     bundle: str,
     ov: Overrides,
+    app_ports: str,
     patch: Patch,
 ) -> dict[str, Any]:
     status: dict[str, Any] = {"version": __version__}
@@ -286,7 +298,7 @@ def _inject(
     proxy = proxy_container(
         config,
         ov,
-        app_ports=_app_ports(pod["spec"]),
+        app_ports=app_ports,
         app_probes=_to_json(handlers),
         native=native,
         hold=hold,
@@ -359,7 +371,7 @@ def _inject(
     else:
         new["metadata"] = {**(meta_in or {}), "annotations": {**ann_in, **added}}
         for key, value in added.items():
-            patch.add(_ANNOTATIONS_PATH + escape(key), value)
+            patch.add(_ANNOTATION_PATHS[key], value)
     return new
 
 
@@ -462,12 +474,12 @@ def inject_pod(
     if is_injected(pod):
         base = _uninject(pod, patch)
         ov = read_overrides(_annotations(base), config)
-        _check_conflicts(base, config)
-        new = _inject(base, config=config, bundle=bundle, ov=ov, patch=patch)
+        app_ports = _check_conflicts(base, config)
+        new = _inject(base, config=config, bundle=bundle, ov=ov, app_ports=app_ports, patch=patch)
         if new == pod:
             return Injection(Decision(False, ALREADY_INJECTED), dict(pod), [])
         return Injection(decision, new, patch.ops)
     ov = read_overrides(_annotations(pod), config)
-    _check_conflicts(pod, config)
-    new = _inject(pod, config=config, bundle=bundle, ov=ov, patch=patch)
+    app_ports = _check_conflicts(pod, config)
+    new = _inject(pod, config=config, bundle=bundle, ov=ov, app_ports=app_ports, patch=patch)
     return Injection(decision, new, patch.ops)

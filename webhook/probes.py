@@ -96,15 +96,17 @@ def _handler(probe: Mapping[str, Any], named: Mapping[str, int]) -> dict[str, An
     return None  # exec, or no handler at all
 
 
+_KINDS = tuple(names.PROBE_KINDS.items())
+
+
 def rewrite_container(container: Mapping[str, Any], probe_port: int) -> ProbeRewrite | None:
     """Rewrite one container's probes; None when there is nothing to rewrite."""
     result: ProbeRewrite | None = None
     named: dict[str, int] | None = None
-    name = container.get("name", "")
-    for kind, short in names.PROBE_KINDS.items():
+    for kind, short in _KINDS:
         probe = container.get(kind)
         if not isinstance(probe, dict):
-            continue
+            continue  # most containers stop here three times: no probes, nothing built
         if named is None:
             named = _named_ports(container)
         handler = _handler(probe, named)
@@ -112,11 +114,15 @@ def rewrite_container(container: Mapping[str, Any], probe_port: int) -> ProbeRew
             continue
         if result is None:
             result = ProbeRewrite({}, {}, {})
-        path = f"{names.APP_HEALTH_PREFIX}/{name}/{short}"
+        path = f"{names.APP_HEALTH_PREFIX}/{container.get('name', '')}/{short}"
         get = {"path": path, "port": probe_port, "scheme": "HTTP"}
         # The handler moves to where the old one was, so the probe reads the same.
-        new = {("httpGet" if k in _HANDLERS else k): (get if k in _HANDLERS else v)
-               for k, v in probe.items()}  # fmt: skip
+        new: dict[str, Any] = {}
+        for k, v in probe.items():
+            if k in _HANDLERS:
+                new["httpGet"] = get
+            else:
+                new[k] = v
         result.probes[kind] = new
         result.originals[kind] = probe
         result.handlers[path] = handler
