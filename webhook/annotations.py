@@ -85,6 +85,8 @@ ANNOTATIONS: Final = (
     EXCLUDE_OUTBOUND_PORTS,
 )
 
+_ANNOTATION_SET: Final = frozenset(ANNOTATIONS)
+
 # Prometheus scrape annotations; added only when the pod sets none of the three itself.
 PROMETHEUS_SCRAPE: Final = "prometheus.io/scrape"
 PROMETHEUS_PORT: Final = "prometheus.io/port"
@@ -210,7 +212,7 @@ def _check_request_within_limit(
 
 def read_overrides(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:
     """Parse every override annotation of a pod; raise AnnotationError on the first bad one."""
-    if not any(name in annotations for name in ANNOTATIONS):
+    if _ANNOTATION_SET.isdisjoint(annotations):
         return _defaults(config)  # most pods: the config's values, computed once per config
     return _read(annotations, config)
 

@@ -226,6 +226,8 @@ def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> str:
             if field == "initContainers" and not sidecar:
                 continue  # a run-to-completion init container may run as the proxy uid on purpose
             sc = _dict(c.get("securityContext"))
+            if not sc and not pod_sc:
+                continue  # the common case: no ids on the container nor the pod
             for key, ours in (("runAsUser", px.uid), ("runAsGroup", px.gid)):
                 value = sc.get(key, pod_sc.get(key))
                 if value == ours and not isinstance(value, bool):

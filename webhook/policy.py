@@ -67,6 +67,21 @@ class Decision:
     reason: str
 
 
+# One Decision per outcome, built once: it is frozen, so every pod can share it (building a
+# frozen dataclass costs about as much as the rest of the decision).
+_DECISIONS: Final = {
+    reason: Decision(reason in (OPTED_IN, NAMESPACE_POLICY), reason)
+    for reason in (
+        HOST_NETWORK,
+        MIRROR_POD,
+        IGNORED_NAMESPACE,
+        OPTED_OUT,
+        OPTED_IN,
+        NAMESPACE_POLICY,
+    )
+}
+
+
 def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, dict) else {}
 
@@ -77,23 +92,23 @@ def _opt(name: str, raw: object, kind: str) -> Decision:
         wanted = parse_bool(text)
     except ValueError as exc:
         raise AnnotationError(name, text, str(exc), kind=kind) from None
-    return Decision(True, OPTED_IN) if wanted else Decision(False, OPTED_OUT)
+    return _DECISIONS[OPTED_IN if wanted else OPTED_OUT]
 
 
 def decide(pod: Mapping[str, Any], namespace: str, config: MeshConfig) -> Decision:
     """Apply the decision order to a pod (or a pod template) in ``namespace``."""
     spec = _mapping(pod.get("spec"))
     if spec.get("hostNetwork") is True:
-        return Decision(False, HOST_NETWORK)
+        return _DECISIONS[HOST_NETWORK]
     meta = _mapping(pod.get("metadata"))
     annotations = _mapping(meta.get("annotations"))
     if names.MIRROR_POD in annotations:
-        return Decision(False, MIRROR_POD)
+        return _DECISIONS[MIRROR_POD]
     if namespace in config.ignored_namespaces:
-        return Decision(False, IGNORED_NAMESPACE)
+        return _DECISIONS[IGNORED_NAMESPACE]
     labels = _mapping(meta.get("labels"))
     if names.INJECT in labels:
         return _opt(names.INJECT, labels[names.INJECT], "label")
     if names.INJECT in annotations:
         return _opt(names.INJECT, annotations[names.INJECT], "annotation")
-    return Decision(True, NAMESPACE_POLICY)
+    return _DECISIONS[NAMESPACE_POLICY]

@@ -40,34 +40,40 @@ class ProbeRewrite:
     """``/app-health/…`` path → the original handler for the proxy, ports as numbers."""
 
 
-def _named_ports(container: Mapping[str, Any]) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _named_port(container: Mapping[str, Any], name: str) -> int | None:
+    """The first declared port called ``name`` with a number (what the kubelet would use).
+
+    Looked up only when a probe names its port: most probes give a number, and a container
+    declares a handful of ports, so a scan beats building a name table for every container.
+    """
     ports = container.get("ports")
     if isinstance(ports, list):
         for p in ports:
-            if isinstance(p, dict) and isinstance(p.get("name"), str):
+            if isinstance(p, dict) and p.get("name") == name:
                 num = p.get("containerPort")
                 if isinstance(num, int) and not isinstance(num, bool):
-                    out.setdefault(p["name"], num)
-    return out
+                    return num
+    return None
 
 
-def _resolve(port: Any, named: Mapping[str, int]) -> int | None:
+def _resolve(port: Any, container: Mapping[str, Any]) -> int | None:
+    if type(port) is int:  # the common case first (and never a bool)
+        return port if 1 <= port <= 65535 else None
     if isinstance(port, bool):
         return None
     if isinstance(port, str):
-        port = int(port) if port.isascii() and port.isdigit() else named.get(port)
+        port = int(port) if port.isascii() and port.isdigit() else _named_port(container, port)
     if isinstance(port, int) and 1 <= port <= 65535:
         return port
     return None
 
 
-def _handler(probe: Mapping[str, Any], named: Mapping[str, int]) -> dict[str, Any] | None:
+def _handler(probe: Mapping[str, Any], container: Mapping[str, Any]) -> dict[str, Any] | None:
     """The proxy's copy of a probe's handler, or None when the probe is left alone."""
     timeout = probe.get("timeoutSeconds", 1)
     get = probe.get("httpGet")
     if isinstance(get, dict):
-        port = _resolve(get.get("port"), named)
+        port = _resolve(get.get("port"), container)
         if port is None or get.get("host"):
             return None
         http: dict[str, Any] = {
@@ -80,13 +86,13 @@ def _handler(probe: Mapping[str, Any], named: Mapping[str, int]) -> dict[str, An
         return {"httpGet": http, "timeoutSeconds": timeout}
     tcp = probe.get("tcpSocket")
     if isinstance(tcp, dict):
-        port = _resolve(tcp.get("port"), named)
+        port = _resolve(tcp.get("port"), container)
         if port is None or tcp.get("host"):
             return None
         return {"tcpSocket": {"port": port}, "timeoutSeconds": timeout}
     grpc = probe.get("grpc")
     if isinstance(grpc, dict):
-        port = _resolve(grpc.get("port"), named)
+        port = _resolve(grpc.get("port"), container)
         if port is None:
             return None
         rpc: dict[str, Any] = {"port": port}
@@ -102,19 +108,18 @@ _KINDS = tuple(names.PROBE_KINDS.items())
 def rewrite_container(container: Mapping[str, Any], probe_port: int) -> ProbeRewrite | None:
     """Rewrite one container's probes; None when there is nothing to rewrite."""
     result: ProbeRewrite | None = None
-    named: dict[str, int] | None = None
+    prefix = ""
     for kind, short in _KINDS:
         probe = container.get(kind)
         if not isinstance(probe, dict):
             continue  # most containers stop here three times: no probes, nothing built
-        if named is None:
-            named = _named_ports(container)
-        handler = _handler(probe, named)
+        handler = _handler(probe, container)
         if handler is None:
             continue
         if result is None:
             result = ProbeRewrite({}, {}, {})
-        path = f"{names.APP_HEALTH_PREFIX}/{container.get('name', '')}/{short}"
+            prefix = f"{names.APP_HEALTH_PREFIX}/{container.get('name', '')}/"
+        path = prefix + short
         get = {"path": path, "port": probe_port, "scheme": "HTTP"}
         # The handler moves to where the old one was, so the probe reads the same.
         new: dict[str, Any] = {}
