@@ -45,6 +45,7 @@ _OUR_ANNOTATIONS = frozenset(
     {names.TRUST_BUNDLE_ANNOTATION, names.DEFAULT_CONTAINER, names.STATUS, *PROMETHEUS}
 )
 _ANNOTATIONS_PATH = "/metadata/annotations/"
+_PROMETHEUS = frozenset(PROMETHEUS)
 # Their patch paths, escaped once: every key has a "/" to escape, on every pod.
 _ANNOTATION_PATHS = {key: _ANNOTATIONS_PATH + escape(key) for key in _OUR_ANNOTATIONS}
 # Values JSON has no type for (bytes from YAML's !!binary …) are written as strings.
@@ -110,8 +111,10 @@ def _check_shape(pod: Mapping[str, Any]) -> None:
         for i, item in enumerate(items):
             if not isinstance(item, dict) or not isinstance(item.get("name"), str):
                 raise _shape_error(f"spec.{field}[{i}]", "an object with a name")
+            if field == "volumes":
+                continue
             ports = item.get("ports")
-            if field != "volumes" and ports is not None and not isinstance(ports, list):
+            if ports is not None and not isinstance(ports, list):
                 raise _shape_error(f"spec.{field}[{i}].ports", "a list")
 
 
@@ -289,8 +292,9 @@ def _inject(
                 if rw is None:
                     continue
                 items[i] = {**c, **rw.probes}
+                at = f"/spec/{field}/{i}/"
                 for kind, probe in rw.probes.items():
-                    patch.replace(f"/spec/{field}/{i}/{kind}", probe)
+                    patch.replace(at + kind, probe)
                 probes_orig[c["name"]] = rw.originals
                 handlers.update(rw.handlers)
 
@@ -349,7 +353,7 @@ def _inject(
     added: dict[str, str] = {names.TRUST_BUNDLE_ANNOTATION: bundle}
     if names.DEFAULT_CONTAINER not in ann_in:
         added[names.DEFAULT_CONTAINER] = pod["spec"]["containers"][0]["name"]
-    if not any(k in ann_in for k in PROMETHEUS):
+    if _PROMETHEUS.isdisjoint(ann_in):
         added[PROMETHEUS[0]] = "true"
         added[PROMETHEUS[1]] = str(config.ports.stats)
         added[PROMETHEUS[2]] = names.STATS_PATH
