@@ -187,7 +187,13 @@ def test_metrics_count_results_and_reasons(client: httpx.Client, webhook: Runnin
     assert 'sidemesh_admission_duration_seconds_bucket{le="0.0001",result="skipped"}' in text
     cert = x509.load_pem_x509_certificate((webhook.cert_dir / TLS_CERT).read_bytes())
     expiry = cert.not_valid_after_utc.timestamp()
-    assert f"sidemesh_serving_cert_expiry_timestamp_seconds {expiry:.9e}" in text
+    # Compared as numbers: the exposition drops trailing zeros (1.80340895e+09).
+    gauge = [
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith("sidemesh_serving_cert_expiry_timestamp_seconds ")
+    ]
+    assert gauge == [expiry]
     assert 'sidemesh_build_info{python="' in text
 
 

@@ -47,6 +47,7 @@ __all__ = [
     "CertificateAuthority",
     "ensure_dev_pki",
     "fingerprint_sha256",
+    "load_roots",
     "resolve_ttl",
     "serving_cert_needs_renewal",
     "write_file_atomic",
@@ -132,16 +133,30 @@ class CertificateAuthority:
                 f"no CA in {d}: cannot read {exc.filename} ({exc.strerror}); "
                 "run `sidemesh ca init --dir " + str(d) + "`"
             ) from None
+        return cls.from_pem(cert_pem, key_pem, where=str(d))
+
+    @classmethod
+    def from_pem(cls, cert_pem: bytes, key_pem: bytes, *, where: str = ".") -> CertificateAuthority:
+        """The CA from the contents of ``ca.crt`` and ``ca.key``.
+
+        ``ca.crt`` may hold several roots (the overlap of a root rotation: old and new); the
+        signer is the one whose key is in ``ca.key``, and there must be one.
+        """
+        roots = load_roots(cert_pem, where=f"{where}/{CA_CERT}")
         try:
-            cert = x509.load_pem_x509_certificate(cert_pem)
             key = serialization.load_pem_private_key(key_pem, password=None)
         except ValueError as exc:
-            raise PKIError(f"the CA files in {d} do not parse: {exc}") from None
+            raise PKIError(f"the CA files in {where} do not parse: {exc}") from None
         if not isinstance(key, ec.EllipticCurvePrivateKey):
-            raise PKIError(f"{d / CA_KEY} is not an ECDSA key")
-        if key.public_key().public_numbers() != _ec_public(cert).public_numbers():
-            raise PKIError(f"{d / CA_KEY} does not belong to {d / CA_CERT}")
-        return cls(cert=cert, key=key)
+            raise PKIError(f"{where}/{CA_KEY} is not an ECDSA key")
+        numbers = key.public_key().public_numbers()
+        for cert in roots:
+            public = cert.public_key()
+            if isinstance(public, ec.EllipticCurvePublicKey) and public.public_numbers() == numbers:
+                return cls(cert=cert, key=key)
+        if len(roots) == 1:
+            _ec_public(roots[0])  # the clearer message for a lone non-ECDSA root
+        raise PKIError(f"{where}/{CA_KEY} does not belong to {where}/{CA_CERT}")
 
     def save(self, directory: str | Path) -> None:
         """Write ``ca.crt`` (0644) and ``ca.key`` (0600), each atomically."""
@@ -312,6 +327,24 @@ def serving_cert_needs_renewal(
         return True
     start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
     return now >= end - (end - start) * _RENEW_FRACTION
+
+
+_PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
+
+
+def load_roots(pem: bytes, *, where: str = CA_CERT) -> list[x509.Certificate]:
+    """Every certificate of a PEM bundle, all or nothing.
+
+    cryptography silently skips a block cut off before its END line, so a half-written
+    bundle would pass as a shorter one: count the BEGIN lines and refuse a mismatch.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise PKIError(f"{where} holds no complete PEM certificate") from None
+    if len(certs) != pem.count(_PEM_BEGIN):
+        raise PKIError(f"{where} ends in an incomplete certificate")
+    return certs
 
 
 def fingerprint_sha256(cert: x509.Certificate) -> str:

@@ -52,6 +52,7 @@ from fastapi.responses import Response
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from webhook import names
+from webhook.bundle import ReloadingTrust
 from webhook.ca import (
     CA_CERT,
     CA_KEY,
@@ -170,34 +171,6 @@ class RateLimiter:
         self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full}
 
 
-class _CAFiles:
-    """The CA in ``cert_dir``, re-read when ``ca.crt``/``ca.key`` change (checked ≤ 1/s)."""
-
-    def __init__(self, cert_dir: Path) -> None:
-        self._dir = cert_dir
-        self._checked = float("-inf")
-        self._sig: tuple[int, ...] | None = None
-        self._ca: CertificateAuthority | None = None
-
-    def current(self) -> CertificateAuthority:
-        now = time.monotonic()
-        if self._ca is None or now - self._checked >= 1.0:
-            self._checked = now
-            sig = _file_sig(self._dir / CA_CERT) + _file_sig(self._dir / CA_KEY)
-            if sig != self._sig or self._ca is None:
-                self._ca = CertificateAuthority.load(self._dir)
-                self._sig = sig
-        return self._ca
-
-
-def _file_sig(path: Path) -> tuple[int, ...]:
-    try:
-        st = path.stat()
-    except OSError:
-        return (0, 0, 0, 0)
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _error(
     status: int, reason: str, message: str, headers: dict[str, str] | None = None
 ) -> Response:
@@ -213,8 +186,13 @@ def certificates_router(
     registry: CollectorRegistry | None = None,
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     rate_clock: Callable[[], float] = time.monotonic,
+    trust_bundle: Callable[[], str] | None = None,
 ) -> APIRouter:
-    """The ``POST /v1/certificates`` router. ``ca`` is a CA or a function giving the current one."""
+    """The ``POST /v1/certificates`` router. ``ca`` is a CA or a function giving the current one.
+
+    ``trust_bundle`` gives the roots answered as ``trustBundle`` (default: the signer's root
+    alone); with a rotation under way that is the old and the new root.
+    """
     current_ca = ca if callable(ca) else (lambda: ca)
     metrics = _metrics_for(registry)
     limiter = RateLimiter(config.ca.rate_per_identity_per_minute, clock=rate_clock)
@@ -306,7 +284,7 @@ def certificates_router(
             )
         body: CertificateResponse = {
             "certificateChain": cert_pem,
-            "trustBundle": authority.root_pem,
+            "trustBundle": authority.root_pem if trust_bundle is None else trust_bundle(),
             "expiresAt": expires_at,
             "spiffeId": spiffe_id,
         }
@@ -402,11 +380,13 @@ def router_from_config(
     verifier: TokenVerifier | VerifierOptions | None = None,
     *,
     registry: CollectorRegistry | None = None,
+    trust: ReloadingTrust | None = None,
 ) -> APIRouter | None:
     """The CA router when ``cert_dir`` holds the root key and a verifier is configured.
 
     ``verifier`` may be a ready verifier, :class:`VerifierOptions` (from the server's flags),
-    or ``None`` for :meth:`VerifierOptions.from_env`.
+    or ``None`` for :meth:`VerifierOptions.from_env`. ``trust`` is the server's reloading view
+    of ``ca.crt``/``ca.key`` (shared with the bundle it injects); by default one of its own.
     """
     cert_dir = Path(cert_dir)
     if not (cert_dir / CA_KEY).exists():
@@ -424,9 +404,12 @@ def router_from_config(
             )
             return None
         verifier = built
-    files = _CAFiles(cert_dir)
-    files.current()  # fail at start-up, not on the first request, if the files are broken
-    return certificates_router(files.current, verifier, config=config, registry=registry)
+    if trust is None or not trust.with_key:
+        # Loads now: broken files fail at start-up, not on the first request.
+        trust = ReloadingTrust(cert_dir, with_key=True)
+    return certificates_router(
+        trust.authority, verifier, config=config, registry=registry, trust_bundle=trust.bundle
+    )
 
 
 # --- upkeep: caBundle and serving certificate -------------------------------------------------

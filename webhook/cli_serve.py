@@ -56,7 +56,8 @@ def register(subparsers: Any) -> None:
         "--reload-interval",
         type=float,
         default=1.0,
-        help="seconds between checks of the cert files for changes (default 1)",
+        help="seconds between checks of the cert files (tls.*, and ca.crt/ca.key for the "
+        "injected trust bundle and the CA signer) for changes (default 1)",
     )
     ca = p.add_argument_group(
         "certificate authority",
@@ -205,6 +206,7 @@ def _worker_main(settings: ServeSettings) -> None:
 def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None:
     """One worker: load config, certs and CA, build the app, serve until SIGTERM/SIGINT."""
     from webhook import ca
+    from webhook.bundle import ReloadingTrust
     from webhook.config import load_config_file
     from webhook.logs import configure_logging
     from webhook.metrics import Metrics
@@ -214,8 +216,12 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
     configure_logging(settings.log_level)
     config = load_config_file(settings.config_file)
     cert_dir = Path(settings.cert_dir)
-    bundle = (cert_dir / ca.CA_CERT).read_text(encoding="ascii")
     metrics = Metrics()
+    # The bundle for the pods and the CA signer follow ca.crt/ca.key like the serving cert
+    # does; each worker process watches on its own.
+    trust = ReloadingTrust(
+        cert_dir, check_interval=settings.reload_interval, on_reload=metrics.trust_reloaded
+    )
     tls = ReloadingTLS(
         cert_dir / ca.TLS_CERT,
         cert_dir / ca.TLS_KEY,
@@ -223,10 +229,10 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
         on_load=lambda not_after, reloaded: metrics.cert_loaded(not_after, reloaded=reloaded),
         on_error=metrics.cert_reload_failed,
     )
-    routers, services = _ca_parts(config, cert_dir, settings, metrics)
+    routers, services = _ca_parts(config, cert_dir, settings, metrics, trust)
     app = create_app(
         config=config,
-        bundle=bundle,
+        bundle=trust.bundle,
         metrics=metrics,
         tls=tls,
         routers=routers,
@@ -258,7 +264,7 @@ def _verifier_options(args: argparse.Namespace) -> Any:
 
 
 def _ca_parts(
-    config: Any, cert_dir: Path, settings: ServeSettings, metrics: Any
+    config: Any, cert_dir: Path, settings: ServeSettings, metrics: Any, trust: Any
 ) -> tuple[list[Any], list[Any]]:
     """The CA's router (POST /v1/certificates) and its upkeep (caBundle patching, serving cert
     renewal), each only when there is something for it to do."""
@@ -267,7 +273,7 @@ def _ca_parts(
     except ImportError:  # pragma: no cover - the CA API ships with sidemesh
         return [], []
     router = ca_api.router_from_config(
-        config, cert_dir, settings.verifier, registry=metrics.registry
+        config, cert_dir, settings.verifier, registry=metrics.registry, trust=trust
     )
     upkeep = ca_api.upkeep_from_config(config, cert_dir, kubeconfig=settings.kubeconfig)
     return ([router] if router is not None else []), ([upkeep] if upkeep is not None else [])

@@ -6,6 +6,7 @@
 | ``sidemesh_admission_duration_seconds``           | histogram | result          |
 | ``sidemesh_serving_cert_expiry_timestamp_seconds``| gauge     |                 |
 | ``sidemesh_serving_cert_reloads_total``           | counter   | result          |
+| ``sidemesh_trust_bundle_reloads_total``           | counter   | result          |
 | ``sidemesh_build_info``                           | gauge = 1 | version, python |
 
 ``result`` is ``injected``, ``unchanged``, ``skipped``, ``denied`` (pod refused with a
@@ -87,6 +88,13 @@ class Metrics:
             ["result"],
             registry=self.registry,
         )
+        self.trust_reloads = Counter(
+            "sidemesh_trust_bundle_reloads_total",
+            "Reloads of the trust bundle and CA signer (ca.crt/ca.key) after the files "
+            "changed, by result (failure: the old ones stay in use).",
+            ["result"],
+            registry=self.registry,
+        )
         self.build_info = Gauge(
             "sidemesh_build_info",
             "Always 1; the labels say which sidemesh runs.",
@@ -114,6 +122,9 @@ class Metrics:
 
     def cert_reload_failed(self) -> None:
         self.cert_reloads.labels("failure").inc()
+
+    def trust_reloaded(self, ok: bool) -> None:
+        self.trust_reloads.labels("success" if ok else "failure").inc()
 
     def render(self) -> tuple[bytes, str]:
         return render(self.registry)

@@ -81,7 +81,7 @@ class Service(Protocol):
 def create_app(
     *,
     config: MeshConfig,
-    bundle: str,
+    bundle: str | Callable[[], str],
     injector: Injector | None = None,
     metrics: Metrics | None = None,
     tls: ReloadingTLS | None = None,
@@ -91,14 +91,23 @@ def create_app(
 ) -> FastAPI:
     """The webhook app. ``injector`` defaults to the core with ``config`` and ``bundle`` bound.
 
+    ``bundle`` is the trust bundle PEM, or a function that returns the current one (called
+    once per review: :meth:`webhook.bundle.ReloadingTrust.bundle` follows ``ca.crt``).
+
     ``noop_endpoint`` adds ``POST /noop`` (parse the review, allow it): the ceiling of this
     stack, for the benchmark only.
     """
     if injector is None:
         from webhook.inject import inject_pod
 
-        core = functools.partial(inject_pod, config=config, bundle=bundle)
-        injector = lambda pod, namespace: core(pod, namespace=namespace)  # noqa: E731
+        if callable(bundle):
+            current = bundle
+            injector = lambda pod, namespace: inject_pod(  # noqa: E731
+                pod, namespace=namespace, config=config, bundle=current()
+            )
+        else:
+            core = functools.partial(inject_pod, config=config, bundle=bundle)
+            injector = lambda pod, namespace: core(pod, namespace=namespace)  # noqa: E731
     bound_injector: Injector = injector
     metrics = metrics if metrics is not None else Metrics()
     limit = config.webhook.max_body_bytes or DEFAULT_MAX_BODY_BYTES
