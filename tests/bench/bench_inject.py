@@ -7,21 +7,34 @@ with ``jsonpatch.make_patch`` — the approach this project avoids. Goals: ≤ 5
 typical pod, ≤ 1 ms for the 64 KB pod. Prints a table, writes bench-results/inject.json.
 
     .venv/bin/python tests/bench/bench_inject.py [--rounds N]
+    .venv/bin/python tests/bench/bench_inject.py --ab REF [--repeats N]
+
+``--ab REF`` compares this tree's typical-pod median with git revision ``REF``'s (its
+``webhook/`` exported to a temporary directory), alternating short runs of each in fresh
+processes so both see the same phases of a machine whose speed drifts; it prints each pair,
+the median ratio, and writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO))
+# --ab runs this script again with the package of another revision in front (see ab()).
+sys.path.insert(0, os.environ.get("SIDEMESH_BENCH_ROOT", str(REPO)))
 
 import jsonpatch  # noqa: E402
 
@@ -151,10 +164,53 @@ def measure(fn: Callable[[], object], rounds: int) -> dict[str, float]:
     }
 
 
+def _typical_median(rounds: int) -> float:
+    p = pod(10)
+    return measure(lambda: inject_pod(p, namespace="shop", config=CFG, bundle=BUNDLE), rounds)[
+        "median_us"
+    ]
+
+
+def ab(ref: str, repeats: int, rounds: int) -> int:
+    """Alternate runs of ``ref`` and of this tree; print each pair and the median ratio."""
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "webhook"], capture_output=True, check=True
+    ).stdout
+    ratios = []
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        print(f"typical pod, median of {rounds} calls per run: {ref} vs this tree")
+        for i in range(repeats):
+            medians = []
+            for root in (tmp, str(REPO)):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--rounds", str(rounds), "--typical-median"],
+                    env={**os.environ, "SIDEMESH_BENCH_ROOT": root},
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                medians.append(float(out))
+            before, after = medians
+            ratios.append(after / before)
+            print(f"  run {i + 1}: {before:6.1f} µs -> {after:6.1f} µs  ({after / before:.2f}x)")
+    print(f"median ratio this tree / {ref}: {statistics.median(ratios):.2f}")
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2000, help="rounds for the typical pod")
+    parser.add_argument("--ab", metavar="REF", help="compare with git revision REF instead")
+    parser.add_argument("--repeats", type=int, default=10, help="--ab: runs of each")
+    parser.add_argument("--typical-median", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.typical_median:  # one side of --ab: just the number
+        print(_typical_median(args.rounds))
+        return 0
+    if args.ab:
+        return ab(args.ab, args.repeats, args.rounds)
     results: dict[str, Any] = {}
     goals = {"typical": 50.0, "64KB": 1000.0}
     cases = (
@@ -165,10 +221,8 @@ def main() -> int:
         size = len(json.dumps(p))
         injected = inject_pod(p, namespace="shop", config=CFG, bundle=BUNDLE)
         ops = len(injected.patch)
-        ours = measure(
-            lambda p=p: inject_pod(p, namespace="shop", config=CFG, bundle=BUNDLE), rounds
-        )
-        diff = measure(lambda p=p, q=injected.pod: jsonpatch.make_patch(p, q), max(rounds // 4, 20))
+        ours = measure(partial(inject_pod, p, namespace="shop", config=CFG, bundle=BUNDLE), rounds)
+        diff = measure(partial(jsonpatch.make_patch, p, injected.pod), max(rounds // 4, 20))
         results[label] = {
             "pod_bytes": size,
             "patch_ops": ops,
