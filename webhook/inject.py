@@ -14,8 +14,12 @@ operation doing the same (:mod:`webhook.patch`), so the patch is never computed 
 
 Copies are shallow along the changed paths only: the result shares untouched subtrees (env
 lists, volumes, managedFields …) with the input. Treat both as read-only; the input is never
-modified. An injected pod is refreshed by uninjecting then injecting again (one patch); when
-that gives the same pod the answer is ``already-injected`` with an empty patch.
+modified. What sidemesh adds is built fresh for every pod: only immutable strings are worked
+out once per (config, overrides) (:mod:`webhook.containers`), so two results never share a
+list or dict — changing one cannot change the next, and a YAML dump of several injected
+templates in one document has no anchors. An injected pod is refreshed by uninjecting then
+injecting again (one patch); when that gives the same pod the answer is ``already-injected``
+with an empty patch.
 """
 
 from __future__ import annotations
