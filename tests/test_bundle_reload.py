@@ -9,6 +9,7 @@ certificate is left alone, so the client keeps trusting the root it started with
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import os
@@ -26,13 +27,14 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from tests.apiserver_standin import APIServerStandin
 from tests.conftest import REPO, require_tools
 from tests.jwks_issuer import DEFAULT_ISSUER, Issuer
 from tests.test_ca import make_csr
 from tests.test_server_cli import SIDEMESH, Serve
 from tests.test_tlsreload import wait_for
 from tests.webhook_https import admission_review, client_ssl, simple_pod
-from webhook import names
+from webhook import kubeapi, names
 from webhook.bundle import ReloadingTrust
 from webhook.ca import (
     CA_CERT,
@@ -43,7 +45,7 @@ from webhook.ca import (
     ensure_dev_pki,
     write_file_atomic,
 )
-from webhook.ca_api import router_from_config
+from webhook.ca_api import CAUpkeep, router_from_config
 from webhook.config import CAConfig, MeshConfig
 from webhook.identity import JWKSVerifier
 from webhook.metrics import Metrics
@@ -343,6 +345,30 @@ def test_rotation_with_both_roots_in_the_bundle(tmp_path: Path) -> None:
         assert m.bundle(c) == new.root_pem
         assert m.certificate(c)["trustBundle"] == new.root_pem
     assert m.reloads("success") == 3 and m.reloads("failure") == 0
+
+
+# --- the caBundle upkeep never patches a half-written bundle (kube-apiserver STAND-IN) ----------
+
+
+def test_standin_upkeep_skips_a_cut_off_bundle(tmp_path: Path) -> None:
+    issuer = Issuer.create()
+    cert_dir = tmp_path / "certs"
+    old = dev_pki(cert_dir)
+    new = new_root()
+    with APIServerStandin(tmp_path / "standin", issuer) as standin:
+        standin.add_webhook_config("sidemesh-injector")
+        api = kubeapi.api_client(
+            host=standin.url, token=standin.caller_token, ca_file=str(standin.ca_file)
+        )
+        upkeep = CAUpkeep(cert_dir, config=MeshConfig(), api=api, interval=3600)
+        asyncio.run(upkeep.run_once())
+        assert kubeapi.read_ca_bundles(api) == [old.root_pem]
+        (cert_dir / CA_CERT).write_text(old.root_pem + new.root_pem[:300])
+        asyncio.run(upkeep.run_once())
+        assert kubeapi.read_ca_bundles(api) == [old.root_pem]
+        (cert_dir / CA_CERT).write_text(old.root_pem + new.root_pem)
+        asyncio.run(upkeep.run_once())
+        assert kubeapi.read_ca_bundles(api) == [old.root_pem + new.root_pem]
 
 
 # --- `sidemesh serve --workers 2`: each worker reloads on its own --------------------------------

@@ -59,6 +59,7 @@ from webhook.ca import (
     TLS_CERT,
     TLS_KEY,
     CertificateAuthority,
+    load_roots,
     resolve_ttl,
     serving_cert_needs_renewal,
     write_serving_pair,
@@ -481,9 +482,13 @@ class CAUpkeep:
     def _patch_bundle(self) -> None:
         from webhook import kubeapi
 
-        root = (self.cert_dir / CA_CERT).read_text(encoding="ascii")
+        raw = (self.cert_dir / CA_CERT).read_bytes()
+        root = raw.decode("ascii")
         if root == self.patched_root:
             return
+        # Never a half-written bundle into the API server's trust: raises PKIError, and the
+        # next round looks again.
+        load_roots(raw, where=str(self.cert_dir / CA_CERT))
         kubeapi.patch_ca_bundle(self.api, root, self.webhook_config)
         self.patched_root = root
 
