@@ -26,7 +26,8 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,7 @@ __all__ = [
     "Mesh",
     "admit",
     "app",
+    "checked_lab",
     "envoy_pids",
     "generation",
     "https_json",
@@ -55,6 +57,34 @@ __all__ = [
 ]
 
 MESHAPP = str(Path(__file__).resolve().parent / "meshapp.py")
+
+
+@contextmanager
+def checked_lab(prefix: str) -> Iterator[NetnsLab]:
+    """A :class:`NetnsLab` whose teardown is itself checked.
+
+    On failure, what each process said is printed first (the first thing one needs). On the way
+    out, every namespace is deleted and then verified gone, and every process that ever ran in
+    one of them verified dead: a test that leaves something behind fails.
+    """
+    lab = NetnsLab(prefix)
+    all_pids: set[int] = set()
+    try:
+        yield lab
+    except BaseException:
+        for proc in lab.processes:
+            print(f"--- {proc.ns}: {' '.join(proc.argv)[:120]}\n{proc.output()[-3000:]}")
+        raise
+    finally:
+        for ns in lab.namespaces:
+            all_pids.update(ns.pids())
+        lab.close(raise_errors=False)
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert lab.prefix not in listed, listed
+    alive = [pid for pid in all_pids if Path(f"/proc/{pid}").exists()]
+    assert not alive, f"processes left behind: {alive}"
+
+
 SIDEMESH = sidemesh_argv()
 APP_UID = 1000
 

@@ -18,8 +18,6 @@ number that has an exact-address exemption for another address.
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 from datetime import UTC, datetime, timedelta
 from ipaddress import ip_address
 from pathlib import Path
@@ -31,7 +29,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from meshlab import APP_UID, PYTHON, Mesh, app, is_direct, start_mesh, stats, trouble
+from meshlab import APP_UID, PYTHON, Mesh, app, checked_lab, is_direct, start_mesh, stats, trouble
 from netns import Netns, NetnsLab, Pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
@@ -194,10 +192,7 @@ def test_api_server_and_dns_over_tcp_pass_through_the_sidecar(family: str) -> No
     if family == "IPv6":
         require_tools("ip6tables-restore")
     envoy_binary()
-    started = time.monotonic()
-    lab = NetnsLab("smapi")
-    all_pids: set[int] = set()
-    try:
+    with checked_lab("smapi") as lab:
 
         def kubelet_env(apiserver: Pod) -> dict[str, str]:
             return {
@@ -208,19 +203,6 @@ def test_api_server_and_dns_over_tcp_pass_through_the_sidecar(family: str) -> No
 
         mesh = start_mesh(lab, kubelet_env=kubelet_env, ipv6=family == "IPv6")
         _checks(lab, mesh, family)
-    except BaseException:
-        for proc in lab.processes:
-            print(f"--- {proc.ns}: {' '.join(proc.argv)[:120]}\n{proc.output()[-3000:]}")
-        raise
-    finally:
-        for ns in lab.namespaces:
-            all_pids.update(ns.pids())
-        lab.close(raise_errors=False)
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert lab.prefix not in listed, listed
-    alive = [pid for pid in all_pids if Path(f"/proc/{pid}").exists()]
-    assert not alive, f"processes left behind: {alive}"
-    assert time.monotonic() - started < 20
 
 
 def _api_ip(pod: Pod, family: str) -> str:

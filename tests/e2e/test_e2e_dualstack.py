@@ -12,8 +12,6 @@ addresses, and the mesh CIDRs contain both subnets. The pods went through ``/mut
 from __future__ import annotations
 
 import json
-import subprocess
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,8 +19,8 @@ from typing import Any
 
 import pytest
 from conftest import envoy_binary, require_root, require_tools
-from meshlab import APP_UID, PYTHON, Mesh, start_mesh, stats, trouble
-from netns import Netns, NetnsLab
+from meshlab import APP_UID, PYTHON, Mesh, checked_lab, start_mesh, stats, trouble
+from netns import Netns
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 
@@ -41,25 +39,9 @@ def test_dual_stack_pods_mesh_ipv6_and_ipv4() -> None:
     require_root()
     require_tools("ip", "iptables-restore", "ip6tables-restore", "setpriv", "unshare")
     envoy_binary()
-    started = time.monotonic()
-    lab = NetnsLab("sm6")
-    all_pids: set[int] = set()
-    try:
+    with checked_lab("sm6") as lab:
         mesh = start_mesh(lab, ipv6=True, app_script=DUALAPP)
         _checks(mesh)
-    except BaseException:
-        for proc in lab.processes:
-            print(f"--- {proc.ns}: {' '.join(proc.argv)[:120]}\n{proc.output()[-3000:]}")
-        raise
-    finally:
-        for ns in lab.namespaces:
-            all_pids.update(ns.pids())
-        lab.close(raise_errors=False)
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert lab.prefix not in listed, listed
-    alive = [pid for pid in all_pids if Path(f"/proc/{pid}").exists()]
-    assert not alive, f"processes left behind: {alive}"
-    assert time.monotonic() - started < 30
 
 
 def _checks(mesh: Mesh) -> None:

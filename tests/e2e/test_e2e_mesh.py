@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 from conftest import envoy_binary, require_root, require_tools
@@ -23,6 +21,7 @@ from meshlab import (
     MESHAPP,
     PYTHON,
     app,
+    checked_lab,
     envoy_pids,
     generation,
     is_direct,
@@ -45,29 +44,12 @@ def test_mesh_end_to_end() -> None:
     require_root()
     require_tools("ip", "iptables", "iptables-restore", "setpriv", "unshare")
     envoy_binary()
-    started = time.monotonic()
-    lab = NetnsLab("sme2e")
-    all_pids: set[int] = set()
-    try:
-        _checks(lab, all_pids)
-    except BaseException:
-        # What each process said is the first thing one needs when this fails.
-        for proc in lab._procs:
-            print(f"--- {proc.ns}: {' '.join(proc.argv)[:120]}\n{proc.output()[-3000:]}")
-        raise
-    finally:
-        for ns in lab.namespaces:
-            all_pids.update(ns.pids())
-        lab.close(raise_errors=False)
-    # (8) everything is torn down: no namespace of ours, no process we started.
-    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert lab.prefix not in listed, listed
-    alive = [pid for pid in all_pids if Path(f"/proc/{pid}").exists()]
-    assert not alive, f"processes left behind: {alive}"
-    assert time.monotonic() - started < 120
+    # (8) everything is torn down: checked_lab verifies no namespace or process is left.
+    with checked_lab("sme2e") as lab:
+        _checks(lab)
 
 
-def _checks(lab: NetnsLab, all_pids: set[int]) -> None:
+def _checks(lab: NetnsLab) -> None:
     mesh = start_mesh(lab, cert_ttl=CERT_TTL)
     client, server = mesh.client, mesh.server
     server_net, client_net, outside, ext = server.pod_net, client.pod_net, mesh.outside, mesh.ext
@@ -170,5 +152,3 @@ def _checks(lab: NetnsLab, all_pids: set[int]) -> None:
     assert proxy.popen.wait(timeout=10) == 0, proxy.output()
     assert time.monotonic() - t0 < 3
     assert not envoy_pids(client.ns), "Envoy outlived its agent"
-    for ns in lab.namespaces:
-        all_pids.update(ns.pids())
