@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import multiprocessing
 import os
 import shutil
@@ -23,7 +22,10 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from webhook.ca_api import VerifierOptions
 
 __all__ = ["ServeSettings", "curl_example", "register", "run_worker"]
 
@@ -95,8 +97,8 @@ class ServeSettings:
     reload_interval: float
     noop_endpoint: bool
     shutdown_delay: float = 0.0
-    verifier: Any = None
-    """``ca_api.VerifierOptions`` (picklable), or ``None`` for its environment defaults."""
+    verifier: VerifierOptions | None = None
+    """Picklable (handed to worker processes); ``None`` for its environment defaults."""
     kubeconfig: str | None = None
 
 
@@ -248,12 +250,10 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
     server.run(sockets=[sock])
 
 
-def _verifier_options(args: argparse.Namespace) -> Any:
-    try:
-        ca_api: Any = importlib.import_module("webhook.ca_api")
-    except ImportError:  # pragma: no cover - the CA API ships with sidemesh
-        return None
-    return ca_api.VerifierOptions.from_env(
+def _verifier_options(args: argparse.Namespace) -> VerifierOptions:
+    from webhook.ca_api import VerifierOptions  # FastAPI: imported only when serving
+
+    return VerifierOptions.from_env(
         jwks_file=args.jwks_file,
         jwks_url=args.jwks_url,
         jwks_issuer=args.jwks_issuer,
@@ -268,10 +268,8 @@ def _ca_parts(
 ) -> tuple[list[Any], list[Any]]:
     """The CA's router (POST /v1/certificates) and its upkeep (caBundle patching, serving cert
     renewal), each only when there is something for it to do."""
-    try:
-        ca_api: Any = importlib.import_module("webhook.ca_api")
-    except ImportError:  # pragma: no cover - the CA API ships with sidemesh
-        return [], []
+    from webhook import ca_api  # FastAPI: imported only when serving
+
     router = ca_api.router_from_config(
         config, cert_dir, settings.verifier, registry=metrics.registry, trust=trust
     )
