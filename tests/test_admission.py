@@ -10,12 +10,12 @@ import jsonpatch
 import orjson
 import pytest
 
-from tests.webhook_https import V1, V1BETA1, admission_review, simple_pod
+from tests.support.webhook_https import V1, V1BETA1, admission_review, simple_pod
 from webhook import names
-from webhook.admission import Outcome, review
+from webhook.admission.review import Outcome, review
 from webhook.config import MeshConfig
 from webhook.errors import ReviewError
-from webhook.inject import inject_pod
+from webhook.inject.pod import inject_pod
 
 CFG = MeshConfig()
 BUNDLE = "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n"

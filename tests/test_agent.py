@@ -19,8 +19,9 @@ from typing import Any
 import pytest
 from cryptography import x509
 
-from webhook.agent import api_server_destinations, settings_from
-from webhook.agent_identity import (
+from webhook.ca.authority import CertificateAuthority
+from webhook.dataplane.agent import api_server_destinations, settings_from
+from webhook.dataplane.identity import (
     CARequestError,
     build_csr,
     check_issued,
@@ -28,8 +29,7 @@ from webhook.agent_identity import (
     new_key,
     renewal_time,
 )
-from webhook.agent_probes import parse_probes, run_probe
-from webhook.ca import CertificateAuthority
+from webhook.dataplane.probes import parse_probes, run_probe
 from webhook.errors import ConfigError
 
 NOW = datetime(2026, 5, 1, 12, 0, tzinfo=UTC)

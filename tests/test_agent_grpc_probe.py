@@ -1,7 +1,7 @@
 """The gRPC probe speaks real HTTP/2: checked against Envoy as the app's HTTP/2 front.
 
 The agent has no gRPC library; it writes the few HTTP/2 frames of a health check itself
-(:mod:`webhook.agent_probes`). Envoy, a strict HTTP/2 implementation, terminates them and
+(:mod:`webhook.dataplane.probes`). Envoy, a strict HTTP/2 implementation, terminates them and
 hands the call to a small HTTP/1.1 handler that plays ``grpc.health.v1.Health/Check``: it
 decodes the requested service name from the request message and answers SERVING for
 ``shop.Cart``, NOT_SERVING otherwise. (Envoy itself cannot be the gRPC server: its direct
@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import envoy_binary
 
-from webhook.agent_probes import run_probe
+from tests.conftest import envoy_binary
+from webhook.dataplane.probes import run_probe
 
 pytestmark = pytest.mark.envoy
 

@@ -19,12 +19,14 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import envoy_binary, require_root, require_tools
+
+from tests.conftest import envoy_binary, require_root, require_tools
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from jwks_issuer import Issuer
 from meshlab import SIDEMESH, envoy_pids
-from netns import Netns, NetnsLab
+
+from tests.support.jwks_issuer import Issuer
+from tests.support.netns import Netns, NetnsLab
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy]
 

@@ -6,10 +6,10 @@ from typing import Any
 
 import pytest
 
-from webhook import annotations as a
-from webhook.annotations import quantity_value, read_overrides, sidemesh_keys
 from webhook.config import MeshConfig, load_config
 from webhook.errors import AnnotationError
+from webhook.inject import annotations as a
+from webhook.inject.annotations import quantity_value, read_overrides, sidemesh_keys
 
 CFG = MeshConfig()
 

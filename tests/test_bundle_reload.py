@@ -27,16 +27,16 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
-from tests.apiserver_standin import APIServerStandin
 from tests.conftest import REPO, require_tools
-from tests.jwks_issuer import DEFAULT_ISSUER, Issuer
+from tests.support.apiserver_standin import APIServerStandin
+from tests.support.jwks_issuer import DEFAULT_ISSUER, Issuer
+from tests.support.webhook_https import admission_review, client_ssl, simple_pod
 from tests.test_ca import make_csr
 from tests.test_server_cli import SIDEMESH, Serve
 from tests.test_tlsreload import wait_for
-from tests.webhook_https import admission_review, client_ssl, simple_pod
-from webhook import kubeapi, names
-from webhook.bundle import ReloadingTrust
-from webhook.ca import (
+from webhook import names
+from webhook.ca.api import CAUpkeep, router_from_config
+from webhook.ca.authority import (
     CA_CERT,
     CA_KEY,
     TLS_CERT,
@@ -45,12 +45,13 @@ from webhook.ca import (
     ensure_dev_pki,
     write_file_atomic,
 )
-from webhook.ca_api import CAUpkeep, router_from_config
+from webhook.ca.tokens import JWKSVerifier
+from webhook.ca.trust import ReloadingTrust
 from webhook.config import CAConfig, MeshConfig
-from webhook.identity import JWKSVerifier
-from webhook.metrics import Metrics
-from webhook.server import ServerThread, create_app
-from webhook.tlsreload import ReloadingTLS
+from webhook.kube import api as kubeapi
+from webhook.server.app import ServerThread, create_app
+from webhook.server.metrics import Metrics
+from webhook.server.tlsreload import ReloadingTLS
 
 NAMES = (CA_CERT, CA_KEY, TLS_CERT, TLS_KEY)
 STARTED = "Application startup complete."

@@ -12,13 +12,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import require_tools
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from webhook.ca import (
+from tests.conftest import require_tools
+from webhook.ca.authority import (
     CLOCK_SKEW,
     DEFAULT_SERVING_DNS,
     CertificateAuthority,

@@ -23,14 +23,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from fastapi import FastAPI
-from jwks_issuer import Issuer
 from prometheus_client import CollectorRegistry
 from test_ca import make_csr, openssl_verify, rsa_key
 
-from webhook.ca import CA_CERT, CertificateAuthority, ensure_dev_pki
-from webhook.ca_api import VerifierOptions, router_from_config
+from tests.support.jwks_issuer import Issuer
+from webhook.ca.api import VerifierOptions, router_from_config
+from webhook.ca.authority import CA_CERT, CertificateAuthority, ensure_dev_pki
+from webhook.ca.tokens import JWKSVerifier, TokenVerifier
 from webhook.config import CAConfig, MeshConfig
-from webhook.identity import JWKSVerifier, TokenVerifier
 
 
 @dataclass

@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import REPO, require_tools
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+
+from tests.conftest import REPO, require_tools
 
 SIDEMESH = [sys.executable, "-m", "webhook"]
 

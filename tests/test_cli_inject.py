@@ -13,7 +13,7 @@ import jsonpatch
 import pytest
 import yaml
 
-from webhook.cli_inject import PLACEHOLDER_BUNDLE
+from webhook.cli.inject import PLACEHOLDER_BUNDLE
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "webhook" / "samples" / "demo-app.yaml"

@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import yaml
-from golden_cases import BUNDLE, validate_k8s
 
-from webhook.cli import main
-from webhook.inject import is_injected
+from tests.support.golden_cases import BUNDLE, validate_k8s
+from webhook.cli.main import main
+from webhook.inject.pod import is_injected
+from webhook.inject.workloads import TEMPLATE_PATHS
 from webhook.manifests import read_documents
-from webhook.workloads import TEMPLATE_PATHS
 
 CORPUS = Path(__file__).resolve().parent / "testdata" / "inject" / "corpus" / "linkerd"
 #: Where the corpus came from (present on the machines this project is built on).

@@ -181,6 +181,6 @@ def test_everything_the_dockerfile_copies_is_in_the_context(
 
 def test_ignore_matcher_can_say_no(patterns: list[str]) -> None:
     assert not ignored("pyproject.toml", patterns)
-    assert not ignored("webhook/install.py", patterns)
+    assert not ignored("webhook/install/cluster.py", patterns)
     assert ignored("a.txt", ["*"]) and not ignored("a.txt", ["*", "!a.txt"])
-    assert Path(REPO / "webhook" / "cli.py").exists()
+    assert Path(REPO / "webhook" / "cli" / "main.py").exists()

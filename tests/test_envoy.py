@@ -12,13 +12,13 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import TESTDATA, UPDATE_GOLDEN, envoy_binary
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from webhook.envoy import BootstrapOptions, render_bootstrap, render_sds
+from tests.conftest import TESTDATA, UPDATE_GOLDEN, envoy_binary
+from webhook.dataplane.bootstrap import BootstrapOptions, render_bootstrap, render_sds
 
 GOLDEN_DIR = TESTDATA / "envoy"
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from webhook.envoy import BootstrapOptions, render_bootstrap
+from webhook.dataplane.bootstrap import BootstrapOptions, render_bootstrap
 
 BASE: dict[str, Any] = {"pod_name": "op-1", "pod_namespace": "ops", "service_account": "op"}
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-from webhook.agent import envoy_command, settings_from
-from webhook.envoy import BootstrapOptions, local_address_ip_version, render_bootstrap
+from webhook.dataplane.agent import envoy_command, settings_from
+from webhook.dataplane.bootstrap import BootstrapOptions, local_address_ip_version, render_bootstrap
 
 FLAGS = {
     "ca_address": "https://ca:443",
@@ -101,7 +101,7 @@ def test_ipv6_only_pod_still_has_ipv4_loopback_listeners() -> None:
 
 
 def test_agent_knows_whether_the_ipv6_passthrough_source_is_on_lo(tmp_path: Path) -> None:
-    from webhook.agent import _on_loopback
+    from webhook.dataplane.agent import _on_loopback
 
     proc = tmp_path / "if_inet6"
     eth0 = "fd00005e000000000000000000000003 02 40 00 80     eth0\n"

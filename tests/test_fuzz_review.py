@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.webhook_https import (
+from tests.support.webhook_https import (
     SAMPLE_REVIEW,
     V1,
     V1BETA1,
@@ -27,7 +27,7 @@ from tests.webhook_https import (
     https_webhook,
     simple_pod,
 )
-from webhook.admission import API_VERSIONS
+from webhook.admission.review import API_VERSIONS
 
 FUZZ = settings(
     max_examples=150,

@@ -17,8 +17,9 @@ import jsonpatch
 import jsonpointer
 import pytest
 import yaml
-from conftest import UPDATE_GOLDEN
-from golden_cases import (
+
+from tests.conftest import UPDATE_GOLDEN
+from tests.support.golden_cases import (
     DERIVED,
     GOLDEN_DIR,
     Case,
@@ -29,10 +30,9 @@ from golden_cases import (
     run_case,
     validate_k8s,
 )
-
-from webhook.cli import main
-from webhook.inject import inject_pod
-from webhook.workloads import inject_object, uninject_object
+from webhook.cli.main import main
+from webhook.inject.pod import inject_pod
+from webhook.inject.workloads import inject_object, uninject_object
 
 CASES = cases()
 IDS = [c.name for c in CASES]
@@ -220,9 +220,9 @@ def test_pod_cases_match_the_core() -> None:
 
 def test_the_golden_set_covers_every_kind_annotation_reason_and_mode() -> None:
     """Removing a case must not silently drop coverage of a user-visible behaviour."""
-    from webhook.annotations import ANNOTATIONS
-    from webhook.policy import REASONS
-    from webhook.workloads import TEMPLATE_PATHS
+    from webhook.inject.annotations import ANNOTATIONS
+    from webhook.inject.policy import REASONS
+    from webhook.inject.workloads import TEMPLATE_PATHS
 
     texts = "\n".join(c.text for c in CASES)
     reasons = {e["decision"]["reason"] for c in SUCCESS for e in c.expected_patches() or []}

@@ -9,10 +9,9 @@ from pathlib import Path
 
 import jwt
 import pytest
-from jwks_issuer import Issuer
 
-from webhook.errors import IdentityError
-from webhook.identity import (
+from tests.support.jwks_issuer import Issuer
+from webhook.ca.tokens import (
     Identity,
     JWKSVerifier,
     ReviewResult,
@@ -21,6 +20,7 @@ from webhook.identity import (
     parse_spiffe_id,
     spiffe_id,
 )
+from webhook.errors import IdentityError
 
 NOW = 1_800_000_000.0
 

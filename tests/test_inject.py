@@ -12,7 +12,7 @@ import pytest
 from webhook import names
 from webhook.config import MeshConfig, load_config
 from webhook.errors import AnnotationError, ConflictError, InjectionError
-from webhook.inject import inject_pod, read_status, uninject_pod
+from webhook.inject.pod import inject_pod, read_status, uninject_pod
 
 CFG = MeshConfig()
 BUNDLE = "-----BEGIN CERTIFICATE-----\nTEST\n-----END CERTIFICATE-----\n"

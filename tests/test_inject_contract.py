@@ -7,7 +7,7 @@ from typing import Any
 
 from webhook import names
 from webhook.config import MeshConfig
-from webhook.inject import inject_pod
+from webhook.inject.pod import inject_pod
 
 CFG = MeshConfig()
 BUNDLE = "-----BEGIN CERTIFICATE-----\nQUJD\n-----END CERTIFICATE-----\n"

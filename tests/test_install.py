@@ -28,8 +28,8 @@ from kubernetes_validate.utils import latest_version
 
 from tests.conftest import REPO, require_tools
 from webhook import names
-from webhook.ca import CertificateAuthority, ensure_dev_pki
-from webhook.install import (
+from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
+from webhook.install.cluster import (
     CA_SECRET,
     REDACTED,
     SETTLE_SECONDS,

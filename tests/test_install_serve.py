@@ -32,7 +32,7 @@ import yaml
 
 from tests.conftest import REPO, require_root, require_tools
 from webhook import names
-from webhook.install import Completed, Options, install
+from webhook.install.cluster import Completed, Options, install
 
 IMAGE = "registry.example/team/sidemesh:e2e"
 SERVICE_HOST = f"{names.SERVICE_NAME}.{names.CONTROL_PLANE_NAMESPACE}.svc"

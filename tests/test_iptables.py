@@ -1,5 +1,5 @@
-"""The capture rules (webhook/iptables.py): golden files per option set, plus the planning of
-re-runs and clean-ups against a namespace's current nat table. No root needed.
+"""The capture rules (webhook/dataplane/capture.py): golden files per option set, plus the
+planning of re-runs and clean-ups against a namespace's current nat table. No root needed.
 
 Each golden file is exactly what ``sidemesh init-traffic --dry-run ARGS`` prints (IPv4 then
 IPv6). ``UPDATE_GOLDEN=1`` (``make golden``) rewrites them and deletes files no case produces;
@@ -10,11 +10,10 @@ from __future__ import annotations
 import shlex
 
 import pytest
-from conftest import REPO, TESTDATA, UPDATE_GOLDEN
 
-from webhook.cli import main
-from webhook.errors import TrafficError
-from webhook.iptables import (
+from tests.conftest import REPO, TESTDATA, UPDATE_GOLDEN
+from webhook.cli.main import main
+from webhook.dataplane.capture import (
     CHAINS,
     CaptureOptions,
     apply_input,
@@ -25,7 +24,8 @@ from webhook.iptables import (
     rules,
     sidemesh_state,
 )
-from webhook.traffic import has_global_ipv6
+from webhook.dataplane.netns import has_global_ipv6
+from webhook.errors import TrafficError
 
 GOLDEN = TESTDATA / "iptables"
 
@@ -243,7 +243,7 @@ def test_ipv6_auto_detection() -> None:
 
 
 def test_pure_modules_do_no_io() -> None:
-    source = (REPO / "webhook/iptables.py").read_text()
+    source = (REPO / "webhook/dataplane/capture.py").read_text()
     for banned in ("import subprocess", "import os", "open(", "import time"):
         assert banned not in source
 
@@ -253,7 +253,7 @@ def test_pure_modules_do_no_io() -> None:
 
 def _injected_init_args(annotations: dict[str, str]) -> list[str]:
     from webhook.config import MeshConfig
-    from webhook.inject import inject_pod
+    from webhook.inject.pod import inject_pod
 
     pod = {
         "apiVersion": "v1",

@@ -12,17 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apiserver_standin import APIServerStandin
 from cryptography import x509
-from jwks_issuer import Issuer
 from test_ca import make_csr, openssl_verify
 from test_ca_api import post, serve_ca
 
-from webhook import kubeapi
-from webhook.ca import CertificateAuthority, ensure_dev_pki
-from webhook.ca_api import CAUpkeep, VerifierOptions
+from tests.support.apiserver_standin import APIServerStandin
+from tests.support.jwks_issuer import Issuer
+from webhook.ca.api import CAUpkeep, VerifierOptions
+from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
+from webhook.ca.tokens import Identity, JWKSVerifier, TokenReviewVerifier
 from webhook.config import MeshConfig
-from webhook.identity import Identity, JWKSVerifier, TokenReviewVerifier
+from webhook.kube import api as kubeapi
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ import yaml
 from tests.conftest import REPO, require_tools
 from webhook import names
 from webhook.config import DEFAULT_IMAGE, RESERVED_PORTS, MeshConfig, load_config
-from webhook.install import CA_SECRET, TLS_SECRET, kustomize_build
+from webhook.install.cluster import CA_SECRET, TLS_SECRET, kustomize_build
 
 MANIFESTS = REPO / "manifests"
 NS = names.CONTROL_PLANE_NAMESPACE
@@ -375,7 +375,7 @@ def test_namespace_enforces_restricted_and_is_never_injected(base: list[Obj]) ->
 
 def serve_args(base: list[Obj]) -> argparse.Namespace:
     """The container's command line, parsed by the real `sidemesh serve` parser."""
-    from webhook.cli import build_parser
+    from webhook.cli.main import build_parser
 
     c = container(base)
     assert c["command"] == ["sidemesh"]

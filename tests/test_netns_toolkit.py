@@ -11,8 +11,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import require_root, require_tools
-from netns import Mount, NetnsLab, listener_argv, probe
+
+from tests.conftest import require_root, require_tools
+from tests.support.netns import Mount, NetnsLab, listener_argv, probe
 
 pytestmark = pytest.mark.root
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jsonpatch
 
-from webhook.patch import Patch, escape, pointer
+from webhook.inject.patch import Patch, escape, pointer
 
 
 def test_pointer_tokens_are_escaped_per_rfc6901() -> None:

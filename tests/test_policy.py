@@ -8,7 +8,7 @@ import pytest
 
 from webhook.config import MeshConfig, load_config
 from webhook.errors import AnnotationError
-from webhook.policy import REASONS, Decision, decide
+from webhook.inject.policy import REASONS, Decision, decide
 
 CFG = MeshConfig()
 

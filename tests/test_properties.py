@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from webhook.config import MeshConfig, load_config
-from webhook.inject import inject_pod, uninject_pod
+from webhook.inject.pod import inject_pod, uninject_pod
 
 CFG = MeshConfig()
 OTHER_CFG = load_config(
@@ -211,7 +211,7 @@ def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
 def test_malformed_pods_give_an_error_never_a_crash(pod: dict[str, Any], data: Any) -> None:
     """Any field replaced by junk: injection works or raises a SidemeshError, nothing else."""
     from webhook.errors import SidemeshError
-    from webhook.workloads import inject_object, uninject_object
+    from webhook.inject.workloads import inject_object, uninject_object
 
     path = data.draw(st.sampled_from(_paths(pod)[1:]))
     junk = data.draw(json_value)

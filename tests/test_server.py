@@ -18,7 +18,7 @@ import orjson
 import pytest
 from cryptography import x509
 
-from tests.webhook_https import (
+from tests.support.webhook_https import (
     SAMPLE_REVIEW,
     V1,
     V1BETA1,
@@ -29,9 +29,9 @@ from tests.webhook_https import (
     make_pki,
     simple_pod,
 )
-from webhook.ca import CA_CERT, TLS_CERT
+from webhook.ca.authority import CA_CERT, TLS_CERT
 from webhook.config import MeshConfig, load_config
-from webhook.inject import inject_pod
+from webhook.inject.pod import inject_pod
 
 UID = "7f0c2a9e-0000-4000-8000-000000000001"
 

@@ -22,8 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from tests.conftest import REPO, require_tools
-from tests.jwks_issuer import DEFAULT_ISSUER, Issuer
-from tests.webhook_https import SAMPLE_REVIEW, admission_review, client_ssl, simple_pod
+from tests.support.jwks_issuer import DEFAULT_ISSUER, Issuer
+from tests.support.webhook_https import SAMPLE_REVIEW, admission_review, client_ssl, simple_pod
 
 SIDEMESH = [sys.executable, "-m", "webhook"]
 

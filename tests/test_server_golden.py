@@ -17,11 +17,11 @@ import httpx
 import jsonpatch
 import pytest
 
-from tests.golden_cases import Case, PodCase, cases, normalise, pod_cases
-from tests.webhook_https import Running, admission_review, client_ssl, https_webhook
+from tests.support.golden_cases import Case, PodCase, cases, normalise, pod_cases
+from tests.support.webhook_https import Running, admission_review, client_ssl, https_webhook
 from webhook.config import MeshConfig
 from webhook.manifests import iter_documents
-from webhook.server import ServerThread, create_app
+from webhook.server.app import ServerThread, create_app
 
 pytestmark = pytest.mark.golden
 

@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from tests.webhook_https import admission_review, https_webhook, simple_pod
-from webhook.logs import configure_logging
+from tests.support.webhook_https import admission_review, https_webhook, simple_pod
+from webhook.server.logs import configure_logging
 
 
 def _reviews(lines: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -22,18 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from apiserver_standin import APIServerStandin
-from conftest import require_tools
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from jwks_issuer import Issuer
 from test_ca import openssl_verify
 
-from webhook import kubeapi
-from webhook.ca import CertificateAuthority, write_serving_pair
-from webhook.ca_api import CAUpkeep
+from tests.conftest import require_tools
+from tests.support.apiserver_standin import APIServerStandin
+from tests.support.jwks_issuer import Issuer
+from webhook.ca.api import CAUpkeep
+from webhook.ca.authority import CertificateAuthority, write_serving_pair
 from webhook.config import MeshConfig
-from webhook.install import SERVICE_DNS_NAMES
+from webhook.install.cluster import SERVICE_DNS_NAMES
+from webhook.kube import api as kubeapi
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(UTC)
@@ -43,7 +43,7 @@ TLS = ("sidemesh-system", "sidemesh-tls")
 _UPKEEP = """
 import asyncio, logging, sys
 from pathlib import Path
-from webhook.ca_api import upkeep_from_config
+from webhook.ca.api import upkeep_from_config
 from webhook.config import MeshConfig
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")

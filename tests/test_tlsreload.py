@@ -23,8 +23,14 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
-from tests.webhook_https import Running, admission_review, client_ssl, https_webhook, simple_pod
-from webhook.ca import (
+from tests.support.webhook_https import (
+    Running,
+    admission_review,
+    client_ssl,
+    https_webhook,
+    simple_pod,
+)
+from webhook.ca.authority import (
     CA_CERT,
     TLS_CERT,
     TLS_KEY,
@@ -219,8 +225,8 @@ def test_connections_opened_before_a_rotation_keep_working(
 
 
 def test_the_check_interval_limits_how_often_files_are_looked_at(tmp_path: Path) -> None:
-    from webhook.ca import ensure_dev_pki
-    from webhook.tlsreload import ReloadingTLS
+    from webhook.ca.authority import ensure_dev_pki
+    from webhook.server.tlsreload import ReloadingTLS
 
     ensure_dev_pki(tmp_path, now=datetime.now(UTC))
     now = [100.0]

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from conftest import TESTDATA, require_root, require_tools
-from netns import Netns, NetnsLab, Node, Pod, listener_argv, probe
 
-from webhook.traffic import in_initial_network_namespace
+from tests.conftest import TESTDATA, require_root, require_tools
+from tests.support.netns import Netns, NetnsLab, Node, Pod, listener_argv, probe
+from webhook.dataplane.netns import in_initial_network_namespace
 
 pytestmark = pytest.mark.root
 
@@ -135,7 +135,7 @@ def test_app_loopback_and_own_pod_ip_are_left_alone(pods: Pods) -> None:
     sidemesh(pods.app.ns)
     reply = pods.from_app("127.0.0.1", 8080)
     assert reply["ok"] and reply["port"] == 8080 and reply["orig"] == "127.0.0.1:8080"
-    # the app calling itself by its pod IP talks to itself directly (see webhook/iptables.py)
+    # the app calling itself by its pod IP talks to itself directly (webhook/dataplane/capture.py)
     assert landed(pods.from_app(pods.app.ip, 8080), pods.app, 8080)
 
 
@@ -256,7 +256,7 @@ def test_missing_iptables_and_missing_net_admin_are_clear_errors(lab: NetnsLab) 
 
 def test_pod_namespaces_are_not_mistaken_for_the_host(lab: NetnsLab) -> None:
     ns = lab.namespace("detect")
-    code = "from webhook.traffic import in_initial_network_namespace as f; print(f())"
+    code = "from webhook.dataplane.netns import in_initial_network_namespace as f; print(f())"
     assert ns.run([sys.executable, "-c", code]).stdout.strip() == "False"
     # a pod also has its own PID namespace, where PID 1 is its own first process
     pod_like = ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", code]

@@ -9,8 +9,8 @@ import pytest
 
 from webhook.config import MeshConfig
 from webhook.errors import InjectionError
-from webhook.inject import is_injected
-from webhook.workloads import TEMPLATE_PATHS, check_object, inject_object, uninject_object
+from webhook.inject.pod import is_injected
+from webhook.inject.workloads import TEMPLATE_PATHS, check_object, inject_object, uninject_object
 
 CFG = MeshConfig()
 

@@ -41,10 +41,10 @@ sys.path.insert(0, str(REPO))
 from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
-from jwks_issuer import Issuer  # noqa: E402
 
-from webhook.ca import CertificateAuthority, ensure_dev_pki  # noqa: E402
-from webhook.identity import JWKSVerifier  # noqa: E402
+from tests.support.jwks_issuer import Issuer  # noqa: E402
+from webhook.ca.authority import CertificateAuthority, ensure_dev_pki  # noqa: E402
+from webhook.ca.tokens import JWKSVerifier  # noqa: E402
 
 SPIFFE = "spiffe://cluster.local/ns/bench/sa/load"
 CONFIG_YAML = "ca:\n  rate_per_identity_per_minute: 100000000\n"
@@ -107,7 +107,7 @@ def serve_router(cert_dir: str, port: int) -> None:
     import yaml
     from fastapi import FastAPI
 
-    from webhook.ca_api import router_from_config
+    from webhook.ca.api import router_from_config
     from webhook.config import load_config
 
     config = load_config(yaml.safe_load(CONFIG_YAML))

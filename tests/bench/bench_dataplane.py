@@ -27,7 +27,8 @@ REPO = HERE.parent.parent
 sys.path[:0] = [str(HERE.parent), str(HERE.parent / "e2e")]
 
 from meshlab import APP_UID, SIDEMESH, app, envoy_pids, is_direct, start_mesh  # noqa: E402
-from netns import Netns, NetnsLab  # noqa: E402
+
+from tests.support.netns import Netns, NetnsLab  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 GOALS = {"added_p50_ms_1conn": 0.3, "ratio_8conn": 0.45, "pss_mib": 45.0}

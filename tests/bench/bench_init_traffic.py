@@ -23,7 +23,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS))
 
-from netns import NetnsLab  # noqa: E402
+from tests.support.netns import NetnsLab  # noqa: E402
 
 ARGS = [
     "--proxy-uid", "1337", "--proxy-gid", "1337",

@@ -39,7 +39,7 @@ sys.path.insert(0, os.environ.get("SIDEMESH_BENCH_ROOT", str(REPO)))
 import jsonpatch  # noqa: E402
 
 from webhook.config import MeshConfig  # noqa: E402
-from webhook.inject import inject_pod  # noqa: E402
+from webhook.inject.pod import inject_pod  # noqa: E402
 
 BUNDLE = "-----BEGIN CERTIFICATE-----\n" + "A" * 600 + "\n-----END CERTIFICATE-----\n"
 CFG = MeshConfig()

@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import jsonpatch
-from jwks_issuer import Issuer
-from netns import PYTHON, Netns, NetnsLab, Node, Pod
-from podrunner import PodRunner, sidemesh_argv
+
+from tests.support.jwks_issuer import Issuer
+from tests.support.netns import PYTHON, Netns, NetnsLab, Node, Pod
+from tests.support.podrunner import PodRunner, sidemesh_argv
 
 __all__ = [
     "APP_UID",

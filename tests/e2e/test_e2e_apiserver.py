@@ -24,13 +24,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import envoy_binary, require_root, require_tools
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from meshlab import APP_UID, PYTHON, Mesh, app, checked_lab, is_direct, start_mesh, stats, trouble
-from netns import Netns, NetnsLab, Pod
+
+from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.netns import Netns, NetnsLab, Pod
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 

@@ -18,9 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import envoy_binary, require_root, require_tools
 from meshlab import APP_UID, PYTHON, Mesh, checked_lab, start_mesh, stats, trouble
-from netns import Netns
+
+from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.netns import Netns
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 

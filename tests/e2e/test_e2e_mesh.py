@@ -15,7 +15,6 @@ import os
 import time
 
 import pytest
-from conftest import envoy_binary, require_root, require_tools
 from meshlab import (
     APP_UID,
     MESHAPP,
@@ -29,7 +28,9 @@ from meshlab import (
     stats,
     trouble,
 )
-from netns import NetnsLab
+
+from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.netns import NetnsLab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 

@@ -1,0 +1,1 @@
+"""Test support: labs, stand-ins and fixtures shared by the test modules."""

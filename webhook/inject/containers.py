@@ -1,0 +1,272 @@
+"""The containers and volumes sidemesh adds to a pod, as plain dicts (docs/CONTRACTS.md §2).
+
+The init container's args are the ``sidemesh init-traffic`` command line and the proxy's args
+and environment are the ``sidemesh proxy`` contract: other roles parse exactly what is built
+here, so every literal comes from :mod:`webhook.names` or the config. Pure.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final
+
+from webhook import names
+from webhook.config import MeshConfig
+from webhook.inject.annotations import Overrides
+
+__all__ = [
+    "METRICS_PORT_NAME",
+    "SIDEMESH_VOLUMES",
+    "init_container",
+    "proxy_container",
+    "volumes",
+]
+
+#: Name of the Prometheus port on the proxy (a Kubernetes port name: at most 15 characters).
+METRICS_PORT_NAME: Final = "http-envoy-prom"
+SIDEMESH_VOLUMES: Final = (
+    names.VOLUME_CERTS,
+    names.VOLUME_TOKEN,
+    names.VOLUME_BUNDLE,
+    names.VOLUME_WORK,
+)
+
+
+def _csv(items: tuple[int, ...] | tuple[str, ...] | str) -> str:
+    return items if isinstance(items, str) else ",".join(map(str, items))
+
+
+def _flags(*pairs: tuple[str, str]) -> list[str]:
+    return [item for pair in pairs for item in pair]
+
+
+def _resources(ov: Overrides) -> dict[str, Any]:
+    limits = {}
+    if ov.cpu_limit:
+        limits["cpu"] = ov.cpu_limit
+    if ov.memory_limit:
+        limits["memory"] = ov.memory_limit
+    res: dict[str, Any] = {"requests": {"cpu": ov.cpu_request, "memory": ov.memory_request}}
+    if limits:
+        res["limits"] = limits
+    return res
+
+
+def init_args(config: MeshConfig, ov: Overrides) -> list[str]:
+    """``sidemesh init-traffic`` arguments (the capture settings of this pod)."""
+    px, ports = config.proxy, config.ports
+    exclude_in = list(ports.never_captured_inbound())
+    exclude_in += [p for p in ov.exclude_inbound_ports if p not in exclude_in]
+    args = _flags(
+        ("--proxy-uid", str(px.uid)),
+        ("--proxy-gid", str(px.gid)),
+        ("--inbound-port", str(ports.inbound)),
+        ("--outbound-port", str(ports.outbound)),
+        ("--include-inbound-ports", _csv(ov.include_inbound_ports)),
+        ("--exclude-inbound-ports", _csv(tuple(exclude_in))),
+        ("--include-outbound-cidrs", _csv(ov.include_outbound_cidrs)),
+    )
+    if ov.exclude_outbound_cidrs:
+        args += ["--exclude-outbound-cidrs", _csv(ov.exclude_outbound_cidrs)]
+    if ov.exclude_outbound_ports:
+        args += ["--exclude-outbound-ports", _csv(ov.exclude_outbound_ports)]
+    return args
+
+
+@dataclass(frozen=True, slots=True)
+class _Strings:
+    """The strings of our containers that depend only on (config, overrides), worked out once.
+
+    Only immutable values (str, int, tuples) live here: every container is still built as a
+    fresh literal per pod, so no list or dict is ever shared between two pods. Sharing them
+    would be unsafe, not just impolite: a YAML dump of a ``kind: List`` holding two injected
+    templates would turn shared objects into ``&id001`` anchors, and a caller mutating one
+    result would change the next.
+    """
+
+    init_args: tuple[str, ...]
+    proxy_args: tuple[str, ...]
+    mesh_cidrs: str
+    plaintext_ports: str
+    cert_ttl: str
+
+
+# (id(config), id(ov)) → (config, ov, strings). Keyed by identity because hashing a MeshConfig
+# and an Overrides walks every field, which costs more than the lookup saves; the entry keeps
+# both objects alive and is checked with ``is``, so a reused id can never match. Pods without
+# sidemesh annotations share one Overrides per config (annotations.read_overrides), so they
+# all hit; an annotated pod gets a new Overrides and just computes its strings (as before).
+_STRINGS: dict[tuple[int, int], tuple[MeshConfig, Overrides, _Strings]] = {}
+
+
+def _strings(config: MeshConfig, ov: Overrides) -> _Strings:
+    key = (id(config), id(ov))
+    hit = _STRINGS.get(key)
+    if hit is not None and hit[0] is config and hit[1] is ov:
+        return hit[2]
+    px = config.proxy
+    strings = _Strings(
+        init_args=tuple(init_args(config, ov)),
+        proxy_args=(
+            *("--ca-address", config.ca_address),
+            *("--token-file", names.TOKEN_FILE),
+            *("--bundle-file", names.BUNDLE_FILE),
+            *("--cert-dir", names.CERTS_DIR),
+            *("--work-dir", names.WORK_DIR),
+            *("--log-level", ov.log_level),
+            *("--concurrency", str(px.concurrency)),
+        ),
+        mesh_cidrs=",".join(config.mesh_cidrs),
+        plaintext_ports=",".join(map(str, config.plaintext_ports)),
+        cert_ttl=str(px.cert_ttl_seconds),
+    )
+    if len(_STRINGS) > 64:  # annotated pods each bring a new Overrides: stay bounded
+        _STRINGS.clear()
+    _STRINGS[key] = (config, ov, strings)
+    return strings
+
+
+def init_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
+    """``sidemesh-init``: installs the capture rules, then exits.
+
+    It needs NET_ADMIN and NET_RAW as root to program iptables in the pod's network namespace;
+    everything else is dropped, and it cannot escalate. Its root filesystem stays writable
+    because iptables takes its lock file under ``/run`` (Istio's init container does the same;
+    the alternative is one more volume). It gets the proxy's resources, so it never raises the
+    pod's effective request above what the proxy already needs.
+    """
+    return {
+        "name": names.INIT_CONTAINER,
+        "image": config.proxy.init_image,
+        "imagePullPolicy": config.proxy.image_pull_policy,
+        "command": ["sidemesh", "init-traffic"],
+        "args": list(_strings(config, ov).init_args),
+        "resources": _resources(ov),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": False,
+            "runAsGroup": 0,
+            "runAsNonRoot": False,
+            "runAsUser": 0,
+        },
+    }
+
+
+def _field_env(name: str, path: str) -> dict[str, Any]:
+    return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
+
+
+def _health_probe(port: int, period: int, failures: int) -> dict[str, Any]:
+    get = {"path": names.HEALTH_PATH, "port": port, "scheme": "HTTP"}
+    return {
+        "httpGet": get,
+        "periodSeconds": period,
+        "timeoutSeconds": 3,
+        "failureThreshold": failures,
+    }
+
+
+def proxy_container(
+    config: MeshConfig,
+    ov: Overrides,
+    *,
+    app_ports: str,
+    app_probes: str,
+    native: bool,
+    hold: bool,
+) -> dict[str, Any]:
+    """``sidemesh-proxy``: the agent (identity, bootstrap) and Envoy, as uid/gid 1337.
+
+    ``native``: a native sidecar (``restartPolicy: Always`` in ``initContainers``) whose
+    startupProbe holds back the next containers until Envoy is ready, so apps start after the
+    proxy and Jobs still complete. ``hold`` (classic mode): a postStart hook that blocks the
+    kubelet from starting the next container until the proxy is ready.
+
+    Written as one literal (every list and dict fresh for this pod) with the strings that
+    depend only on the config and overrides worked out once: it runs once per admitted pod.
+    """
+    px, s = config.proxy, _strings(config, ov)
+    health = config.ports.health
+    container: dict[str, Any] = {
+        "name": names.PROXY_CONTAINER,
+        "image": ov.proxy_image,
+        "imagePullPolicy": px.image_pull_policy,
+        "command": ["sidemesh", "proxy"],
+        "args": list(s.proxy_args),
+        "env": [
+            _field_env(names.ENV_POD_NAME, "metadata.name"),
+            _field_env(names.ENV_POD_NAMESPACE, "metadata.namespace"),
+            _field_env(names.ENV_POD_IP, "status.podIP"),
+            _field_env(names.ENV_POD_IPS, "status.podIPs"),
+            _field_env(names.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
+            {"name": names.ENV_TRUST_DOMAIN, "value": config.trust_domain},
+            {"name": names.ENV_INBOUND_MTLS, "value": ov.inbound_mtls},
+            {"name": names.ENV_MESH_CIDRS, "value": s.mesh_cidrs},
+            {"name": names.ENV_PLAINTEXT_PORTS, "value": s.plaintext_ports},
+            {"name": names.ENV_APP_PORTS, "value": app_ports},
+            {"name": names.ENV_APP_PROBES, "value": app_probes},
+            {"name": names.ENV_CERT_TTL, "value": s.cert_ttl},
+        ],
+        "ports": [
+            {"containerPort": config.ports.stats, "name": METRICS_PORT_NAME, "protocol": "TCP"}
+        ],
+        "readinessProbe": _health_probe(health, 2, 30),
+        "resources": _resources(ov),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsGroup": px.gid,
+            "runAsNonRoot": True,
+            "runAsUser": px.uid,
+        },
+        "volumeMounts": [
+            {"name": names.VOLUME_CERTS, "mountPath": names.CERTS_DIR},
+            {"name": names.VOLUME_TOKEN, "mountPath": names.TOKEN_DIR, "readOnly": True},
+            {"name": names.VOLUME_BUNDLE, "mountPath": names.BUNDLE_DIR, "readOnly": True},
+            {"name": names.VOLUME_WORK, "mountPath": names.WORK_DIR},
+        ],
+    }
+    if native:
+        container["restartPolicy"] = "Always"
+        # Up to 10 minutes for the first certificate and Envoy start, polled every second.
+        container["startupProbe"] = _health_probe(health, 1, 600)
+    elif hold:
+        container["lifecycle"] = {"postStart": {"exec": {"command": ["sidemesh", "proxy", "wait"]}}}
+    return container
+
+
+_BUNDLE_REF: Final = f"metadata.annotations['{names.TRUST_BUNDLE_ANNOTATION}']"
+
+
+def volumes() -> list[dict[str, Any]]:
+    """The four volumes, in SIDEMESH_VOLUMES order (all mounted into the proxy only)."""
+    return [
+        {"name": names.VOLUME_CERTS, "emptyDir": {"medium": "Memory", "sizeLimit": "1Mi"}},
+        {
+            "name": names.VOLUME_TOKEN,
+            "projected": {
+                "sources": [
+                    {
+                        "serviceAccountToken": {
+                            "audience": names.TOKEN_AUDIENCE,
+                            "expirationSeconds": names.TOKEN_EXPIRATION_SECONDS,
+                            "path": "token",
+                        }
+                    }
+                ]
+            },
+        },
+        {
+            "name": names.VOLUME_BUNDLE,
+            "downwardAPI": {
+                "items": [
+                    {"path": "ca.crt", "fieldRef": {"apiVersion": "v1", "fieldPath": _BUNDLE_REF}}
+                ]
+            },
+        },
+        {"name": names.VOLUME_WORK, "emptyDir": {}},
+    ]
