@@ -35,7 +35,7 @@ from tests.test_ca import make_csr
 from tests.test_server_cli import SIDEMESH, Serve
 from tests.test_tlsreload import wait_for
 from webhook import names
-from webhook.ca.api import CAUpkeep, router_from_config
+from webhook.ca.api import router_from_config
 from webhook.ca.authority import (
     CA_CERT,
     CA_KEY,
@@ -47,6 +47,7 @@ from webhook.ca.authority import (
 )
 from webhook.ca.tokens import JWKSVerifier
 from webhook.ca.trust import ReloadingTrust
+from webhook.ca.upkeep import CAUpkeep
 from webhook.config import CAConfig, MeshConfig
 from webhook.kube import api as kubeapi
 from webhook.server.app import ServerThread, create_app

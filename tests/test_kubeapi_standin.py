@@ -18,9 +18,10 @@ from test_ca_api import post, serve_ca
 
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from webhook.ca.api import CAUpkeep, VerifierOptions
+from webhook.ca.api import VerifierOptions
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
 from webhook.ca.tokens import Identity, JWKSVerifier, TokenReviewVerifier
+from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
 from webhook.kube import api as kubeapi
 

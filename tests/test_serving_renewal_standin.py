@@ -29,8 +29,8 @@ from test_ca import openssl_verify
 from tests.conftest import require_tools
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from webhook.ca.api import CAUpkeep
 from webhook.ca.authority import CertificateAuthority, write_serving_pair
+from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
 from webhook.install.cluster import SERVICE_DNS_NAMES
 from webhook.kube import api as kubeapi
@@ -43,7 +43,7 @@ TLS = ("sidemesh-system", "sidemesh-tls")
 _UPKEEP = """
 import asyncio, logging, sys
 from pathlib import Path
-from webhook.ca.api import upkeep_from_config
+from webhook.ca.upkeep import upkeep_from_config
 from webhook.config import MeshConfig
 
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")

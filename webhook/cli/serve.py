@@ -269,11 +269,12 @@ def _ca_parts(
     """The CA's router (POST /v1/certificates) and its upkeep (caBundle patching, serving cert
     renewal), each only when there is something for it to do."""
     from webhook.ca import api as ca_api  # FastAPI: imported only when serving
+    from webhook.ca import upkeep as ca_upkeep
 
     router = ca_api.router_from_config(
         config, cert_dir, settings.verifier, registry=metrics.registry, trust=trust
     )
-    upkeep = ca_api.upkeep_from_config(config, cert_dir, kubeconfig=settings.kubeconfig)
+    upkeep = ca_upkeep.upkeep_from_config(config, cert_dir, kubeconfig=settings.kubeconfig)
     return ([router] if router is not None else []), ([upkeep] if upkeep is not None else [])
 
 
