@@ -29,7 +29,7 @@ from webhook.errors import TrafficError
 
 GOLDEN = TESTDATA / "iptables"
 
-#: What the injector emits by default (CONTRACTS.md, section 2).
+#: What the injector emits by default (docs/CONTRACTS.md, section 2).
 INJECTED = (
     "--proxy-uid 1337 --proxy-gid 1337 --inbound-port 15006 --outbound-port 15001 "
     "--include-inbound-ports '*' --exclude-inbound-ports 15020,15021,15090 "

@@ -1,4 +1,4 @@
-"""The decision order of DESIGN.md, first match wins, with stable reasons."""
+"""The decision order (webhook/inject/policy.py), first match wins, with stable reasons."""
 
 from __future__ import annotations
 

@@ -1,9 +1,10 @@
 """Serving-certificate renewal in a cluster, through Secret ``sidemesh-tls`` — against the local
-kube-apiserver STAND-IN (tests/apiserver_standin.py), not a real API server: none exists here.
+kube-apiserver STAND-IN (tests/support/apiserver_standin.py), not a real API server: none
+exists here.
 
-In a cluster ``--cert-dir`` is the read-only projected Secret mount (CONTRACTS §5), so the
-upkeep cannot write ``tls.crt``/``tls.key`` there; it updates the Secret instead and the kubelet
-swaps the mounted files. Each scenario runs ``sidemesh serve``'s upkeep
+In a cluster ``--cert-dir`` is the read-only projected Secret mount (docs/CONTRACTS.md,
+section 5), so the upkeep cannot write ``tls.crt``/``tls.key`` there; it updates the Secret
+instead and the kubelet swaps the mounted files. Each scenario runs ``sidemesh serve``'s upkeep
 (``upkeep_from_config``, API access from a kubeconfig) in a child process whose cert dir really
 is read-only: a read-only bind mount in a private mount namespace when we are root (root
 ignores file modes), a mode-0555 directory otherwise.

@@ -1,8 +1,8 @@
 """Names, ports and paths that users and the other sidemesh roles rely on.
 
-These are conventions (DESIGN.md, "Names and numbers"): the injector writes them into pods, the
-init container, the proxy agent and the Envoy bootstrap read them. Keep them stable; change one
-here and every role follows.
+These are conventions (docs/design.md lists them for users): the injector writes them into
+pods, the init container, the proxy agent and the Envoy bootstrap read them. Keep them stable;
+change one here and every role follows.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """How long `sidemesh init-traffic` takes to install the capture rules (root; fresh netns).
 
 For each run: a fresh network namespace, then the init container's exact command line
-(CONTRACTS.md, section 2) as a process — interpreter start, imports, checks, ``iptables-save``,
+(docs/CONTRACTS.md, section 2) as a process — interpreter start, imports, checks, ``iptables-save``,
 ``iptables-restore --noflush``, ``iptables-save`` — then a re-run (the idempotent path) and
 ``--cleanup``. Reports the wall time of each command and the applier's own time (what the CLI
 prints). The machine is shared and noisy: compare within one run only.

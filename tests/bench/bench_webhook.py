@@ -14,7 +14,7 @@ cores, and with a handshake per request its side of the handshake costs more tha
 
 The load generator is wrk (16 keep-alive connections, HTTPS, on the same machine), driven by a
 small Lua script. Figures: requests/s, p50, p99, the ratio mutate/noop, the speed-up of 2
-workers over 1 and the RSS of each worker after the load. Goals (issue 4) are checked and
+workers over 1 and the RSS of each worker after the load. Goals (GOALS below) are checked and
 printed; the JSON goes to ``bench-results/webhook.json``.
 
     .venv/bin/python tests/bench/bench_webhook.py [--seconds 5] [--workers 1 2]

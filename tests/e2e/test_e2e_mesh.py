@@ -4,8 +4,8 @@ No cluster: :func:`meshlab.start_mesh` builds a node namespace with a bridge, th
 (``sidemesh serve``: webhook + CA) and pods in their own network namespaces, with addresses
 that exist only in there. The two meshed pods are ordinary manifests that went through
 ``/mutate`` over HTTPS; what runs is what the webhook's patch made of them. Then the checks
-(1)-(8) of issue 5 §4. Certificates live 30 s, so each proxy renews once while a stream of
-requests runs (check 6, in the background while the other checks run).
+(1)-(8) numbered in the test below. Certificates live 30 s, so each proxy renews once while a
+stream of requests runs (check 6, in the background while the other checks run).
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Everything a test creates here is owned by one :class:`NetnsLab` and removed by
         reply = probe(client.ns, server.ip, 8080, uid=1000)
         assert reply["ok"] and reply["port"] == 8080
 
-Safety (the working agreement's "machine safety"): namespace names are ``<prefix><pid>-<n>-<label>``
+Safety: namespace names are ``<prefix><pid>-<n>-<label>``
 so they are unique per run and per helper; veth pairs are created *inside* the namespaces (never
 in the host's); pod addresses come from a test-only range that exists only inside these
 namespaces, and the node namespace has no uplink, so nothing can leave. Teardown kills what it

@@ -6,8 +6,8 @@ It is pure: the injector is a parameter (the server binds the mesh config and tr
 into it), and there is no I/O, clock or randomness here.
 
 The body is parsed with orjson into plain dicts and checked by hand rather than through a
-validating model: the pod must round-trip untouched, and FastAPI's ``Body(dict)`` parsing was
-measured to cost a third of the webhook's throughput. The TypedDicts below document (and
+validating model: the pod must round-trip untouched, and FastAPI's ``Body(dict)`` parsing
+cost a large share of the webhook's throughput. The TypedDicts below document (and
 type-check) the wire format of ``admission.k8s.io/v1`` and ``v1beta1``, which are identical
 in shape for everything this webhook reads and writes.
 

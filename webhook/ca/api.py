@@ -16,7 +16,7 @@ step  check                                                        refusal
 ====  ===========================================================  ======================
 
 The SPIFFE id comes from the token alone (step 3); whatever names the CSR carries are ignored.
-Signing runs inline on the event loop: it is ~0.2 ms of CPU, less than a thread hop costs.
+Signing runs inline on the event loop: it is a short burst of CPU, cheaper than a thread hop.
 
 Metrics (``sidemesh_ca_`` prefix): ``certificates_issued_total``, ``refusals_total{reason}``,
 ``signing_seconds`` (CSR parse + verify + sign + PEM). Logs name the SPIFFE id, serial and

@@ -204,7 +204,7 @@ class JWKSVerifier:
         return key
 
     async def verify(self, token: str) -> Identity:
-        # Pure CPU (a signature check, ~tens of µs): no thread hop, except when the key set
+        # Pure CPU (one signature check, cheaper than a thread hop): no hop, except when the key set
         # may have to be fetched from a URL again (an unknown key id).
         if self._url is not None:
             try:

@@ -8,7 +8,7 @@ certificate will be signed by.
 When: at most every ``check_interval`` seconds, the request that finds the interval over
 ``stat()``s the files (following symlinks: a mounted Secret's ``..data`` swap shows as a new
 inode) and reloads only when device, inode, size or mtime changed. Between checks a request
-costs one clock read. The reload runs inline (parse a few PEMs, ~1 ms): once per change.
+costs one clock read. The reload runs inline (it parses a few PEMs): it happens once per change.
 
 What is refused (the old snapshot stays in use, a warning is logged, a failure counted): a
 bundle with a cut-off certificate, an unparsable key, a key that belongs to none of the roots

@@ -131,7 +131,8 @@ class CAUpkeep:
             return False
         lock = self._open_lock()
         if lock is None:
-            # The cert dir is read-only: in a cluster it is the mounted Secret (CONTRACTS §5).
+            # The cert dir is read-only: in a cluster it is the mounted Secret
+            # (docs/CONTRACTS.md, section 5).
             if self.api is not None:
                 return self._renew_in_secret()
             self._warn_read_only_once()

@@ -3,7 +3,8 @@
 One worker runs in this process. ``--workers N`` turns this process into a small supervisor
 that starts N worker processes, each with its *own* listening socket on the same port
 (SO_REUSEPORT), so the kernel spreads connections over per-worker accept queues; a single
-shared queue (uvicorn's ``--workers``) was measured swinging between 1× and 1.5× one worker.
+shared queue (uvicorn's ``--workers``) spreads the load unevenly: whichever process wins the
+wake-ups takes the connections.
 The supervisor forwards SIGTERM/SIGINT (each worker stops accepting and finishes what is in
 flight), restarts a worker that dies, and with ``--metrics-port`` serves the sum of all
 workers' metrics (prometheus-client's multi-process mode).

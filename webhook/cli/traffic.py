@@ -1,4 +1,4 @@
-"""`sidemesh init-traffic`: the init container's entrypoint (CONTRACTS.md, section 2).
+"""`sidemesh init-traffic`: the init container's entrypoint (docs/CONTRACTS.md, section 2).
 
 Installs the capture rules of :mod:`webhook.dataplane.capture` in the current network namespace
 through :mod:`webhook.dataplane.netns`; ``--dry-run`` prints them (IPv4 and IPv6) and changes

@@ -25,10 +25,10 @@ consulted once per connection):
 SIDEMESH_OUTPUT (connections the pod *opens*):
 
 1. ``-s 127.0.0.6 -o lo`` RETURN: the inbound proxy hands accepted connections to the app from
-   this source address; recapturing that hop sends the proxy into itself (measured: 1,320
-   loops in 5 s in PERMISSIVE mode). Today rules 2 and 3 would let this hop pass as well;
+   this source address; recapturing that hop sends the proxy into itself, connection after
+   connection, in PERMISSIVE mode. Today rules 2 and 3 would let this hop pass as well;
    this rule states the exemption on its own and comes first, so that it holds whatever uid
-   the proxy runs as and however loopback is treated below (DATAPLANE-FACTS.md).
+   the proxy runs as and however loopback is treated below.
 2. uid 1337, then gid 1337 RETURN: the proxy's own upstream connections (and the agent's calls
    to the CA and the app's probes) must leave as they are; ``-m owner`` exists only in
    OUTPUT/POSTROUTING, which is why this is decided here and not in the inbound chain.
@@ -93,7 +93,7 @@ _PORTS = Ports()
 
 @dataclass(frozen=True)
 class CaptureOptions:
-    """What to capture; mirrors the ``sidemesh init-traffic`` flags (CONTRACTS.md, section 2).
+    """What to capture; mirrors the ``sidemesh init-traffic`` flags (docs/CONTRACTS.md, section 2).
 
     ``None`` for an include-list means ``*`` (everything); an empty tuple means nothing."""
 

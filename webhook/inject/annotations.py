@@ -1,10 +1,10 @@
 """Per-pod overrides: the annotation names and their parsing into one frozen value.
 
-Every annotation in DESIGN.md's table is read here, once, into :class:`Overrides` (the mesh
-config's defaults filled in where the pod says nothing). A bad value raises
-:class:`~webhook.errors.AnnotationError` naming the annotation and the value, so the pod is
-refused with a message the user can act on; nothing is silently ignored except annotations
-that sidemesh does not define. Pure: no I/O.
+Every ``sidemesh.io/`` and ``traffic.sidemesh.io/`` override annotation is read here, once, into
+:class:`Overrides` (the mesh config's defaults filled in where the pod says nothing). A bad value
+raises :class:`~webhook.errors.AnnotationError` naming the annotation and the value, so the pod is
+refused with a message the user can act on; nothing is silently ignored except annotations that
+sidemesh does not define. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ INCLUDE_OUTBOUND_CIDRS: Final = "traffic.sidemesh.io/include-outbound-cidrs"
 EXCLUDE_OUTBOUND_CIDRS: Final = "traffic.sidemesh.io/exclude-outbound-cidrs"
 EXCLUDE_OUTBOUND_PORTS: Final = "traffic.sidemesh.io/exclude-outbound-ports"
 
-#: Every per-pod override annotation, in DESIGN.md's order.
+#: Every per-pod override annotation, in the order the docs list them.
 ANNOTATIONS: Final = (
     NATIVE_SIDECAR,
     HOLD,

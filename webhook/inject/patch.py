@@ -2,7 +2,8 @@
 
 The injector never diffs whole pods: each step that changes the copy also records the
 operation that makes the same change, so the patch costs what the change costs (a full
-``jsonpatch.make_patch`` of a realistic pod is ~150x slower). Operations apply in order, so a
+``jsonpatch.make_patch`` of a realistic pod costs orders of magnitude more; ``make bench``).
+Operations apply in order, so a
 step may refer to indices as they are after the previous steps. Arrays are only inserted into,
 appended to or removed from by index — never replaced wholesale, so concurrent defaulting by
 other webhooks is not undone. Pure.

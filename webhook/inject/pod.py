@@ -59,7 +59,7 @@ _json_fallback = json.JSONEncoder(separators=(",", ":"), default=str).encode
 def _to_json(value: Any) -> str:
     """Compact, deterministic JSON (key order kept) for the status and the probe table.
 
-    orjson takes ~0.6 µs where the standard encoder takes ~7 µs for a typical status; values
+    orjson is an order of magnitude faster than the standard encoder on a status; values
     orjson refuses (integers beyond 64 bits in a user's probe …) go through the standard one.
     """
     try:

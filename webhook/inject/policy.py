@@ -1,4 +1,4 @@
-"""Whether a pod gets the mesh: DESIGN.md's decision order, first match wins.
+"""Whether a pod gets the mesh: the decision order, first match wins.
 
 | # | when                                               | inject  | reason                   |
 |---|----------------------------------------------------|---------|--------------------------|

@@ -239,9 +239,9 @@ _Direct = Callable[[Scope, Receive, Send], Awaitable[None]]
 class _App(FastAPI):
     """FastAPI, except that ``POST`` to a path in ``fast`` skips its request machinery.
 
-    Under wrk over HTTPS, Starlette's middleware stack, router and Request object and FastAPI's
-    dependency solving cost ~130 µs of server CPU per request (noop: 200 → 70 µs; mutate:
-    380 → 210 µs), more than the review itself. The direct handlers read the body and answer
+    Starlette's middleware stack, router and Request object and FastAPI's dependency solving
+    cost more server CPU per request than the review itself (docs/benchmarks.md has the
+    figures). The direct handlers read the body and answer
     from the ASGI messages, through the same functions as the routes, so the answers are
     identical; other methods on those paths (``GET /mutate`` → 405) and every other path still
     go through FastAPI.
@@ -379,9 +379,9 @@ def make_server(
 def reuse_port_socket(host: str, port: int) -> socket.socket:
     """A listening socket with SO_REUSEPORT: one per worker, the kernel spreads connections.
 
-    Workers sharing one accept queue (``uvicorn --workers``) were measured swinging between
-    1× and 1.5× one worker, depending on which process won the wake-ups; with a queue per
-    worker the kernel hashes connections evenly and 2 workers held steady.
+    Workers sharing one accept queue (``uvicorn --workers``) get uneven shares of the load,
+    depending on which process wins the wake-ups; with a queue per worker the kernel hashes
+    connections evenly over the workers.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)

@@ -53,8 +53,9 @@ class _Sink:
     """Where review lines go: one ``os.write`` per line on a real file descriptor.
 
     A review line is written on the request path, so it skips the logging machinery
-    (LogRecord, formatter, handler lock: ~20 µs, a tenth of a review) and is written with one
-    system call; lines below PIPE_BUF are atomic, so workers sharing stderr never interleave.
+    (LogRecord, formatter, handler lock: a noticeable share of a review's cost) and is written
+    with one system call; lines below PIPE_BUF are atomic, so workers sharing stderr never
+    interleave.
     """
 
     def __init__(self) -> None:

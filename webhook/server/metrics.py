@@ -13,8 +13,9 @@
 message) or ``invalid`` (HTTP 4xx, not a review); ``reason`` is a stable short string
 (``host-network``, ``bad-annotation``, ``too-large`` …), so label cardinality stays bounded.
 
-The duration buckets start at 100 µs: a review costs well under a millisecond, and the API
-server's own webhook latency histogram starts at 5 ms, so coarse buckets would hide everything.
+The duration buckets start far below the API server's own webhook latency buckets: a review
+is pure CPU work and finishes well inside the API server's smallest bucket, so coarse buckets
+would put every review into the first one and hide every change.
 
 With ``sidemesh serve --workers N`` each worker is its own process; the supervisor points
 ``PROMETHEUS_MULTIPROC_DIR`` at a fresh directory, and every scrape then sums all workers
