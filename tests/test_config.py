@@ -21,6 +21,10 @@ def test_defaults_are_the_documented_ones() -> None:
     assert cfg.proxy.native_sidecar and cfg.rewrite_probes
     assert "kube-system" in cfg.ignored_namespaces and "sidemesh-system" in cfg.ignored_namespaces
     assert load_config(None) == cfg == load_config({})
+    assert cfg.discovery_address == "sidemesh-discovery.sidemesh-system.svc:15012"
+    # Empty: no control plane, the static bootstrap; IPv6 hosts in brackets.
+    assert load_config({"discovery_address": ""}).discovery_address == ""
+    assert load_config({"discovery_address": "[fd00::1]:15012"}).discovery_address
     with pytest.raises(AttributeError):
         cfg.trust_domain = "x"  # type: ignore[misc]
 
@@ -67,6 +71,10 @@ def test_a_file_overrides_nested_keys(tmp_path: Path) -> None:
         ({"trust_domain": "Cluster.Local"}, "'trust_domain'"),
         ({"trust_domain": "a/b"}, "'trust_domain'"),
         ({"ca_address": "http://ca"}, "must be an https:// URL"),
+        ({"discovery_address": "https://cp:15012"}, "'discovery_address' has bad value"),
+        ({"discovery_address": "cp"}, "expected host:port"),
+        ({"discovery_address": "cp:0"}, "expected host:port"),
+        ({"discovery_address": "fd00::1:15012"}, "expected host:port"),
         ({"mesh_cidrs": "10.0.0.0/8"}, "expected a list"),
         ({"mesh_cidrs": ["10.0.0.1/8"]}, "'mesh_cidrs' has bad value '10.0.0.1/8'"),
         ({"plaintext_ports": [0]}, "'plaintext_ports' has bad value 0"),

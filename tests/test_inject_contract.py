@@ -121,6 +121,7 @@ def test_proxy_environment() -> None:
     )  # fmt: skip
     assert values == {
         "SIDEMESH_TRUST_DOMAIN": "cluster.local",
+        "SIDEMESH_DISCOVERY_ADDRESS": "sidemesh-discovery.sidemesh-system.svc:15012",
         "SIDEMESH_INBOUND_MTLS": "PERMISSIVE",
         "SIDEMESH_MESH_CIDRS": "10.0.0.0/8",
         "SIDEMESH_PLAINTEXT_PORTS": "53",

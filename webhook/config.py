@@ -135,6 +135,9 @@ class MeshConfig:
     """SPIFFE trust domain: ids are ``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``."""
     ca_address: str = "https://sidemesh.sidemesh-system.svc:443"
     """Where proxies send their CSRs (``POST <ca_address>/v1/certificates``)."""
+    discovery_address: str = "sidemesh-discovery.sidemesh-system.svc:15012"
+    """``host:port`` of the control plane's xDS (ADS) server, which sidecars dial over mTLS.
+    An empty string means no control plane: sidecars keep the static ``mesh_cidrs`` bootstrap."""
     inbound_mtls: InboundMTLS = "PERMISSIVE"
     """Default inbound mode: PERMISSIVE accepts mTLS and plaintext, STRICT mTLS only."""
     mesh_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
@@ -175,6 +178,10 @@ def _validate(cfg: MeshConfig) -> None:
         raise _fail("trust_domain", td, "a lower-case DNS-like name without '/' or ':'")
     if not cfg.ca_address.startswith("https://"):
         raise _fail("ca_address", cfg.ca_address, "must be an https:// URL")
+    if cfg.discovery_address and not _is_host_port(cfg.discovery_address):
+        raise _fail(
+            "discovery_address", cfg.discovery_address, "expected host:port (or empty for none)"
+        )
     for cidr in cfg.mesh_cidrs:
         try:
             ipaddress.ip_network(cidr, strict=True)
@@ -222,6 +229,17 @@ def _validate(cfg: MeshConfig) -> None:
             raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
     if cfg.webhook.max_body_bytes < 1024:
         raise _fail("webhook.max_body_bytes", cfg.webhook.max_body_bytes, "at least 1024")
+
+
+def _is_host_port(value: str) -> bool:
+    """``host:port`` with a port in 1-65535; an IPv6 host is written in brackets."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        return False
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        return ":" in host and "/" not in host
+    return bool(host) and not any(ch in host for ch in ":/ ")
 
 
 # --- loading -------------------------------------------------------------------------------

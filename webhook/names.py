@@ -42,6 +42,9 @@ TOKEN_EXPIRATION_SECONDS: Final = 3600
 CONTROL_PLANE_NAMESPACE: Final = "sidemesh-system"
 SERVICE_NAME: Final = "sidemesh"
 WEBHOOK_CONFIGURATION: Final = "sidemesh-injector"
+#: The discovery (xDS) Deployment, its Service and ServiceAccount; ADS on DISCOVERY_PORT.
+DISCOVERY_NAME: Final = "sidemesh-discovery"
+DISCOVERY_PORT: Final = 15012
 
 # --- environment of the proxy container (read by `sidemesh proxy`) ----------------------
 ENV_POD_NAME: Final = "POD_NAME"  # downward API metadata.name
@@ -51,6 +54,7 @@ ENV_POD_IPS: Final = "POD_IPS"  # downward API status.podIPs (comma-separated, d
 ENV_SERVICE_ACCOUNT: Final = "SERVICE_ACCOUNT"  # downward API spec.serviceAccountName
 ENV_TRUST_DOMAIN: Final = "SIDEMESH_TRUST_DOMAIN"
 ENV_CA_ADDRESS: Final = "SIDEMESH_CA_ADDRESS"
+ENV_DISCOVERY_ADDRESS: Final = "SIDEMESH_DISCOVERY_ADDRESS"  # host:port of ADS; "" = static
 ENV_INBOUND_MTLS: Final = "SIDEMESH_INBOUND_MTLS"  # PERMISSIVE | STRICT
 ENV_MESH_CIDRS: Final = "SIDEMESH_MESH_CIDRS"  # comma-separated CIDRs
 ENV_PLAINTEXT_PORTS: Final = "SIDEMESH_PLAINTEXT_PORTS"  # comma-separated, never mTLS outbound

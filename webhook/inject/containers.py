@@ -202,6 +202,7 @@ def proxy_container(
             _field_env(names.ENV_POD_IPS, "status.podIPs"),
             _field_env(names.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
             {"name": names.ENV_TRUST_DOMAIN, "value": config.trust_domain},
+            {"name": names.ENV_DISCOVERY_ADDRESS, "value": config.discovery_address},
             {"name": names.ENV_INBOUND_MTLS, "value": ov.inbound_mtls},
             {"name": names.ENV_MESH_CIDRS, "value": s.mesh_cidrs},
             {"name": names.ENV_PLAINTEXT_PORTS, "value": s.plaintext_ports},
