@@ -22,7 +22,7 @@ from webhook.ca.tokens import (
 )
 from webhook.errors import IdentityError
 
-NOW = 1_800_000_000.0
+NOW = float(int(time.time()))
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +54,22 @@ def _forged_signature(issuer: Issuer) -> str:
 def _hmac_with_public_key(issuer: Issuer) -> str:
     claims = issuer.claims("shop", "cart", "p", now=NOW)
     return jwt.encode(claims, "s" * 32, algorithm="HS256", headers={"kid": issuer.kid})
+
+
+def _es256_header_over_rsa_key(issuer: Issuer) -> str:
+    """An ES256 token whose kid names the issuer's RSA key: PyJWT raised TypeError on it."""
+    other = Issuer.create(issuer.issuer_url, algorithm="ES256", kid=issuer.kid)
+    return other.token("shop", "cart", now=NOW)
+
+
+def _with_name(issuer: Issuer, service_account: str, namespace: str = "shop") -> str:
+    """A correctly signed token for a name Kubernetes never issues (``$`` matched it)."""
+    return issuer.token(
+        namespace,
+        service_account,
+        now=NOW,
+        subject=f"system:serviceaccount:{namespace}:{service_account}",
+    )
 
 
 # (name, build token, expected status, expected reason)
@@ -125,6 +141,38 @@ CASES = [
     (
         "user-not-service-account",
         lambda i: i.token("shop", "cart", now=NOW, subject="jane@example.com"),
+        403,
+        "not-a-service-account",
+    ),
+    (
+        "iat-in-the-future",
+        lambda i: i.token("shop", "cart", now=NOW, extra={"iat": int(NOW) + 3600}),
+        401,
+        "token-not-yet-valid",
+    ),
+    (
+        "exp-1e300",
+        lambda i: i.token("shop", "cart", now=NOW, extra={"exp": 1e300}),
+        401,
+        "token-lifetime-too-long",
+    ),
+    (
+        "lifetime-above-the-cap",
+        lambda i: i.token("shop", "cart", now=NOW, ttl=86400 + 60),
+        401,
+        "token-lifetime-too-long",
+    ),
+    (
+        "missing-iat",
+        lambda i: i.token("shop", "cart", now=NOW, drop=("iat",)),
+        401,
+        "missing-claims",
+    ),
+    ("es256-header-rsa-key", _es256_header_over_rsa_key, 401, "invalid-token"),
+    ("trailing-newline-sa", lambda i: _with_name(i, "cart\n"), 403, "not-a-service-account"),
+    (
+        "trailing-newline-ns",
+        lambda i: _with_name(i, "cart", "shop\n"),
         403,
         "not-a-service-account",
     ),
@@ -241,6 +289,8 @@ def test_spiffe_ids_round_trip() -> None:
         "https://td/ns/a/sa/b",
         "spiffe://td/ns/../sa/b",
         "spiffe://td/ns/a/sa/..",
+        "spiffe://td/ns/a/sa/b\n",
+        "spiffe://td/ns/a\n/sa/b",
     ],
 )
 def test_bad_spiffe_ids(bad: str) -> None:

@@ -8,13 +8,16 @@ into the HTTP answer and the refusal metric:
 ============================  ======  =====================================================
 reason                        status  when
 ============================  ======  =====================================================
-``invalid-token``             401     not a JWT, unknown key, algorithm not allowed
+``invalid-token``             401     not a JWT, unknown key, algorithm not allowed or not
+                                      the algorithm of the key its ``kid`` names
 ``bad-signature``             401     the signature does not verify
 ``token-expired``             401     ``exp`` is in the past (beyond the leeway)
-``token-not-yet-valid``       401     ``nbf`` is in the future (beyond the leeway)
+``token-not-yet-valid``       401     ``nbf`` or ``iat`` is in the future (beyond the leeway)
+``token-lifetime-too-long``   401     ``exp`` lies more than the lifetime cap after ``iat``
 ``wrong-issuer``              401     ``iss`` is not the configured issuer
-``missing-claims``            401     ``sub``/``exp``/``kubernetes.io`` namespace, service
-                                      account or pod missing, or disagreeing with ``sub``
+``missing-claims``            401     ``sub``/``exp``/``iat``/``kubernetes.io`` namespace,
+                                      service account or pod missing, or disagreeing with
+                                      ``sub``
 ``unauthenticated``           401     the API server's TokenReview said no
 ``wrong-audience``            403     a valid token, but not meant for ``sidemesh-ca``
 ``not-a-service-account``     403     a valid token of a user that is no service account
@@ -22,8 +25,9 @@ reason                        status  when
 ============================  ======  =====================================================
 
 Two verifiers: :class:`JWKSVerifier` checks the token itself against the issuer's public keys
-(from a file or a URL; no API call per request), :class:`TokenReviewVerifier` asks the API
-server (``TokenReview``), for clusters whose issuer keys are not at hand.
+(from a file or a URL; no API call per request) with PyJWT's own signature and claim checks;
+:class:`TokenReviewVerifier` asks the API server (``TokenReview``), for clusters whose issuer
+keys are not at hand.
 """
 
 from __future__ import annotations
@@ -35,7 +39,6 @@ import re
 import ssl
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,9 +64,10 @@ __all__ = [
 SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
 
 # DNS-1123 label (namespaces) and subdomain (service accounts): what Kubernetes allows, so a
-# SPIFFE path segment can never smuggle a '/' or a '..'.
-_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# SPIFFE path segment can never smuggle a '/' or a '..'. Always used with ``fullmatch``: ``$``
+# also matches before a trailing newline, which would put a newline into a URI SAN.
+_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 #: Only asymmetric algorithms: an HMAC or "none" token must never verify against a public key.
 _ALGORITHMS = frozenset(
@@ -85,9 +89,9 @@ class Identity:
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     """``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>``."""
-    if not _LABEL.match(namespace):
+    if not _LABEL.fullmatch(namespace):
         raise ValueError(f"{namespace!r} is not a Kubernetes namespace name")
-    if not _SUBDOMAIN.match(service_account) or ".." in service_account:
+    if not _SUBDOMAIN.fullmatch(service_account) or ".." in service_account:
         raise ValueError(f"{service_account!r} is not a Kubernetes service account name")
     return f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
 
@@ -111,7 +115,7 @@ def identity_from_username(username: str, pod_name: str | None = None) -> Identi
             403, "not-a-service-account", f"user {username!r} is not a service account"
         )
     rest = username[len(SERVICE_ACCOUNT_PREFIX) :].split(":")
-    if len(rest) != 2 or not _LABEL.match(rest[0]) or not _SUBDOMAIN.match(rest[1]):
+    if len(rest) != 2 or not _LABEL.fullmatch(rest[0]) or not _SUBDOMAIN.fullmatch(rest[1]):
         raise IdentityError(
             403, "not-a-service-account", f"user {username!r} is not a service account"
         )
@@ -131,9 +135,16 @@ class JWKSVerifier:
     """Verifies projected service-account tokens against the issuer's JSON Web Key Set.
 
     The key set comes from ``jwks`` (a dict), a file or an HTTPS URL (the API server serves
-    it at ``/openid/v1/jwks``). A token signed with a key id we do not know triggers one
-    reload of the source, at most every ``refresh_seconds``, so issuer key rotation needs no
-    restart. ``clock`` is the seam for time (seconds since the epoch).
+    it at ``/openid/v1/jwks``, fetched with PyJWT's :class:`jwt.PyJWKClient`). A token signed
+    with a key id we do not know triggers one reload of the source, at most every
+    ``refresh_seconds``, so issuer key rotation needs no restart and unauthenticated callers
+    cannot make the CA fetch the key set at will.
+
+    Signature, ``exp``, ``nbf``, ``iat``, ``aud`` and ``iss`` are checked by PyJWT (with
+    ``leeway_seconds`` of clock skew); this class adds what PyJWT leaves to its caller: the
+    header ``alg`` must be the algorithm of the key its ``kid`` names, the lifetime
+    ``exp - iat`` is capped at ``max_lifetime_seconds``, and the Kubernetes claims must agree
+    with ``sub``. ``clock`` (seconds since the epoch) is the seam for the verified-token cache.
     """
 
     def __init__(
@@ -146,6 +157,7 @@ class JWKSVerifier:
         url_ca_file: str | Path | None = None,
         audience: str = names.TOKEN_AUDIENCE,
         leeway_seconds: int = 30,
+        max_lifetime_seconds: int = 86400,
         refresh_seconds: float = 30.0,
         cache_seconds: float = 300.0,
         clock: Callable[[], float] = time.time,
@@ -155,11 +167,16 @@ class JWKSVerifier:
         self.issuer = issuer
         self.audience = audience
         self._leeway = leeway_seconds
+        self._max_lifetime = max_lifetime_seconds
         self._refresh = refresh_seconds
         self._clock = clock
         self._file = Path(jwks_file) if jwks_file is not None else None
-        self._url = jwks_url
-        self._url_ca_file = url_ca_file
+        self._client: jwt.PyJWKClient | None = None
+        if jwks_url is not None:
+            ctx = ssl.create_default_context(cafile=str(url_ca_file) if url_ca_file else None)
+            self._client = jwt.PyJWKClient(
+                jwks_url, cache_jwk_set=False, cache_keys=False, timeout=5, ssl_context=ctx
+            )
         self._lock = threading.Lock()
         self._loaded_at = float("-inf")
         self._keys: dict[str | None, jwt.PyJWK] = {}
@@ -178,12 +195,8 @@ class JWKSVerifier:
             if self._file is not None:
                 data = json.loads(self._file.read_text(encoding="utf-8"))
             else:
-                assert self._url is not None
-                ctx = ssl.create_default_context(
-                    cafile=str(self._url_ca_file) if self._url_ca_file else None
-                )
-                with urllib.request.urlopen(self._url, context=ctx, timeout=5) as resp:
-                    data = json.loads(resp.read(1 << 20))
+                assert self._client is not None
+                data = self._client.fetch_data()
             self._keys = _parse_jwks(data)
 
     def _lookup(self, kid: str | None) -> jwt.PyJWK | None:
@@ -194,19 +207,19 @@ class JWKSVerifier:
 
     def _key_for(self, kid: str | None) -> jwt.PyJWK | None:
         key = self._lookup(kid)
-        reloadable = self._file is not None or self._url is not None
+        reloadable = self._file is not None or self._client is not None
         if key is None and reloadable and time.monotonic() - self._loaded_at >= self._refresh:
             try:
                 self._reload()
-            except (OSError, ValueError):
+            except (OSError, ValueError, jwt.PyJWTError):
                 return None  # keep the old keys; this token stays unknown
             key = self._lookup(kid)
         return key
 
     async def verify(self, token: str) -> Identity:
-        # Pure CPU (one signature check, cheaper than a thread hop): no hop, except when the key set
-        # may have to be fetched from a URL again (an unknown key id).
-        if self._url is not None:
+        # Pure CPU (one signature check, cheaper than a thread hop): no hop, except when the
+        # key set may have to be fetched from a URL again (an unknown key id).
+        if self._client is not None:
             try:
                 kid = jwt.get_unverified_header(token).get("kid")
             except jwt.PyJWTError:
@@ -222,7 +235,9 @@ class JWKSVerifier:
         hit = self._verified.get(digest)
         if hit is not None:
             exp, verified_at, identity = hit
-            if now <= exp + self._leeway and 0 <= now - verified_at <= self._cache_seconds:
+            if now > exp + self._leeway:
+                raise _unauth("token-expired", "the token has expired")
+            if 0 <= now - verified_at <= self._cache_seconds:
                 return identity
             del self._verified[digest]
         identity, exp = self._verify_uncached(token)
@@ -242,48 +257,37 @@ class JWKSVerifier:
             raise _unauth("invalid-token", "the bearer token is not a JWT") from None
         alg = header.get("alg")
         if alg not in _ALGORITHMS:
-            raise _unauth("invalid-token", f"token algorithm {alg!r} is not accepted")
+            raise _unauth("invalid-token", f"token algorithm {_short(alg)} is not accepted")
         kid = header.get("kid")
         key = self._key_for(kid if isinstance(kid, str) else None)
         if key is None:
             raise _unauth("invalid-token", "the token was signed by an unknown key")
+        if alg != key.algorithm_name:
+            # The key decides the algorithm, never the token. Checked before PyJWT sees the
+            # pair: an EC algorithm over an RSA key raises a TypeError inside PyJWT.
+            raise _unauth("invalid-token", f"algorithm {alg} does not fit the key {_short(kid)}")
         try:
             claims: dict[str, Any] = jwt.decode(
                 token,
                 key=key.key,
                 algorithms=[alg],
-                # Time, audience and issuer are checked below with our own clock and reasons.
-                options={
-                    "verify_signature": True,
-                    "verify_exp": False,
-                    "verify_nbf": False,
-                    "verify_iat": False,
-                    "verify_aud": False,
-                    "verify_iss": False,
-                },
+                audience=self.audience,
+                issuer=self.issuer,
+                leeway=self._leeway,
+                options={"require": ["exp", "iat", "sub"], "verify_sub": False},
             )
-        except jwt.InvalidSignatureError:
-            raise _unauth("bad-signature", "the token's signature does not verify") from None
         except jwt.PyJWTError as exc:
-            raise _unauth("invalid-token", f"the token does not decode: {exc}") from None
+            raise _refusal(exc) from None
+        except (TypeError, ValueError):  # a key/algorithm pair PyJWT did not expect
+            raise _unauth("invalid-token", "the token does not decode") from None
         return self._check_claims(claims)
 
     def _check_claims(self, claims: Mapping[str, Any]) -> tuple[Identity, float]:
-        now = self._clock()
-        if claims.get("iss") != self.issuer:
-            raise _unauth("wrong-issuer", "the token was not issued by the configured issuer")
-        exp, nbf = _number(claims.get("exp")), _number(claims.get("nbf"))
-        if exp is None:
-            raise _unauth("missing-claims", "the token has no expiry (exp)")
-        if now > exp + self._leeway:
-            raise _unauth("token-expired", "the token has expired")
-        if "nbf" in claims and (nbf is None or now < nbf - self._leeway):
-            raise _unauth("token-not-yet-valid", "the token is not valid yet (nbf)")
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
-        if self.audience not in audiences:
-            raise IdentityError(
-                403, "wrong-audience", f"the token is not meant for audience {self.audience!r}"
+        exp, iat = float(claims["exp"]), float(claims["iat"])  # PyJWT checked both are numbers
+        if exp - iat > self._max_lifetime:
+            raise _unauth(
+                "token-lifetime-too-long",
+                f"the token lives {exp - iat:.0f} s, more than {self._max_lifetime} s",
             )
         sub = claims.get("sub")
         if not isinstance(sub, str):
@@ -304,22 +308,41 @@ class JWKSVerifier:
         return Identity(namespace, service_account, pod_name), exp
 
 
-def _parse_jwks(data: Mapping[str, Any]) -> dict[str | None, jwt.PyJWK]:
-    keys: dict[str | None, jwt.PyJWK] = {}
-    raw_keys = data.get("keys")
-    if not isinstance(raw_keys, list):
+def _refusal(exc: jwt.PyJWTError) -> IdentityError:
+    """PyJWT's verdict as one of our reasons (the messages are ours: no library text echoed)."""
+    if isinstance(exc, jwt.InvalidSignatureError):
+        return _unauth("bad-signature", "the token's signature does not verify")
+    if isinstance(exc, jwt.ExpiredSignatureError):
+        return _unauth("token-expired", "the token has expired")
+    if isinstance(exc, jwt.ImmatureSignatureError):
+        return _unauth("token-not-yet-valid", "the token is not valid yet (nbf or iat)")
+    if isinstance(exc, jwt.InvalidAudienceError):
+        return IdentityError(403, "wrong-audience", "the token is not meant for this audience")
+    if isinstance(exc, jwt.InvalidIssuerError):
+        return _unauth("wrong-issuer", "the token was not issued by the configured issuer")
+    if isinstance(exc, jwt.MissingRequiredClaimError):
+        return _unauth("missing-claims", f"the token has no {exc.claim!r} claim")
+    return _unauth("invalid-token", "the token does not decode")
+
+
+def _parse_jwks(data: Any) -> dict[str | None, jwt.PyJWK]:
+    if not isinstance(data, Mapping) or not isinstance(data.get("keys"), list):
         raise ValueError("a JWKS document needs a 'keys' list")
-    for raw in raw_keys:
-        if not isinstance(raw, dict) or raw.get("use", "sig") != "sig":
-            continue
-        try:
-            key = jwt.PyJWK(raw)
-        except jwt.PyJWTError:
-            continue  # a key type we cannot use; others may still work
-        keys[raw.get("kid")] = key
+    signing = [k for k in data["keys"] if isinstance(k, dict) and k.get("use", "sig") == "sig"]
+    try:
+        key_set = jwt.PyJWKSet(signing)  # skips key types it cannot use
+    except jwt.PyJWTError:
+        raise ValueError("the JWKS document holds no usable signing key") from None
+    # A key's own algorithm is its JWK ``alg``, or what PyJWT infers from ``kty``/``crv``.
+    keys = {jwk.key_id: jwk for jwk in key_set if jwk.algorithm_name in _ALGORITHMS}
     if not keys:
         raise ValueError("the JWKS document holds no usable signing key")
     return keys
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _dig(obj: Any, *path: str) -> str | None:
@@ -328,12 +351,6 @@ def _dig(obj: Any, *path: str) -> str | None:
             return None
         obj = obj.get(step)
     return obj if isinstance(obj, str) and obj else None
-
-
-def _number(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value)
 
 
 def _unauth(reason: str, message: str) -> IdentityError:
