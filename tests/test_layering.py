@@ -18,6 +18,8 @@ PURE = (
     "admission.review",
     "dataplane.capture",
     "dataplane.bootstrap",
+    "cni.spec",
+    "cni.conflist",
     "manifests",
     "config",
     "values",

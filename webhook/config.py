@@ -148,6 +148,10 @@ class MeshConfig:
     plaintext too; the proxy reads it from ``KUBERNETES_SERVICE_HOST``/``_PORT``."""
     rewrite_probes: bool = True
     """Rewrite app HTTP/TCP/gRPC probes to the proxy's probe port."""
+    cni: bool = False
+    """CNI mode: the node's sidemesh CNI plugin installs the capture rules, so pods get no
+    NET_ADMIN init container, only the unprivileged ``sidemesh-validate`` check. Needs
+    ``sidemesh cni install`` on every node; per pod: annotation ``sidemesh.io/cni``."""
     ignored_namespaces: tuple[str, ...] = (
         "kube-system",
         "kube-public",

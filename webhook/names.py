@@ -16,11 +16,16 @@ STATUS: Final = "sidemesh.io/status"  # JSON record of what was injected
 # The root PEM, exposed to the proxy as a file by a downwardAPI volume.
 TRUST_BUNDLE_ANNOTATION: Final = "sidemesh.io/trust-bundle"
 DEFAULT_CONTAINER: Final = "kubectl.kubernetes.io/default-container"
+# CNI mode: the ``sidemesh init-traffic`` arguments of the pod, as a JSON list. The node's CNI
+# plugin programs exactly these rules while the pod's sandbox is created.
+CNI_CAPTURE: Final = "sidemesh.io/cni-capture"
 MIRROR_POD: Final = "kubernetes.io/config.mirror"
 
 # --- containers and volumes ---------------------------------------------------------------
 INIT_CONTAINER: Final = "sidemesh-init"
 PROXY_CONTAINER: Final = "sidemesh-proxy"
+VALIDATE_CONTAINER: Final = "sidemesh-validate"  # CNI mode: checks the redirect, unprivileged
+VALIDATE_UID: Final = 1338  # any non-root uid but the proxy's: its traffic must be captured
 VOLUME_CERTS: Final = "sidemesh-certs"  # emptyDir, medium Memory: key + workload cert
 VOLUME_TOKEN: Final = "sidemesh-token"  # projected SA token, audience sidemesh-ca
 VOLUME_BUNDLE: Final = "sidemesh-bundle"  # downwardAPI: the trust bundle annotation as ca.crt

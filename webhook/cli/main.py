@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "webhook.cli.traffic",  # init-traffic
     "webhook.cli.proxy",  # proxy
     "webhook.cli.install",  # install, uninstall
+    "webhook.cli.cni",  # cni install | uninstall | validate | plugin | build-plugin
 )
 
 

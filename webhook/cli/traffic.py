@@ -9,16 +9,37 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
 from webhook.config import Ports, ProxyConfig
 from webhook.dataplane.capture import CaptureOptions, parse_cidrs, parse_ports, rules
 from webhook.errors import TrafficError
 
-__all__ = ["register"]
+__all__ = ["capture_options", "register"]
 
 _PORTS = Ports()
 _PROXY = ProxyConfig()
+
+
+class _Parser(argparse.ArgumentParser):
+    """Reports a bad argument as a TrafficError instead of exiting the process."""
+
+    def error(self, message: str) -> NoReturn:
+        raise TrafficError(f"init-traffic arguments: {message}")
+
+
+def capture_options(argv: Sequence[str]) -> CaptureOptions:
+    """The capture options of an ``init-traffic`` argument list, parsed exactly as the init
+    container parses them: the CNI plugin and ``sidemesh cni validate`` get the same list."""
+    parser = _Parser(prog="sidemesh", add_help=False)
+    register(parser.add_subparsers(parser_class=_Parser))
+    args = parser.parse_args(["init-traffic", *argv])
+    if args.dry_run or args.cleanup:
+        raise TrafficError(
+            "init-traffic arguments: --dry-run and --cleanup are not capture options"
+        )
+    return _options(args)
 
 
 def register(subparsers: Any) -> None:

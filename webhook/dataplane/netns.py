@@ -54,6 +54,7 @@ __all__ = [
     "has_global_ipv6",
     "in_initial_network_namespace",
     "loopback_address",
+    "saved_nat",
     "want_ipv6",
 ]
 
@@ -219,6 +220,11 @@ def _run(argv: list[str], stdin: str | None = None) -> str:
 
 def _save(family: Family) -> str:
     return _run([_TOOLS[family][0], "-t", "nat"])
+
+
+def saved_nat(family: Family) -> str:
+    """``iptables-save -t nat`` (or ip6tables) of this namespace, for checks."""
+    return _save(family)
 
 
 def _restore(family: Family, text: str) -> None:

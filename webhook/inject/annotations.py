@@ -23,6 +23,7 @@ from webhook.values import ALL, parse_bool, parse_cidr_list, parse_port_list, pa
 
 __all__ = [
     "ANNOTATIONS",
+    "CNI",
     "EXCLUDE_INBOUND_PORTS",
     "EXCLUDE_OUTBOUND_CIDRS",
     "EXCLUDE_OUTBOUND_PORTS",
@@ -65,6 +66,7 @@ EXCLUDE_INBOUND_PORTS: Final = "traffic.sidemesh.io/exclude-inbound-ports"
 INCLUDE_OUTBOUND_CIDRS: Final = "traffic.sidemesh.io/include-outbound-cidrs"
 EXCLUDE_OUTBOUND_CIDRS: Final = "traffic.sidemesh.io/exclude-outbound-cidrs"
 EXCLUDE_OUTBOUND_PORTS: Final = "traffic.sidemesh.io/exclude-outbound-ports"
+CNI: Final = "sidemesh.io/cni"
 
 #: Every per-pod override annotation, in the order the docs list them.
 ANNOTATIONS: Final = (
@@ -83,6 +85,7 @@ ANNOTATIONS: Final = (
     INCLUDE_OUTBOUND_CIDRS,
     EXCLUDE_OUTBOUND_CIDRS,
     EXCLUDE_OUTBOUND_PORTS,
+    CNI,
 )
 
 _ANNOTATION_SET: Final = frozenset(ANNOTATIONS)
@@ -124,6 +127,8 @@ class Overrides:
     exclude_outbound_ports: tuple[int, ...]
     read: tuple[str, ...]
     """The sidemesh annotations that were present (shown by ``sidemesh check``)."""
+    cni: bool = False
+    """CNI mode: the node's CNI plugin captures traffic; no NET_ADMIN init container."""
 
 
 def string_value(name: str, raw: object, *, kind: str = "annotation") -> str:
@@ -257,6 +262,7 @@ def _read(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:
         exclude_outbound_cidrs=_parse(ann, EXCLUDE_OUTBOUND_CIDRS, _cidrs, ()),
         exclude_outbound_ports=_parse(ann, EXCLUDE_OUTBOUND_PORTS, _ports, ()),
         read=tuple(name for name in ANNOTATIONS if name in ann),
+        cni=_parse(ann, CNI, parse_bool, config.cni),
     )
     _check_request_within_limit(ann, ov.cpu_request, ov.cpu_limit, PROXY_CPU, PROXY_CPU_LIMIT)
     _check_request_within_limit(

@@ -19,6 +19,7 @@ __all__ = [
     "SIDEMESH_VOLUMES",
     "init_container",
     "proxy_container",
+    "validate_container",
     "volumes",
 ]
 
@@ -154,6 +155,41 @@ def init_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
     }
 
 
+#: CNI mode: what the Pod Security "restricted" level asks of every container.
+_RUNTIME_DEFAULT_SECCOMP: Final = "RuntimeDefault"
+
+
+def validate_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
+    """CNI mode's ``sidemesh-validate``: checks that the node's CNI plugin redirected the pod's
+    traffic, then exits; fails the pod with a message saying so when it did not.
+
+    It holds no capability and runs as a non-root uid that is *not* the proxy's, because its
+    check is a connection that the capture rules must redirect (traffic of the proxy's uid is
+    never captured). Its args are those ``sidemesh-init`` would get: it works out from them
+    which connection must be captured. It uses the proxy's image (the init image may be an
+    iptables-only image) and the proxy's resources, like ``sidemesh-init``.
+    """
+    uid = names.VALIDATE_UID
+    return {
+        "name": names.VALIDATE_CONTAINER,
+        "image": ov.proxy_image,
+        "imagePullPolicy": config.proxy.image_pull_policy,
+        "command": ["sidemesh", "cni", "validate"],
+        "args": list(_strings(config, ov).init_args),
+        "resources": _resources(ov),
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsGroup": uid,
+            "runAsNonRoot": True,
+            "runAsUser": uid,
+            "seccompProfile": {"type": _RUNTIME_DEFAULT_SECCOMP},
+        },
+    }
+
+
 def _field_env(name: str, path: str) -> dict[str, Any]:
     return {"name": name, "valueFrom": {"fieldRef": {"apiVersion": "v1", "fieldPath": path}}}
 
@@ -231,6 +267,10 @@ def proxy_container(
             {"name": names.VOLUME_WORK, "mountPath": names.WORK_DIR},
         ],
     }
+    if ov.cni:
+        # CNI mode promises a pod that passes Pod Security "restricted", which wants a seccomp
+        # profile on every container when the pod sets none for all of them.
+        container["securityContext"]["seccompProfile"] = {"type": _RUNTIME_DEFAULT_SECCOMP}
     if native:
         container["restartPolicy"] = "Always"
         # Up to 10 minutes for the first certificate and Envoy start, polled every second.

@@ -35,18 +35,31 @@ from webhook import __version__, names
 from webhook.config import MeshConfig
 from webhook.errors import ConflictError, InjectionError
 from webhook.inject.annotations import PROMETHEUS, Overrides, read_overrides
-from webhook.inject.containers import SIDEMESH_VOLUMES, init_container, proxy_container, volumes
+from webhook.inject.containers import (
+    SIDEMESH_VOLUMES,
+    init_args,
+    init_container,
+    proxy_container,
+    validate_container,
+    volumes,
+)
 from webhook.inject.patch import Patch, escape
 from webhook.inject.policy import ALREADY_INJECTED, Decision, decide
 from webhook.inject.probes import rewrite_container
 
 __all__ = ["Injection", "inject_pod", "is_injected", "read_status", "uninject_pod"]
 
-_OUR_CONTAINERS = frozenset({names.INIT_CONTAINER, names.PROXY_CONTAINER})
+_OUR_CONTAINERS = frozenset({names.INIT_CONTAINER, names.PROXY_CONTAINER, names.VALIDATE_CONTAINER})
 _OUR_VOLUMES = frozenset(SIDEMESH_VOLUMES)
 # Annotations sidemesh may add (and so may remove again): never a user's.
 _OUR_ANNOTATIONS = frozenset(
-    {names.TRUST_BUNDLE_ANNOTATION, names.DEFAULT_CONTAINER, names.STATUS, *PROMETHEUS}
+    {
+        names.TRUST_BUNDLE_ANNOTATION,
+        names.DEFAULT_CONTAINER,
+        names.STATUS,
+        names.CNI_CAPTURE,
+        *PROMETHEUS,
+    }
 )
 _ANNOTATIONS_PATH = "/metadata/annotations/"
 _PROMETHEUS = frozenset(PROMETHEUS)
@@ -248,11 +261,12 @@ def _check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> str:
                 f"spec.volumes already has a volume named {v['name']!r} but the pod has no "
                 f"{names.STATUS} annotation: rename it"
             )
-    if names.TRUST_BUNDLE_ANNOTATION in _annotations(pod):
-        raise ConflictError(
-            f"the pod already has annotation {names.TRUST_BUNDLE_ANNOTATION} but no "
-            f"{names.STATUS} annotation: remove it, sidemesh sets it"
-        )
+    for key in (names.TRUST_BUNDLE_ANNOTATION, names.CNI_CAPTURE):
+        if key in _annotations(pod):
+            raise ConflictError(
+                f"the pod already has annotation {key} but no "
+                f"{names.STATUS} annotation: remove it, sidemesh sets it"
+            )
     app_ports += [p for p in sidecar_ports if p not in app_ports]
     return ",".join(map(str, app_ports))
 
@@ -304,7 +318,8 @@ def _inject(
 
     native = ov.native_sidecar
     hold = not native and ov.hold
-    init = init_container(config, ov)
+    # CNI mode: the node's plugin installs the rules; the pod only checks they are there.
+    init = validate_container(config, ov) if ov.cni else init_container(config, ov)
     proxy = proxy_container(
         config,
         ov,
@@ -355,6 +370,8 @@ def _inject(
     meta_in = pod.get("metadata")
     ann_in = _annotations(pod)
     added: dict[str, str] = {names.TRUST_BUNDLE_ANNOTATION: bundle}
+    if ov.cni:
+        added[names.CNI_CAPTURE] = _to_json(init_args(config, ov))
     if names.DEFAULT_CONTAINER not in ann_in:
         added[names.DEFAULT_CONTAINER] = pod["spec"]["containers"][0]["name"]
     if _PROMETHEUS.isdisjoint(ann_in):

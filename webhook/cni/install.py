@@ -1,0 +1,258 @@
+"""``sidemesh cni install``: the node agent (a DaemonSet pod) that keeps sidemesh in the node's
+CNI chain. The I/O edge around :mod:`webhook.cni.conflist` and :mod:`webhook.cni.bundle`.
+
+One pass (:func:`reconcile`) makes the node right, doing only what is missing:
+
+1. the plugin file in the CNI bin directory (:mod:`webhook.cni.bundle`), written when absent
+   or different;
+2. the plugin's kubeconfig in the CNI config directory (mode 0600): the API server, its CA and
+   the agent's service-account token — rewritten when the kubelet rotates the token;
+3. sidemesh's entry last in the chain of the runtime's config file (the first in lexical
+   order); a single-plugin ``.conf`` becomes a ``.conflist`` of the same name.
+
+:func:`watch` repeats the pass every few seconds — the primary plugin's own agent may rewrite
+its file at any time, and then sidemesh is chained in again — until SIGTERM, when
+:func:`uninstall` takes sidemesh out of the chain and removes the two files. Every write goes
+to a dot-file in the same directory and is renamed over the target, so the runtime never reads
+half a file (and never takes the temporary file for a config: it skips dot-files).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import sys
+import tempfile
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from webhook.cni import conflist
+from webhook.cni.conflist import PLUGIN_TYPE
+from webhook.cni.spec import DEFAULT_EXCLUDE_NAMESPACES
+from webhook.errors import SidemeshError
+
+__all__ = [
+    "InstallError",
+    "Settings",
+    "is_chained",
+    "kubeconfig",
+    "reconcile",
+    "uninstall",
+    "watch",
+]
+
+KUBECONFIG_NAME = "sidemesh-cni.kubeconfig"
+_SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Where things are, as the installer sees them and as the node (the plugin) sees them."""
+
+    bin_dir: Path
+    """The node's CNI bin directory, as mounted into the installer (``/host/opt/cni/bin``)."""
+    net_dir: Path
+    """The node's CNI config directory, as mounted (``/host/etc/cni/net.d``)."""
+    node_net_dir: str = "/etc/cni/net.d"
+    """The same directory's path on the node: the plugin reads its kubeconfig from there."""
+    api_server: str = ""
+    """``https://host:port``; empty: the in-cluster address (``KUBERNETES_SERVICE_HOST``)."""
+    token_file: Path = _SA_DIR / "token"
+    ca_file: Path = _SA_DIR / "ca.crt"
+    timeout_seconds: float = 5.0
+    exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDE_NAMESPACES
+    plugin_source: Path | None = None
+    """A prebuilt plugin file to copy; None builds it from this environment."""
+    _plugin: list[bytes] = field(default_factory=list, compare=False, repr=False)
+
+    def entry(self) -> dict[str, Any]:
+        """sidemesh's entry in the chain."""
+        return {
+            "type": PLUGIN_TYPE,
+            "kubeconfig": f"{self.node_net_dir.rstrip('/')}/{KUBECONFIG_NAME}",
+            "timeout_seconds": self.timeout_seconds,
+            "exclude_namespaces": list(self.exclude_namespaces),
+        }
+
+    def plugin_bytes(self) -> bytes:
+        if not self._plugin:
+            if self.plugin_source is not None:
+                self._plugin.append(self.plugin_source.read_bytes())
+            else:
+                from webhook.cni.bundle import build
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    build(Path(tmp) / PLUGIN_TYPE)
+                    self._plugin.append((Path(tmp) / PLUGIN_TYPE).read_bytes())
+        return self._plugin[0]
+
+
+class InstallError(SidemeshError):
+    """The node's CNI directories or the agent's credentials are not usable."""
+
+
+def _write(path: Path, data: bytes, mode: int) -> bool:
+    """Atomically make ``path`` hold ``data``; False when it already did."""
+    try:
+        if path.read_bytes() == data and (path.stat().st_mode & 0o777) == mode:
+            return False
+    except OSError:
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return True
+
+
+def _api_server(settings: Settings) -> str:
+    if settings.api_server:
+        return settings.api_server
+    host, port = (
+        os.environ.get("KUBERNETES_SERVICE_HOST"),
+        os.environ.get("KUBERNETES_SERVICE_PORT"),
+    )
+    if not host or not port:
+        raise InstallError(
+            "KUBERNETES_SERVICE_HOST/_PORT are not set: run in a pod, or pass --api-server"
+        )
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+def kubeconfig(settings: Settings) -> bytes:
+    """The plugin's kubeconfig: the agent's own identity (RBAC: get pods, nothing else)."""
+    try:
+        token = settings.token_file.read_text().strip()
+        ca = settings.ca_file.read_bytes()
+    except OSError as exc:
+        raise InstallError(f"cannot read the service account's credentials: {exc}") from None
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [
+            {
+                "name": "local",
+                "cluster": {
+                    "server": _api_server(settings),
+                    "certificate-authority-data": base64.b64encode(ca).decode(),
+                },
+            }
+        ],
+        "users": [{"name": "sidemesh-cni", "user": {"token": token}}],
+        "contexts": [
+            {"name": "sidemesh-cni", "context": {"cluster": "local", "user": "sidemesh-cni"}}
+        ],
+        "current-context": "sidemesh-cni",
+    }
+    return (json.dumps(config, indent=2) + "\n").encode()
+
+
+def _chain(settings: Settings) -> list[str]:
+    """Insert our entry into the runtime's config file; what changed."""
+    try:
+        names = os.listdir(settings.net_dir)
+    except OSError as exc:
+        raise InstallError(f"cannot list {settings.net_dir}: {exc.strerror}") from None
+    chosen = conflist.choose(names)
+    if chosen is None:
+        return []  # no primary plugin yet (a new node): the next pass chains in
+    path = settings.net_dir / chosen
+    try:
+        current = conflist.parse(chosen, path.read_text())
+    except OSError as exc:
+        raise InstallError(f"cannot read {path}: {exc.strerror}") from None
+    except ValueError as exc:
+        raise InstallError(str(exc)) from None
+    if conflist.has_entry(current, settings.entry()) and chosen.endswith(".conflist"):
+        return []
+    text = conflist.render(conflist.insert(current, settings.entry())).encode()
+    if chosen.endswith(".conflist"):
+        _write(path, text, 0o644)
+        return [f"chained into {chosen}"]
+    target = path.with_suffix(".conflist")
+    _write(target, text, 0o644)
+    path.unlink()
+    return [f"chained into {target.name} (converted from {chosen})"]
+
+
+def is_chained(settings: Settings) -> bool:
+    """Whether the runtime's config file ends its chain with sidemesh (the agent is ready)."""
+    chosen = conflist.choose(os.listdir(settings.net_dir))
+    if chosen is None or not chosen.endswith(".conflist"):
+        return False
+    try:
+        current = conflist.parse(chosen, (settings.net_dir / chosen).read_text())
+    except (OSError, ValueError):
+        return False
+    return conflist.has_entry(current, settings.entry())
+
+
+def reconcile(settings: Settings) -> list[str]:
+    """One pass; returns what it changed (empty: the node was already right)."""
+    changes = []
+    if _write(settings.bin_dir / PLUGIN_TYPE, settings.plugin_bytes(), 0o755):
+        changes.append(f"plugin written to {settings.bin_dir / PLUGIN_TYPE}")
+    if _write(settings.net_dir / KUBECONFIG_NAME, kubeconfig(settings), 0o600):
+        changes.append(f"kubeconfig written to {settings.net_dir / KUBECONFIG_NAME}")
+    changes += _chain(settings)
+    return changes
+
+
+def uninstall(settings: Settings) -> list[str]:
+    """Take sidemesh out of every config file, remove the plugin and the kubeconfig."""
+    changes = []
+    for name in sorted(os.listdir(settings.net_dir)):
+        if conflist.choose([name]) != name:
+            continue
+        path = settings.net_dir / name
+        try:
+            current = conflist.parse(name, path.read_text())
+        except (OSError, ValueError):
+            continue  # not ours to repair
+        if any(p.get("type") == PLUGIN_TYPE for p in current["plugins"]):
+            _write(path, conflist.render(conflist.remove(current)).encode(), 0o644)
+            changes.append(f"removed from {name}")
+    for path in (settings.net_dir / KUBECONFIG_NAME, settings.bin_dir / PLUGIN_TYPE):
+        if path.exists():
+            path.unlink()
+            changes.append(f"deleted {path}")
+    return changes
+
+
+def watch(settings: Settings, *, interval: float = 2.0, ready_file: Path | None = None) -> int:
+    """Reconcile every ``interval`` seconds until SIGTERM/SIGINT, then uninstall."""
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    while not stop.is_set():
+        try:
+            for change in reconcile(settings):
+                print(f"sidemesh cni: {change}", file=sys.stderr, flush=True)
+            ready = is_chained(settings)
+        except (SidemeshError, OSError) as exc:
+            print(f"sidemesh cni: {exc}", file=sys.stderr, flush=True)
+            ready = False
+        if ready_file is not None:  # the DaemonSet's readiness probe checks this file
+            if ready:
+                ready_file.write_text("ready\n")
+            else:
+                ready_file.unlink(missing_ok=True)
+        stop.wait(interval)
+    for change in uninstall(settings):
+        print(f"sidemesh cni: {change}", file=sys.stderr, flush=True)
+    if ready_file is not None:
+        ready_file.unlink(missing_ok=True)
+    return 0
