@@ -155,8 +155,43 @@ def _listener(opts: BootstrapOptions, name: str) -> dict[str, object]:
 def test_strict_has_no_plaintext_chain_and_permissive_has() -> None:
     strict = _chains(_listener(CASES["strict-dual-stack-cidrs"], "inbound"))
     permissive = _chains(_listener(CASES["permissive-default"], "inbound"))
-    assert set(strict) == {"inbound-mtls-http", "inbound-mtls-tcp"}
+    assert set(strict) == {"inbound-mtls-http", "inbound-mtls-h2", "inbound-mtls-tcp"}
     assert {"inbound-plain-http", "inbound-plain-tcp"} <= set(permissive)
+
+
+def test_each_sniffed_protocol_reaches_a_codec_that_speaks_it() -> None:
+    """What the outbound side sniffs, the ALPN its cluster announces, and the codec of the
+    inbound chain that ALPN selects must agree: h2c parsed as HTTP/1 is a protocol error."""
+    boot = render_bootstrap(CASES["permissive-default"])
+    clusters = {c["name"]: c for c in boot["static_resources"]["clusters"]}
+    outbound = _chains(_listener(CASES["permissive-default"], "outbound"))
+    inbound = _chains(_listener(CASES["permissive-default"], "inbound"))
+    by_alpn = {
+        tuple(c["filter_chain_match"].get("application_protocols", [])): c  # type: ignore[attr-defined]
+        for c in inbound.values()
+        if c["filter_chain_match"].get("transport_protocol") == "tls"  # type: ignore[attr-defined]
+    }
+    seen = {}
+    for chain in outbound.values():
+        match = chain["filter_chain_match"]
+        if "prefix_ranges" not in match or "destination_port" in match:  # type: ignore[operator]
+            continue
+        cluster = clusters[chain["filters"][0]["typed_config"]["cluster"]]  # type: ignore[index]
+        tls = cluster.get("transport_socket")
+        if tls is None:
+            continue
+        (alpn,) = tls["typed_config"]["common_tls_context"]["alpn_protocols"]
+        target = by_alpn.get((alpn,)) or by_alpn[()]
+        hcm = target["filters"][0]["typed_config"]  # type: ignore[index]
+        codec = hcm.get("codec_type", "TCP")
+        for sniffed in match.get("application_protocols", ["other"]):  # type: ignore[attr-defined]
+            seen[sniffed] = (alpn, codec)
+    assert seen == {
+        "h2c": ("sidemesh-h2", "HTTP2"),
+        "http/1.1": ("sidemesh-http", "HTTP1"),
+        "http/1.0": ("sidemesh-http", "HTTP1"),
+        "other": ("sidemesh-tcp", "TCP"),
+    }
 
 
 def test_inbound_requires_client_cert_from_our_trust_domain() -> None:

@@ -257,10 +257,12 @@ def start_mesh(
     cert_ttl: int | None = None,
     ipv6: bool = False,
     app_script: str = MESHAPP,
+    app_python: str = PYTHON,
     kubelet_env: Callable[[Pod], Mapping[str, str]] | None = None,
 ) -> Mesh:
     """``ipv6``: dual-stack pods (every pod also gets an IPv6 address, the mesh CIDRs include
-    the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``).
+    the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``), under
+    ``app_python`` (the venv's interpreter for an app that needs more than the stdlib).
     ``kubelet_env``: given the sidecar-less ``outside`` pod, the variables the kubelet adds to
     every container of the meshed pods (e.g. ``KUBERNETES_SERVICE_HOST`` pointing at it)."""
     _preflight()
@@ -348,7 +350,7 @@ def start_mesh(
             node=node,
             pod_net=net,
             pod=pod,
-            app_commands={"app": [PYTHON, app_script, "serve", *ports]},
+            app_commands={"app": [app_python, app_script, "serve", *ports]},
             sidemesh=SIDEMESH,
             token_for=token_for,
             cluster_env=kubelet_env(outside) if kubelet_env else {},

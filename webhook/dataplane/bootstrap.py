@@ -55,13 +55,27 @@ also removes every port-less chain from the race for *any* address on :443: a me
 therefore gets its own copy of the mesh and passthrough chains (``outbound-mesh-tcp-443`` …,
 same stats and clusters), and only the exact address:port is exempt.
 
-How the inbound side tells HTTP from other TCP after TLS: the outbound side sniffs the app's
-first bytes (``http_inspector``) and announces the protocol in ALPN (``sidemesh-http`` or
-``sidemesh-tcp``); the inbound side matches on that ALPN before terminating TLS. HTTP is then
-proxied by an HTTP connection manager that sets ``x-forwarded-client-cert`` with the caller's
-verified SPIFFE ID (and strips any copy the caller sent); everything else is a TCP proxy.
-Plaintext HTTP accepted in PERMISSIVE mode also goes through a connection manager, purely to
-strip a forged ``x-forwarded-client-cert``.
+How the inbound side knows which protocol it is carrying after TLS: the outbound side sniffs the
+app's first bytes (``http_inspector``) and announces what it found in ALPN, because only the
+client side can see it (the inbound side gets TLS records):
+
+=================  =========================  ==================================================
+app's first bytes  ALPN on the mTLS hop       inbound side
+=================  =========================  ==================================================
+HTTP/1.0, 1.1      ``sidemesh-http``          HTTP connection manager, HTTP/1 codec
+h2c preface        ``sidemesh-h2``            HTTP connection manager, HTTP/2 codec (gRPC)
+anything else      ``sidemesh-tcp``           TCP proxy (bytes as they came)
+=================  =========================  ==================================================
+
+The codec is named, not ``AUTO``: ``AUTO`` decides by the *negotiated* ALPN on a TLS connection
+(``h2`` means HTTP/2, anything else HTTP/1), so an h2c stream arriving with ALPN
+``sidemesh-http`` was parsed as HTTP/1 and closed as a protocol error. The hop to the app then
+speaks what the caller spoke (``use_downstream_protocol_config``): HTTP/2 with prior knowledge
+to a gRPC server, HTTP/1.1 to everything else. Both connection managers set
+``x-forwarded-client-cert`` with the caller's verified SPIFFE ID (and strip any copy the caller
+sent). Plaintext HTTP accepted in PERMISSIVE mode goes through an ``AUTO`` connection manager
+(without TLS, ``AUTO`` does look for the HTTP/2 preface), purely to strip a forged
+``x-forwarded-client-cert``.
 """
 
 from __future__ import annotations
@@ -75,6 +89,7 @@ from webhook.config import Ports
 from webhook.dataplane.capture import INBOUND_PASSTHROUGH_SOURCE_V6
 
 __all__ = [
+    "ALPN_H2",
     "ALPN_HTTP",
     "ALPN_TCP",
     "CERT_SECRET",
@@ -86,8 +101,10 @@ __all__ = [
     "sds_dir",
 ]
 
-#: ALPN values our outbound side offers so the inbound side can pick HTTP or TCP handling.
+#: ALPN values our outbound side offers so the inbound side knows what it carries: HTTP/1.x,
+#: HTTP/2 (h2c from the app, gRPC) or other TCP.
 ALPN_HTTP: Final = "sidemesh-http"
+ALPN_H2: Final = "sidemesh-h2"
 ALPN_TCP: Final = "sidemesh-tcp"
 #: SDS resource names: the workload certificate + key, and the mesh root.
 CERT_SECRET: Final = "default"
@@ -97,7 +114,10 @@ CERT_FILE: Final = "cert.pem"
 KEY_FILE: Final = "key.pem"
 ROOT_FILE: Final = "ca.crt"
 
-_HTTP_PROTOCOLS: Final = ["http/1.0", "http/1.1", "h2c"]
+#: What ``http_inspector`` reports for the app's first bytes (it knows no other values).
+_HTTP1_PROTOCOLS: Final = ["http/1.0", "http/1.1"]
+_H2C_PROTOCOLS: Final = ["h2c"]
+_HTTP_PROTOCOLS: Final = [*_HTTP1_PROTOCOLS, *_H2C_PROTOCOLS]
 #: ``max_connections`` etc. of every cluster: Envoy's default (1024) would cap a busy pod's
 #: connections through one ORIGINAL_DST cluster, which the app never had without the mesh.
 _UNLIMITED: Final = 4294967295
@@ -239,6 +259,7 @@ def render_bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
             ],
             "clusters": [
                 _mesh_cluster("outbound_mesh_http", opts, ALPN_HTTP),
+                _mesh_cluster("outbound_mesh_h2", opts, ALPN_H2),
                 _mesh_cluster("outbound_mesh_tcp", opts, ALPN_TCP),
                 _original_dst_cluster("passthrough"),
                 _inbound_app_cluster(opts),
@@ -367,12 +388,13 @@ def _http_manager(
     cluster: str,
     *,
     forward_client_cert: Literal["SANITIZE", "SANITIZE_SET"],
+    codec: Literal["AUTO", "HTTP1", "HTTP2"] = "AUTO",
     routes: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     config: dict[str, Any] = {
         _TYPE: _T_HCM,
         "stat_prefix": stat_prefix,
-        "codec_type": "AUTO",
+        "codec_type": codec,
         # Transparent: no request ids, no envoy headers, the app's own Server header.
         "generate_request_id": False,
         "server_header_transformation": "PASS_THROUGH",
@@ -398,6 +420,10 @@ def _http_manager(
             }
         ],
     }
+    if codec != "HTTP2":
+        # HTTP/1.0 clients (curl --http1.0, old health checkers) were answered 426 otherwise;
+        # they must send Host: Envoy routes nothing without one.
+        config["http_protocol_options"] = {"accept_http_10": True}
     if forward_client_cert == "SANITIZE_SET":
         # The app sees: x-forwarded-client-cert: By=<our id>;Hash=…;URI=<caller's SPIFFE id>
         config["set_current_client_cert_details"] = {"uri": True}
@@ -480,11 +506,22 @@ def _mesh_chains(opts: BootstrapOptions, port: int | None = None) -> list[dict[s
     suffix = "" if port is None else f"-{port}"
     return [
         {
+            # h2c (gRPC) and HTTP/1 go to different clusters only for the ALPN value they
+            # announce; this side is a TCP proxy for both.
+            "name": f"outbound-mesh-h2{suffix}",
+            "filter_chain_match": {
+                **only,
+                "prefix_ranges": mesh,
+                "application_protocols": _H2C_PROTOCOLS,
+            },
+            "filters": [_tcp_proxy("outbound_mesh_h2", "outbound_mesh_h2")],
+        },
+        {
             "name": f"outbound-mesh-http{suffix}",
             "filter_chain_match": {
                 **only,
                 "prefix_ranges": mesh,
-                "application_protocols": _HTTP_PROTOCOLS,
+                "application_protocols": _HTTP1_PROTOCOLS,
             },
             "filters": [_tcp_proxy("outbound_mesh_http", "outbound_mesh_http")],
         },
@@ -515,20 +552,24 @@ def _inbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
 
     # The mTLS chains carry no port match: they are the catch-all that keeps the listener from
     # ever having zero chains, whatever ports the app has (iptables decides what reaches us).
-    chains: list[dict[str, Any]] = [
-        {
-            "name": "inbound-mtls-http",
-            "filter_chain_match": {
-                "transport_protocol": "tls",
-                "application_protocols": [ALPN_HTTP],
-            },
-            "transport_socket": tls([ALPN_HTTP]),
+    def http(name: str, alpn: str, codec: Literal["HTTP1", "HTTP2"]) -> dict[str, Any]:
+        return {
+            "name": name,
+            "filter_chain_match": {"transport_protocol": "tls", "application_protocols": [alpn]},
+            "transport_socket": tls([alpn]),
             "filters": [
                 _http_manager(
-                    "inbound_mtls_http", "inbound_app", forward_client_cert="SANITIZE_SET"
+                    name.replace("-", "_"),
+                    "inbound_app",
+                    forward_client_cert="SANITIZE_SET",
+                    codec=codec,
                 )
             ],
-        },
+        }
+
+    chains: list[dict[str, Any]] = [
+        http("inbound-mtls-http", ALPN_HTTP, "HTTP1"),
+        http("inbound-mtls-h2", ALPN_H2, "HTTP2"),
         {
             "name": "inbound-mtls-tcp",
             "filter_chain_match": {"transport_protocol": "tls"},
