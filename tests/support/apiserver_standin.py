@@ -12,7 +12,8 @@ the real API server does (paths, verbs, content types, ``Status`` error bodies):
 * ``GET``/``PUT``/``PATCH /api/v1/namespaces/<ns>/secrets/<name>`` — optimistic concurrency
   like the API server: a PUT (or a merge patch) whose ``metadata.resourceVersion`` is not the
   current one is a 409 Conflict; every accepted write increments ``resourceVersion``;
-* ``GET /openid/v1/jwks`` — the issuer's public keys.
+* ``GET /openid/v1/jwks`` — the issuer's public keys;
+* ``GET /api/v1/namespaces/<ns>/pods/<name>`` — the pods in ``pods`` (the CNI plugin's lookup).
 
 Callers must present ``Authorization: Bearer <caller_token>``; like RBAC for sidemesh, only
 the webhook configuration named in ``allowed_names`` may be read or patched, and only the
@@ -30,6 +31,7 @@ import json
 import re
 import ssl
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -47,6 +49,7 @@ __all__ = ["APIServerStandin", "Recorded"]
 MWC_PATH = "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/"
 SECRETS_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/secrets/([^/]+)$")
 TOKENREVIEW_PATH = "/apis/authentication.k8s.io/v1/tokenreviews"
+POD_PATH = re.compile(r"^/api/v1/namespaces/([^/]+)/pods/([^/]+)$")
 
 
 @dataclass
@@ -64,6 +67,12 @@ class APIServerStandin:
     directory: Path
     issuer: Issuer
     caller_token: str = "standin-caller-token"
+    #: (namespace, name) → Pod, answered to ``GET …/pods/<name>``; tests add them.
+    pods: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    #: Runs the listening socket's creation: e.g. a lab namespace's ``in_namespace``, so that
+    #: the stand-in is reached at 127.0.0.1 from inside that namespace (a node's own API
+    #: server address), and not from the machine's.
+    bind: Callable[[Callable[[], Any]], Any] | None = None
     allowed_names: tuple[str, ...] = ("sidemesh-injector",)
     webhook_configs: dict[str, dict[str, Any]] = field(default_factory=dict)
     requests: list[Recorded] = field(default_factory=list)
@@ -95,7 +104,10 @@ class APIServerStandin:
         class Handler(_Handler):
             owner = standin
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        def listen() -> ThreadingHTTPServer:
+            return ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+
+        self._server = self.bind(listen) if self.bind is not None else listen()
         self._server.daemon_threads = True
         self._server.socket = ctx.wrap_socket(self._server.socket, server_side=True)
         self.url = f"https://127.0.0.1:{self._server.server_address[1]}"
@@ -267,6 +279,14 @@ class _Handler(BaseHTTPRequestHandler):
                 self.owner.wait_at_rendezvous()
                 with self.owner.lock:
                     self._send(200, self.owner.secrets[key])
+            return
+        pod = POD_PATH.match(self.path.split("?")[0])
+        if pod is not None:
+            found = self.owner.pods.get((pod.group(1), pod.group(2)))
+            if found is None:
+                self._send(404, _status(404, "NotFound", f'pods "{pod.group(2)}" not found'))
+            else:
+                self._send(200, found)
             return
         name = self._mwc_name()
         if name is not None:

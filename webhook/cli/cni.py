@@ -6,7 +6,7 @@
 * ``cni validate ARGS``: the ``sidemesh-validate`` init container (ARGS: init-traffic's);
 * ``cni plugin``: the plugin itself, run from this installation (the runtime runs the file
   ``cni install`` wrote; this is for trying it by hand);
-* ``cni build-plugin -o FILE``: write that file.
+* ``cni build-plugin -o DIR``: write the plugin's code directory (``sidemesh-cni.d``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from webhook.cli.traffic import add_capture_arguments
 from webhook.cni.spec import DEFAULT_EXCLUDE_NAMESPACES
 
 __all__ = ["register"]
@@ -63,7 +64,9 @@ def register(subparsers: Any) -> None:
         + ", ".join(DEFAULT_EXCLUDE_NAMESPACES)
         + ")",
     )
-    inst.add_argument("--plugin-file", type=Path, default=None, help="copy this prebuilt plugin")
+    inst.add_argument(
+        "--plugin-dir", type=Path, default=None, help="copy this prebuilt code directory"
+    )
     inst.add_argument("--once", action="store_true", help="one pass, then exit")
     inst.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
     inst.add_argument("--ready-file", type=Path, default=None, help="exists while chained")
@@ -77,14 +80,14 @@ def register(subparsers: Any) -> None:
         "validate",
         help="check that the pod's traffic is captured (the sidemesh-validate container)",
     )
-    val.add_argument("args", nargs=argparse.REMAINDER, help="the pod's init-traffic arguments")
+    add_capture_arguments(val)  # the pod's init-traffic arguments
     val.set_defaults(handler=_validate)
 
     plug = sub.add_parser("plugin", help="run the CNI plugin (CNI_* environment, stdin)")
     plug.set_defaults(handler=_plugin)
 
-    build = sub.add_parser("build-plugin", help="write the self-contained plugin file")
-    build.add_argument("-o", "--output", type=Path, required=True)
+    build = sub.add_parser("build-plugin", help="write the plugin's code directory")
+    build.add_argument("-o", "--output", type=Path, required=True, help="a new directory")
     build.set_defaults(handler=_build)
 
 
@@ -104,7 +107,7 @@ def _settings(args: argparse.Namespace) -> Any:
         node_net_dir=args.node_net_dir,
         api_server=args.api_server,
         timeout_seconds=args.timeout,
-        plugin_source=args.plugin_file,
+        plugin_source=args.plugin_dir,
         **kwargs,
     )
 
@@ -131,12 +134,12 @@ def _uninstall(args: argparse.Namespace) -> int:
 
 
 def _validate(args: argparse.Namespace) -> int:
-    from webhook.cli.traffic import capture_options
+    from webhook.cli.traffic import options_from_args
     from webhook.cni.validate import check
     from webhook.errors import TrafficError
 
     try:
-        line = check(capture_options(args.args))
+        line = check(options_from_args(args))
     except TrafficError as exc:
         print(f"sidemesh-validate: {exc}", file=sys.stderr)
         return 1
@@ -153,6 +156,6 @@ def _plugin(args: argparse.Namespace) -> int:
 def _build(args: argparse.Namespace) -> int:
     from webhook.cni.bundle import build
 
-    size = build(args.output)
-    print(f"sidemesh cni: plugin written to {args.output} ({size} bytes)", file=sys.stderr)
+    count = build(args.output)
+    print(f"sidemesh cni: plugin code written to {args.output} ({count} files)", file=sys.stderr)
     return 0

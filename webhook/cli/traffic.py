@@ -16,7 +16,7 @@ from webhook.config import Ports, ProxyConfig
 from webhook.dataplane.capture import CaptureOptions, parse_cidrs, parse_ports, rules
 from webhook.errors import TrafficError
 
-__all__ = ["capture_options", "register"]
+__all__ = ["add_capture_arguments", "capture_options", "options_from_args", "register"]
 
 _PORTS = Ports()
 _PROXY = ProxyConfig()
@@ -39,7 +39,7 @@ def capture_options(argv: Sequence[str]) -> CaptureOptions:
         raise TrafficError(
             "init-traffic arguments: --dry-run and --cleanup are not capture options"
         )
-    return _options(args)
+    return options_from_args(args)
 
 
 def register(subparsers: Any) -> None:
@@ -50,6 +50,27 @@ def register(subparsers: Any) -> None:
         "outbound TCP to the outbound port (iptables nat, REDIRECT). Traffic of the proxy "
         "uid/gid and the app's loopback traffic are never captured.",
     )
+    add_capture_arguments(p)
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the iptables-restore input, change nothing"
+    )
+    p.add_argument("--cleanup", action="store_true", help="remove sidemesh's chains and jumps")
+    p.add_argument(
+        "--ipv6",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="also program ip6tables: auto = when the pod has a global IPv6 address",
+    )
+    p.add_argument(
+        "--allow-host-namespace",
+        action="store_true",
+        help="apply even in the host's network namespace (refused otherwise)",
+    )
+    p.set_defaults(handler=_init_traffic)
+
+
+def add_capture_arguments(p: argparse.ArgumentParser) -> None:
+    """The capture flags (``sidemesh cni validate`` takes them too)."""
     p.add_argument("--proxy-uid", type=int, default=_PROXY.uid, help="never captured")
     p.add_argument("--proxy-gid", type=int, default=_PROXY.gid, help="never captured")
     p.add_argument("--inbound-port", type=int, default=_PORTS.inbound)
@@ -74,25 +95,10 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument("--exclude-outbound-cidrs", default="", metavar="CIDRS")
     p.add_argument("--exclude-outbound-ports", default="", metavar="PORTS")
-    p.add_argument(
-        "--dry-run", action="store_true", help="print the iptables-restore input, change nothing"
-    )
-    p.add_argument("--cleanup", action="store_true", help="remove sidemesh's chains and jumps")
-    p.add_argument(
-        "--ipv6",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="also program ip6tables: auto = when the pod has a global IPv6 address",
-    )
-    p.add_argument(
-        "--allow-host-namespace",
-        action="store_true",
-        help="apply even in the host's network namespace (refused otherwise)",
-    )
-    p.set_defaults(handler=_init_traffic)
 
 
-def _options(args: argparse.Namespace) -> CaptureOptions:
+def options_from_args(args: argparse.Namespace) -> CaptureOptions:
+    """The capture options of parsed capture flags (see :func:`add_capture_arguments`)."""
     exclude_in = parse_ports("--exclude-inbound-ports", args.exclude_inbound_ports)
     exclude_out_ports = parse_ports("--exclude-outbound-ports", args.exclude_outbound_ports)
     exclude_cidrs = parse_cidrs("--exclude-outbound-cidrs", args.exclude_outbound_cidrs)
@@ -134,7 +140,7 @@ def _init_traffic(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
         return 0
-    options = _options(args)
+    options = options_from_args(args)
     if args.dry_run:
         sys.stdout.write(rules(options, 4))
         sys.stdout.write(rules(options, 6))

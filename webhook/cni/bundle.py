@@ -1,38 +1,58 @@
-"""The plugin file the installer puts into the node's CNI bin directory: a Python zip
-application (PEP 441) holding ``webhook`` and the pure-Python packages the plugin imports
-(``kubernetes`` and what it requires, PyYAML), built from the installer's own environment.
+"""What the installer puts into the node's CNI bin directory: a launcher named
+``sidemesh-cni`` (the plugin's ``type``) and, next to it, ``sidemesh-cni.d/``: the ``webhook``
+package and the packages the plugin imports (the official ``kubernetes`` client and what it
+requires), copied from the installer's own environment.
 
-A runtime executes CNI plugins on the node itself, outside any container image, so the file
-must carry everything it needs: its only requirements on the node are ``python3`` (3.11 or
-newer) and the iptables tools, both checked with a clear error. Compiled extension modules
-are left out; the packages used fall back to their pure-Python code (PyYAML's loader).
+A runtime executes CNI plugins on the node itself, outside any container image, so the plugin
+must carry its dependencies. Some of them are compiled extensions (pydantic-core, which the
+``kubernetes`` client imports) built for the image's Python, so the launcher runs the node's
+``python3.X`` of that same minor version, in isolated mode (``-E -S``: no environment, no site
+packages — only the files of ``sidemesh-cni.d``). Without it, the launcher answers with a CNI
+error saying so, and the pod's sandbox is not created: CNI mode needs that Python and the
+iptables tools on every node (docs/cni.md). The client's asyncio half (``kubernetes.aio``)
+is left out: the plugin makes one blocking call.
 """
 
 from __future__ import annotations
 
-import io
+import json
 import re
-import zipfile
+import shutil
+import sys
+from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 
 import webhook
 
-__all__ = ["MAIN", "build"]
+__all__ = ["MANIFEST", "PAYLOAD", "build", "launcher"]
 
 #: Distributions whose code the plugin imports; their requirements are added transitively.
 ROOTS = ("kubernetes", "PyYAML")
-_SKIP_SUFFIXES = (".so", ".pyd", ".pyc", ".pyi", ".exe", ".dll")
+#: The directory next to the launcher.
+PAYLOAD = "sidemesh-cni.d"
+#: In the payload: every file with its size, so that the installer can tell an up-to-date copy.
+MANIFEST = ".manifest"
+_SKIP_TOP = ("kubernetes/aio/",)
 _NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
 
 MAIN = """\
-import json, sys
-if sys.version_info < (3, 11):
-    print(json.dumps({"cniVersion": "1.0.0", "code": 5,
-                      "msg": "sidemesh-cni needs python3 >= 3.11 on the node"}))
-    sys.exit(1)
 from webhook.cni.plugin import main
-sys.exit(main())
+raise SystemExit(main())
+"""
+
+
+def launcher(version: str = f"{sys.version_info.major}.{sys.version_info.minor}") -> str:
+    """The ``sidemesh-cni`` file: a POSIX shell script that runs the payload."""
+    msg = (
+        f"sidemesh-cni: python{version} is not installed on this node; the plugin code was "
+        "built for it (see docs/cni.md)"
+    )
+    error = json.dumps({"cniVersion": "1.0.0", "code": 5, "msg": msg})
+    return f"""#!/bin/sh
+# sidemesh's CNI plugin, written by `sidemesh cni install`; its code is in {PAYLOAD}/.
+py=$(command -v python{version}) || {{ echo '{error}'; exit 1; }}
+exec "$py" -E -S "$(dirname "$0")/{PAYLOAD}"
 """
 
 
@@ -50,7 +70,7 @@ def _closure(roots: tuple[str, ...]) -> list[metadata.Distribution]:
             continue  # an optional requirement (or one for another Python) not installed
         seen[key] = dist
         for req in dist.requires or ():
-            if "extra ==" in req.replace("extra==", "extra =="):
+            if re.search(r"extra\s*==", req):
                 continue
             match = _NAME.match(req)
             if match:
@@ -62,28 +82,35 @@ def _keep(path: str) -> bool:
     parts = path.split("/")
     return (
         ".." not in parts
-        and not parts[0].endswith((".dist-info", ".egg-info", ".data"))
+        and not parts[0].endswith((".dist-info", ".egg-info", ".data", ".pth"))
         and "__pycache__" not in parts
-        and not path.endswith(_SKIP_SUFFIXES)
+        and not path.startswith(_SKIP_TOP)
     )
 
 
+def files() -> Iterator[tuple[Path, str]]:
+    """(source file, path inside the payload) for everything the plugin needs."""
+    package = Path(webhook.__file__).parent
+    for source in sorted(package.rglob("*.py")):
+        if "__pycache__" not in source.parts:
+            yield source, "webhook/" + source.relative_to(package).as_posix()
+    for dist in _closure(ROOTS):
+        for file in dist.files or ():
+            name = file.as_posix()
+            if _keep(name):
+                yield Path(str(file.locate())), name
+
+
 def build(target: Path) -> int:
-    """Write the plugin to ``target`` (mode 0755); returns its size in bytes."""
-    buf = io.BytesIO()
-    buf.write(b"#!/usr/bin/env python3\n")
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED, compresslevel=6) as zf:
-        zf.writestr("__main__.py", MAIN)
-        package = Path(webhook.__file__).parent
-        for source in sorted(package.rglob("*.py")):
-            if "__pycache__" not in source.parts:
-                zf.write(source, "webhook/" + source.relative_to(package).as_posix())
-        for dist in _closure(ROOTS):
-            for file in dist.files or ():
-                name = file.as_posix()
-                if _keep(name):
-                    zf.write(Path(str(file.locate())), name)
-    data = buf.getvalue()
-    target.write_bytes(data)
-    target.chmod(0o755)
-    return len(data)
+    """Write the payload directory ``target`` (which must not exist); returns its file count."""
+    target.mkdir()
+    listed = [f"sidemesh {webhook.__version__}"]
+    for source, name in files():
+        dest = target / name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, dest)
+        listed.append(f"{name} {dest.stat().st_size}")
+    (target / "__main__.py").write_text(MAIN)
+    listed.append(f"__main__.py {len(MAIN)}")
+    (target / MANIFEST).write_text("\n".join(listed) + "\n")
+    return len(listed) - 1

@@ -22,15 +22,17 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import sys
 import tempfile
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from webhook.cni import conflist
+from webhook.cni.bundle import MANIFEST, PAYLOAD, launcher
 from webhook.cni.conflist import PLUGIN_TYPE
 from webhook.cni.spec import DEFAULT_EXCLUDE_NAMESPACES
 from webhook.errors import SidemeshError
@@ -66,8 +68,8 @@ class Settings:
     timeout_seconds: float = 5.0
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDE_NAMESPACES
     plugin_source: Path | None = None
-    """A prebuilt plugin file to copy; None builds it from this environment."""
-    _plugin: list[bytes] = field(default_factory=list, compare=False, repr=False)
+    """A prebuilt payload directory (``sidemesh cni build-plugin``); None: built from this
+    environment on first use."""
 
     def entry(self) -> dict[str, Any]:
         """sidemesh's entry in the chain."""
@@ -78,17 +80,52 @@ class Settings:
             "exclude_namespaces": list(self.exclude_namespaces),
         }
 
-    def plugin_bytes(self) -> bytes:
-        if not self._plugin:
-            if self.plugin_source is not None:
-                self._plugin.append(self.plugin_source.read_bytes())
-            else:
-                from webhook.cni.bundle import build
 
-                with tempfile.TemporaryDirectory() as tmp:
-                    build(Path(tmp) / PLUGIN_TYPE)
-                    self._plugin.append((Path(tmp) / PLUGIN_TYPE).read_bytes())
-        return self._plugin[0]
+_BUILT: dict[str, Path] = {}
+
+
+def _payload_source(settings: Settings) -> Path:
+    if settings.plugin_source is not None:
+        return settings.plugin_source
+    if "payload" not in _BUILT:
+        from webhook.cni.bundle import build
+
+        target = Path(tempfile.mkdtemp(prefix="sidemesh-cni-")) / PAYLOAD
+        build(target)
+        _BUILT["payload"] = target
+    return _BUILT["payload"]
+
+
+def _link_or_copy(source: str, dest: str) -> None:
+    try:
+        os.link(source, dest)  # same filesystem: no copy of the client's many megabytes
+    except OSError:
+        shutil.copy2(source, dest)
+
+
+def _install_payload(settings: Settings) -> bool:
+    """Make ``bin_dir/sidemesh-cni.d`` a copy of the payload; False when it already was."""
+    source = _payload_source(settings)
+    target = settings.bin_dir / PAYLOAD
+    try:
+        wanted = (source / MANIFEST).read_text()
+    except OSError as exc:
+        raise InstallError(f"{source} is not a plugin payload: {exc.strerror}") from None
+    try:
+        if (target / MANIFEST).read_text() == wanted:
+            return False
+    except OSError:
+        pass
+    fresh = settings.bin_dir / f".{PAYLOAD}.new"
+    old = settings.bin_dir / f".{PAYLOAD}.old"
+    for leftover in (fresh, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    shutil.copytree(source, fresh, copy_function=_link_or_copy)
+    if target.exists():
+        target.rename(old)
+    fresh.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+    return True
 
 
 class InstallError(SidemeshError):
@@ -199,7 +236,9 @@ def is_chained(settings: Settings) -> bool:
 def reconcile(settings: Settings) -> list[str]:
     """One pass; returns what it changed (empty: the node was already right)."""
     changes = []
-    if _write(settings.bin_dir / PLUGIN_TYPE, settings.plugin_bytes(), 0o755):
+    if _install_payload(settings):
+        changes.append(f"plugin code copied to {settings.bin_dir / PAYLOAD}")
+    if _write(settings.bin_dir / PLUGIN_TYPE, launcher().encode(), 0o755):
         changes.append(f"plugin written to {settings.bin_dir / PLUGIN_TYPE}")
     if _write(settings.net_dir / KUBECONFIG_NAME, kubeconfig(settings), 0o600):
         changes.append(f"kubeconfig written to {settings.net_dir / KUBECONFIG_NAME}")
@@ -225,6 +264,9 @@ def uninstall(settings: Settings) -> list[str]:
         if path.exists():
             path.unlink()
             changes.append(f"deleted {path}")
+    if (settings.bin_dir / PAYLOAD).exists():
+        shutil.rmtree(settings.bin_dir / PAYLOAD)
+        changes.append(f"deleted {settings.bin_dir / PAYLOAD}")
     return changes
 
 

@@ -188,11 +188,15 @@ def main(
             version = req.conf.cni_version
         result = handle(req)
     except CNIError as exc:
-        json.dump(spec.error_result(exc, version), stdout)
-        stdout.write("\n")
-        print(f"sidemesh-cni: {exc.msg} {exc.details}".rstrip(), file=sys.stderr)
-        return 1
-    if result is not None:
-        json.dump(result, stdout)
-        stdout.write("\n")
-    return 0
+        error = exc
+    except Exception as exc:  # whatever happens, the runtime gets an answer it can show
+        error = CNIError(spec.ERR_IO, f"sidemesh: internal error: {type(exc).__name__}: {exc}")
+    else:
+        if result is not None:
+            json.dump(result, stdout)
+            stdout.write("\n")
+        return 0
+    json.dump(spec.error_result(error, version), stdout)
+    stdout.write("\n")
+    print(f"sidemesh-cni: {error.msg} {error.details}".rstrip(), file=sys.stderr)
+    return 1

@@ -1,0 +1,130 @@
+"""A node of a CNI-mode cluster in the netns lab: the runtime's CNI half played by the real
+reference plugins (:mod:`tests.support.cni_runtime`), sidemesh's node agent installed the way its
+DaemonSet does it (``sidemesh cni install``), and the API server's part played by
+:mod:`tests.support.apiserver_standin`, listening on 127.0.0.1 *inside* the node namespace, the
+only place the plugin (which runs there) can reach it from::
+
+    node netns: cni0 10.240.0.1/24 (made by the bridge plugin), the stand-in on 127.0.0.1
+      ├── pod netns: eth0 10.240.0.2/24 (veth made by bridge, address by host-local)
+      └── …
+
+No uplink anywhere: the bridge's only ports are the pods' veths.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.support.apiserver_standin import APIServerStandin
+from tests.support.cni_runtime import Runtime, bridge_conflist, reference_plugins
+from tests.support.jwks_issuer import Issuer
+from tests.support.netns import Netns, NetnsLab, Node, Pod
+from tests.support.podrunner import sidemesh_argv
+
+__all__ = ["PRIMARY", "CniNode", "built_plugin", "cni_node"]
+
+PRIMARY = "10-lab-pods.conflist"
+_BUILT: dict[str, Path] = {}
+_LOCK = threading.Lock()
+
+
+def built_plugin(directory: Path) -> Path:
+    """The plugin file (``sidemesh cni build-plugin``), built once per test session."""
+    with _LOCK:
+        if "plugin" not in _BUILT:
+            target = directory / "sidemesh-cni.d"
+            subprocess.run(
+                [*sidemesh_argv(), "cni", "build-plugin", "-o", str(target)],
+                check=True,
+                capture_output=True,
+            )
+            _BUILT["plugin"] = target
+        return _BUILT["plugin"]
+
+
+@dataclass
+class CniNode:
+    lab: NetnsLab
+    ns: Netns
+    runtime: Runtime
+    standin: APIServerStandin
+    subnet: ipaddress.IPv4Network
+    bin_dir: Path
+    conf_dir: Path
+    ipam_dir: Path
+    token_file: Path
+
+    @property
+    def node(self) -> Node:
+        """The node as :class:`tests.support.podrunner.PodRunner` wants it (kubelet probes
+        come from the node namespace, over the bridge)."""
+        return Node(self.lab, self.ns, self.subnet, None)
+
+    def install(self, plugin: Path, *extra: str) -> str:
+        """One pass of the node agent; its report (stderr)."""
+        done = subprocess.run(
+            [
+                *sidemesh_argv(),
+                "cni",
+                "install",
+                "--once",
+                "--bin-dir",
+                str(self.bin_dir),
+                "--net-dir",
+                str(self.conf_dir),
+                "--node-net-dir",
+                str(self.conf_dir),
+                "--api-server",
+                self.standin.url,
+                "--token-file",
+                str(self.token_file),
+                "--ca-file",
+                str(self.standin.ca_file),
+                "--plugin-dir",
+                str(plugin),
+                *extra,
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        return done.stderr
+
+    def add_pod(self, pod: dict[str, Any] | None, label: str, namespace: str, name: str) -> Pod:
+        """Publish ``pod`` on the stand-in (None: no such pod), create its sandbox namespace
+        and network it through the chain; the :class:`Pod` with the address it got."""
+        if pod is not None:
+            self.standin.pods[(namespace, name)] = pod
+        ns = self.lab.namespace(label)
+        result = self.runtime.add(ns, namespace, name)
+        return Pod(ns=ns, ip=Runtime.address(result), ip6=None)
+
+
+def cni_node(lab: NetnsLab, *, subnet: str = "10.240.0.0/24") -> CniNode:
+    """The node namespace, the bridge network as the primary config, the stand-in."""
+    ns = lab.namespace("node")
+    bin_dir, conf_dir = lab.tmpdir("cnibin"), lab.tmpdir("netd")
+    ipam_dir = lab.tmpdir("ipam")
+    reference_plugins(bin_dir)
+    (conf_dir / PRIMARY).write_text(json.dumps(bridge_conflist(subnet, ipam_dir), indent=2))
+    standin = APIServerStandin(lab.tmpdir("standin"), Issuer.create(), bind=ns.in_namespace)
+    standin.start()
+    token_file = lab.tmpdir("sa") / "token"
+    token_file.write_text(standin.caller_token)
+    return CniNode(
+        lab=lab,
+        ns=ns,
+        runtime=Runtime(ns, conf_dir, bin_dir),
+        standin=standin,
+        subnet=ipaddress.IPv4Network(subnet),
+        bin_dir=bin_dir,
+        conf_dir=conf_dir,
+        ipam_dir=ipam_dir,
+        token_file=token_file,
+    )
