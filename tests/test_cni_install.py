@@ -1,0 +1,168 @@
+"""The node agent (``sidemesh cni install``) on a node's CNI directories — here temporary
+ones: it copies the plugin and its kubeconfig, chains sidemesh after the primary plugin, keeps
+it chained when the primary plugin's agent rewrites the file, and takes everything away again
+on SIGTERM. Then the installed plugin answers a runtime's VERSION with the node's Python."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from tests.support.cni_lab import built_plugin
+from tests.support.podrunner import sidemesh_argv
+from webhook.cni.bundle import PAYLOAD
+
+SIDEMESH = sidemesh_argv()
+PRIMARY = {
+    "cniVersion": "1.0.0",
+    "name": "k8s-pod-network",
+    "plugins": [{"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}}],
+}
+
+
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return built_plugin(tmp_path_factory.mktemp("cni-plugin"))
+
+
+class Node:
+    def __init__(self, root: Path, payload: Path) -> None:
+        self.bin, self.net, self.sa = root / "bin", root / "net.d", root / "sa"
+        for d in (self.bin, self.net, self.sa):
+            d.mkdir()
+        (self.sa / "token").write_text("token-1")
+        (self.sa / "ca.crt").write_text("-----BEGIN CERTIFICATE-----\nx\n")
+        self.payload = payload
+        self.ready = root / "ready"
+
+    def argv(self, *extra: str) -> list[str]:
+        return [
+            *SIDEMESH,
+            "cni",
+            "install",
+            *("--bin-dir", str(self.bin), "--net-dir", str(self.net)),
+            *("--node-net-dir", "/etc/cni/net.d", "--api-server", "https://10.96.0.1:443"),
+            *("--token-file", str(self.sa / "token"), "--ca-file", str(self.sa / "ca.crt")),
+            *("--plugin-dir", str(self.payload)),
+            *extra,
+        ]
+
+    def once(self) -> str:
+        return subprocess.run(
+            self.argv("--once"), check=True, capture_output=True, text=True
+        ).stderr
+
+    def chain(self, name: str = "10-bridge.conflist") -> list[str]:
+        return [p["type"] for p in json.loads((self.net / name).read_text())["plugins"]]
+
+
+@pytest.fixture
+def node(tmp_path: Path, payload: Path) -> Node:
+    return Node(tmp_path, payload)
+
+
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise TimeoutError(what)
+        time.sleep(0.05)
+
+
+def test_one_pass_installs_everything_and_a_second_changes_nothing(node: Node) -> None:
+    (node.net / "10-bridge.conflist").write_text(json.dumps(PRIMARY))
+    report = node.once()
+    assert "chained into 10-bridge.conflist" in report
+    assert node.chain() == ["bridge", "sidemesh-cni"]
+    entry = json.loads((node.net / "10-bridge.conflist").read_text())["plugins"][1]
+    assert entry["kubeconfig"] == "/etc/cni/net.d/sidemesh-cni.kubeconfig"
+    assert entry["exclude_namespaces"] == ["kube-system", "kube-public", "kube-node-lease"]
+
+    kubeconfig = node.net / "sidemesh-cni.kubeconfig"
+    assert kubeconfig.stat().st_mode & 0o777 == 0o600, "a token: readable by root only"
+    config = json.loads(kubeconfig.read_text())
+    assert config["users"][0]["user"]["token"] == "token-1"
+    cluster = config["clusters"][0]["cluster"]
+    assert cluster["server"] == "https://10.96.0.1:443"
+    assert base64.b64decode(cluster["certificate-authority-data"]).startswith(b"-----BEGIN")
+    launcher = node.bin / "sidemesh-cni"
+    assert os.access(launcher, os.X_OK) and (node.bin / PAYLOAD / "webhook").is_dir()
+
+    assert "nothing to change" in node.once()
+
+
+def test_a_single_plugin_conf_is_converted(node: Node) -> None:
+    single = {"cniVersion": "0.4.0", "name": "net", "type": "bridge"}
+    (node.net / "10-bridge.conf").write_text(json.dumps(single))
+    assert "converted from 10-bridge.conf" in node.once()
+    assert not (node.net / "10-bridge.conf").exists()
+    assert node.chain() == ["bridge", "sidemesh-cni"]
+
+
+def test_installed_plugin_answers_version_with_the_nodes_python(node: Node) -> None:
+    (node.net / "10-bridge.conflist").write_text(json.dumps(PRIMARY))
+    node.once()
+    launcher = str(node.bin / "sidemesh-cni")
+    env = {"CNI_COMMAND": "VERSION", "PATH": "/usr/local/bin:/usr/bin:/bin"}
+    done = subprocess.run([launcher], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout)["supportedVersions"] == ["0.3.0", "0.3.1", "0.4.0", "1.0.0"]
+    # a node without that Python: a CNI error the runtime can show, not a shell message
+    done = subprocess.run(
+        ["/bin/sh", launcher], env={"PATH": "/nonexistent"}, capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert "is not installed on this node" in json.loads(done.stdout)["msg"]
+
+
+def test_watch_keeps_sidemesh_chained_and_removes_it_on_sigterm(node: Node) -> None:
+    original = json.dumps(PRIMARY, indent=1)
+    agent = subprocess.Popen(
+        node.argv("--interval", "0.1", "--ready-file", str(node.ready)),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # a new node: no primary config yet, so not ready; then the primary plugin arrives
+        time.sleep(0.3)
+        assert not node.ready.exists()
+        (node.net / "10-bridge.conflist").write_text(original)
+        wait_for("ready", node.ready.exists)
+        assert node.chain() == ["bridge", "sidemesh-cni"]
+
+        # the primary plugin's agent rewrites its file: sidemesh is chained in again
+        (node.net / "10-bridge.conflist").write_text(original)
+        wait_for("re-chained", lambda: node.chain() == ["bridge", "sidemesh-cni"])
+
+        # the kubelet rotates the service-account token: the plugin's kubeconfig follows
+        (node.sa / "token").write_text("token-2")
+        kubeconfig = node.net / "sidemesh-cni.kubeconfig"
+        wait_for("token", lambda: "token-2" in kubeconfig.read_text())
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=30)
+    assert agent.returncode == 0, err
+    assert json.loads((node.net / "10-bridge.conflist").read_text()) == PRIMARY
+    assert sorted(p.name for p in node.net.iterdir()) == ["10-bridge.conflist"]
+    assert list(node.bin.iterdir()) == []
+    assert not node.ready.exists()
+    assert "removed from 10-bridge.conflist" in err
+
+
+def test_uninstall_command_is_clean_when_there_is_nothing(node: Node) -> None:
+    (node.net / "10-bridge.conflist").write_text(json.dumps(PRIMARY))
+    argv = [*SIDEMESH, "cni", "uninstall", "--bin-dir", str(node.bin), "--net-dir", str(node.net)]
+    done = subprocess.run(argv, check=True, capture_output=True, text=True)
+    assert "nothing to remove" in done.stderr
+    node.once()
+    done = subprocess.run(argv, check=True, capture_output=True, text=True)
+    assert json.loads((node.net / "10-bridge.conflist").read_text()) == PRIMARY
+    assert list(node.bin.iterdir()) == []
