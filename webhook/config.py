@@ -14,7 +14,7 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
+from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -23,8 +23,13 @@ from webhook.errors import ConfigError
 from webhook.values import parse_quantity
 
 __all__ = [
+    "DEFAULTS",
+    "INBOUND_MTLS_MODES",
+    "LOG_LEVELS",
     "RESERVED_PORTS",
     "CAConfig",
+    "InboundMTLS",
+    "LogLevel",
     "MeshConfig",
     "Ports",
     "ProxyConfig",
@@ -35,6 +40,8 @@ __all__ = [
 
 InboundMTLS = Literal["PERMISSIVE", "STRICT"]
 LogLevel = Literal["trace", "debug", "info", "warning", "error", "critical", "off"]
+INBOUND_MTLS_MODES: tuple[InboundMTLS, ...] = get_args(InboundMTLS)
+LOG_LEVELS: tuple[LogLevel, ...] = get_args(LogLevel)
 
 DEFAULT_IMAGE = "ghcr.io/sidemesh/sidemesh:0.1.0"
 
@@ -133,7 +140,7 @@ class MeshConfig:
 
     trust_domain: str = "cluster.local"
     """SPIFFE trust domain: ids are ``spiffe://<trust_domain>/ns/<ns>/sa/<sa>``."""
-    ca_address: str = "https://sidemesh.sidemesh-system.svc:443"
+    ca_address: str = f"https://{names.SERVICE_NAME}.{names.CONTROL_PLANE_NAMESPACE}.svc:443"
     """Where proxies send their CSRs (``POST <ca_address>/v1/certificates``)."""
     discovery_address: str = "sidemesh-discovery.sidemesh-system.svc:15012"
     """``host:port`` of the control plane's xDS (ADS) server, which sidecars dial over mTLS.
@@ -178,7 +185,7 @@ def _fail(key: str, value: object, why: str) -> ConfigError:
 
 def _validate(cfg: MeshConfig) -> None:
     td = cfg.trust_domain
-    if not td or "/" in td or ":" in td or td != td.lower() or " " in td:
+    if not names.is_trust_domain(td):
         raise _fail("trust_domain", td, "a lower-case DNS-like name without '/' or ':'")
     if not cfg.ca_address.startswith("https://"):
         raise _fail("ca_address", cfg.ca_address, "must be an https:// URL")
@@ -244,6 +251,12 @@ def _is_host_port(value: str) -> bool:
         host = host[1:-1]
         return ":" in host and "/" not in host
     return bool(host) and not any(ch in host for ch in ":/ ")
+
+
+#: The mesh's defaults as one value. The roles that run without a config file (the proxy
+#: agent, the Envoy bootstrap, ``init-traffic``, the CLI flags) take their defaults from here
+#: instead of repeating the literals, so changing a default above changes it everywhere.
+DEFAULTS: Final = MeshConfig()
 
 
 # --- loading -------------------------------------------------------------------------------

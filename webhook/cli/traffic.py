@@ -12,14 +12,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-from webhook.config import Ports, ProxyConfig
+from webhook.config import DEFAULTS
 from webhook.dataplane.capture import CaptureOptions, parse_cidrs, parse_ports, rules
 from webhook.errors import TrafficError
 
 __all__ = ["add_capture_arguments", "capture_options", "options_from_args", "register"]
 
-_PORTS = Ports()
-_PROXY = ProxyConfig()
+_PORTS = DEFAULTS.ports
+_PROXY = DEFAULTS.proxy
 
 
 class _Parser(argparse.ArgumentParser):

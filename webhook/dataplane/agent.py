@@ -31,10 +31,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any
 
 from webhook import names
-from webhook.config import Ports, ProxyConfig
+from webhook.config import DEFAULTS, INBOUND_MTLS_MODES, InboundMTLS, Ports
 from webhook.dataplane.bootstrap import (
     BootstrapOptions,
     local_address_ip_version,
@@ -92,23 +92,23 @@ class AgentSettings:
     pod_ip: str
     service_account: str
     pod_ips: tuple[str, ...] = ()
-    trust_domain: str = "cluster.local"
-    inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
-    mesh_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
-    plaintext_ports: tuple[int, ...] = (53,)
+    trust_domain: str = DEFAULTS.trust_domain
+    inbound_mtls: InboundMTLS = DEFAULTS.inbound_mtls
+    mesh_cidrs: tuple[str, ...] = DEFAULTS.mesh_cidrs
+    plaintext_ports: tuple[int, ...] = DEFAULTS.plaintext_ports
     api_servers: tuple[tuple[str, int], ...] = ()
     app_probes: dict[str, dict[str, Any]] = field(default_factory=dict)
     cert_ttl_seconds: int | None = None
-    log_level: str = "warning"
-    concurrency: int = 1
+    log_level: str = DEFAULTS.proxy.log_level
+    concurrency: int = DEFAULTS.proxy.concurrency
     drain_seconds: float = 5.0
-    proxy_uid: int = ProxyConfig.uid
-    proxy_gid: int = ProxyConfig.gid
+    proxy_uid: int = DEFAULTS.proxy.uid
+    proxy_gid: int = DEFAULTS.proxy.gid
     ports: Ports = field(default_factory=Ports)
 
     @property
     def spiffe_id(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.pod_namespace}/sa/{self.service_account}"
+        return names.spiffe_id(self.trust_domain, self.pod_namespace, self.service_account)
 
     @property
     def ip_families(self) -> set[int]:
@@ -144,15 +144,15 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
             raise ConfigError(f"environment variable {var} is required (downward API)")
         return value
 
-    mode = env.get(names.ENV_INBOUND_MTLS, "PERMISSIVE").strip().upper() or "PERMISSIVE"
-    if mode not in ("PERMISSIVE", "STRICT"):
+    mode = env.get(names.ENV_INBOUND_MTLS, "").strip().upper() or DEFAULTS.inbound_mtls
+    if mode not in INBOUND_MTLS_MODES:
         raise ConfigError(f"{names.ENV_INBOUND_MTLS}={mode!r}: expected PERMISSIVE or STRICT")
-    raw_cidrs = env.get(names.ENV_MESH_CIDRS, "10.0.0.0/8")
+    raw_cidrs = env.get(names.ENV_MESH_CIDRS, ",".join(DEFAULTS.mesh_cidrs))
     try:
         cidrs = parse_cidr_list(raw_cidrs)
     except ValueError as exc:
         raise ConfigError(f"{names.ENV_MESH_CIDRS}={raw_cidrs!r}: {exc}") from None
-    raw_plain = env.get(names.ENV_PLAINTEXT_PORTS, "53")
+    raw_plain = env.get(names.ENV_PLAINTEXT_PORTS, ",".join(map(str, DEFAULTS.plaintext_ports)))
     try:
         plaintext_ports = parse_port_list(raw_plain)
     except ValueError as exc:
@@ -167,7 +167,7 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
     if raw_ttl and not raw_ttl.isdigit():
         raise ConfigError(f"{names.ENV_CERT_TTL}={raw_ttl!r}: expected seconds")
     pod_ip = env.get(names.ENV_POD_IP, "").strip() or "127.0.0.1"
-    return AgentSettings(
+    settings = AgentSettings(
         ca_address=str(flags["ca_address"]),
         token_file=Path(flags["token_file"]),
         bundle_file=Path(flags["bundle_file"]),
@@ -181,15 +181,22 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
         pod_namespace=need(names.ENV_POD_NAMESPACE),
         pod_ip=pod_ip.split(",")[0],
         pod_ips=tuple(ip.strip() for ip in env.get(names.ENV_POD_IPS, "").split(",") if ip.strip()),
-        service_account=env.get(names.ENV_SERVICE_ACCOUNT, "").strip() or "default",
-        trust_domain=env.get(names.ENV_TRUST_DOMAIN, "").strip() or "cluster.local",
-        inbound_mtls=cast(Literal["PERMISSIVE", "STRICT"], mode),
+        service_account=env.get(names.ENV_SERVICE_ACCOUNT, "").strip()
+        or names.DEFAULT_SERVICE_ACCOUNT,
+        trust_domain=env.get(names.ENV_TRUST_DOMAIN, "").strip() or DEFAULTS.trust_domain,
+        inbound_mtls=mode,
         mesh_cidrs=tuple(cidrs),
         plaintext_ports=plaintext_ports,
         api_servers=api_server_destinations(env),
         app_probes=probes,
         cert_ttl_seconds=int(raw_ttl) if raw_ttl else None,
     )
+    try:
+        settings.spiffe_id  # noqa: B018 - checked once here, not when the CA is first asked
+    except ValueError as exc:
+        where = f"{names.ENV_TRUST_DOMAIN}, {names.ENV_POD_NAMESPACE}, {names.ENV_SERVICE_ACCOUNT}"
+        raise ConfigError(f"no SPIFFE id from {where}: {exc}") from None
+    return settings
 
 
 def api_server_destinations(env: Mapping[str, str]) -> tuple[tuple[str, int], ...]:

@@ -85,7 +85,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from webhook import names
-from webhook.config import Ports
+from webhook.config import DEFAULTS, INBOUND_MTLS_MODES, InboundMTLS, Ports
 from webhook.dataplane.capture import INBOUND_PASSTHROUGH_SOURCE_V6
 
 __all__ = [
@@ -154,9 +154,9 @@ class BootstrapOptions:
     pod_name: str
     pod_namespace: str
     service_account: str
-    trust_domain: str = "cluster.local"
-    inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
-    mesh_cidrs: tuple[str, ...] = ("10.0.0.0/8",)
+    trust_domain: str = DEFAULTS.trust_domain
+    inbound_mtls: InboundMTLS = DEFAULTS.inbound_mtls
+    mesh_cidrs: tuple[str, ...] = DEFAULTS.mesh_cidrs
     cert_dir: str = names.CERTS_DIR
     work_dir: str = names.WORK_DIR
     ports: Ports = field(default_factory=Ports)
@@ -168,13 +168,14 @@ class BootstrapOptions:
     #: The pod has an IPv4 address (False only for an IPv6-only pod).
     ipv4: bool = True
     #: Destination ports that are plain passthrough whatever the address (mesh config).
-    plaintext_ports: tuple[int, ...] = (53,)
+    plaintext_ports: tuple[int, ...] = DEFAULTS.plaintext_ports
     #: ``(ip, port)`` of the Kubernetes API server's Service: plain passthrough, never mTLS.
     api_servers: tuple[tuple[str, int], ...] = ()
 
     @property
     def spiffe_id(self) -> str:
-        return f"spiffe://{self.trust_domain}/ns/{self.pod_namespace}/sa/{self.service_account}"
+        """This pod's SPIFFE id (ValueError when a part cannot be one)."""
+        return names.spiffe_id(self.trust_domain, self.pod_namespace, self.service_account)
 
 
 def local_address_ip_version(opts: BootstrapOptions) -> Literal["v4", "v6"]:
@@ -291,7 +292,7 @@ def _check(opts: BootstrapOptions) -> None:
         raise ValueError("a pod needs an IPv4 or an IPv6 address")
     for cidr in opts.mesh_cidrs:
         ipaddress.ip_network(cidr, strict=True)  # ValueError names the bad one
-    if opts.inbound_mtls not in ("PERMISSIVE", "STRICT"):
+    if opts.inbound_mtls not in INBOUND_MTLS_MODES:
         raise ValueError(
             f"inbound mTLS mode must be PERMISSIVE or STRICT, not {opts.inbound_mtls!r}"
         )
@@ -300,9 +301,7 @@ def _check(opts: BootstrapOptions) -> None:
     for ip, port in opts.api_servers:
         ipaddress.ip_address(ip)  # ValueError names the bad one
         _check_port(port, f"API server port of {ip}")
-    for value in (opts.pod_namespace, opts.service_account, opts.trust_domain):
-        if not value or "/" in value:
-            raise ValueError(f"{value!r} cannot be part of a SPIFFE id")
+    names.spiffe_id(opts.trust_domain, opts.pod_namespace, opts.service_account)  # names a bad part
 
 
 def _check_port(port: int, what: str) -> None:
@@ -364,7 +363,7 @@ def _common_tls(opts: BootstrapOptions, alpn: list[str]) -> dict[str, Any]:
                 "match_typed_subject_alt_names": [
                     {
                         "san_type": "URI",
-                        "matcher": {"prefix": f"spiffe://{opts.trust_domain}/"},
+                        "matcher": {"prefix": names.trust_domain_prefix(opts.trust_domain)},
                     }
                 ]
             },

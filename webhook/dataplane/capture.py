@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from webhook import names
-from webhook.config import Ports
+from webhook.config import DEFAULTS
 from webhook.errors import TrafficError
 
 __all__ = [
@@ -88,7 +88,7 @@ _HOOKS = (("PREROUTING", INBOUND), ("OUTPUT", OUTPUT))
 #: init-traffic assigns it to lo (IPv6 has no loopback range beyond ::1).
 INBOUND_PASSTHROUGH_SOURCE_V6 = "::6"
 
-_PORTS = Ports()
+_PORTS = DEFAULTS.ports
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,8 @@ class CaptureOptions:
 
     ``None`` for an include-list means ``*`` (everything); an empty tuple means nothing."""
 
-    proxy_uid: int = 1337
-    proxy_gid: int = 1337
+    proxy_uid: int = DEFAULTS.proxy.uid
+    proxy_gid: int = DEFAULTS.proxy.gid
     inbound_port: int = _PORTS.inbound
     outbound_port: int = _PORTS.outbound
     include_inbound_ports: tuple[int, ...] | None = None

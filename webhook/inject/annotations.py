@@ -14,10 +14,10 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
-from typing import Any, Final, get_args
+from typing import Any, Final
 
 from webhook import names
-from webhook.config import LogLevel, MeshConfig
+from webhook.config import INBOUND_MTLS_MODES, LOG_LEVELS, MeshConfig
 from webhook.errors import AnnotationError
 from webhook.values import ALL, parse_bool, parse_cidr_list, parse_port_list, parse_quantity
 
@@ -96,8 +96,6 @@ PROMETHEUS_PORT: Final = "prometheus.io/port"
 PROMETHEUS_PATH: Final = "prometheus.io/path"
 PROMETHEUS: Final = (PROMETHEUS_SCRAPE, PROMETHEUS_PORT, PROMETHEUS_PATH)
 
-_LOG_LEVELS: Final = get_args(LogLevel)
-_MTLS_MODES: Final = ("PERMISSIVE", "STRICT")
 # An image reference: no whitespace, no shell metacharacters; the registry checks the rest.
 _IMAGE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]*$")
 
@@ -164,6 +162,10 @@ def _enum(choices: tuple[str, ...], *, upper: bool) -> Callable[[str], str]:
         return value
 
     return parse
+
+
+_mtls_mode = _enum(INBOUND_MTLS_MODES, upper=True)
+_log_level = _enum(LOG_LEVELS, upper=False)
 
 
 def _image(raw: str) -> str:
@@ -250,8 +252,8 @@ def _read(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:
         cpu_limit=_parse(ann, PROXY_CPU_LIMIT, parse_quantity, px.cpu_limit),
         memory_limit=_parse(ann, PROXY_MEMORY_LIMIT, parse_quantity, px.memory_limit),
         rewrite_probes=_parse(ann, REWRITE_PROBES, parse_bool, config.rewrite_probes),
-        inbound_mtls=_parse(ann, INBOUND_MTLS, _enum(_MTLS_MODES, upper=True), config.inbound_mtls),
-        log_level=_parse(ann, LOG_LEVEL, _enum(_LOG_LEVELS, upper=False), px.log_level),
+        inbound_mtls=_parse(ann, INBOUND_MTLS, _mtls_mode, config.inbound_mtls),
+        log_level=_parse(ann, LOG_LEVEL, _log_level, px.log_level),
         include_inbound_ports=_parse(
             ann, INCLUDE_INBOUND_PORTS, lambda r: parse_port_list(r, allow_all=True), ALL
         ),
