@@ -7,6 +7,10 @@ SIDEMESH := $(VENV)/bin/sidemesh
 CERTS ?= certs
 HOST ?= 127.0.0.1
 PORT ?= 8443
+XDS_PORT ?= 15012
+# MESH_DIR=./mesh makes discovery read (and watch) that directory instead of its demo mesh
+MESH_DIR ?=
+MESH_DIR_FLAG := $(if $(MESH_DIR),--mesh-dir $(MESH_DIR))
 
 .PHONY: install run certs test unit e2e golden lint bench deploy undeploy clean
 
@@ -18,9 +22,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-## run: the webhook (and CA) on https://$(HOST):$(PORT), with a development PKI in certs/
+## run: the webhook (and CA) on https://$(HOST):$(PORT) and the control plane (discovery: xDS
+## on $(HOST):$(XDS_PORT), debug on 127.0.0.1:15014) on its embedded demo mesh, certs in certs/
 run: install certs
-	$(SIDEMESH) serve --host $(HOST) --port $(PORT) --cert-dir $(CERTS)
+	$(SIDEMESH) discovery --listen $(HOST):$(XDS_PORT) --cert-dir $(CERTS) $(MESH_DIR_FLAG) & \
+	  pid=$$!; trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT INT TERM; \
+	  $(SIDEMESH) serve --host $(HOST) --port $(PORT) --cert-dir $(CERTS)
 
 ## certs: create the development root if missing, then a fresh serving certificate
 certs: install

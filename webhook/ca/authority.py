@@ -194,11 +194,15 @@ class CertificateAuthority:
         *,
         now: datetime,
         ttl: timedelta = timedelta(seconds=CAConfig.serving_cert_ttl_seconds),
+        uris: Sequence[str] = (),
     ) -> tuple[str, str]:
-        """A serving certificate and its fresh ECDSA P-256 key, both PEM: ``(cert, key)``."""
+        """A serving certificate and its fresh ECDSA P-256 key, both PEM: ``(cert, key)``.
+
+        ``uris``: SPIFFE ids too, for a server that sidecars verify by identity (xDS)."""
         if not dns_names and not ips:
             raise PKIError("a serving certificate needs at least one DNS name or IP")
         sans: list[x509.GeneralName] = [x509.DNSName(n) for n in _unique(dns_names)]
+        sans += [x509.UniformResourceIdentifier(u) for u in _unique(uris)]
         for raw in _unique(ips):
             try:
                 sans.append(x509.IPAddress(ipaddress.ip_address(raw)))

@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "webhook.cli.proxy",  # proxy
     "webhook.cli.install",  # install, uninstall
     "webhook.cli.cni",  # cni install | uninstall | validate | plugin | build-plugin
+    "webhook.cli.discovery",  # discovery, proxy-status, proxy-config
 )
 
 

@@ -1,0 +1,179 @@
+"""`sidemesh discovery` (the control plane), `sidemesh proxy-status`, `sidemesh proxy-config`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+__all__ = ["register"]
+
+DEFAULT_DEBUG = "http://127.0.0.1:15014"
+
+
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "discovery",
+        help="the control plane: learn the mesh, program every sidecar over delta xDS (mTLS)",
+        description="Read Namespaces, Services, EndpointSlices and Pods (from --mesh-dir, or "
+        "the embedded demo mesh) and serve delta ADS over mTLS to the sidecars.",
+    )
+    p.add_argument("--listen", default="0.0.0.0:15012", help="xDS address (default :15012)")
+    p.add_argument("--debug-host", default="127.0.0.1", help="debug/metrics HTTP host")
+    p.add_argument("--debug-port", type=int, default=15014, help="debug/metrics port (15014)")
+    p.add_argument("--cert-dir", default="certs", help="ca.crt (+ ca.key, or xds.crt/xds.key)")
+    p.add_argument("--mesh-dir", default=None, help="directory of manifests, watched")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks")
+    p.add_argument("--config", default=None, help="mesh config file (YAML); default: built-ins")
+    p.add_argument(
+        "--scoped",
+        action="store_true",
+        help="each sidecar sees its namespace, its sidemesh.io/dependencies and what it "
+        "was seen calling, instead of every Service",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(handler=_discovery)
+
+    st = subparsers.add_parser(
+        "proxy-status", help="every connected sidecar: identity, ACKed vs sent, last NACK"
+    )
+    st.add_argument("--url", default=DEFAULT_DEBUG, help=f"debug endpoint ({DEFAULT_DEBUG})")
+    st.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    st.set_defaults(handler=_status)
+
+    pc = subparsers.add_parser(
+        "proxy-config", help="listeners, clusters and endpoints one sidecar was sent"
+    )
+    pc.add_argument("pod", help="NAMESPACE/NAME")
+    pc.add_argument("--url", default=DEFAULT_DEBUG, help=f"debug endpoint ({DEFAULT_DEBUG})")
+    pc.add_argument("--type", choices=["clusters", "endpoints", "listeners"], default=None)
+    pc.add_argument("-o", "--output", choices=["table", "json"], default="table")
+    pc.set_defaults(handler=_config)
+
+
+def _discovery(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from webhook.config import load_config_file
+    from webhook.discovery.core import DiscoverySettings
+    from webhook.discovery.run import RunSettings, run_discovery
+    from webhook.server.logs import configure_logging
+
+    configure_logging(args.log_level)
+    cfg = load_config_file(args.config)
+    settings = RunSettings(
+        listen=args.listen,
+        debug_host=args.debug_host,
+        debug_port=args.debug_port,
+        cert_dir=Path(args.cert_dir),
+        mesh_dir=Path(args.mesh_dir) if args.mesh_dir else None,
+        poll_interval=args.poll_interval,
+        discovery=DiscoverySettings(
+            trust_domain=cfg.trust_domain,
+            default_inbound_mtls=cfg.inbound_mtls,
+            plaintext_ports=cfg.plaintext_ports,
+            ports=cfg.ports,
+            scoped=args.scoped,
+        ),
+    )
+    asyncio.run(run_discovery(settings))
+    return 0
+
+
+def _get(url: str) -> Any:
+    from webhook.errors import SidemeshError
+
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        try:
+            detail = json.loads(exc.read()).get("error", "")
+        except ValueError:
+            detail = ""
+        raise SidemeshError(f"{url}: HTTP {exc.code} {detail}".rstrip()) from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise SidemeshError(
+            f"cannot reach the control plane's debug endpoint {url}: {exc} "
+            "(is `sidemesh discovery` running? --url, or kubectl port-forward)"
+        ) from None
+
+
+def _status(args: argparse.Namespace) -> int:
+    data = _get(f"{args.url.rstrip('/')}/debug/proxies")
+    if args.output == "json":
+        print(json.dumps(data, indent=1))
+        return 0
+    rows: list[tuple[str, ...]] = [
+        ("POD", "IDENTITY", "CDS", "EDS", "LDS", "SYNCED", "NACKS", "LAST NACK")
+    ]
+    for p in data["proxies"]:
+        t = p["types"]
+
+        def cell(kind: str, t: dict[str, Any] = t) -> str:
+            x = t.get(kind)
+            if x is None:
+                return "-"
+            return f"{x['resources']}{'' if not x['unacked'] else ' (unacked)'}"
+
+        nacks = sum(x["nacks"] for x in t.values())
+        last = next((x["last_nack"]["error"] for x in t.values() if x["last_nack"]), "")
+        rows.append(
+            (
+                p["pod"],
+                p["identity"],
+                cell("clusters"),
+                cell("endpoints"),
+                cell("listeners"),
+                "yes" if p["synced"] else "no",
+                str(nacks),
+                last[:60],
+            )
+        )
+    _table(rows)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    pod = urllib.parse.quote(args.pod, safe="/")
+    data = _get(f"{args.url.rstrip('/')}/debug/config?pod={pod}")
+    if args.type:
+        data = {args.type: data.get(args.type, [])}
+    if args.output == "json":
+        print(json.dumps(data, indent=1))
+        return 0
+    for kind, items in data.items():
+        print(f"{kind.upper()} ({len(items)})")
+        for item in items:
+            print(f"  {_summary(kind, item)}")
+    return 0
+
+
+def _summary(kind: str, item: dict[str, Any]) -> str:
+    if kind == "clusters":
+        tls = len(item.get("transport_socket_matches", []))
+        mtls = f", mTLS identities: {tls}" if tls else ""
+        return f"{item['name']}  {item.get('type', 'EDS')}{mtls}"
+    if kind == "endpoints":
+        eps = [
+            f"{e['endpoint']['address']['socket_address']['address']}:"
+            f"{e['endpoint']['address']['socket_address'].get('port_value')}"
+            f"{' mTLS' if 'metadata' in e else ''}"
+            for group in item.get("endpoints", [])
+            for e in group.get("lb_endpoints", [])
+        ]
+        return f"{item['cluster_name']}  {', '.join(eps) or '(none)'}"
+    chains = item.get("filter_chains", [])
+    return f"{item['name']}  {len(chains)} filter chains"
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        line = "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True))
+        sys.stdout.write(line.rstrip() + "\n")

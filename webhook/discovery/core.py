@@ -1,0 +1,409 @@
+"""The push engine: store → model → encoded resources → each connected proxy's delta.
+
+Runs on one asyncio loop. Sources call the store from their own threads; the store's listener
+hops onto the loop. Endpoint changes (EndpointSlices) are pushed at once; every other change is
+debounced (``quiet`` seconds without a new event, at most ``max_delay`` after the first) so a
+rollout of a hundred pods costs a handful of pushes, not a hundred.
+
+Per push, a proxy gets — in the order Envoy needs to never route to a missing cluster — CDS,
+then EDS, then LDS, each only with what changed for it: the shared tables' change logs, the
+change of its scope, and its own few per-proxy resources.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from envoy.service.discovery.v3 import discovery_pb2
+from google.protobuf import any_pb2
+
+from webhook import names
+from webhook.config import Ports
+from webhook.dataplane.bootstrap import BootstrapOptions
+from webhook.discovery import compiler as cc
+from webhook.discovery import metrics
+from webhook.discovery.model import PodInfo, Service, build_model
+from webhook.discovery.resources import Encoded, encode
+from webhook.discovery.scope import services_in_scope
+from webhook.discovery.store import KINDS, Key, ObjectStore
+from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
+
+__all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings", "ProxyConn"]
+
+LOG = logging.getLogger("sidemesh.discovery")
+
+#: Make before break: clusters, then their endpoints, then the listeners that use them.
+PUSH_ORDER = (cc.CLUSTER, cc.ENDPOINTS, cc.LISTENER)
+_SHARED = (cc.CLUSTER, cc.ENDPOINTS)
+
+
+@dataclass(frozen=True)
+class DiscoverySettings:
+    trust_domain: str = "cluster.local"
+    default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
+    plaintext_ports: tuple[int, ...] = (53,)
+    ports: Ports = field(default_factory=Ports)
+    #: Debounce of config (non-endpoint) changes.
+    quiet: float = 0.1
+    max_delay: float = 10.0
+    #: Scope each sidecar to its namespace, declared and learned dependencies.
+    scoped: bool = False
+    #: The agent's work directory in every sidecar (its SDS files are named from there).
+    work_dir: str = names.WORK_DIR
+
+
+@dataclass
+class ProxyConn:
+    """One connected sidecar (one ADS stream)."""
+
+    conn_id: int
+    spiffe_id: str
+    namespace: str
+    pod_name: str
+    peer: str
+    node_id: str
+    connected_at: float
+    queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | None]
+    types: dict[str, TypeState] = field(default_factory=dict)
+    scope: frozenset[str] = frozenset()
+    local: dict[str, dict[str, Encoded]] = field(default_factory=dict)
+    learned: set[tuple[str, str]] = field(default_factory=set)
+    nonce: int = 0
+
+    def state(self, type_url: str) -> TypeState:
+        return self.types.setdefault(type_url, TypeState())
+
+
+class Discovery:
+    """Everything the xDS server knows; call :meth:`start` on the loop that serves streams."""
+
+    def __init__(self, store: ObjectStore, settings: DiscoverySettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.model = build_model({}, trust_domain=settings.trust_domain)
+        self.tables = {t: ResourceTable(t) for t in _SHARED}
+        self.proxies: dict[int, ProxyConn] = {}
+        self.generation = 0
+        self._cluster_inputs: dict[str, Any] = {}
+        self._cla_inputs: dict[str, Any] = {}
+        self._listener_inputs: Any = None
+        self._listener_cache: dict[Any, dict[str, Encoded]] = {}
+        self._all_clusters: frozenset[str] = frozenset()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._first_event: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._endpoint_flush = False
+        self._model_changed = asyncio.Event()
+        self._next_id = 0
+        self._clock: Callable[[], float] = time.monotonic
+
+    # --- changes ---------------------------------------------------------------------------
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.rebuild("start")
+        self.store.subscribe(self._from_any_thread)
+
+    def _from_any_thread(self, keys: frozenset[Key]) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self.on_change, keys)
+
+    def on_change(self, keys: Iterable[Key]) -> None:
+        """A change seen by the store: push endpoints now, debounce everything else."""
+        assert self._loop is not None
+        if all(k.kind == "EndpointSlice" for k in keys):
+            if not self._endpoint_flush:
+                self._endpoint_flush = True
+                self._loop.call_soon(self._flush, "endpoints")
+            return
+        now = self._clock()
+        if self._first_event is None:
+            self._first_event = now
+        else:
+            metrics.DEBOUNCED.inc()
+        if self._timer is not None:
+            self._timer.cancel()
+        due = min(now + self.settings.quiet, self._first_event + self.settings.max_delay)
+        self._timer = self._loop.call_at(
+            self._loop.time() + max(0.0, due - now), self._flush, "config"
+        )
+
+    def _flush(self, cause: str) -> None:
+        if cause == "config":
+            self._first_event, self._timer = None, None
+        else:
+            self._endpoint_flush = False
+        try:
+            self.rebuild(cause)
+        except Exception:  # a bug must not end the control plane; the old config stays
+            LOG.exception("rebuilding the mesh config failed; proxies keep the last one")
+
+    def rebuild(self, cause: str) -> None:
+        started = self._clock()
+        metrics.FLUSHES.labels(cause).inc()
+        objects = {kind: self.store.list(kind) for kind in KINDS}
+        self.model = build_model(
+            objects,
+            trust_domain=self.settings.trust_domain,
+            default_inbound_mtls=self.settings.default_inbound_mtls,
+        )
+        self.generation += 1
+        self._update_shared()
+        inputs = (
+            {k: (s.cluster_ips, s.ports) for k, s in self.model.services.items()},
+            self.model.meshed_pod_ports(),
+            self.model.server_first,
+        )
+        if inputs != self._listener_inputs:
+            self._listener_inputs = inputs
+            self._listener_cache.clear()
+        for conn in list(self.proxies.values()):
+            self.push(conn)
+        self._model_changed.set()
+        self._model_changed = asyncio.Event()
+        metrics.REBUILD.labels(cause).observe(self._clock() - started)
+        for table in self.tables.values():
+            oldest = min(
+                (c.state(table.type_url).seq for c in self.proxies.values()), default=table.seq
+            )
+            table.compact(oldest)
+
+    def _update_shared(self) -> None:
+        opts = self._template_options()
+        seen: set[str] = set()
+        for svc in self.model.services.values():
+            for port in svc.ports:
+                name = svc.cluster_name(port)
+                seen.add(name)
+                eps = self.model.endpoints_of(svc, port)
+                ids = tuple(sorted({e.mtls_identity for e in eps if e.mtls_identity}))
+                if self._cluster_inputs.get(name) != (svc.cluster_ips, port, ids):
+                    self._cluster_inputs[name] = (svc.cluster_ips, port, ids)
+                    enc = encode(cc.CLUSTER, cc.build_cluster(svc, port, eps, opts))
+                    self.tables[cc.CLUSTER].put(name, enc)
+                if self._cla_inputs.get(name) != eps:
+                    self._cla_inputs[name] = eps
+                    self.tables[cc.ENDPOINTS].put(
+                        name, encode(cc.ENDPOINTS, cc.build_endpoints(name, eps))
+                    )
+        for name in set(self._cluster_inputs) - seen:
+            del self._cluster_inputs[name]
+            self._cla_inputs.pop(name, None)
+            for table in self.tables.values():
+                table.remove(name)
+        self._all_clusters = frozenset(seen)
+
+    def _template_options(self) -> BootstrapOptions:
+        """Options for resources shared by every proxy (nothing pod-specific in them)."""
+        pod = PodInfo("default", "shared", (), "default", True, "PERMISSIVE")
+        return self.options_for(pod)
+
+    def options_for(self, pod: PodInfo) -> BootstrapOptions:
+        return cc.proxy_options(
+            pod,
+            trust_domain=self.settings.trust_domain,
+            plaintext_ports=self.settings.plaintext_ports,
+            ports=self.settings.ports,
+            work_dir=self.settings.work_dir,
+        )
+
+    # --- proxies ---------------------------------------------------------------------------
+
+    async def wait_for_pod(self, namespace: str, name: str, timeout: float) -> PodInfo | None:
+        deadline = self._clock() + timeout
+        while True:
+            pod = self.model.pods.get((namespace, name))
+            if pod is not None or self._clock() >= deadline:
+                return pod
+            waiter = self._model_changed
+            try:
+                await asyncio.wait_for(waiter.wait(), max(0.01, deadline - self._clock()))
+            except TimeoutError:
+                continue
+
+    def connect(
+        self, spiffe_id: str, namespace: str, pod: str, peer: str, node_id: str
+    ) -> ProxyConn:
+        self._next_id += 1
+        conn = ProxyConn(
+            self._next_id, spiffe_id, namespace, pod, peer, node_id, time.time(), asyncio.Queue()
+        )
+        self.proxies[conn.conn_id] = conn
+        metrics.CONNECTED.set(len(self.proxies))
+        return conn
+
+    def disconnect(self, conn: ProxyConn) -> None:
+        self.proxies.pop(conn.conn_id, None)
+        metrics.CONNECTED.set(len(self.proxies))
+
+    def pod_of(self, conn: ProxyConn) -> PodInfo | None:
+        return self.model.pods.get((conn.namespace, conn.pod_name))
+
+    def _scope(self, conn: ProxyConn, pod: PodInfo) -> frozenset[str]:
+        if not self.settings.scoped:
+            return self._all_clusters
+        services = services_in_scope(self.model, pod, conn.learned)
+        return frozenset(s.cluster_name(p) for s in services for p in s.ports)
+
+    def _services(self, scope: frozenset[str]) -> list[Service]:
+        if scope is self._all_clusters:
+            return list(self.model.services.values())
+        return [
+            s
+            for s in self.model.services.values()
+            if any(s.cluster_name(p) in scope for p in s.ports)
+        ]
+
+    def _local(self, conn: ProxyConn, pod: PodInfo) -> dict[str, dict[str, Encoded]]:
+        opts = self.options_for(pod)
+        ipv6 = opts.ipv6
+        key = ("local", ipv6)
+        clusters = self._listener_cache.get(key)
+        if clusters is None:
+            clusters = {n: encode(cc.CLUSTER, c) for n, c in cc.local_clusters(opts).items()}
+            self._listener_cache[key] = clusters
+        server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
+        lkey = ("listeners", conn.scope, ipv6, pod.inbound_mtls, server_first)
+        listeners = self._listener_cache.get(lkey)
+        if listeners is None:
+            built = cc.build_listeners(self.model, opts, pod, self._services(conn.scope))
+            listeners = {n: encode(cc.LISTENER, v) for n, v in built.items()}
+            self._listener_cache[lkey] = listeners
+        return {cc.CLUSTER: clusters, cc.LISTENER: listeners}
+
+    def push(
+        self,
+        conn: ProxyConn,
+        only: str | None = None,
+        candidates: Iterable[str] | None = None,
+        full: bool = False,
+    ) -> None:
+        """Queue what changed for ``conn`` (all types in order, or ``only`` one)."""
+        pod = self.pod_of(conn)
+        if pod is None:
+            return  # the pod is gone; its stream is closed by the handler
+        old_scope = conn.scope
+        conn.scope = self._scope(conn, pod)
+        scope_delta = old_scope ^ conn.scope
+        conn.local = self._local(conn, pod)
+        for type_url in PUSH_ORDER:
+            if only is not None and type_url != only:
+                continue
+            ts = conn.types.get(type_url)
+            if ts is None or not ts.requested:
+                continue
+            self._push_type(conn, ts, type_url, scope_delta, candidates, full)
+
+    def _push_type(
+        self,
+        conn: ProxyConn,
+        ts: TypeState,
+        type_url: str,
+        scope_delta: frozenset[str],
+        extra: Iterable[str] | None,
+        full: bool,
+    ) -> None:
+        local = conn.local.get(type_url, {})
+        table = self.tables.get(type_url)
+        desired = _Desired(local, table.items if table else {}, conn.scope)
+        names: set[str] = set(local) | set(scope_delta)
+        if extra is not None:
+            names.update(extra)
+        if full:
+            names.update(desired)
+            names.update(ts.sent)
+        if table is not None:
+            names.update(table.changed_since(ts.seq))
+            ts.seq = table.seq
+        updates, removed = ts.diff(desired, names)
+        if type_url == cc.LISTENER:
+            removed += [n for n in ts.sent if n not in local and n not in removed]
+        if updates or removed:
+            self._send(conn, ts, type_url, updates, removed)
+
+    def _send(
+        self,
+        conn: ProxyConn,
+        ts: TypeState,
+        type_url: str,
+        updates: Mapping[str, Encoded],
+        removed: list[str],
+    ) -> None:
+        conn.nonce += 1
+        nonce = str(conn.nonce)
+        resp = discovery_pb2.DeltaDiscoveryResponse(
+            type_url=type_url, nonce=nonce, system_version_info=str(self.generation)
+        )
+        size = 0
+        for name in sorted(updates):
+            enc = updates[name]
+            size += len(enc.body)
+            r = resp.resources.add(name=name, version=enc.version)
+            r.resource.CopyFrom(any_pb2.Any(type_url=type_url, value=enc.body))
+        resp.removed_resources.extend(sorted(removed))
+        ts.record_sent(nonce, updates, removed, self._clock())
+        metrics.PUSHES.labels(_short(type_url)).inc()
+        metrics.PUSH_BYTES.labels(_short(type_url)).inc(size)
+        conn.queue.put_nowait(resp)
+
+    def on_request(self, conn: ProxyConn, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
+        """An ACK, a NACK, or a subscription change from the proxy."""
+        ts = conn.state(req.type_url)
+        if req.response_nonce:
+            pending = ts.pending.pop(req.response_nonce, None)
+            if req.HasField("error_detail"):
+                ts.nacks += 1
+                names = pending[0] if pending else ()
+                ts.last_nack = NackRecord(
+                    req.type_url, req.response_nonce, req.error_detail.message, names
+                )
+                metrics.NACKS.labels(_short(req.type_url)).inc()
+                LOG.warning(
+                    "%s/%s rejected %s: %s",
+                    conn.namespace,
+                    conn.pod_name,
+                    _short(req.type_url),
+                    req.error_detail.message,
+                )
+            elif pending is not None:
+                ts.last_acked_nonce = req.response_nonce
+                metrics.CONVERGENCE.labels(_short(req.type_url)).observe(self._clock() - pending[1])
+        first = not ts.requested
+        subscribe = list(req.resource_names_subscribe)
+        if first or subscribe or req.resource_names_unsubscribe:
+            ts.subscribe(subscribe, dict(req.initial_resource_versions))
+            ts.unsubscribe(req.resource_names_unsubscribe)
+            self.push(conn, only=req.type_url, candidates=subscribe, full=first)
+
+
+class _Desired(Mapping[str, Encoded]):
+    """A proxy's desired resources of one type: its own, then the shared ones in its scope."""
+
+    def __init__(
+        self, local: Mapping[str, Encoded], shared: Mapping[str, Encoded], scope: frozenset[str]
+    ) -> None:
+        self._local, self._shared, self._scope = local, shared, scope
+
+    def __getitem__(self, name: str) -> Encoded:
+        if name in self._local:
+            return self._local[name]
+        if name in self._scope:
+            return self._shared[name]
+        raise KeyError(name)
+
+    def __iter__(self) -> Any:
+        yield from self._local
+        yield from (n for n in self._scope if n in self._shared)
+
+    def __len__(self) -> int:
+        return len(self._local) + len(self._scope)
+
+
+def _short(type_url: str) -> str:
+    return type_url.rsplit(".", 1)[-1]

@@ -1,0 +1,100 @@
+"""Running the control plane: source → store → push engine → ADS server + debug endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from webhook.ca import authority as ca
+from webhook.dataplane.ads_bootstrap import control_plane_id
+from webhook.discovery.ads import serve_ads, server_credentials
+from webhook.discovery.core import Discovery, DiscoverySettings
+from webhook.discovery.debug import DebugServer
+from webhook.discovery.filesource import FileSource
+from webhook.discovery.store import ObjectStore
+from webhook.errors import ConfigError
+
+__all__ = ["XDS_CERT", "XDS_KEY", "RunSettings", "run_discovery", "xds_certificate"]
+
+LOG = logging.getLogger("sidemesh.discovery")
+XDS_CERT = "xds.crt"
+XDS_KEY = "xds.key"
+#: Names the xDS certificate carries besides the SPIFFE id (the Service, and local runs).
+XDS_DNS = (
+    "sidemesh.sidemesh-system.svc",
+    "sidemesh.sidemesh-system.svc.cluster.local",
+    "localhost",
+)
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    listen: str
+    debug_host: str
+    debug_port: int
+    cert_dir: Path
+    mesh_dir: Path | None
+    poll_interval: float
+    discovery: DiscoverySettings
+
+
+def xds_certificate(
+    cert_dir: Path, trust_domain: str, extra_ips: tuple[str, ...] = ()
+) -> tuple[bytes, bytes, bytes]:
+    """``(cert, key, root)`` for the ADS server: ``xds.crt``/``xds.key`` from the directory when
+    present (a mounted Secret), else issued now by the CA there (its ``ca.key``), in memory."""
+    root = cert_dir / ca.CA_CERT
+    if not root.exists():
+        raise ConfigError(f"{root} is missing: the xDS server trusts proxies of this root")
+    cert, key = cert_dir / XDS_CERT, cert_dir / XDS_KEY
+    if cert.exists() and key.exists():
+        return cert.read_bytes(), key.read_bytes(), root.read_bytes()
+    if not (cert_dir / ca.CA_KEY).exists():
+        raise ConfigError(f"neither {cert} nor {cert_dir / ca.CA_KEY} to issue it from")
+    authority = ca.CertificateAuthority.load(cert_dir)
+    pem, key_pem = authority.issue_serving(
+        XDS_DNS,
+        ("127.0.0.1", "::1", *extra_ips),
+        now=datetime.now(UTC),
+        ttl=timedelta(days=30),
+        uris=(control_plane_id(trust_domain),),
+    )
+    return pem.encode(), key_pem.encode(), root.read_bytes()
+
+
+async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> None:
+    loop = asyncio.get_running_loop()
+    stop = stop or asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    store = ObjectStore()
+    source = FileSource(store, s.mesh_dir, s.poll_interval)
+    source.load()
+    discovery = Discovery(store, s.discovery)
+    discovery.start(loop)
+    listen_host = s.listen.rpartition(":")[0].strip("[]")
+    ips = (listen_host,) if listen_host not in ("0.0.0.0", "::", "", "127.0.0.1") else ()
+    cert, key, root = xds_certificate(s.cert_dir, s.discovery.trust_domain, ips)
+    server = await serve_ads(discovery, s.listen, server_credentials(cert, key, root))
+    debug = DebugServer(discovery, loop, s.debug_host, s.debug_port)
+    debug.start()
+    source.start()
+    counts = {k: len(store.list(k)) for k in ("Service", "EndpointSlice", "Pod")}
+    LOG.info(
+        "discovery: xDS on %s (mTLS), debug on http://%s:%d, mesh from %s: %s",
+        s.listen,
+        s.debug_host,
+        debug.port,
+        s.mesh_dir or "the embedded default",
+        counts,
+    )
+    try:
+        await stop.wait()
+    finally:
+        source.stop()
+        debug.stop()
+        await server.stop(grace=2)
