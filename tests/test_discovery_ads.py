@@ -19,9 +19,9 @@ from tests.support.xds import (
     run_envoy,
     workload_cert,
 )
+from webhook.cli.main import main
 from webhook.dataplane.ads_bootstrap import XdsOptions
 from webhook.dataplane.bootstrap import BootstrapOptions
-from webhook.cli.main import main
 from webhook.discovery.core import DiscoverySettings
 from webhook.discovery.debug import DebugServer
 from webhook.discovery.filesource import FileSource

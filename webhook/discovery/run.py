@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from webhook import names
 from webhook.ca import authority as ca
 from webhook.dataplane.ads_bootstrap import control_plane_id
 from webhook.discovery.ads import serve_ads, server_credentials
@@ -25,8 +26,8 @@ XDS_CERT = "xds.crt"
 XDS_KEY = "xds.key"
 #: Names the xDS certificate carries besides the SPIFFE id (the Service, and local runs).
 XDS_DNS = (
-    "sidemesh.sidemesh-system.svc",
-    "sidemesh.sidemesh-system.svc.cluster.local",
+    f"{names.DISCOVERY_NAME}.{names.CONTROL_PLANE_NAMESPACE}.svc",
+    f"{names.DISCOVERY_NAME}.{names.CONTROL_PLANE_NAMESPACE}.svc.cluster.local",
     "localhost",
 )
 
