@@ -84,7 +84,12 @@ def test_one_pass_installs_everything_and_a_second_changes_nothing(node: Node) -
     assert node.chain() == ["bridge", "sidemesh-cni"]
     entry = json.loads((node.net / "10-bridge.conflist").read_text())["plugins"][1]
     assert entry["kubeconfig"] == "/etc/cni/net.d/sidemesh-cni.kubeconfig"
-    assert entry["exclude_namespaces"] == ["kube-system", "kube-public", "kube-node-lease"]
+    assert entry["exclude_namespaces"] == [
+        "kube-system",
+        "kube-public",
+        "kube-node-lease",
+        "sidemesh-system",
+    ]
 
     kubeconfig = node.net / "sidemesh-cni.kubeconfig"
     assert kubeconfig.stat().st_mode & 0o777 == 0o600, "a token: readable by root only"

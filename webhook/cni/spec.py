@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from webhook import names
+
 __all__ = [
     "CNI_VERSION",
     "COMMANDS",
@@ -50,9 +52,15 @@ ERR_DECODE: Final = 6
 ERR_INVALID_CONFIG: Final = 7
 ERR_TRY_AGAIN: Final = 11
 
-#: Namespaces the plugin never asks the API server about (their pods are never injected, and
-#: the cluster's own components must get a network even while the API server is down).
-DEFAULT_EXCLUDE_NAMESPACES: Final = ("kube-system", "kube-public", "kube-node-lease")
+#: Namespaces the plugin never asks the API server about: the injector never injects their
+#: pods, and the cluster's own components (and sidemesh's control plane, which the API server
+#: calls for every pod) must get a network even while the API server is unreachable.
+DEFAULT_EXCLUDE_NAMESPACES: Final = (
+    "kube-system",
+    "kube-public",
+    "kube-node-lease",
+    names.CONTROL_PLANE_NAMESPACE,
+)
 
 
 class CNIError(Exception):
