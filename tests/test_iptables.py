@@ -13,6 +13,8 @@ import pytest
 
 from tests.conftest import REPO, TESTDATA, UPDATE_GOLDEN
 from webhook.cli.main import main
+from webhook.cli.traffic import capture_options
+from webhook.config import MeshConfig
 from webhook.dataplane.capture import (
     CHAINS,
     CaptureOptions,
@@ -25,7 +27,16 @@ from webhook.dataplane.capture import (
     sidemesh_state,
 )
 from webhook.dataplane.netns import has_global_ipv6
-from webhook.errors import TrafficError
+from webhook.errors import AnnotationError, TrafficError
+from webhook.inject.annotations import (
+    EXCLUDE_INBOUND_PORTS,
+    EXCLUDE_OUTBOUND_CIDRS,
+    EXCLUDE_OUTBOUND_PORTS,
+    INCLUDE_INBOUND_PORTS,
+    INCLUDE_OUTBOUND_CIDRS,
+    read_overrides,
+)
+from webhook.inject.containers import init_args
 
 GOLDEN = TESTDATA / "iptables"
 
@@ -129,7 +140,8 @@ def test_cidrs_are_split_by_family() -> None:
     [
         ("--include-inbound-ports", "*", None),
         ("--include-inbound-ports", "", ()),
-        ("--include-inbound-ports", " 80, 8080,80 ,", (80, 8080)),
+        ("--include-inbound-ports", " 80, 8080,80 ", (80, 8080)),
+        ("--include-inbound-ports", "80,8080-8082,8081", (80, 8080, 8081, 8082)),
     ],
 )
 def test_parse_ports(flag: str, text: str, expected: tuple[int, ...] | None) -> None:
@@ -137,7 +149,7 @@ def test_parse_ports(flag: str, text: str, expected: tuple[int, ...] | None) -> 
 
 
 def test_parse_cidrs_normalises() -> None:
-    assert parse_cidrs("--x", "10.1.2.3/8, 192.168.1.1 ,fd00::1/8") == (
+    assert parse_cidrs("--x", "10.0.0.0/8, 192.168.1.1 ,FD00::/8") == (
         "10.0.0.0/8",
         "192.168.1.1/32",
         "fd00::/8",
@@ -145,12 +157,60 @@ def test_parse_cidrs_normalises() -> None:
     assert parse_cidrs("--x", "*") is None
 
 
+# init-traffic reads its flags with the parsers the injector reads the annotations with: the
+# same value is accepted or refused on both sides, for the same reason.
+_SAME_RULES = [
+    (INCLUDE_INBOUND_PORTS, "--include-inbound-ports", "80,http"),
+    (EXCLUDE_INBOUND_PORTS, "--exclude-inbound-ports", "80,,81"),
+    (EXCLUDE_INBOUND_PORTS, "--exclude-inbound-ports", "9-1"),
+    (EXCLUDE_OUTBOUND_PORTS, "--exclude-outbound-ports", "70000"),
+    (EXCLUDE_OUTBOUND_PORTS, "--exclude-outbound-ports", "²"),
+    (INCLUDE_OUTBOUND_CIDRS, "--include-outbound-cidrs", "10.1.2.3/8"),
+    (EXCLUDE_OUTBOUND_CIDRS, "--exclude-outbound-cidrs", "10.0.0.0/33,"),
+]
+
+
+@pytest.mark.parametrize(("annotation", "flag", "value"), _SAME_RULES)
+def test_flags_and_annotations_share_rules_and_reasons(
+    annotation: str, flag: str, value: str
+) -> None:
+    with pytest.raises(AnnotationError) as refused:
+        read_overrides({annotation: value}, MeshConfig())
+    parse = parse_cidrs if flag.endswith("cidrs") else parse_ports
+    with pytest.raises(TrafficError) as also_refused:
+        parse(flag, value)
+    assert str(refused.value) == f"annotation {annotation}={value!r}: {refused.value.why}"
+    assert str(also_refused.value) == f"{flag}={value!r}: {refused.value.why}"
+
+
+def test_what_the_injector_writes_init_traffic_reads() -> None:
+    annotations = {
+        INCLUDE_INBOUND_PORTS: "8000-8002, 9090",
+        EXCLUDE_OUTBOUND_PORTS: "5432",
+        INCLUDE_OUTBOUND_CIDRS: "10.0.0.0/8, 192.168.1.1, FD00::/8",
+        EXCLUDE_OUTBOUND_CIDRS: "10.96.0.0/12",
+    }
+    ov = read_overrides(annotations, MeshConfig())
+    opts = capture_options(init_args(MeshConfig(), ov))
+    assert opts.include_inbound_ports == ov.include_inbound_ports == (8000, 8001, 8002, 9090)
+    assert opts.include_outbound_cidrs == ov.include_outbound_cidrs
+    assert opts.exclude_outbound_cidrs == ov.exclude_outbound_cidrs == ("10.96.0.0/12",)
+    assert opts.exclude_outbound_ports == ov.exclude_outbound_ports == (5432,)
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--exclude-outbound-ports", "5432,http"], "--exclude-outbound-ports: 'http'"),
-        (["--include-inbound-ports", "70000"], "--include-inbound-ports: 70000"),
-        (["--exclude-outbound-cidrs", "10.0.0.0/33"], "'10.0.0.0/33' is not an IP"),
+        (
+            ["--exclude-outbound-ports", "5432,http"],
+            "--exclude-outbound-ports='5432,http': 'http' is not a port number",
+        ),
+        (
+            ["--include-inbound-ports", "70000"],
+            "--include-inbound-ports='70000': port 70000 is outside 1-65535",
+        ),
+        (["--exclude-outbound-cidrs", "10.0.0.0/33"], "'10.0.0.0/33' is not a CIDR"),
+        (["--inbound-port", "0"], "--inbound-port=0: port 0 is outside 1-65535"),
         (["--proxy-uid", "0"], "--proxy-uid 0: must be a non-root id"),
         (["--inbound-port", "15001"], "must differ"),
         (["--exclude-outbound-cidrs", "*"], "'*' is not allowed"),
@@ -165,8 +225,10 @@ def test_bad_flags_are_named(
 
 
 def test_options_refuse_bad_values_directly() -> None:
-    with pytest.raises(TrafficError, match="not a port"):
+    with pytest.raises(TrafficError, match="--exclude-outbound-ports=0: port 0 is outside"):
         CaptureOptions(exclude_outbound_ports=(0,))
+    with pytest.raises(TrafficError, match=r"'10\.1\.2\.3/8' is not a CIDR"):
+        CaptureOptions(exclude_outbound_cidrs=("10.1.2.3/8",))
 
 
 # --- planning against the current nat table ------------------------------------------------

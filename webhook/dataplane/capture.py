@@ -58,6 +58,7 @@ from typing import Literal
 from webhook import names
 from webhook.config import DEFAULTS
 from webhook.errors import TrafficError
+from webhook.values import check_port, parse_cidr, parse_cidr_list, parse_port_list
 
 __all__ = [
     "CHAINS",
@@ -130,43 +131,45 @@ class CaptureOptions:
         )
         for flag, cidrs in cidr_lists:
             for cidr in cidrs:
-                _network(flag, cidr)
+                _check_cidr(flag, cidr)
+
+
+# The flags are checked with the parsers the injector reads annotations with (webhook.values):
+# what the injector accepts and writes, init-traffic accepts, and the errors read the same
+# (``--flag='value': reason``, like ``annotation name='value': reason``).
 
 
 def _check_port(flag: str, port: int) -> None:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise TrafficError(f"{flag}: {port!r} is not a port (1-65535)")
-
-
-def _network(flag: str, cidr: str) -> ipaddress.IPv4Network | ipaddress.IPv6Network:
     try:
-        return ipaddress.ip_network(cidr.strip(), strict=False)
-    except ValueError:
-        raise TrafficError(f"{flag}: {cidr!r} is not an IP address or CIDR") from None
+        check_port(port)
+    except ValueError as exc:
+        raise TrafficError(f"{flag}={port!r}: {exc}") from None
+
+
+def _check_cidr(flag: str, cidr: str) -> None:
+    try:
+        parse_cidr(cidr)
+    except ValueError as exc:
+        raise TrafficError(f"{flag}={cidr!r}: {exc}") from None
 
 
 def parse_ports(flag: str, text: str) -> tuple[int, ...] | None:
-    """``"*"`` → None (all), ``""`` → () (none), ``"80,8080"`` → (80, 8080)."""
-    text = text.strip()
-    if text == "*":
-        return None
-    out: list[int] = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        if not item.isdigit():
-            raise TrafficError(f"{flag}: {item!r} is not a port (1-65535)")
-        _check_port(flag, int(item))
-        out.append(int(item))
-    return tuple(dict.fromkeys(out))
+    """``"*"`` → None (all), ``""`` → () (none), ``"80,8080-8081"`` → (80, 8080, 8081)."""
+    try:
+        ports = parse_port_list(text, allow_all=True)
+    except ValueError as exc:
+        raise TrafficError(f"{flag}={text!r}: {exc}") from None
+    return None if isinstance(ports, str) else ports
 
 
 def parse_cidrs(flag: str, text: str) -> tuple[str, ...] | None:
-    """``"*"`` → None (all), ``""`` → (), else normalised CIDRs (``10.1.2.3/8`` → ``10.0.0.0/8``,
-    a bare address → ``/32`` or ``/128``)."""
-    text = text.strip()
-    if text == "*":
-        return None
-    items = filter(None, (part.strip() for part in text.split(",")))
-    return tuple(dict.fromkeys(str(_network(flag, item)) for item in items))
+    """``"*"`` → None (all), ``""`` → (), else normalised CIDRs (a bare address → ``/32`` or
+    ``/128``; ``10.1.2.3/8`` is refused, as in the annotation)."""
+    try:
+        cidrs = parse_cidr_list(text, allow_all=True)
+    except ValueError as exc:
+        raise TrafficError(f"{flag}={text!r}: {exc}") from None
+    return None if isinstance(cidrs, str) else cidrs
 
 
 def _family_cidrs(cidrs: Iterable[str], family: Family) -> list[str]:
@@ -221,12 +224,12 @@ def rules(options: CaptureOptions, family: Family = 4) -> str:
         ports = _unique(o.exclude_outbound_ports)
         out += [f"-A {OUTPUT} -p tcp --dport {port} -j RETURN" for port in ports]
         for cidr in _family_cidrs(dict.fromkeys(o.exclude_outbound_cidrs), family):
-            out.append(f"-A {OUTPUT} -d {_network('', cidr)} -j RETURN")
+            out.append(f"-A {OUTPUT} -d {parse_cidr(cidr)} -j RETURN")
         if family_includes is None:
             out.append(f"-A {OUTPUT} -j {REDIRECT}")
         else:
             for cidr in dict.fromkeys(family_includes):
-                out.append(f"-A {OUTPUT} -d {_network('', cidr)} -j {REDIRECT}")
+                out.append(f"-A {OUTPUT} -d {parse_cidr(cidr)} -j {REDIRECT}")
 
     out.append("# the jumps into our chains (appended: rules already in the pod stay first)")
     out += [f"-A {hook} -p tcp -j {chain}" for hook, chain in _HOOKS]
