@@ -43,12 +43,12 @@ from webhook.ca.authority import (
     TLS_KEY,
     CertificateAuthority,
     ensure_dev_pki,
-    write_file_atomic,
 )
 from webhook.ca.tokens import JWKSVerifier
 from webhook.ca.trust import ReloadingTrust
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import CAConfig, MeshConfig
+from webhook.files import write_atomic
 from webhook.kube import api as kubeapi
 from webhook.server.app import ServerThread, create_app
 from webhook.server.metrics import Metrics
@@ -298,8 +298,8 @@ def test_a_half_written_or_mismatched_pair_keeps_the_old_root(tmp_path: Path) ->
             assert_serves(m, tmp_path, old, other=new.root_pem)
             assert m.reloads("failure") == n
         # Completing the pair is picked up.
-        write_file_atomic(cert_dir / CA_KEY, key_pem, mode=0o600)
-        write_file_atomic(cert_dir / CA_CERT, new.root_pem.encode(), mode=0o644)
+        write_atomic(cert_dir / CA_KEY, key_pem, mode=0o600)
+        write_atomic(cert_dir / CA_CERT, new.root_pem.encode(), mode=0o644)
         assert_serves(m, tmp_path, new, other=old.root_pem)
         assert m.reloads("success") == 1
 
@@ -331,19 +331,19 @@ def test_rotation_with_both_roots_in_the_bundle(tmp_path: Path) -> None:
     both = old.root_pem + new.root_pem
     with mesh(cert_dir, tmp_path) as m, m.client() as c:
         # 1. The new root joins the bundle; the old one still signs.
-        write_file_atomic(cert_dir / CA_CERT, both.encode(), mode=0o644)
+        write_atomic(cert_dir / CA_CERT, both.encode(), mode=0o644)
         assert m.bundle(c) == both
         answer = m.certificate(c)
         assert answer["trustBundle"] == both
         assert verifies(tmp_path, old.root_pem, answer["certificateChain"])
         # 2. Pods rolled: switch the signer to the new key, both roots still trusted.
-        write_file_atomic(cert_dir / CA_KEY, _key_pem(new).encode(), mode=0o600)
+        write_atomic(cert_dir / CA_KEY, _key_pem(new).encode(), mode=0o600)
         answer = m.certificate(c)
         assert m.bundle(c) == both and answer["trustBundle"] == both
         assert verifies(tmp_path, new.root_pem, answer["certificateChain"])
         assert not verifies(tmp_path, old.root_pem, answer["certificateChain"])
         # 3. Drop the old root.
-        write_file_atomic(cert_dir / CA_CERT, new.root_pem.encode(), mode=0o644)
+        write_atomic(cert_dir / CA_CERT, new.root_pem.encode(), mode=0o644)
         assert m.bundle(c) == new.root_pem
         assert m.certificate(c)["trustBundle"] == new.root_pem
     assert m.reloads("success") == 3 and m.reloads("failure") == 0

@@ -43,6 +43,27 @@ def test_make_certs_sequence_gives_a_verifiable_serving_cert(tmp_path: Path) -> 
     assert modes == {"ca.crt": 0o644, "ca.key": 0o600, "tls.crt": 0o644, "tls.key": 0o600}
 
 
+def test_init_creates_its_directory_private_whatever_the_umask(tmp_path: Path) -> None:
+    """The directory holds the root key: 0700 even for a user with umask 000; an existing
+    directory keeps the mode its owner gave it."""
+    fresh = tmp_path / "a" / "certs"
+    done = subprocess.run(
+        ["sh", "-c", 'umask 000 && exec "$@"', "sh", *SIDEMESH, "ca", "init", "--dir", str(fresh)],
+        capture_output=True, text=True, cwd=REPO, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert fresh.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in fresh.iterdir()} == {
+        "ca.crt": 0o644,
+        "ca.key": 0o600,
+    }
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o750)
+    shared.chmod(0o750)
+    assert run("init", "--dir", str(shared)).returncode == 0
+    assert shared.stat().st_mode & 0o777 == 0o750
+
+
 def test_init_refuses_to_overwrite_a_root_unless_forced(tmp_path: Path) -> None:
     assert run("init", "--dir", str(tmp_path)).returncode == 0
     first = (tmp_path / "ca.crt").read_text()

@@ -35,9 +35,9 @@ from webhook.ca.authority import (
     TLS_CERT,
     TLS_KEY,
     CertificateAuthority,
-    write_file_atomic,
     write_serving_pair,
 )
+from webhook.files import write_atomic
 
 
 def new_pair(ca_dir: Path) -> tuple[str, str]:
@@ -178,7 +178,11 @@ def test_rotating_a_mounted_secret_fails_no_request(running: Running, secret: Se
         text = client.get("/metrics").text
     assert 'sidemesh_serving_cert_reloads_total{result="success"} 1.0' in text
     expiry = x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc.timestamp()
-    assert f"sidemesh_serving_cert_expiry_timestamp_seconds {expiry:.9e}" in text
+    # Compared as numbers: the exposition format drops trailing zeros ("1.80363094e+09").
+    gauge = "sidemesh_serving_cert_expiry_timestamp_seconds "
+    assert [
+        float(line.removeprefix(gauge)) for line in text.splitlines() if line.startswith(gauge)
+    ] == [expiry]
 
 
 def test_rewriting_plain_files_one_by_one_fails_no_request(tmp_path: Path) -> None:
@@ -200,7 +204,7 @@ def test_a_half_written_pair_keeps_the_old_certificate_until_it_is_complete(
     with https_webhook(tmp_path / "pki") as running:
         old = served_cert(running)
         cert_pem, key_pem = new_pair(running.cert_dir)
-        write_file_atomic(running.cert_dir / TLS_KEY, key_pem.encode(), mode=0o600)
+        write_atomic(running.cert_dir / TLS_KEY, key_pem.encode(), mode=0o600)
         # new key, old cert: they do not match; handshakes go on with the old pair
         for _ in range(3):
             assert served_cert(running) == old
@@ -208,7 +212,7 @@ def test_a_half_written_pair_keeps_the_old_certificate_until_it_is_complete(
             assert client.post("/mutate", json=admission_review(simple_pod())).status_code == 200
             text = client.get("/metrics").text
         assert 'sidemesh_serving_cert_reloads_total{result="failure"}' in text
-        write_file_atomic(running.cert_dir / TLS_CERT, cert_pem.encode(), mode=0o644)
+        write_atomic(running.cert_dir / TLS_CERT, cert_pem.encode(), mode=0o644)
         assert served_cert(running) == der(cert_pem)
 
 

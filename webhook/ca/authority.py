@@ -19,7 +19,6 @@ from __future__ import annotations
 import functools
 import ipaddress
 import os
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -35,6 +34,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from webhook import names
 from webhook.config import CAConfig
 from webhook.errors import IdentityError, PKIError
+from webhook.files import write_atomic
 
 __all__ = [
     "CA_CERT",
@@ -48,9 +48,9 @@ __all__ = [
     "ensure_dev_pki",
     "fingerprint_sha256",
     "load_roots",
+    "private_dir",
     "resolve_ttl",
     "serving_cert_needs_renewal",
-    "write_file_atomic",
     "write_serving_pair",
 ]
 
@@ -161,10 +161,10 @@ class CertificateAuthority:
     def save(self, directory: str | Path) -> None:
         """Write ``ca.crt`` (0644) and ``ca.key`` (0600), each atomically."""
         d = Path(directory)
-        d.mkdir(parents=True, exist_ok=True)
+        private_dir(d)
         # The key first: a crash in between leaves an orphan key, never a cert without one.
-        write_file_atomic(d / CA_KEY, _key_pem(self.key).encode(), mode=0o600)
-        write_file_atomic(d / CA_CERT, self.root_pem.encode(), mode=0o644)
+        write_atomic(d / CA_KEY, _key_pem(self.key).encode(), mode=0o600)
+        write_atomic(d / CA_CERT, self.root_pem.encode(), mode=0o644)
 
     # --- facts -----------------------------------------------------------------------------
 
@@ -364,6 +364,7 @@ def ensure_dev_pki(directory: str | Path, *, now: datetime) -> None:
     (default names) when it is missing, not from this root, or in the last third of its life.
     An existing root is never replaced."""
     d = Path(directory)
+    private_dir(d)
     if (d / CA_CERT).exists() or (d / CA_KEY).exists():
         ca = CertificateAuthority.load(d)
     else:
@@ -378,31 +379,25 @@ def ensure_dev_pki(directory: str | Path, *, now: datetime) -> None:
         write_serving_pair(d, cert_pem, key_pem)
 
 
+def private_dir(directory: Path) -> None:
+    """Create ``directory`` with mode 0700 (it will hold private keys) unless it exists.
+
+    Exactly 0700 whatever the umask; a directory that already exists is left as it is (it may
+    be a mounted Secret, or one whose mode the operator chose)."""
+    try:
+        directory.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        return
+    os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
+
+
 def write_serving_pair(directory: Path, cert_pem: str, key_pem: str) -> None:
     """Write ``tls.key`` (0600) then ``tls.crt``, each atomically.
 
     The key goes first: a reader that reloads on a change of ``tls.crt`` then finds the
     matching key already in place."""
-    write_file_atomic(directory / TLS_KEY, key_pem.encode(), mode=0o600)
-    write_file_atomic(directory / TLS_CERT, cert_pem.encode(), mode=0o644)
-
-
-def write_file_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write via a temporary file in the same directory and rename it into place.
-
-    The temporary file is created with ``mode`` already set (never briefly world-readable),
-    and readers see either the old or the new content, never a torn one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(directory / TLS_KEY, key_pem.encode(), mode=0o600)
+    write_atomic(directory / TLS_CERT, cert_pem.encode(), mode=0o644)
 
 
 # --- internals -------------------------------------------------------------------------------

@@ -5,10 +5,10 @@ workload certificates with the root whose key is in ``ca.key``. Both come from o
 :class:`TrustSnapshot`, so a pod never gets a bundle that lacks the root its proxy's
 certificate will be signed by.
 
-When: at most every ``check_interval`` seconds, the request that finds the interval over
-``stat()``s the files (following symlinks: a mounted Secret's ``..data`` swap shows as a new
-inode) and reloads only when device, inode, size or mtime changed. Between checks a request
-costs one clock read. The reload runs inline (it parses a few PEMs): it happens once per change.
+When: as the serving certificate (:class:`webhook.files.Reloading`, the one watcher): at most
+every ``check_interval`` seconds, the request that finds the interval over ``stat()``s the
+files and reloads only when one changed. Between checks a request costs one clock read. The
+reload (parsing a few PEMs) runs inline, once per change.
 
 What is refused (the old snapshot stays in use, a warning is logged, a failure counted): a
 bundle with a cut-off certificate, an unparsable key, a key that belongs to none of the roots
@@ -20,7 +20,6 @@ never key material.
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,12 +36,11 @@ from webhook.ca.authority import (
     load_roots,
 )
 from webhook.errors import PKIError
+from webhook.files import Reloading
 
 __all__ = ["ReloadingTrust", "TrustSnapshot", "load_trust"]
 
 LOG = logging.getLogger("sidemesh.trust")
-
-_Signature = tuple[tuple[int, int, int, int], ...]
 
 
 @dataclass(frozen=True)
@@ -85,29 +83,30 @@ class ReloadingTrust:
     ) -> None:
         self.cert_dir = Path(cert_dir)
         self.with_key = (self.cert_dir / CA_KEY).exists() if with_key is None else with_key
-        self.check_interval = check_interval
         self._on_reload = on_reload
-        self._clock = clock
-        self._files = (self.cert_dir / CA_CERT,) + (
-            (self.cert_dir / CA_KEY,) if self.with_key else ()
-        )
+        files = (self.cert_dir / CA_CERT,) + ((self.cert_dir / CA_KEY,) if self.with_key else ())
         try:
-            self._signature = self._stat()
+            self._watch = Reloading(
+                files,
+                self._load,
+                refuse=(OSError, PKIError),
+                on_reload=self._reloaded,
+                on_refused=self._refused,
+                check_interval=check_interval,
+                clock=clock,
+            )
         except OSError as exc:
             raise PKIError(f"cannot read {exc.filename}: {exc.strerror}") from None
-        self._snapshot = self._load()
-        self._refused: _Signature | None = None
-        self._next_check = clock() + check_interval
-        self.reloads = 0
+
+    @property
+    def reloads(self) -> int:
+        """How many times a changed bundle was taken into use."""
+        return self._watch.reloads
 
     # --- the request path: one clock read, a stat at most every check_interval ----------------
 
     def snapshot(self) -> TrustSnapshot:
-        now = self._clock()
-        if now >= self._next_check:
-            self._next_check = now + self.check_interval
-            self.check()
-        return self._snapshot
+        return self._watch.poll()
 
     def bundle(self) -> str:
         """The PEM roots for the pods' ``sidemesh.io/trust-bundle`` annotation."""
@@ -124,26 +123,23 @@ class ReloadingTrust:
 
     def check(self) -> bool:
         """Reload now if the files changed; ``True`` when a new snapshot is in use."""
-        try:
-            signature = self._stat()
-        except OSError:  # mid-swap or briefly missing: keep the old, look again next time
-            return False
-        if signature == self._signature or signature == self._refused:
-            return False
-        try:
-            snapshot = self._load()
-        except (OSError, PKIError) as exc:
-            self._refused = signature
-            LOG.warning(
-                "trust bundle reload refused, keeping the old one: %s",
-                exc,
-                extra={"event": "trust-reload-failed", "dir": str(self.cert_dir)},
-            )
-            if self._on_reload is not None:
-                self._on_reload(False)
-            return False
-        self._snapshot, self._signature, self._refused = snapshot, signature, None
-        self.reloads += 1
+        return self._watch.check()
+
+    def _load(self) -> TrustSnapshot:
+        cert_pem = (self.cert_dir / CA_CERT).read_bytes()
+        key_pem = (self.cert_dir / CA_KEY).read_bytes() if self.with_key else None
+        return load_trust(cert_pem, key_pem, where=str(self.cert_dir))
+
+    def _refused(self, exc: Exception) -> None:
+        LOG.warning(
+            "trust bundle reload refused, keeping the old one: %s",
+            exc,
+            extra={"event": "trust-reload-failed", "dir": str(self.cert_dir)},
+        )
+        if self._on_reload is not None:
+            self._on_reload(False)
+
+    def _reloaded(self, snapshot: TrustSnapshot) -> None:
         signer = snapshot.authority
         LOG.info(
             "trust bundle reloaded",
@@ -156,16 +152,3 @@ class ReloadingTrust:
         )
         if self._on_reload is not None:
             self._on_reload(True)
-        return True
-
-    def _stat(self) -> _Signature:
-        out = []
-        for path in self._files:
-            st = os.stat(path)
-            out.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns))
-        return tuple(out)
-
-    def _load(self) -> TrustSnapshot:
-        cert_pem = self._files[0].read_bytes()
-        key_pem = self._files[1].read_bytes() if self.with_key else None
-        return load_trust(cert_pem, key_pem, where=str(self.cert_dir))

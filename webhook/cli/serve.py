@@ -163,7 +163,6 @@ def _ensure_pki(cert_dir: Path) -> None:
     wanted = (ca.CA_CERT, ca.TLS_CERT, ca.TLS_KEY)
     if all((cert_dir / name).exists() for name in wanted):
         return
-    cert_dir.mkdir(parents=True, exist_ok=True)
     ca.ensure_dev_pki(cert_dir, now=datetime.now(UTC))
     LOGGER.info("created a development PKI", extra={"event": "dev-pki", "dir": str(cert_dir)})
 

@@ -55,6 +55,7 @@ from webhook.dataplane.identity import (
 )
 from webhook.dataplane.probes import parse_probes, start_probe_server
 from webhook.errors import ConfigError
+from webhook.files import write_atomic
 from webhook.values import parse_cidr_list, parse_port, parse_port_list
 
 __all__ = [
@@ -360,21 +361,18 @@ def _write_config(s: AgentSettings, owner: tuple[int, int] | None) -> Path:
     sds = Path(sds_dir(str(s.work_dir)))
     sds.mkdir(parents=True, exist_ok=True)
     for name, content in render_sds(opts).items():
-        _atomic_json(sds / name, content, owner)
+        _write_json(sds / name, content, owner)
     bootstrap = s.work_dir / "envoy.json"
-    _atomic_json(bootstrap, render_bootstrap(opts), owner)
+    _write_json(bootstrap, render_bootstrap(opts), owner)
     if owner is not None:
         for d in (s.work_dir, sds, s.cert_dir):
             os.chown(d, *owner)
     return bootstrap
 
 
-def _atomic_json(path: Path, content: object, owner: tuple[int, int] | None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(content, indent=1))
-    if owner is not None:
-        os.chown(tmp, *owner)
-    os.replace(tmp, path)
+def _write_json(path: Path, content: object, owner: tuple[int, int] | None) -> None:
+    # Envoy watches these files: it must only ever see a complete one.
+    write_atomic(path, json.dumps(content, indent=1).encode(), mode=0o644, owner=owner)
 
 
 def _start_envoy(s: AgentSettings, bootstrap: Path) -> subprocess.Popen[bytes]:

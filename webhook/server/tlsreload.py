@@ -11,7 +11,8 @@ serving the previous pair, whereas re-loading the shared context could leave it 
 new cert with the old key and break every handshake until the next change.
 
 When: at most every ``check_interval`` seconds, a handshake ``stat()``s both files (following
-symlinks) and compares device, inode, size and mtime. A mounted Secret is updated by the
+symlinks) and compares device, inode, size and mtime (:class:`webhook.files.Reloading`, the
+watcher the trust bundle uses too). A mounted Secret is updated by the
 kubelet with an atomic rename of the ``..data`` symlink, so both files change at once and the
 new inode is seen by the first handshake after the swap. Connections already established keep
 the certificate they were opened with; in-flight requests are never touched.
@@ -20,7 +21,6 @@ the certificate they were opened with; in-flight requests are never touched.
 from __future__ import annotations
 
 import logging
-import os
 import ssl
 import time
 from collections.abc import Callable
@@ -28,11 +28,11 @@ from pathlib import Path
 
 from cryptography import x509
 
+from webhook.files import Reloading
+
 __all__ = ["ReloadingTLS", "make_server_context"]
 
 LOG = logging.getLogger("sidemesh.tls")
-
-_Signature = tuple[tuple[int, int, int, int], tuple[int, int, int, int]]
 
 
 def make_server_context(certfile: str | Path, keyfile: str | Path) -> ssl.SSLContext:
@@ -66,72 +66,69 @@ class ReloadingTLS:
     ) -> None:
         self.certfile = Path(certfile)
         self.keyfile = Path(keyfile)
-        self.check_interval = check_interval
         self._on_load = on_load
         self._on_error = on_error
-        self._clock = clock
-        self._signature = self._stat()
-        self.front, self.not_after = self._load()
+        # Half-written files or a cert/key mismatch are retried at the next check: a writer
+        # replacing the pair one file after the other is normally done by then.
+        self._watch = Reloading(
+            (self.certfile, self.keyfile),
+            self._load,
+            refuse=(OSError, ssl.SSLError, ValueError),
+            on_reload=self._reloaded,
+            on_refused=self._refused,
+            retry_refused=True,
+            check_interval=check_interval,
+            clock=clock,
+        )
+        self.front = self._watch.value[0]
         self.front.sni_callback = self._sni
-        self._current = self.front
-        self._next_check = clock() + check_interval
-        self.reloads = 0
         if on_load is not None:
             on_load(self.not_after, False)
 
     @property
     def current(self) -> ssl.SSLContext:
-        return self._current
+        return self._watch.value[0]
+
+    @property
+    def not_after(self) -> float:
+        """The current certificate's expiry (UNIX time)."""
+        return self._watch.value[1]
+
+    @property
+    def reloads(self) -> int:
+        """How many times a changed pair was taken into use."""
+        return self._watch.reloads
 
     def context_factory(self, *_args: object) -> ssl.SSLContext:
         """For ``uvicorn.Config(ssl_context_factory=...)``."""
         return self.front
 
-    def _stat(self) -> _Signature:
-        a, b = os.stat(self.certfile), os.stat(self.keyfile)
-        return (
-            (a.st_dev, a.st_ino, a.st_size, a.st_mtime_ns),
-            (b.st_dev, b.st_ino, b.st_size, b.st_mtime_ns),
-        )
+    def check(self) -> bool:
+        """Reload now if the files changed; ``True`` when a new certificate was loaded."""
+        return self._watch.check()
 
     def _load(self) -> tuple[ssl.SSLContext, float]:
         ctx = make_server_context(self.certfile, self.keyfile)
         cert = x509.load_pem_x509_certificate(self.certfile.read_bytes())
         return ctx, cert.not_valid_after_utc.timestamp()
 
-    def check(self) -> bool:
-        """Reload now if the files changed; ``True`` when a new certificate was loaded."""
-        try:
-            signature = self._stat()
-        except OSError:  # mid-swap or briefly missing: keep serving, look again next time
-            return False
-        if signature == self._signature:
-            return False
-        try:
-            ctx, not_after = self._load()
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            # Half-written files or a cert/key mismatch: keep the old pair; retry at the next
-            # check, because the signature we remember is still the old one.
-            LOG.warning("serving certificate reload failed, keeping the old one: %s", exc)
-            if self._on_error is not None:
-                self._on_error()
-            return False
-        self._current, self.not_after, self._signature = ctx, not_after, signature
-        self.reloads += 1
+    def _refused(self, exc: Exception) -> None:
+        LOG.warning("serving certificate reload failed, keeping the old one: %s", exc)
+        if self._on_error is not None:
+            self._on_error()
+
+    def _reloaded(self, loaded: tuple[ssl.SSLContext, float]) -> None:
+        not_after = loaded[1]
         LOG.info(
             "serving certificate reloaded",
             extra={"event": "cert-reload", "not_after": int(not_after), "cert": str(self.certfile)},
         )
         if self._on_load is not None:
             self._on_load(not_after, True)
-        return True
 
     def _sni(
         self, conn: ssl.SSLSocket | ssl.SSLObject, _server_name: str | None, _ctx: ssl.SSLContext
     ) -> None:
-        now = self._clock()
-        if now >= self._next_check:
-            self._next_check = now + self.check_interval
-            self.check()
-        if self._current is not self.front:
-            conn.context = self._current
+        current = self._watch.poll()[0]
+        if current is not self.front:
+            conn.context = current
