@@ -49,7 +49,6 @@ from webhook.ca.trust import ReloadingTrust
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import CAConfig, MeshConfig
 from webhook.files import write_atomic
-from webhook.kube import api as kubeapi
 from webhook.server.app import ServerThread, create_app
 from webhook.server.metrics import Metrics
 from webhook.server.tlsreload import ReloadingTLS
@@ -359,18 +358,16 @@ def test_standin_upkeep_skips_a_cut_off_bundle(tmp_path: Path) -> None:
     new = new_root()
     with APIServerStandin(tmp_path / "standin", issuer) as standin:
         standin.add_webhook_config("sidemesh-injector")
-        api = kubeapi.api_client(
-            host=standin.url, token=standin.caller_token, ca_file=str(standin.ca_file)
-        )
-        upkeep = CAUpkeep(cert_dir, config=MeshConfig(), api=api, interval=3600)
+        api = standin.client()
+        upkeep = CAUpkeep(cert_dir, config=MeshConfig(), kube=api, interval=3600)
         asyncio.run(upkeep.run_once())
-        assert kubeapi.read_ca_bundles(api) == [old.root_pem]
+        assert api.read_ca_bundles() == [old.root_pem]
         (cert_dir / CA_CERT).write_text(old.root_pem + new.root_pem[:300])
         asyncio.run(upkeep.run_once())
-        assert kubeapi.read_ca_bundles(api) == [old.root_pem]
+        assert api.read_ca_bundles() == [old.root_pem]
         (cert_dir / CA_CERT).write_text(old.root_pem + new.root_pem)
         asyncio.run(upkeep.run_once())
-        assert kubeapi.read_ca_bundles(api) == [old.root_pem + new.root_pem]
+        assert api.read_ca_bundles() == [old.root_pem + new.root_pem]
 
 
 # --- `sidemesh serve --workers 2`: each worker reloads on its own --------------------------------

@@ -1,21 +1,22 @@
 """`sidemesh install` / `uninstall`: what reaches the cluster, in which order, and what never
 reaches the terminal.
 
-There is no API server here. Cluster commands go through the install's runner seam: a recording
-stand-in answers them like kubectl would. Rendering is always the real ``kubectl kustomize``,
-and certificates are checked with the real ``openssl verify``.
+There is no API server here. kubectl commands go through the install's runner seam: a recording
+stand-in answers them like kubectl would. The Secrets already in the cluster are read through
+sidemesh's Kubernetes client from the kube-apiserver STAND-IN (tests/support/apiserver_standin.py).
+Rendering is always the real ``kubectl kustomize``, and certificates are checked with the real
+``openssl verify``.
 """
 
 from __future__ import annotations
 
 import base64
 import io
-import json
 import os
 import stat
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,20 +28,14 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from tests.conftest import REPO, require_tools
+from tests.support.apiserver_standin import APIServerStandin
+from tests.support.jwks_issuer import Issuer
 from webhook import names
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
-from webhook.install.cluster import (
-    CA_SECRET,
-    REDACTED,
-    SETTLE_SECONDS,
-    TLS_SECRET,
-    Completed,
-    InstallError,
-    Options,
-    install,
-    render,
-    uninstall,
-)
+from webhook.install.cluster import SETTLE_SECONDS, Options, install, uninstall
+from webhook.install.pki import CA_SECRET, REDACTED, TLS_SECRET
+from webhook.install.render import render
+from webhook.install.runner import Completed, InstallError
 
 # Now, not a fixed date: `openssl verify` checks validity against the real clock.
 T0 = datetime.now(UTC)
@@ -54,11 +49,34 @@ def _kubectl() -> None:
     require_tools("kubectl", "openssl")
 
 
+@pytest.fixture(scope="module")
+def issuer() -> Issuer:
+    return Issuer.create()
+
+
+@pytest.fixture
+def cluster(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
+    """The API server install reads the mesh's Secrets from (none at first)."""
+    allowed = (
+        (names.CONTROL_PLANE_NAMESPACE, CA_SECRET),
+        (names.CONTROL_PLANE_NAMESPACE, TLS_SECRET),
+    )
+    with APIServerStandin(tmp_path / "standin", issuer, allowed_secrets=allowed) as api:
+        yield api
+
+
+def holding(cluster: APIServerStandin, secrets: list[Obj]) -> APIServerStandin:
+    """``cluster`` with ``secrets`` (as applied by an earlier install) stored in it."""
+    for obj in secrets:
+        decoded = {k: base64.b64decode(v) for k, v in obj["data"].items()}
+        cluster.add_secret(obj["metadata"]["name"], decoded)
+    return cluster
+
+
 @dataclass
 class FakeKubectl:
     """Answers cluster commands like kubectl would, and records them with their stdin."""
 
-    cluster_secrets: list[Obj] = field(default_factory=list)
     rollout_rc: int = 0
     failing: str | None = None  # a word: any command containing it fails
     calls: list[tuple[list[str], str | None]] = field(default_factory=list)
@@ -68,10 +86,6 @@ class FakeKubectl:
         self.calls.append((argv, stdin))
         if self.failing and self.failing in argv:
             return Completed(1, "", f"error: {self.failing} is forbidden")
-        if "get" in argv and "secret" in argv:
-            if not self.cluster_secrets:
-                return Completed(0, "")  # --ignore-not-found: nothing, exit 0
-            return Completed(0, json.dumps({"kind": "List", "items": self.cluster_secrets}))
         if "rollout" in argv:
             return Completed(self.rollout_rc, "", "" if self.rollout_rc == 0 else "timed out")
         if "apply" in argv:
@@ -84,8 +98,8 @@ class FakeKubectl:
         return Completed(0, "deleted\n")
 
     def verbs(self) -> list[str]:
-        """The kind of each command, in order: get, apply, rollout or delete."""
-        kinds = ("get", "apply", "rollout", "delete")
+        """The kind of each command, in order: apply, rollout or delete."""
+        kinds = ("apply", "rollout", "delete")
         return [next(w for w in argv if w in kinds) for argv, _ in self.calls]
 
     def applied(self) -> list[list[Obj]]:
@@ -97,11 +111,16 @@ class FakeKubectl:
 
 
 def run_install(
-    tmp_path: Path, fake: FakeKubectl, *, now: datetime = T0, **kw: Any
+    tmp_path: Path,
+    fake: FakeKubectl,
+    cluster: APIServerStandin,
+    *,
+    now: datetime = T0,
+    **kw: Any,
 ) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
     opts = Options(cert_dir=kw.pop("cert_dir", tmp_path / "certs"), **kw)
-    code = install(opts, run=fake, now=lambda: now, out=out, err=err)
+    code = install(opts, run=fake, kube=cluster.client, now=lambda: now, out=out, err=err)
     return code, out.getvalue(), err.getvalue()
 
 
@@ -132,11 +151,17 @@ def openssl_verify(
 # --- install -----------------------------------------------------------------------------------
 
 
-def test_install_applies_the_control_plane_waits_then_applies_the_webhook(tmp_path: Path) -> None:
+def test_install_applies_the_control_plane_waits_then_applies_the_webhook(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
     fake = FakeKubectl()
-    code, out, _ = run_install(tmp_path, fake)
+    code, out, _ = run_install(tmp_path, fake, cluster)
     assert code == 0
-    assert fake.verbs() == ["get", "apply", "rollout", "apply"]
+    assert fake.verbs() == ["apply", "rollout", "apply"]
+    assert [(r.method, r.path.rsplit("/", 1)[1]) for r in cluster.requests] == [
+        ("GET", CA_SECRET),
+        ("GET", TLS_SECRET),
+    ]
     control_plane, hooks = fake.applied()
     assert [o["kind"] for o in control_plane][:3] == ["Namespace", "Secret", "Secret"]
     assert "MutatingWebhookConfiguration" not in [o["kind"] for o in control_plane]
@@ -150,9 +175,11 @@ def test_install_applies_the_control_plane_waits_then_applies_the_webhook(tmp_pa
     assert "serverside-applied" in out
 
 
-def test_install_creates_the_root_once_and_ships_it_in_the_secret(tmp_path: Path) -> None:
+def test_install_creates_the_root_once_and_ships_it_in_the_secret(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
     fake = FakeKubectl()
-    run_install(tmp_path, fake)
+    run_install(tmp_path, fake, cluster)
     certs = tmp_path / "certs"
     assert stat.S_IMODE((certs / "ca.key").stat().st_mode) == 0o600
     control_plane, hooks = fake.applied()
@@ -165,9 +192,11 @@ def test_install_creates_the_root_once_and_ships_it_in_the_secret(tmp_path: Path
     assert (certs / "tls.crt").exists() is False, "the cluster's serving cert is not kept locally"
 
 
-def test_no_private_key_is_ever_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_no_private_key_is_ever_printed(
+    tmp_path: Path, cluster: APIServerStandin, capsys: pytest.CaptureFixture[str]
+) -> None:
     fake = FakeKubectl()
-    _, out, err = run_install(tmp_path, fake)
+    _, out, err = run_install(tmp_path, fake, cluster)
     control_plane, _ = fake.applied()
     keys = [
         secret_data(control_plane, CA_SECRET)["ca.key"],
@@ -180,14 +209,19 @@ def test_no_private_key_is_ever_printed(tmp_path: Path, capsys: pytest.CaptureFi
             assert base64.b64encode(key).decode()[:40] not in text
 
 
-def test_reinstall_reuses_the_clusters_root_and_serving_cert(tmp_path: Path) -> None:
+def test_reinstall_reuses_the_clusters_root_and_serving_cert(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
     first = FakeKubectl()
-    run_install(tmp_path, first)
+    run_install(tmp_path, first, cluster)
     installed = [o for o in first.applied()[0] if o["kind"] == "Secret"]
     # An upgrade from another checkout: an empty cert dir, the cluster holds the PKI.
-    second = FakeKubectl(cluster_secrets=installed)
+    second = FakeKubectl()
+    holding(cluster, installed)
     elsewhere = tmp_path / "elsewhere"
-    code, _, err = run_install(tmp_path, second, cert_dir=elsewhere, now=T0 + timedelta(days=10))
+    code, _, err = run_install(
+        tmp_path, second, cluster, cert_dir=elsewhere, now=T0 + timedelta(days=10)
+    )
     assert code == 0
     assert not elsewhere.exists(), "the cluster's root key is not copied to the laptop"
     assert ca_bundle(second.applied()[1]) == ca_bundle(first.applied()[1])
@@ -196,49 +230,73 @@ def test_reinstall_reuses_the_clusters_root_and_serving_cert(tmp_path: Path) -> 
     assert "reusing the cluster's" in err
 
 
-def test_serving_cert_in_its_last_third_is_renewed_under_the_same_root(tmp_path: Path) -> None:
+def test_serving_cert_in_its_last_third_is_renewed_under_the_same_root(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
     first = FakeKubectl()
-    run_install(tmp_path, first)
+    run_install(tmp_path, first, cluster)
     installed = [o for o in first.applied()[0] if o["kind"] == "Secret"]
-    later = FakeKubectl(cluster_secrets=installed)
-    run_install(tmp_path, later, now=T0 + timedelta(days=70))  # 90-day cert: renew after 60
+    later = FakeKubectl()
+    holding(cluster, installed)
+    run_install(
+        tmp_path, later, cluster, now=T0 + timedelta(days=70)
+    )  # 90-day cert: renew after 60
     old = secret_data(first.applied()[0], TLS_SECRET)["tls.crt"]
     new = secret_data(later.applied()[0], TLS_SECRET)["tls.crt"]
     assert new != old
     assert ca_bundle(later.applied()[1]) == ca_bundle(first.applied()[1])
 
 
-def test_refuses_to_replace_a_different_root_in_the_cluster(tmp_path: Path) -> None:
+def test_refuses_to_replace_a_different_root_in_the_cluster(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
     first = FakeKubectl()
-    run_install(tmp_path, first, cert_dir=tmp_path / "a")
+    run_install(tmp_path, first, cluster, cert_dir=tmp_path / "a")
     installed = [o for o in first.applied()[0] if o["kind"] == "Secret"]
     CertificateAuthority.create(now=T0).save(tmp_path / "b")  # another root on this laptop
-    fake = FakeKubectl(cluster_secrets=installed)
+    fake = FakeKubectl()
+    holding(cluster, installed)
     with pytest.raises(InstallError, match="break mTLS"):
-        run_install(tmp_path, fake, cert_dir=tmp_path / "b")
-    assert fake.verbs() == ["get"], "nothing was applied"
+        run_install(tmp_path, fake, cluster, cert_dir=tmp_path / "b")
+    assert fake.calls == [], "nothing was applied"
 
 
-def test_a_failed_rollout_never_applies_the_webhook(tmp_path: Path) -> None:
+def test_standin_unreadable_cluster_secrets_stop_the_install_before_any_change(
+    tmp_path: Path, issuer: Issuer
+) -> None:
+    fake = FakeKubectl()
+    # RBAC that lets the caller read the serving Secret only: the root's Secret is forbidden.
+    expected = pytest.raises(InstallError, match="cannot read the existing sidemesh Secrets")
+    with APIServerStandin(tmp_path / "rbac", issuer) as api, expected as err:
+        run_install(tmp_path, fake, api)
+    assert "403" in str(err.value) and fake.calls == []
+    assert not (tmp_path / "certs").exists(), "no root is created for a cluster we cannot read"
+
+
+def test_a_failed_rollout_never_applies_the_webhook(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
     fake = FakeKubectl(rollout_rc=1)
     with pytest.raises(InstallError, match="NOT applied, so pod creation is unaffected"):
-        run_install(tmp_path, fake)
-    assert fake.verbs() == ["get", "apply", "rollout"]
+        run_install(tmp_path, fake, cluster)
+    assert fake.verbs() == ["apply", "rollout"]
     assert all(o["kind"] != "MutatingWebhookConfiguration" for o in fake.applied()[0])
 
 
-def test_context_goes_to_every_cluster_command(tmp_path: Path) -> None:
+def test_context_goes_to_every_cluster_command(tmp_path: Path, cluster: APIServerStandin) -> None:
     fake = FakeKubectl()
-    run_install(tmp_path, fake, context="kind-mesh")
-    assert len(fake.calls) == 4
+    run_install(tmp_path, fake, cluster, context="kind-mesh")
+    assert len(fake.calls) == 3
     for argv, _ in fake.calls:
         assert argv[:3] == ["kubectl", "--context", "kind-mesh"]
 
 
-def test_image_and_failure_policy_flags_reach_every_role(tmp_path: Path) -> None:
+def test_image_and_failure_policy_flags_reach_every_role(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
     image = "registry.example:5000/team/sidemesh:dev"
     fake = FakeKubectl()
-    run_install(tmp_path, fake, image=image, failure_policy="Ignore")
+    run_install(tmp_path, fake, cluster, image=image, failure_policy="Ignore")
     control_plane, hooks = fake.applied()
     deployment = next(o for o in control_plane if o["kind"] == "Deployment")
     assert deployment["spec"]["template"]["spec"]["containers"][0]["image"] == image
@@ -319,16 +377,26 @@ def test_dry_run_uses_an_existing_root_and_never_prints_its_key(tmp_path: Path) 
     assert key_b64 not in done.stdout and "PRIVATE KEY" not in done.stdout + done.stderr
 
 
-def test_install_through_the_real_runner(tmp_path: Path) -> None:
-    """The command line and the subprocess runner, with a logging kubectl instead of a cluster."""
+def test_standin_install_through_the_real_runner_and_kubeconfig(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
+    """The command line, the subprocess runner with a logging kubectl, and the Secrets read from
+    the stand-in API server named by --kubeconfig and --context (as kubectl would use them)."""
     kubectl = logging_kubectl(tmp_path)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", context="c1")
+    holding(cluster, [])
     done = sidemesh(
-        "install", "--cert-dir", str(tmp_path / "certs"), "--context", "c1", kubectl=kubectl
-    )
+        "install", "--cert-dir", str(tmp_path / "certs"), "--kubeconfig", str(kubeconfig),
+        "--context", "c1", kubectl=kubectl,
+    )  # fmt: skip
     assert done.returncode == 0, done.stderr
+    assert [r.method for r in cluster.requests] == ["GET", "GET"]  # both Secrets: not found
     log = (tmp_path / "kubectl.log").read_text().splitlines()
-    assert [line.split()[3] for line in log] == ["-n", "apply", "-n", "apply"]
-    assert "rollout status deployment/sidemesh" in log[2]
+    assert all(
+        line.split()[1:5] == ["--kubeconfig", str(kubeconfig), "--context", "c1"] for line in log
+    )
+    assert [line.split()[5] for line in log] == ["apply", "-n", "apply"]
+    assert "rollout status deployment/sidemesh" in log[1]
     stdins = sorted(tmp_path.glob("stdin.*"), key=os.path.getmtime)
     assert [len(list(yaml.safe_load_all(p.read_text()))) > 1 for p in stdins] == [True, False]
     assert "MutatingWebhookConfiguration" in stdins[1].read_text()

@@ -31,8 +31,11 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, require_root, require_tools
+from tests.support.apiserver_standin import APIServerStandin
+from tests.support.jwks_issuer import Issuer
 from webhook import names
-from webhook.install.cluster import Completed, Options, install
+from webhook.install.cluster import Options, install
+from webhook.install.runner import Completed
 
 IMAGE = "registry.example/team/sidemesh:e2e"
 SERVICE_HOST = f"{names.SERVICE_NAME}.{names.CONTROL_PLANE_NAMESPACE}.svc"
@@ -41,7 +44,8 @@ Obj = dict[str, Any]
 
 
 def installed_objects(cert_dir: Path) -> list[Obj]:
-    """Everything `sidemesh install --image IMAGE` applies, keys included."""
+    """Everything `sidemesh install --image IMAGE` applies to an empty cluster (the API server
+    STAND-IN holds no Secret yet), keys included."""
     applied: list[Obj] = []
 
     def run(argv: Sequence[str], stdin: str | None = None) -> Completed:
@@ -50,14 +54,20 @@ def installed_objects(cert_dir: Path) -> list[Obj]:
         return Completed(0, "")
 
     out = err = open(os.devnull, "w")  # noqa: SIM115 - closed below
+    readable = tuple((names.CONTROL_PLANE_NAMESPACE, s) for s in ("sidemesh-ca", "sidemesh-tls"))
+    standin = APIServerStandin(
+        cert_dir.parent / "standin", Issuer.create(algorithm="ES256"), allowed_secrets=readable
+    )
     try:
-        install(
-            Options(cert_dir=cert_dir, image=IMAGE),
-            run=run,
-            now=lambda: datetime.now(UTC),
-            out=out,
-            err=err,
-        )
+        with standin:
+            install(
+                Options(cert_dir=cert_dir, image=IMAGE),
+                run=run,
+                kube=standin.client,
+                now=lambda: datetime.now(UTC),
+                out=out,
+                err=err,
+            )
     finally:
         out.close()
     return applied

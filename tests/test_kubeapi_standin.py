@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
+import json
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
@@ -23,7 +24,8 @@ from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
 from webhook.ca.tokens import Identity, JWKSVerifier, TokenReviewVerifier
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
-from webhook.kube import api as kubeapi
+from webhook.kube.client import KubeAPIError, KubeClient
+from webhook.server.logs import configure_logging
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +39,13 @@ def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
         yield api
 
 
-def client_for(api: APIServerStandin, token: str | None = None) -> Any:
-    return kubeapi.api_client(
-        host=api.url, token=token or api.caller_token, ca_file=str(api.ca_file)
-    )
-
-
 # --- TokenReview ------------------------------------------------------------------------------
 
 
 def test_standin_token_review_of_a_projected_token(
     standin: APIServerStandin, issuer: Issuer
 ) -> None:
-    review = kubeapi.token_reviewer(client_for(standin))
+    review = standin.client().review_token
     result = review(issuer.token("shop", "cart", "cart-abc"))
     assert result.authenticated
     assert result.username == "system:serviceaccount:shop:cart"
@@ -64,7 +60,7 @@ def test_standin_token_review_of_a_projected_token(
 def test_standin_token_review_verifier_decides_like_the_api_server(
     standin: APIServerStandin, issuer: Issuer
 ) -> None:
-    verifier = TokenReviewVerifier(kubeapi.token_reviewer(client_for(standin)))
+    verifier = TokenReviewVerifier(standin.client().review_token)
     good = issuer.token("shop", "cart", "cart-abc")
     assert asyncio.run(verifier.verify(good)) == Identity("shop", "cart", "cart-abc")
     cases = {
@@ -86,7 +82,7 @@ def test_standin_refusing_our_credentials_is_a_503_not_a_pass(
 ) -> None:
     from webhook.errors import IdentityError
 
-    verifier = TokenReviewVerifier(kubeapi.token_reviewer(client_for(standin, "wrong-token")))
+    verifier = TokenReviewVerifier(standin.client("wrong-token").review_token)
     with pytest.raises(IdentityError) as err:
         asyncio.run(verifier.verify(issuer.token("a", "b")))
     assert err.value.status == 503
@@ -95,7 +91,7 @@ def test_standin_refusing_our_credentials_is_a_503_not_a_pass(
 def test_standin_ca_api_with_token_review_end_to_end(
     standin: APIServerStandin, issuer: Issuer, tmp_path: Path
 ) -> None:
-    verifier = TokenReviewVerifier(kubeapi.token_reviewer(client_for(standin)))
+    verifier = TokenReviewVerifier(standin.client().review_token)
     with serve_ca(tmp_path / "pki", verifier) as srv:
         resp = post(srv, {"csr": make_csr().decode()}, issuer.token("shop", "cart"))
         assert resp.status_code == 200, resp.text
@@ -123,21 +119,21 @@ def test_standin_jwks_url_verifier(standin: APIServerStandin, issuer: Issuer) ->
 
 def test_standin_ca_bundle_patch(standin: APIServerStandin, tmp_path: Path) -> None:
     standin.add_webhook_config("sidemesh-injector", hooks=2)
-    api = client_for(standin)
+    api = standin.client()
     root = CertificateAuthority.create(now=datetime.now(UTC)).root_pem
-    assert kubeapi.read_ca_bundles(api) == [None, None]
-    assert kubeapi.patch_ca_bundle(api, root) == 2
+    assert api.read_ca_bundles() == [None, None]
+    assert api.patch_ca_bundle(root) == 2
     patch = standin.requests[-1]
     assert patch.method == "PATCH"
     assert patch.content_type == "application/json-patch+json"
     assert patch.body[0]["op"] == "test"  # guarded by the resourceVersion read just before
-    assert kubeapi.read_ca_bundles(api) == [root, root]
+    assert api.read_ca_bundles() == [root, root]
     stored = standin.webhook_configs["sidemesh-injector"]
     assert base64.b64decode(stored["webhooks"][0]["clientConfig"]["caBundle"]).decode() == root
     assert stored["webhooks"][0]["clientConfig"]["service"]["name"] == "sidemesh"  # untouched
     # Up to date: nothing is sent.
     count = len(standin.requests)
-    assert kubeapi.patch_ca_bundle(api, root) == 0
+    assert api.patch_ca_bundle(root) == 0
     assert [r.method for r in standin.requests[count:]] == ["GET"]
 
 
@@ -145,14 +141,14 @@ def test_standin_ca_bundle_patch_retries_a_conflict(standin: APIServerStandin) -
     standin.add_webhook_config("sidemesh-injector")
     standin.fail_next_patches = 1
     root = CertificateAuthority.create(now=datetime.now(UTC)).root_pem
-    assert kubeapi.patch_ca_bundle(client_for(standin), root) == 1
+    assert standin.client().patch_ca_bundle(root) == 1
     assert [r.method for r in standin.requests] == ["GET", "PATCH", "GET", "PATCH"]
 
 
 def test_standin_rbac_limits_us_to_our_webhook_configuration(standin: APIServerStandin) -> None:
     standin.add_webhook_config("someone-else")
-    with pytest.raises(kubeapi.KubeAPIError) as err:
-        kubeapi.patch_ca_bundle(client_for(standin), "x", "someone-else")
+    with pytest.raises(KubeAPIError) as err:
+        standin.client().patch_ca_bundle("x", "someone-else")
     assert err.value.status == 403
 
 
@@ -165,13 +161,13 @@ def test_standin_upkeep_patches_on_start_and_when_the_root_changes(
     standin.add_webhook_config("sidemesh-injector")
     pki = tmp_path / "pki"
     ensure_dev_pki(pki, now=datetime.now(UTC))
-    upkeep = CAUpkeep(pki, config=MeshConfig(), api=client_for(standin), interval=3600)
+    upkeep = CAUpkeep(pki, config=MeshConfig(), kube=standin.client(), interval=3600)
 
     async def scenario() -> None:
         await upkeep.start()
         try:
             first = (pki / "ca.crt").read_text()
-            assert kubeapi.read_ca_bundles(client_for(standin)) == [first]
+            assert standin.client().read_ca_bundles() == [first]
             patches = sum(r.method == "PATCH" for r in standin.requests)
             await upkeep.run_once()  # same root: no patch
             assert sum(r.method == "PATCH" for r in standin.requests) == patches
@@ -180,7 +176,7 @@ def test_standin_upkeep_patches_on_start_and_when_the_root_changes(
             await upkeep.run_once()
             second = (pki / "ca.crt").read_text()
             assert second != first
-            assert kubeapi.read_ca_bundles(client_for(standin)) == [second]
+            assert standin.client().read_ca_bundles() == [second]
         finally:
             await upkeep.stop()
 
@@ -225,8 +221,8 @@ def test_upkeep_survives_an_unreachable_api_server(tmp_path: Path) -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    api = kubeapi.api_client(host=f"https://127.0.0.1:{port}", token="t")
-    upkeep = CAUpkeep(tmp_path, config=MeshConfig(), api=api)
+    api = KubeClient.at(f"https://127.0.0.1:{port}", token="t")
+    upkeep = CAUpkeep(tmp_path, config=MeshConfig(), kube=api)
     asyncio.run(upkeep.run_once())  # logs a warning, does not raise
     assert upkeep.patched_root is None
 
@@ -253,3 +249,19 @@ def test_upkeep_renewals_racing_in_parallel_leave_a_matching_pair(tmp_path: Path
     cert = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
     key = serialization.load_pem_private_key((tmp_path / "tls.key").read_bytes(), None)
     assert key.public_key() == cert.public_key()
+
+
+def test_standin_client_info_lines_reach_the_sidemesh_log(standin: APIServerStandin) -> None:
+    """What the client does to the cluster (a caBundle patch) shows in the server's log: its
+    logger sits under ``sidemesh``, the one ``sidemesh serve`` configures."""
+    standin.add_webhook_config("sidemesh-injector")
+    stream = io.StringIO()
+    configure_logging("info", stream=stream)
+    try:
+        root = CertificateAuthority.create(now=datetime.now(UTC)).root_pem
+        assert standin.client().patch_ca_bundle(root) == 1
+    finally:
+        configure_logging("info")
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(line["logger"], line["level"]) for line in lines] == [("sidemesh.kube", "info")]
+    assert "patched caBundle of 1 webhook(s) in sidemesh-injector" in lines[0]["msg"]

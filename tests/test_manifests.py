@@ -20,7 +20,7 @@ import yaml
 from kubernetes_validate.utils import latest_version
 
 from tests.conftest import REPO, require_tools
-from webhook.install.cluster import kustomize_build
+from webhook.install.render import kustomize_build
 
 MANIFESTS = REPO / "manifests"
 VERSIONS = (latest_version(), "1.30.0")

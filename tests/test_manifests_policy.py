@@ -23,7 +23,8 @@ from tests.conftest import REPO, require_tools
 from tests.support.pod_security import restricted_violations
 from webhook import names
 from webhook.config import DEFAULT_IMAGE, RESERVED_PORTS, MeshConfig, load_config
-from webhook.install.cluster import CA_SECRET, TLS_SECRET, kustomize_build
+from webhook.install.pki import CA_SECRET, TLS_SECRET
+from webhook.install.render import kustomize_build
 
 MANIFESTS = REPO / "manifests"
 NS = names.CONTROL_PLANE_NAMESPACE

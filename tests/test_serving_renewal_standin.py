@@ -33,8 +33,8 @@ from tests.support.jwks_issuer import Issuer
 from webhook.ca.authority import CertificateAuthority, write_serving_pair
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
-from webhook.install.cluster import SERVICE_DNS_NAMES
-from webhook.kube import api as kubeapi
+from webhook.install.pki import SERVICE_DNS_NAMES
+from webhook.kube.client import KubeAPIError
 
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(UTC)
@@ -94,25 +94,6 @@ def with_standin(
     api.add_webhook_config("sidemesh-injector")
     api.add_secret("sidemesh-tls", {"tls.crt": pair[0].encode(), "tls.key": pair[1].encode()})
     return api
-
-
-def kubeconfig_for(api: APIServerStandin, path: Path) -> Path:
-    path.write_text(
-        f"""apiVersion: v1
-kind: Config
-clusters:
-- name: standin
-  cluster: {{server: "{api.url}", certificate-authority: "{api.ca_file}"}}
-users:
-- name: sidemesh
-  user: {{token: "{api.caller_token}"}}
-contexts:
-- name: standin
-  context: {{cluster: standin, user: sidemesh, namespace: sidemesh-system}}
-current-context: standin
-"""
-    )
-    return path
 
 
 def start_upkeep(cert_dir: Path, kubeconfig: Path | None, rounds: int) -> subprocess.Popen[str]:
@@ -177,7 +158,7 @@ def test_standin_due_cert_on_a_read_only_mount_is_renewed_in_the_secret(
     cleanup += [api, certs]
     # Two rounds: the second finds the Secret fresh although the mount still has the old pair
     # (the kubelet has not synced yet), so it must not write again.
-    log = finish(start_upkeep(certs, kubeconfig_for(api, tmp_path / "kubeconfig"), rounds=2))
+    log = finish(start_upkeep(certs, api.kubeconfig(tmp_path / "kubeconfig"), rounds=2))
 
     data = api.secret_data("sidemesh-tls")
     assert data["tls.crt"] != old[0].encode()
@@ -204,7 +185,7 @@ def test_standin_two_replicas_renewing_at_once_write_the_secret_once(
     api = with_standin(tmp_path, issuer, old, rendezvous=2)
     replicas = [mounted_dir(tmp_path / f"replica-{n}", ca, old) for n in "ab"]
     cleanup += [api, *replicas]
-    kubeconfig = kubeconfig_for(api, tmp_path / "kubeconfig")
+    kubeconfig = api.kubeconfig(tmp_path / "kubeconfig")
     procs = [start_upkeep(d, kubeconfig, rounds=1) for d in replicas]
     logs = [finish(p) for p in procs]
 
@@ -226,7 +207,7 @@ def test_standin_fresh_cert_on_a_read_only_mount_is_left_alone(
     api = with_standin(tmp_path, issuer, fresh)
     certs = mounted_dir(tmp_path / "certs", ca, fresh)
     cleanup += [api, certs]
-    log = finish(start_upkeep(certs, kubeconfig_for(api, tmp_path / "kubeconfig"), rounds=3))
+    log = finish(start_upkeep(certs, api.kubeconfig(tmp_path / "kubeconfig"), rounds=3))
 
     assert secret_requests(api) == []  # not due: the Secret is not even read
     assert api.secret_data("sidemesh-tls")["tls.crt"] == fresh[0].encode()
@@ -255,16 +236,12 @@ def test_standin_not_configured_read_only_mount_warns_once_how_to_renew(
 # --- the Secret calls themselves ------------------------------------------------------------
 
 
-def client_for(api: APIServerStandin) -> Any:
-    return kubeapi.api_client(host=api.url, token=api.caller_token, ca_file=str(api.ca_file))
-
-
 def test_standin_secret_update_rereads_after_a_conflict(
     tmp_path: Path, issuer: Issuer, ca: CertificateAuthority, cleanup: list[Any]
 ) -> None:
     api = with_standin(tmp_path, issuer, serving_pair(ca, age_days=70))
     cleanup.append(api)
-    client = client_for(api)
+    client = api.client()
     seen: list[bytes] = []
 
     def change(data: dict[str, bytes]) -> dict[str, bytes] | None:
@@ -274,11 +251,11 @@ def test_standin_secret_update_rereads_after_a_conflict(
             return {"tls.crt": b"mine"}
         return None  # on the re-read: the other writer's result is fine
 
-    assert kubeapi.update_secret_data(client, change) is False
+    assert client.update_secret(change) is False
     assert [m for m, _ in secret_requests(api)] == ["GET", "PUT", "GET"]
     assert len(seen) == 2 and api.secret_data("sidemesh-tls")["tls.crt"] != b"mine"
 
-    assert kubeapi.update_secret_data(client, lambda d: {"tls.crt": b"new"}) is True
+    assert client.update_secret(lambda d: {"tls.crt": b"new"}) is True
     assert api.secret_data("sidemesh-tls")["tls.crt"] == b"new"
     assert "tls.key" in api.secret_data("sidemesh-tls")  # keys not named are kept
     assert api.secrets[TLS]["metadata"]["resourceVersion"] == "8"
@@ -291,15 +268,15 @@ def test_standin_rbac_allows_only_our_serving_secret(
     api.add_secret("other", {"tls.crt": b"x"})
     api.add_secret("sidemesh-tls", {"tls.crt": b"x"}, namespace="default")
     cleanup.append(api)
-    client = client_for(api)
+    client = api.client()
     for name, namespace in [("other", "sidemesh-system"), ("sidemesh-tls", "default")]:
-        with pytest.raises(kubeapi.KubeAPIError) as err:
-            kubeapi.read_secret_data(client, name, namespace)
+        with pytest.raises(KubeAPIError) as err:
+            client.read_secret(name, namespace)
         assert err.value.status == 403
-        with pytest.raises(kubeapi.KubeAPIError) as err:
-            kubeapi.update_secret_data(client, lambda d: {"a": b"b"}, name, namespace)
+        with pytest.raises(KubeAPIError) as err:
+            client.update_secret(lambda d: {"a": b"b"}, name, namespace)
         assert err.value.status == 403
-    assert "tls.crt" in kubeapi.read_secret_data(client)
+    assert "tls.crt" in client.read_secret()
 
 
 def test_standin_writable_cert_dir_keeps_renewing_files_not_the_secret(
@@ -309,7 +286,7 @@ def test_standin_writable_cert_dir_keeps_renewing_files_not_the_secret(
     api = with_standin(tmp_path, issuer, old)
     certs = mounted_dir(tmp_path / "certs", ca, old)
     cleanup.append(api)
-    asyncio.run(CAUpkeep(certs, config=MeshConfig(), api=client_for(api)).run_once())
+    asyncio.run(CAUpkeep(certs, config=MeshConfig(), kube=api.client()).run_once())
 
     assert (certs / "tls.crt").read_text() != old[0]  # a local run: the files are renewed
     assert (

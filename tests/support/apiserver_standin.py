@@ -43,6 +43,7 @@ import jwt
 
 from tests.support.jwks_issuer import Issuer
 from webhook.ca.authority import CertificateAuthority
+from webhook.kube.client import KubeClient
 
 __all__ = ["APIServerStandin", "Recorded"]
 
@@ -127,6 +128,28 @@ class APIServerStandin:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+    def client(self, token: str | None = None) -> KubeClient:
+        """sidemesh's client for this stand-in, as ``caller_token`` (or ``token``)."""
+        return KubeClient.at(self.url, token=token or self.caller_token, ca_file=str(self.ca_file))
+
+    def kubeconfig(self, path: Path, *, context: str = "standin") -> Path:
+        """A kubeconfig file for this stand-in, its one context named ``context``."""
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "standin",
+                    "cluster": {"server": self.url, "certificate-authority": str(self.ca_file)},
+                }
+            ],
+            "users": [{"name": "sidemesh", "user": {"token": self.caller_token}}],
+            "contexts": [{"name": context, "context": {"cluster": "standin", "user": "sidemesh"}}],
+            "current-context": context,
+        }
+        path.write_text(json.dumps(config))
+        return path
 
     def add_webhook_config(self, name: str, hooks: int = 1) -> dict[str, Any]:
         """A MutatingWebhookConfiguration as `kubectl apply` would leave it (no caBundle)."""
@@ -324,7 +347,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "kind": "TokenReview",
                 "apiVersion": "authentication.k8s.io/v1",
                 "metadata": {"creationTimestamp": None},
-                "spec": {"audiences": spec.get("audiences") or []},  # the token is not echoed
+                # The API server answers with the object as posted plus its status (the
+                # official client's model requires ``spec.token`` in the answer).
+                "spec": spec,
                 "status": status,
             },
         )

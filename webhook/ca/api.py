@@ -348,11 +348,11 @@ class VerifierOptions:
                 jwks_url=None if self.jwks_file else self.jwks_url,
                 url_ca_file=self.jwks_ca_file,
             )
-        from webhook.kube import api as kubeapi
+        from webhook.kube.client import KubeClient, in_cluster
 
-        if self.token_review or self.kubeconfig or kubeapi.in_cluster():
-            api = kubeapi.api_client(kubeconfig=self.kubeconfig)
-            return TokenReviewVerifier(kubeapi.token_reviewer(api))
+        if self.token_review or self.kubeconfig or in_cluster():
+            kube = KubeClient.connect(kubeconfig=self.kubeconfig)
+            return TokenReviewVerifier(kube.review_token)
         return None
 
 

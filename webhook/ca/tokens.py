@@ -375,8 +375,8 @@ class TokenReviewVerifier:
     """Asks the API server whether a token is valid for ``audience`` (``TokenReview``).
 
     ``review`` is the seam to the API server: a blocking function token → :class:`ReviewResult`
-    (:func:`webhook.kube.api.token_reviewer` builds one from the ``kubernetes`` client). It runs
-    in a worker thread. Successful answers are cached for ``cache_seconds`` (keyed by the
+    (:meth:`webhook.kube.client.KubeClient.review_token` is one). It runs in a worker thread.
+    Successful answers are cached for ``cache_seconds`` (keyed by the
     token's SHA-256, never the token), so a burst of renewals costs one API call.
     """
 

@@ -17,7 +17,7 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING
 
 from cryptography import x509
 
@@ -35,6 +35,9 @@ from webhook.ca.authority import (
 from webhook.config import MeshConfig
 from webhook.errors import SidemeshError
 
+if TYPE_CHECKING:
+    from webhook.kube.client import KubeClient
+
 __all__ = ["CAUpkeep", "upkeep_from_config"]
 
 log = logging.getLogger("sidemesh.ca")
@@ -43,11 +46,11 @@ log = logging.getLogger("sidemesh.ca")
 class CAUpkeep:
     """Keeps the cluster and the serving certificate in step with the root.
 
-    Every ``interval`` seconds (and once at start): if ``api`` is set and the root in
+    Every ``interval`` seconds (and once at start): if ``kube`` is set and the root in
     ``cert_dir`` differs from what was last patched, patch the webhook configuration's
     ``caBundle``; if this process holds the root key, renew ``tls.crt``/``tls.key`` once they
     are in the last third of their life (names kept from the current certificate). Where:
-    in ``cert_dir`` when it is writable (a file lock serialises workers); else through ``api``
+    in ``cert_dir`` when it is writable (a file lock serialises workers); else through ``kube``
     in Secret ``sidemesh-tls`` (resourceVersion-guarded, so one replica wins and the others
     find it fresh); else nowhere, with one warning that says to re-run ``sidemesh install``.
     Failures are logged and retried on the next round; they never stop the server.
@@ -58,7 +61,7 @@ class CAUpkeep:
         cert_dir: Path,
         *,
         config: MeshConfig,
-        api: Any | None = None,
+        kube: KubeClient | None = None,
         webhook_config: str = names.WEBHOOK_CONFIGURATION,
         interval: float = 60.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -66,7 +69,7 @@ class CAUpkeep:
     ) -> None:
         self.cert_dir = Path(cert_dir)
         self.config = config
-        self.api = api
+        self.kube = kube
         self.webhook_config = webhook_config
         self.interval = interval
         self.clock = clock
@@ -97,15 +100,14 @@ class CAUpkeep:
             await asyncio.to_thread(self._renew_serving_cert)
         except (OSError, SidemeshError) as exc:
             log.warning("serving certificate renewal failed: %s", exc)
-        if self.api is not None:
+        if self.kube is not None:
             try:
                 await asyncio.to_thread(self._patch_bundle)
             except (OSError, SidemeshError) as exc:
                 log.warning("caBundle patch of %s failed: %s", self.webhook_config, exc)
 
     def _patch_bundle(self) -> None:
-        from webhook.kube import api as kubeapi
-
+        assert self.kube is not None
         raw = (self.cert_dir / CA_CERT).read_bytes()
         root = raw.decode("ascii")
         if root == self.patched_root:
@@ -113,7 +115,7 @@ class CAUpkeep:
         # Never a half-written bundle into the API server's trust: raises PKIError, and the
         # next round looks again.
         load_roots(raw, where=str(self.cert_dir / CA_CERT))
-        kubeapi.patch_ca_bundle(self.api, root, self.webhook_config)
+        self.kube.patch_ca_bundle(root, self.webhook_config)
         self.patched_root = root
 
     def _renewal_due(self) -> tuple[CertificateAuthority, bytes | None] | None:
@@ -133,8 +135,8 @@ class CAUpkeep:
         if lock is None:
             # The cert dir is read-only: in a cluster it is the mounted Secret
             # (docs/CONTRACTS.md, section 5).
-            if self.api is not None:
-                return self._renew_in_secret()
+            if self.kube is not None:
+                return self._renew_in_secret(self.kube)
             self._warn_read_only_once()
             return False
         # Several workers may share the directory: one renews, the others then find it fresh.
@@ -169,13 +171,13 @@ class CAUpkeep:
             return ca.issue_serving(dns, ips, now=now, ttl=ttl)
         return ca.issue_serving(now=now, ttl=ttl)
 
-    def _renew_in_secret(self) -> bool:
+    def _renew_in_secret(self, kube: KubeClient) -> bool:
         """Renew through Secret ``sidemesh-tls``; the kubelet then updates the mounted files.
 
         Due-ness is decided on the Secret, not on the mounted files: after a renewal the mount
         lags behind for up to a minute or so, and another replica may have renewed already.
         """
-        from webhook.kube import api as kubeapi
+        from webhook.kube.client import TLS_SECRET
 
         ca = CertificateAuthority.load(self.cert_dir)
         mounted = self._read_mounted_cert()
@@ -187,13 +189,13 @@ class CAUpkeep:
             cert_pem, key_pem = self._issue(ca, current or mounted)
             return {TLS_CERT: cert_pem.encode("ascii"), TLS_KEY: key_pem.encode("ascii")}
 
-        if not kubeapi.update_secret_data(self.api, renewed_pair, kubeapi.TLS_SECRET):
+        if not kube.update_secret(renewed_pair, TLS_SECRET):
             return False
         log.info(
             "renewed the serving certificate in Secret %s/%s; the kubelet updates %s and the "
             "server reloads it",
             names.CONTROL_PLANE_NAMESPACE,
-            kubeapi.TLS_SECRET,
+            TLS_SECRET,
             self.cert_dir,
             extra={"event": "serving-cert-renewed"},
         )
@@ -207,7 +209,7 @@ class CAUpkeep:
 
     def _warn_read_only_once(self) -> None:
         """One warning per due period, not one per round: nothing changes between rounds."""
-        from webhook.kube import api as kubeapi
+        from webhook.kube.client import TLS_SECRET
 
         if self._warned_read_only:
             return
@@ -219,7 +221,7 @@ class CAUpkeep:
             "server a writable --cert-dir",
             self.cert_dir,
             names.CONTROL_PLANE_NAMESPACE,
-            kubeapi.TLS_SECRET,
+            TLS_SECRET,
         )
 
 
@@ -240,16 +242,16 @@ def upkeep_from_config(
     config: MeshConfig,
     cert_dir: Path,
     *,
-    api: Any | None = None,
+    kube: KubeClient | None = None,
     kubeconfig: str | None = None,
     interval: float = 60.0,
 ) -> CAUpkeep | None:
     """The upkeep for ``sidemesh serve``: ``None`` when there is nothing to keep (no root key
-    and no cluster). The API client is ``api``, else from ``kubeconfig``, else in-cluster."""
-    from webhook.kube import api as kubeapi
+    and no cluster). The API client is ``kube``, else from ``kubeconfig``, else in-cluster."""
+    from webhook.kube.client import KubeClient, in_cluster
 
-    if api is None and (kubeconfig or kubeapi.in_cluster()):
-        api = kubeapi.api_client(kubeconfig=kubeconfig)
-    if api is None and not (Path(cert_dir) / CA_KEY).exists():
+    if kube is None and (kubeconfig or in_cluster()):
+        kube = KubeClient.connect(kubeconfig=kubeconfig)
+    if kube is None and not (Path(cert_dir) / CA_KEY).exists():
         return None
-    return CAUpkeep(Path(cert_dir), config=config, api=api, interval=interval)
+    return CAUpkeep(Path(cert_dir), config=config, kube=kube, interval=interval)

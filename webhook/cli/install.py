@@ -1,4 +1,4 @@
-"""`sidemesh install` and `sidemesh uninstall`: the control plane in a cluster, via kubectl.
+"""`sidemesh install` and `sidemesh uninstall`: the control plane in a cluster.
 
 What each step does and why it happens in that order is in :mod:`webhook.install.cluster`.
 """
@@ -62,6 +62,11 @@ def register(subparsers: Any) -> None:
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", default=None, help="kubectl context (default: current)")
     parser.add_argument(
+        "--kubeconfig",
+        default=None,
+        help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config, as kubectl)",
+    )
+    parser.add_argument(
         "--manifests", type=Path, default=None, help="kustomize base (default: manifests/)"
     )
     parser.add_argument(
@@ -71,7 +76,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
 
 
 def _options(args: argparse.Namespace) -> Any:
-    from webhook.install.cluster import MANIFESTS, Options
+    from webhook.install.cluster import Options
+    from webhook.install.render import MANIFESTS
 
     return Options(
         cert_dir=getattr(args, "cert_dir", Path("certs")),
@@ -79,6 +85,7 @@ def _options(args: argparse.Namespace) -> Any:
         image=getattr(args, "image", None),
         failure_policy=getattr(args, "failure_policy", "Fail"),
         context=args.context,
+        kubeconfig=args.kubeconfig,
         dry_run=args.dry_run,
         timeout_seconds=args.timeout,
         kubectl=args.kubectl,

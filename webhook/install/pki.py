@@ -1,0 +1,217 @@
+"""Which root and serving certificate the install ships, and the Secrets that carry them.
+
+The mesh root is reused wherever it already exists — the cluster's Secret ``sidemesh-ca``
+first (re-installing or upgrading must never swap the root under running workloads), else
+``ca.crt``/``ca.key`` in the cert dir — and created in the cert dir (key mode 0600) only when
+neither exists. The webhook's serving certificate is reused from the cluster's Secret
+``sidemesh-tls`` while it is from this root, names the Service and is not in its last third of
+life; otherwise a fresh one is issued. Keys travel only through ``kubectl``'s stdin: never into
+the repository, never to the terminal (``--dry-run`` shows them as :data:`REDACTED`).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from webhook import names
+from webhook.ca.authority import (
+    CA_CERT,
+    CA_KEY,
+    TLS_CERT,
+    TLS_KEY,
+    CertificateAuthority,
+    fingerprint_sha256,
+    serving_cert_needs_renewal,
+)
+from webhook.errors import PKIError
+from webhook.install.runner import InstallError
+from webhook.kube.client import TLS_SECRET
+
+__all__ = [
+    "CA_SECRET",
+    "LABELS",
+    "REDACTED",
+    "SERVICE_DNS_NAMES",
+    "TLS_SECRET",
+    "Pki",
+    "plan_pki",
+    "redact",
+    "secrets",
+]
+
+CA_SECRET = "sidemesh-ca"
+NAMESPACE = names.CONTROL_PLANE_NAMESPACE
+FIELD_MANAGER = "sidemesh-install"
+#: Replaces private keys in ``--dry-run`` output. Not base64, so the output cannot be applied.
+REDACTED = "<redacted>"
+_PRIVATE_KEYS = (CA_KEY, TLS_KEY)
+LABELS = {
+    "app.kubernetes.io/part-of": "sidemesh",
+    "app.kubernetes.io/managed-by": FIELD_MANAGER,
+}
+_SVC = f"{names.SERVICE_NAME}.{names.CONTROL_PLANE_NAMESPACE}"
+#: The names the API server and the proxies use to reach the Service.
+SERVICE_DNS_NAMES: tuple[str, ...] = (
+    names.SERVICE_NAME,
+    _SVC,
+    f"{_SVC}.svc",
+    f"{_SVC}.svc.cluster.local",
+)
+
+
+@dataclass(frozen=True)
+class Pki:
+    """The certificates and keys to install, and where each came from (said to the user)."""
+
+    ca: CertificateAuthority
+    root_key_pem: str | None  # None only for a dry run's throwaway root
+    serving_cert_pem: str
+    serving_key_pem: str
+    notes: tuple[str, ...] = field(default=())
+
+
+def plan_pki(
+    *,
+    cert_dir: Path,
+    cluster: Mapping[str, Mapping[str, bytes]],
+    now: datetime,
+    serving_ttl: timedelta,
+    dry_run: bool,
+) -> Pki:
+    """Decide which root and serving certificate to install (the module docstring says how).
+
+    ``cluster`` maps Secret names to their decoded data, as found in the cluster (empty for a
+    first install or a dry run). Writes to ``cert_dir`` only when it creates a root, and never
+    in a dry run.
+    """
+    notes: list[str] = []
+    local_exists = (cert_dir / CA_CERT).exists() or (cert_dir / CA_KEY).exists()
+    in_cluster = cluster.get(CA_SECRET) or {}
+    root_key_pem: str | None
+    if in_cluster:
+        ca = _ca_from_secret(in_cluster)
+        root_key_pem = in_cluster[CA_KEY].decode()
+        fp = fingerprint_sha256(ca.cert)
+        if local_exists:
+            local = CertificateAuthority.load(cert_dir)
+            if local.cert != ca.cert:
+                raise InstallError(
+                    f"the cluster's mesh root (Secret {NAMESPACE}/{CA_SECRET}, SHA-256 {fp}) "
+                    f"differs from the one in {cert_dir} "
+                    f"(SHA-256 {fingerprint_sha256(local.cert)}). Installing would replace the "
+                    "root and break mTLS between every injected pod and its peers; nothing was "
+                    f"changed. Keep the cluster's root (move {cert_dir}/{CA_CERT} and {CA_KEY} "
+                    "away, or point --cert-dir elsewhere), or run `sidemesh uninstall` first."
+                )
+        notes.append(f"root: reusing the cluster's (Secret {NAMESPACE}/{CA_SECRET}, {fp})")
+    elif local_exists:
+        ca = CertificateAuthority.load(cert_dir)
+        root_key_pem = (cert_dir / CA_KEY).read_text(encoding="ascii")
+        notes.append(f"root: reusing {cert_dir}/{CA_CERT} ({fingerprint_sha256(ca.cert)})")
+    else:
+        ca = CertificateAuthority.create(now=now)
+        if dry_run:
+            root_key_pem = None
+            notes.append(
+                f"root: none in {cert_dir}; a real install would create one there "
+                "(this dry run uses a throwaway root)"
+            )
+        else:
+            ca.save(cert_dir)
+            root_key_pem = (cert_dir / CA_KEY).read_text(encoding="ascii")
+            notes.append(
+                f"root: created {cert_dir}/{CA_CERT} and {CA_KEY} (mode 0600; keep the key "
+                f"safe, it signs every workload identity) — {fingerprint_sha256(ca.cert)}"
+            )
+
+    serving = cluster.get(TLS_SECRET) or {}
+    current_cert = serving.get(TLS_CERT)
+    if (
+        current_cert
+        and serving.get(TLS_KEY)
+        and not serving_cert_needs_renewal(current_cert, ca, now=now)
+        and _names_service(current_cert)
+    ):
+        cert_pem, key_pem = current_cert.decode(), serving[TLS_KEY].decode()
+        notes.append(f"serving certificate: reusing Secret {NAMESPACE}/{TLS_SECRET}")
+    else:
+        cert_pem, key_pem = ca.issue_serving(SERVICE_DNS_NAMES, (), now=now, ttl=serving_ttl)
+        expires = x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc
+        notes.append(
+            f"serving certificate: issued for {_SVC}.svc, valid until {expires:%Y-%m-%d} "
+            f"(run `sidemesh install` again before then; it renews in the last third)"
+        )
+    return Pki(ca, root_key_pem, cert_pem, key_pem, tuple(notes))
+
+
+def _ca_from_secret(data: Mapping[str, bytes]) -> CertificateAuthority:
+    try:
+        cert = x509.load_pem_x509_certificate(data[CA_CERT])
+        key = serialization.load_pem_private_key(data[CA_KEY], password=None)
+    except (KeyError, ValueError) as exc:
+        raise PKIError(
+            f"Secret {NAMESPACE}/{CA_SECRET} does not hold a usable {CA_CERT} and {CA_KEY} "
+            f"({type(exc).__name__}); fix or delete it before installing"
+        ) from None
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if not isinstance(key, ec.EllipticCurvePrivateKey) or (
+        key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki)
+    ):
+        raise PKIError(f"Secret {NAMESPACE}/{CA_SECRET}: {CA_KEY} does not belong to {CA_CERT}")
+    return CertificateAuthority(cert=cert, key=key)
+
+
+def _names_service(cert_pem: bytes) -> bool:
+    try:
+        cert = x509.load_pem_x509_certificate(cert_pem)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (ValueError, x509.ExtensionNotFound):
+        return False
+    return set(SERVICE_DNS_NAMES) <= set(san.get_values_for_type(x509.DNSName))
+
+
+def secrets(pki: Pki) -> list[dict[str, Any]]:
+    """The two Secrets the Deployment mounts. A dry run's throwaway root key shows redacted."""
+
+    def b64(text: str) -> str:
+        return base64.b64encode(text.encode()).decode()
+
+    def secret(name: str, kind: str, data: dict[str, str]) -> dict[str, Any]:
+        meta = {"name": name, "namespace": NAMESPACE, "labels": dict(LABELS)}
+        return {"apiVersion": "v1", "kind": "Secret", "metadata": meta, "type": kind, "data": data}
+
+    root_key = b64(pki.root_key_pem) if pki.root_key_pem is not None else REDACTED
+    return [
+        secret(CA_SECRET, "Opaque", {CA_CERT: b64(pki.ca.root_pem), CA_KEY: root_key}),
+        secret(
+            TLS_SECRET,
+            "kubernetes.io/tls",
+            {TLS_CERT: b64(pki.serving_cert_pem), TLS_KEY: b64(pki.serving_key_pem)},
+        ),
+    ]
+
+
+def redact(objects: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Copies of ``objects`` with every private key in a Secret replaced by :data:`REDACTED`.
+
+    Certificates stay: they are public, and a reader of a dry run may want to inspect them."""
+    out = []
+    for obj in objects:
+        obj = copy.deepcopy(obj)
+        if obj.get("kind") == "Secret":
+            data = obj.get("data") or {}
+            for key in data:
+                if key in _PRIVATE_KEYS or key.endswith(".key"):
+                    data[key] = REDACTED
+        out.append(obj)
+    return out
