@@ -26,6 +26,8 @@ PURE = (
     "discovery.scope",
     "discovery.tables",
     "discovery.resources",
+    "discovery.slim",
+    "discovery.backoff",
     "manifests",
     "config",
     "values",

@@ -13,7 +13,9 @@ the real API server does (paths, verbs, content types, ``Status`` error bodies):
   like the API server: a PUT (or a merge patch) whose ``metadata.resourceVersion`` is not the
   current one is a 409 Conflict; every accepted write increments ``resourceVersion``;
 * ``GET /openid/v1/jwks`` — the issuer's public keys;
-* ``GET /api/v1/namespaces/<ns>/pods/<name>`` — the pods in ``pods`` (the CNI plugin's lookup).
+* ``GET /api/v1/namespaces/<ns>/pods/<name>`` — the pods in ``pods`` (the CNI plugin's lookup);
+* list and watch of Namespaces, Services, Pods and EndpointSlices (``objects``, see
+  :mod:`tests.support.standin_watch`): resourceVersions, watch events, bookmarks, 410 Gone.
 
 Callers must present ``Authorization: Bearer <caller_token>``; like RBAC for sidemesh, only
 the webhook configuration named in ``allowed_names`` may be read or patched, and only the
@@ -42,6 +44,7 @@ import jsonpatch
 import jwt
 
 from tests.support.jwks_issuer import Issuer
+from tests.support.standin_watch import Gone, ObjectLog, match_list_path, parse_query
 from webhook.ca.authority import CertificateAuthority
 from webhook.kube.client import KubeClient
 
@@ -84,6 +87,10 @@ class APIServerStandin:
     #: The first N Secret GETs wait for each other (up to 20 s), so N concurrent writers all
     #: read the same resourceVersion and the race between their writes really happens.
     secret_get_rendezvous: int = 0
+    #: The list/watch kinds; tests add, modify and delete through it.
+    objects: ObjectLog = field(default_factory=ObjectLog)
+    #: Answer this many list/watch requests with 500 (a flapping API server).
+    fail_next_lists: int = 0
 
     def start(self) -> APIServerStandin:
         ca = CertificateAuthority.create(now=datetime.now(UTC), common_name="standin ca")
@@ -119,6 +126,7 @@ class APIServerStandin:
         return self
 
     def stop(self) -> None:
+        self.objects.close()  # open watches end, so their handler threads do too
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -296,6 +304,10 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if not self._authorized():
             return
+        listed = match_list_path(self.path.split("?")[0])
+        if listed is not None:
+            self._list_or_watch(*listed)
+            return
         if SECRETS_PATH.match(self.path.split("?")[0]):
             key = self._secret_key("get")
             if key is not None:
@@ -314,6 +326,39 @@ class _Handler(BaseHTTPRequestHandler):
         name = self._mwc_name()
         if name is not None:
             self._send(200, self.owner.webhook_configs[name])
+
+    def _list_or_watch(self, res: Any, namespace: str | None) -> None:
+        query = parse_query(self.path)
+        with self.owner.lock:
+            failing = self.owner.fail_next_lists > 0
+            self.owner.fail_next_lists -= failing
+        if failing:
+            self._send(500, _status(500, "InternalError", "etcdserver: request timed out"))
+            return
+        if query.get("watch") not in ("1", "true"):
+            try:
+                limit = int(query.get("limit") or 0)
+                self._send(
+                    200, self.owner.objects.list(res, namespace, limit, query.get("continue", ""))
+                )
+            except Gone as exc:
+                self._send(410, _status(410, "Expired", str(exc)))
+            return
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+
+        def send(line: bytes) -> None:
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+
+        try:
+            if self.owner.objects.watch(res, namespace, query, send):
+                self.wfile.write(b"0\r\n\r\n")  # a clean end: the client just watches again
+        except OSError:
+            pass  # the client went away
+        self.close_connection = True
 
     def do_PUT(self) -> None:
         body = self._body()
