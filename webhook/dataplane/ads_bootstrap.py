@@ -33,7 +33,7 @@ _STATIC_CLUSTERS: Final = ("admin",)
 
 def control_plane_id(trust_domain: str) -> str:
     """The SPIFFE id the control plane's xDS certificate carries (its service account)."""
-    return f"spiffe://{trust_domain}/ns/{names.CONTROL_PLANE_NAMESPACE}/sa/{names.DISCOVERY_NAME}"
+    return names.spiffe_id(trust_domain, names.CONTROL_PLANE_NAMESPACE, names.DISCOVERY_NAME)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf import any_pb2
 
 from webhook import names
-from webhook.config import Ports
+from webhook.config import DEFAULTS, Ports
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc
 from webhook.discovery import metrics
@@ -44,7 +44,7 @@ _SHARED = (cc.CLUSTER, cc.ENDPOINTS)
 
 @dataclass(frozen=True)
 class DiscoverySettings:
-    trust_domain: str = "cluster.local"
+    trust_domain: str = DEFAULTS.trust_domain
     default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
     plaintext_ports: tuple[int, ...] = (53,)
     ports: Ports = field(default_factory=Ports)

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
 from webhook import names
+from webhook.config import DEFAULTS
 from webhook.inject.annotations import EXCLUDE_INBOUND_PORTS, INBOUND_MTLS, INCLUDE_INBOUND_PORTS
 from webhook.values import parse_port_list
 
@@ -177,7 +178,7 @@ class MeshModel:
 def build_model(
     objects: Mapping[str, Iterable[Mapping[str, Any]]],
     *,
-    trust_domain: str = "cluster.local",
+    trust_domain: str = DEFAULTS.trust_domain,
     default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE",
 ) -> MeshModel:
     """The model of ``objects`` (by kind, as :meth:`ObjectStore.list` returns them)."""
