@@ -19,7 +19,7 @@ from webhook.discovery.backoff import Backoff
 from webhook.discovery.kubesource import KubeSource
 from webhook.discovery.listwatch import KINDS, Expired, ListWatch
 from webhook.discovery.store import ObjectStore
-from webhook.kube import api as kubeapi
+from webhook.kube.client import KubeClient
 
 POD = next(k for k in KINDS if k.kind == "Pod")
 FAST = Backoff(base=0.01, cap=0.04)
@@ -36,8 +36,8 @@ def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
         yield api
 
 
-def client_for(api: APIServerStandin) -> Any:
-    return kubeapi.api_client(host=api.url, token=api.caller_token, ca_file=str(api.ca_file))
+def client_for(api: APIServerStandin) -> KubeClient:
+    return KubeClient.at(api.url, token=api.caller_token, ca_file=str(api.ca_file))
 
 
 def pod(name: str, ip: str, ns: str = "shop", **labels: str) -> dict[str, Any]:
@@ -145,7 +145,7 @@ def make_source(standin: APIServerStandin) -> Iterator[Callable[..., KubeSource]
 
 def test_standin_list_and_watch_speak_like_the_api_server(standin: APIServerStandin) -> None:
     cluster(standin)
-    lw = ListWatch(client_for(standin))
+    lw = ListWatch(client_for(standin).api_client)
     listing = lw.list(POD, page_size=1)  # two pages, one snapshot
     assert [o["metadata"]["name"] for o in listing.items] == ["cart-1", "cart-2"]
     assert listing.resource_version == standin.objects.resource_version

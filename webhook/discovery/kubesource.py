@@ -35,7 +35,7 @@ from webhook.discovery.backoff import Backoff
 from webhook.discovery.listwatch import KINDS, Expired, KindSpec, ListWatch, WatchEvent
 from webhook.discovery.slim import slim
 from webhook.discovery.store import ObjectStore
-from webhook.kube.api import KubeAPIError
+from webhook.kube.client import KubeAPIError, KubeClient
 
 __all__ = ["KindStatus", "KubeSource"]
 
@@ -65,7 +65,7 @@ class KindStatus:
 
 
 class KubeSource:
-    """Feeds ``store`` from the API server behind ``api_client`` (a ``kubernetes`` ApiClient).
+    """Feeds ``store`` from the API server ``kube`` talks to.
 
     ``sleep`` is the backoff's wait (default: wait on the stop signal, so stop ends it);
     ``rng`` the jitter's randomness; both are seams for tests.
@@ -73,7 +73,7 @@ class KubeSource:
 
     def __init__(
         self,
-        api_client: Any,
+        kube: KubeClient,
         store: ObjectStore,
         *,
         kinds: tuple[KindSpec, ...] = KINDS,
@@ -83,7 +83,7 @@ class KubeSource:
         rng: random.Random | None = None,
         sleep: Callable[[float], object] | None = None,
     ) -> None:
-        self._lw = ListWatch(api_client)
+        self._lw = ListWatch(kube.api_client)
         self._store = store
         self._kinds = kinds
         self._backoff = backoff

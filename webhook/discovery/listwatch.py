@@ -7,7 +7,7 @@ promises instead is small and typed: a :class:`Listing` (items and the list's
 resourceVersion, every ``continue`` page followed), and a :class:`WatchStream` of
 :class:`WatchEvent`\\ s that another thread can :meth:`~WatchStream.close` at any moment.
 
-Errors are :class:`~webhook.kube.api.KubeAPIError` (status 0: unreachable or the stream broke);
+Errors are :class:`~webhook.kube.client.KubeAPIError` (status 0: unreachable or the stream broke);
 a resourceVersion too old to watch from is :class:`Expired`, whether the server says so with an
 HTTP 410 or, as it usually does, with an ``ERROR`` event carrying a 410 ``Status``.
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
-from webhook.kube.api import KubeAPIError
+from webhook.kube.client import KubeAPIError
 
 __all__ = [
     "KINDS",
