@@ -30,6 +30,7 @@ from prometheus_client import CollectorRegistry
 from tests.conftest import REPO, require_tools
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import DEFAULT_ISSUER, Issuer
+from tests.support.server_thread import ServerThread
 from tests.support.webhook_https import admission_review, client_ssl, simple_pod
 from tests.test_ca import make_csr
 from tests.test_server_cli import SIDEMESH, Serve
@@ -49,7 +50,7 @@ from webhook.ca.trust import ReloadingTrust
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import CAConfig, MeshConfig
 from webhook.files import write_atomic
-from webhook.server.app import ServerThread, create_app
+from webhook.server.app import create_app
 from webhook.server.metrics import Metrics
 from webhook.server.tlsreload import ReloadingTLS
 

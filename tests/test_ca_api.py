@@ -98,7 +98,12 @@ def issuer() -> Issuer:
 
 @pytest.fixture(scope="module")
 def server(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[CAServer]:
-    config = MeshConfig(ca=CAConfig(rate_per_identity_per_minute=1000, max_body_bytes=8192))
+    ca = CAConfig(
+        rate_per_identity_per_minute=1000,
+        max_body_bytes=8192,
+        unauthenticated_per_address_per_minute=1000,
+    )
+    config = MeshConfig(ca=ca)
     verifier = JWKSVerifier(issuer.issuer_url, jwks=issuer.jwks())
     with serve_ca(tmp_path_factory.mktemp("pki"), verifier, config) as srv:
         yield srv
@@ -106,6 +111,8 @@ def server(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 
 def post(srv: CAServer, body: Any, token: str | None, **kwargs: Any) -> httpx.Response:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    headers["Content-Type"] = "application/json"
+    headers.update(kwargs.pop("headers", {}))
     with srv.client() as client:
         if isinstance(body, bytes):
             return client.post("/v1/certificates", content=body, headers=headers, **kwargs)

@@ -1,8 +1,10 @@
 """Fuzzing ``POST /mutate`` over HTTPS: random bodies, random JSON and mutated reviews.
 
 Whatever arrives, the answer is a 2xx carrying a well-formed AdmissionReview (uid echoed,
-patchType only with a patch that applies cleanly) or a 4xx with a JSON error — never a 5xx,
-never a traceback, and never a review refused as an internal error.
+patchType only with a patch that applies cleanly) or a 4xx with a JSON error and a specific
+reason — never a 5xx, never a traceback, never a review refused as an internal error, and
+never an exception reaching the server's generic handler (``sidemesh_unexpected_errors_total``
+stays at 0).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from tests.support.webhook_https import (
     SAMPLE_REVIEW,
     V1,
     V1BETA1,
+    Running,
     admission_review,
     https_webhook,
     simple_pod,
@@ -79,10 +82,32 @@ KEYS = [
 ]
 
 
+#: Reasons that only a generic handler gives: an exception nobody turned into a refusal.
+GENERIC = {"unprocessable", "internal", "invalid", "internal-error"}
+
+
 @pytest.fixture(scope="module")
-def client(tmp_path_factory: pytest.TempPathFactory) -> Iterator[httpx.Client]:
-    with https_webhook(tmp_path_factory.mktemp("pki")) as running, running.client() as c:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Running]:
+    with https_webhook(tmp_path_factory.mktemp("pki")) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server: Running) -> Iterator[httpx.Client]:
+    with server.client() as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+def no_unexpected_errors(server: Running) -> Iterator[None]:
+    yield
+    unexpected = [
+        (sample.labels, sample.value)
+        for metric in server.metrics.unexpected.collect()
+        for sample in metric.samples
+        if sample.name.endswith("_total") and sample.value
+    ]
+    assert not unexpected, f"exceptions reached a generic handler: {unexpected}"
 
 
 def _nodes(doc: Any, path: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:
@@ -127,6 +152,7 @@ def check(client: httpx.Client, body: bytes, sent: Any = None) -> None:
     answer = r.json()  # every answer is JSON, errors included
     if r.status_code >= 400:
         assert set(answer) >= {"error", "message"}, answer
+        assert answer["error"] not in GENERIC, answer
         return
     assert r.status_code == 200
     assert answer["kind"] == "AdmissionReview" and answer["apiVersion"] in API_VERSIONS
@@ -142,6 +168,7 @@ def check(client: httpx.Client, body: bytes, sent: Any = None) -> None:
         jsonpatch.apply_patch(sent["request"]["object"], ops)  # the patch applies cleanly
     if not resp["allowed"]:
         assert resp["status"]["code"] == 400, resp  # 500 here would be a bug in the core
+        assert resp["status"]["reason"] == "BadRequest", resp
         assert resp["status"]["message"]
     for warning in resp.get("warnings", []):
         assert len(warning) <= 120
@@ -152,6 +179,7 @@ def check(client: httpx.Client, body: bytes, sent: Any = None) -> None:
 def test_random_bytes(client: httpx.Client, body: bytes) -> None:
     r = client.post("/mutate", content=body, headers={"content-type": "application/json"})
     assert r.status_code < 500
+    assert r.json().get("error") not in GENERIC, r.text
     if r.status_code == 200:
         check(client, body, json.loads(body))
 

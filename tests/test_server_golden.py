@@ -18,10 +18,11 @@ import jsonpatch
 import pytest
 
 from tests.support.golden_cases import Case, PodCase, cases, normalise, pod_cases
+from tests.support.server_thread import ServerThread
 from tests.support.webhook_https import Running, admission_review, client_ssl, https_webhook
 from webhook.config import MeshConfig
 from webhook.manifests import iter_documents
-from webhook.server.app import ServerThread, create_app
+from webhook.server.app import create_app
 
 pytestmark = pytest.mark.golden
 

@@ -28,6 +28,7 @@ __all__ = [
     "LOG_LEVELS",
     "RESERVED_PORTS",
     "CAConfig",
+    "ClientLimits",
     "InboundMTLS",
     "LogLevel",
     "MeshConfig",
@@ -124,6 +125,8 @@ class CAConfig:
     """Certificate requests one SPIFFE identity may make per minute before 429."""
     max_body_bytes: int = 64 * 1024
     """Largest certificate request body accepted (413 above)."""
+    unauthenticated_per_address_per_minute: int = 30
+    """Requests without a valid token one source address may make per minute before 429."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,35 @@ class WebhookConfig:
 
     max_body_bytes: int = 3 * 1024 * 1024
     """Largest AdmissionReview accepted (413 above); the API server sends at most ~3 MiB."""
+
+
+@dataclass(frozen=True)
+class ClientLimits:
+    """What one client of ``sidemesh serve`` (webhook and CA) may hold; beyond, 4xx or closed.
+
+    Body sizes are ``webhook.max_body_bytes`` and ``ca.max_body_bytes``; the failed-token
+    budget per source address is ``ca.unauthenticated_per_address_per_minute``.
+    """
+
+    max_request_line_bytes: int = 8 * 1024
+    """Longest request target (414 above)."""
+    max_header_bytes: int = 32 * 1024
+    """Request line plus headers, in bytes (431 above)."""
+    max_headers: int = 100
+    """Most header fields in one request (431 above)."""
+    header_timeout_seconds: float = 10.0
+    """From the connection (or the first byte after an idle keep-alive) to the end of the
+    headers; then 408 and the connection is closed."""
+    body_timeout_seconds: float = 30.0
+    """From the end of the headers to the end of the body (Content-Length or the last chunk);
+    then 408 and the connection is closed."""
+    idle_timeout_seconds: float = 120.0
+    """Idle keep-alive. Longer than the API server keeps idle webhook connections (90 s), so
+    that it always closes first and never sends a review on a connection being closed."""
+    max_connections: int = 1000
+    """Open connections per worker process. A new connection beyond it closes the oldest one
+    that has not sent a whole request (or, failing that, the oldest idle one); if every
+    connection is busy, the new one is closed."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +206,8 @@ class MeshConfig:
     """The mini-CA."""
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     """The admission endpoint."""
+    limits: ClientLimits = field(default_factory=ClientLimits)
+    """What one HTTPS client may hold of the server (sizes, times, connections)."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -238,6 +272,16 @@ def _validate(cfg: MeshConfig) -> None:
     for key in ("rate_per_identity_per_minute", "max_body_bytes", "serving_cert_ttl_seconds"):
         if getattr(ca, key) < 1:
             raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
+    for key in ("unauthenticated_per_address_per_minute",):
+        if getattr(ca, key) < 1:
+            raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
+    for key, value in dataclasses.asdict(cfg.limits).items():
+        if not value > 0:
+            raise _fail(f"limits.{key}", value, "must be positive")
+    if cfg.limits.max_header_bytes < cfg.limits.max_request_line_bytes:
+        raise _fail(
+            "limits.max_header_bytes", cfg.limits.max_header_bytes, "below max_request_line_bytes"
+        )
     if cfg.webhook.max_body_bytes < 1024:
         raise _fail("webhook.max_body_bytes", cfg.webhook.max_body_bytes, "at least 1024")
 
@@ -332,6 +376,10 @@ def _coerce(hint: Any, raw: Any, key: str) -> Any:
         if isinstance(raw, bool) or not isinstance(raw, int):
             raise _fail(key, raw, "expected an integer")
         return raw
+    if hint is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise _fail(key, raw, "expected a number")
+        return float(raw)
     if hint is str:
         if not isinstance(raw, str):
             raise _fail(key, raw, "expected a string")

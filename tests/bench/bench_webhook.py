@@ -43,6 +43,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "webhook" / "samples" / "review.json"
 RESULTS = REPO / "bench-results" / "webhook.json"
+#: ``sidemesh serve`` with the ceiling endpoint ``POST /noop`` added (test-only).
+NOOP_SERVE = Path(__file__).resolve().parent / "noop_serve.py"
 CONNECTIONS = 16
 
 GOALS = {
@@ -202,8 +204,8 @@ def run(
     port = free_port()
     cert_dir = tmp / "certs"
     url = f"https://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port", str(port)]
-    cmd += ["--cert-dir", str(cert_dir), "--workers", str(workers), "--noop-endpoint"]
+    cmd = [sys.executable, str(NOOP_SERVE), "serve", "--host", "127.0.0.1", "--port", str(port)]
+    cmd += ["--cert-dir", str(cert_dir), "--workers", str(workers)]
     cmd += ["--shutdown-delay", "0"]
     # Logs stay at info, as in production (one JSON line per review), into a file.
     with (tmp / f"serve-{workers}.log").open("wb") as log:

@@ -16,10 +16,11 @@ from typing import Any
 
 import httpx
 
+from tests.support.server_thread import ServerThread
 from webhook.admission.review import Injector
 from webhook.ca.authority import CA_CERT, TLS_CERT, TLS_KEY, ensure_dev_pki
 from webhook.config import MeshConfig
-from webhook.server.app import ServerThread, create_app
+from webhook.server.app import create_app
 from webhook.server.metrics import Metrics
 from webhook.server.tlsreload import ReloadingTLS
 
@@ -109,7 +110,6 @@ def https_webhook(
     config: MeshConfig | None = None,
     injector: Injector | None = None,
     check_interval: float = 0.0,
-    noop_endpoint: bool = False,
 ) -> Iterator[Running]:
     """The real app (real core unless ``injector`` is given) on a free port over HTTPS."""
     make_pki(cert_dir)
@@ -128,7 +128,6 @@ def https_webhook(
         injector=injector,
         metrics=metrics,
         tls=tls,
-        noop_endpoint=noop_endpoint,
     )
-    with ServerThread(app, tls) as srv:
+    with ServerThread(app, tls, limits=config.limits) as srv:
         yield Running(srv.url, srv.port, cert_dir, metrics, tls)

@@ -16,7 +16,7 @@ The answers, first match wins:
 | request                                                  | HTTP | answer                      |
 |----------------------------------------------------------|------|-----------------------------|
 | wrong ``Content-Type``                                   | 415  | ``ReviewError``             |
-| body above the limit                                     | 413  | ``ReviewError``             |
+| body above the limit (checked by the reader)             | 413  | ``ReviewError``             |
 | not JSON, not an AdmissionReview, no ``request``/``uid`` | 400  | ``ReviewError``             |
 | kind is not core/v1 Pod                                  | 200  | allowed, ``not-a-pod``      |
 | a subresource (``pods/exec`` …)                          | 200  | allowed, ``subresource``    |
@@ -25,6 +25,7 @@ The answers, first match wins:
 | the core skips (host network, opted out …)               | 200  | allowed, no patch           |
 | the core injects                                         | 200  | allowed + JSONPatch         |
 | the core raises ``InjectionError`` (bad annotation …)    | 200  | denied, code 400, message   |
+| the pod nests values deeper than a patch can encode      | 200  | denied, code 400, too-deep  |
 | the core fails unexpectedly (a bug)                      | 200  | denied, code 500            |
 
 Every 200 echoes ``request.uid``; a 4xx carries it too when it could be read. ``dryRun``
@@ -44,14 +45,12 @@ from webhook.errors import AnnotationError, ConflictError, InjectionError, Revie
 
 __all__ = [
     "API_VERSIONS",
-    "DEFAULT_MAX_BODY_BYTES",
     "AdmissionRequest",
     "AdmissionResponse",
     "AdmissionReview",
     "Injector",
     "InvalidReview",
     "Outcome",
-    "allow_only",
     "check_content_type",
     "parse_review",
     "review",
@@ -59,9 +58,15 @@ __all__ = [
 ]
 
 API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
-DEFAULT_MAX_BODY_BYTES = 3 * 1024 * 1024
 #: The API server shows warnings to the user; longer than this they may be cut.
 MAX_WARNING = 120
+#: The deepest JSON orjson encodes; a patch that copies a deeper pod value is refused.
+MAX_PATCH_DEPTH = 255
+
+_TOO_DEEP = (
+    f"request.object nests JSON more than {MAX_PATCH_DEPTH} levels deep; sidemesh cannot "
+    "encode a patch for it (no Kubernetes field needs such depth)"
+)
 
 #: Why a pod was not injected, in words a user understands. Only skips the pod's owner would
 #: want to hear about get a warning: hostNetwork is usually a surprise, an opt-out is not.
@@ -188,10 +193,11 @@ def check_content_type(content_type: str | None) -> None:
         )
 
 
-def parse_review(body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> AdmissionReview:
-    """Check the envelope of a review: JSON object, apiVersion, kind, request, uid."""
-    if len(body) > max_body_bytes:
-        raise too_large(len(body), max_body_bytes)
+def parse_review(body: bytes) -> AdmissionReview:
+    """Check the envelope of a review: JSON object, apiVersion, kind, request, uid.
+
+    The body's size is the reader's business (:func:`webhook.admission.endpoint.read_body`).
+    """
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -239,11 +245,10 @@ def review(
     *,
     injector: Injector,
     content_type: str | None = "application/json",
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> Outcome:
     """Answer one AdmissionReview. Raises :class:`ReviewError` (HTTP 4xx) for a bad envelope."""
     check_content_type(content_type)
-    doc = parse_review(body, max_body_bytes=max_body_bytes)
+    doc = parse_review(body)
     api_version = doc["apiVersion"]
     request = doc["request"]  # present: parse_review checked it
     uid = request["uid"]
@@ -310,6 +315,10 @@ def review(
         return answer(
             "denied", "invalid-pod", _deny(uid, str(exc)), namespace=namespace, pod=pod_name
         )
+    except RecursionError:
+        return answer(
+            "denied", "too-deep", _deny(uid, _TOO_DEEP), namespace=namespace, pod=pod_name
+        )
     except (TypeError, AttributeError, KeyError, ValueError) as exc:
         # A pod whose fields have the wrong JSON types (a list where an object belongs) is not
         # a pod the API server would have sent; refuse it with the reason instead of a 500.
@@ -339,9 +348,15 @@ def review(
     if not ops:
         response = _allow(uid, "unchanged", decision.reason)
         return answer("unchanged", decision.reason, response, namespace=namespace, pod=pod_name)
+    try:
+        encoded = orjson.dumps(ops)
+    except orjson.JSONEncodeError:  # orjson stops at 255 levels; the pod's own values do not
+        return answer(
+            "denied", "too-deep", _deny(uid, _TOO_DEEP), namespace=namespace, pod=pod_name
+        )
     response = _allow(uid, "inject", decision.reason)
     response["patchType"] = "JSONPatch"
-    response["patch"] = base64.b64encode(orjson.dumps(ops)).decode("ascii")
+    response["patch"] = base64.b64encode(encoded).decode("ascii")
     return answer(
         "injected",
         decision.reason,
@@ -397,15 +412,4 @@ def _deny(uid: str, message: str, *, code: int = 400) -> AdmissionResponse:
         "uid": uid,
         "allowed": False,
         "status": {"status": "Failure", "code": code, "reason": reason, "message": message},
-    }
-
-
-def allow_only(body: bytes, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> AdmissionReview:
-    """Parse the review and allow it, nothing else: the ceiling of the stack for benchmarks."""
-    doc = parse_review(body, max_body_bytes=max_body_bytes)
-    uid = doc["request"]["uid"]
-    return {
-        "apiVersion": doc["apiVersion"],
-        "kind": "AdmissionReview",
-        "response": {"uid": uid, "allowed": True},
     }

@@ -3,24 +3,31 @@
 The order of checks is the order of cost and of trust, so that an unauthenticated caller can
 never make the CA do more than read a bounded body and check a token:
 
-====  ===========================================================  ======================
+====  ===========================================================  ==========================
 step  check                                                        refusal
-====  ===========================================================  ======================
-1     body at most ``ca.max_body_bytes`` (header and stream)       413 ``too-large``
-2     ``Authorization: Bearer <token>`` present                    401 ``no-token``
-3     the token verifies (:mod:`webhook.ca.tokens`)                 401 / 403 / 503
-4     this identity is under ``ca.rate_per_identity_per_minute``   429 ``rate-limited``
-5     JSON body ``{"csr": PEM, "ttlSeconds": int?}``               400 ``bad-request``
-6     TTL within ``[min_ttl_seconds, max_ttl_seconds]``            400 ``ttl-too-long`` …
-7     CSR parses, its signature verifies, its key is accepted      400 ``malformed-csr`` …
-====  ===========================================================  ======================
+====  ===========================================================  ==========================
+1     the source address has failed authentication less than       429
+      ``ca.unauthenticated_per_address_per_minute`` times          ``rate-limited-address``
+2     ``Content-Type: application/json``                           415 ``content-type``
+3     body at most ``ca.max_body_bytes`` (header and stream)       413 ``too-large``
+4     ``Authorization: Bearer <token>`` present                    401 ``no-token``
+5     the token verifies (:mod:`webhook.ca.tokens`)                 401 / 403 / 503
+6     this identity is under ``ca.rate_per_identity_per_minute``   429 ``rate-limited``
+7     JSON body ``{"csr": PEM, "ttlSeconds": int?}``               400 ``bad-request``
+8     TTL within ``[min_ttl_seconds, max_ttl_seconds]``            400 ``ttl-too-long`` …
+9     CSR parses, its signature verifies, its key is accepted      400 ``malformed-csr`` …
+====  ===========================================================  ==========================
 
-The SPIFFE id comes from the token alone (step 3); whatever names the CSR carries are ignored.
+Every refusal of steps 4 and 5 (no valid token) spends one of the source address's budget, so
+a client without credentials cannot make the CA check tokens at will. The SPIFFE id comes from
+the token alone (step 5); whatever names the CSR carries are ignored.
 Signing runs inline on the event loop: it is a short burst of CPU, cheaper than a thread hop.
 
 Metrics (``sidemesh_ca_`` prefix): ``certificates_issued_total``, ``refusals_total{reason}``,
-``signing_seconds`` (CSR parse + verify + sign + PEM). Logs name the SPIFFE id, serial and
-expiry of each certificate; never a token, a CSR or a key.
+``signing_seconds`` (CSR parse + verify + sign + PEM). An exception that is none of the typed
+refusals is a bug: answered 500 ``internal`` with a fixed message, and reported to
+``on_unexpected`` (the server counts it in ``sidemesh_unexpected_errors_total``). Logs name
+the SPIFFE id, serial and expiry of each certificate; never a token, a CSR or a key.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
+from webhook.admission.endpoint import BodyTooLarge, read_body
 from webhook.ca.authority import (
     CA_KEY,
     CertificateAuthority,
@@ -135,6 +143,12 @@ class RateLimiter:
         self._max_keys = max_keys
         self._buckets: dict[str, tuple[float, float]] = {}
 
+    def wait(self, key: str) -> float:
+        """Seconds until ``key`` may make a request (0 now), without spending anything."""
+        tokens, last = self._buckets.get(key, (self.capacity, 0.0))
+        tokens = min(self.capacity, tokens + (self._clock() - last) * self.rate)
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
     def allow(self, key: str) -> float:
         """0 when allowed (and counted), else the seconds until one request is allowed."""
         now = self._clock()
@@ -169,6 +183,7 @@ def certificates_router(
     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     rate_clock: Callable[[], float] = time.monotonic,
     trust_bundle: Callable[[], str] | None = None,
+    on_unexpected: Callable[[], None] = lambda: None,
 ) -> APIRouter:
     """The ``POST /v1/certificates`` router. ``ca`` is a CA or a function giving the current one.
 
@@ -178,6 +193,7 @@ def certificates_router(
     current_ca = ca if callable(ca) else (lambda: ca)
     metrics = _metrics_for(registry)
     limiter = RateLimiter(config.ca.rate_per_identity_per_minute, clock=rate_clock)
+    failures = RateLimiter(config.ca.unauthenticated_per_address_per_minute, clock=rate_clock)
     limit = config.ca.max_body_bytes
     router = APIRouter()
 
@@ -192,35 +208,54 @@ def certificates_router(
     async def issue(request: Request) -> Response:
         try:
             return await answer(request)
-        except Exception:  # never a bare 500 page: log it (no request data), answer JSON
+        except Exception:  # a bug: never a bare 500 page, never the exception's text
             log.exception("unexpected error answering a certificate request")
             metrics.refused.labels("internal").inc()
+            on_unexpected()
             return _error(500, "internal", "the CA could not answer; see its log")
 
+    def unauthenticated(exc: IdentityError, address: str) -> Response:
+        failures.allow(address)  # spends one of the address's budget
+        return refuse(exc)
+
     async def answer(request: Request) -> Response:
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
+        address = request.client.host if request.client is not None else ""
+        wait = failures.wait(address)
+        if wait > 0:
+            metrics.refused.labels("rate-limited-address").inc()
+            return _error(
+                429,
+                "rate-limited-address",
+                f"too many requests without a valid token from {address}; retry in {wait:.0f} s",
+                headers={"Retry-After": str(max(1, round(wait)))},
+            )
+        media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if media != _JSON:
+            return refuse(IdentityError(415, "content-type", "Content-Type must be " + _JSON))
+        try:
+            raw = await read_body(request.scope, request.receive, limit)
+        except BodyTooLarge:
             return refuse(IdentityError(413, "too-large", f"body above {limit} bytes"))
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                return refuse(IdentityError(413, "too-large", f"body above {limit} bytes"))
-            chunks.append(chunk)
+        if raw is None:  # the client went away
+            return Response(status_code=400)
 
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return refuse(
-                IdentityError(401, "no-token", "send Authorization: Bearer <service-account token>")
+            return unauthenticated(
+                IdentityError(
+                    401, "no-token", "send Authorization: Bearer <service-account token>"
+                ),
+                address,
             )
         try:
             identity = await verifier.verify(token.strip())
             spiffe_id = identity.spiffe_id(config.trust_domain)
         except IdentityError as exc:
+            if exc.status in (401, 403):
+                return unauthenticated(exc, address)
             return refuse(exc)
         except ValueError as exc:  # names the SPIFFE format cannot carry
-            return refuse(IdentityError(403, "bad-identity", str(exc)))
+            return unauthenticated(IdentityError(403, "bad-identity", str(exc)), address)
 
         wait = limiter.allow(spiffe_id)
         if wait > 0:
@@ -237,7 +272,7 @@ def certificates_router(
             )
 
         try:
-            csr, ttl_seconds = _parse_body(b"".join(chunks))
+            csr, ttl_seconds = _parse_body(raw)
             ttl = resolve_ttl(ttl_seconds, config.ca)
             authority = current_ca()
             now = clock()
@@ -363,6 +398,7 @@ def router_from_config(
     *,
     registry: CollectorRegistry | None = None,
     trust: ReloadingTrust | None = None,
+    on_unexpected: Callable[[], None] = lambda: None,
 ) -> APIRouter | None:
     """The CA router when ``cert_dir`` holds the root key and a verifier is configured.
 
@@ -390,5 +426,10 @@ def router_from_config(
         # Loads now: broken files fail at start-up, not on the first request.
         trust = ReloadingTrust(cert_dir, with_key=True)
     return certificates_router(
-        trust.authority, verifier, config=config, registry=registry, trust_bundle=trust.bundle
+        trust.authority,
+        verifier,
+        config=config,
+        registry=registry,
+        trust_bundle=trust.bundle,
+        on_unexpected=on_unexpected,
     )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import multiprocessing
 import os
 import shutil
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from webhook.ca.api import VerifierOptions
+    from webhook.config import MeshConfig
 
 __all__ = ["ServeSettings", "curl_example", "register", "run_worker"]
 
@@ -81,9 +83,24 @@ def register(subparsers: Any) -> None:
         help="on SIGTERM, keep serving (and fail /readyz) this many seconds before the "
         "graceful stop, while the pod leaves the Service's endpoints (default 5; Ctrl-C skips)",
     )
-    # The benchmark's ceiling: POST /noop parses the review and allows it. Not for production.
-    p.add_argument("--noop-endpoint", action="store_true", help=argparse.SUPPRESS)
+    limits = p.add_argument_group(
+        "client limits",
+        "override the mesh config's limits section (docs/webhook.md, section Client limits)",
+    )
+    for flag, (key, kind) in LIMIT_FLAGS.items():
+        limits.add_argument(flag, type=kind, default=None, help=f"limits.{key}")
     p.set_defaults(handler=_serve)
+
+
+#: ``sidemesh serve`` flags that override keys of the mesh config's ``limits`` section.
+LIMIT_FLAGS: dict[str, tuple[str, type]] = {
+    "--max-connections": ("max_connections", int),
+    "--max-header-bytes": ("max_header_bytes", int),
+    "--max-headers": ("max_headers", int),
+    "--header-timeout": ("header_timeout_seconds", float),
+    "--body-timeout": ("body_timeout_seconds", float),
+    "--idle-timeout": ("idle_timeout_seconds", float),
+}
 
 
 @dataclass(frozen=True)
@@ -96,11 +113,39 @@ class ServeSettings:
     config_file: str | None
     log_level: str
     reload_interval: float
-    noop_endpoint: bool
     shutdown_delay: float = 0.0
     verifier: VerifierOptions | None = None
     """Picklable (handed to worker processes); ``None`` for its environment defaults."""
     kubeconfig: str | None = None
+    limits: tuple[tuple[str, float], ...] = ()
+    """``limits`` keys set by flags, over the config file's."""
+    workers: int = 1
+
+    def mesh_config(self) -> MeshConfig:
+        """The config file with the flags' limits, and the CA rates shared among the workers.
+
+        Each worker keeps its own rate-limit buckets, so each enforces 1/N of the configured
+        per-minute rates: an identity gets at most the configured rate in total, and less
+        when its connections all land on one worker.
+        """
+        from webhook.config import load_config_file
+
+        config = load_config_file(self.config_file)
+        if self.limits:
+            overrides: dict[str, Any] = dict(self.limits)
+            limits = dataclasses.replace(config.limits, **overrides)
+            config = dataclasses.replace(config, limits=limits)
+        if self.workers > 1:
+            ca = config.ca
+            ca = dataclasses.replace(
+                ca,
+                rate_per_identity_per_minute=-(-ca.rate_per_identity_per_minute // self.workers),
+                unauthenticated_per_address_per_minute=-(
+                    -ca.unauthenticated_per_address_per_minute // self.workers
+                ),
+            )
+            config = dataclasses.replace(config, ca=ca)
+        return config
 
 
 def curl_example(host: str, port: int, cert_dir: str) -> str:
@@ -131,11 +176,17 @@ def _serve(args: argparse.Namespace) -> int:
         config_file=args.config,
         log_level=args.log_level,
         reload_interval=args.reload_interval,
-        noop_endpoint=args.noop_endpoint,
         shutdown_delay=args.shutdown_delay,
         verifier=_verifier_options(args),
         kubeconfig=args.kubeconfig,
+        limits=tuple(
+            (key, getattr(args, flag[2:].replace("-", "_")))
+            for flag, (key, _) in LIMIT_FLAGS.items()
+            if getattr(args, flag[2:].replace("-", "_")) is not None
+        ),
+        workers=args.workers,
     )
+    settings.mesh_config()  # bad limits fail here, once, naming the key
     _check_port_free(args.host, args.port)
     print(
         f"sidemesh webhook on https://{args.host}:{args.port} with {args.workers} worker(s), "
@@ -209,14 +260,13 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
     """One worker: load config, certs and CA, build the app, serve until SIGTERM/SIGINT."""
     from webhook.ca import authority as ca
     from webhook.ca.trust import ReloadingTrust
-    from webhook.config import load_config_file
     from webhook.server.app import create_app, make_server, reuse_port_socket
     from webhook.server.logs import configure_logging
     from webhook.server.metrics import Metrics
     from webhook.server.tlsreload import ReloadingTLS
 
     configure_logging(settings.log_level)
-    config = load_config_file(settings.config_file)
+    config = settings.mesh_config()
     cert_dir = Path(settings.cert_dir)
     metrics = Metrics()
     # The bundle for the pods and the CA signer follow ca.crt/ca.key like the serving cert
@@ -239,13 +289,17 @@ def run_worker(settings: ServeSettings, metrics_port: int | None = None) -> None
         tls=tls,
         routers=routers,
         services=services,
-        noop_endpoint=settings.noop_endpoint,
     )
     if metrics_port is not None:
         _start_metrics_port(settings.host, metrics_port, metrics.registry)
     sock = reuse_port_socket(settings.host, settings.port)
     server = make_server(
-        app, tls, host=settings.host, port=settings.port, shutdown_delay=settings.shutdown_delay
+        app,
+        tls,
+        host=settings.host,
+        port=settings.port,
+        shutdown_delay=settings.shutdown_delay,
+        limits=config.limits,
     )
     server.run(sockets=[sock])
 
@@ -272,7 +326,12 @@ def _ca_parts(
     from webhook.ca import upkeep as ca_upkeep
 
     router = ca_api.router_from_config(
-        config, cert_dir, settings.verifier, registry=metrics.registry, trust=trust
+        config,
+        cert_dir,
+        settings.verifier,
+        registry=metrics.registry,
+        trust=trust,
+        on_unexpected=metrics.unexpected.labels("ca").inc,
     )
     upkeep = ca_upkeep.upkeep_from_config(config, cert_dir, kubeconfig=settings.kubeconfig)
     return ([router] if router is not None else []), ([upkeep] if upkeep is not None else [])

@@ -500,6 +500,11 @@ def inject_pod(
     patch = Patch()
     if is_injected(pod):
         base = _uninject(pod, patch)
+        if not base["spec"].get("containers"):
+            raise InjectionError(
+                "spec.containers holds only sidemesh's own containers: the pod has no "
+                "application container to inject into"
+            )
         ov = read_overrides(_annotations(base), config)
         app_ports = _check_conflicts(base, config)
         new = _inject(base, config=config, bundle=bundle, ov=ov, app_ports=app_ports, patch=patch)

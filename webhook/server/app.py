@@ -10,17 +10,17 @@ Endpoints:
 | GET    | ``/metrics``       | Prometheus text (also on ``--metrics-port`` as plain HTTP)   |
 | POST   | ``/v1/certificates``| the mini-CA, when its router is passed in (``ca.key`` present)|
 
-The handler takes the raw body and parses it with orjson (FastAPI's ``Body(dict)`` cost a third
-of the throughput) and runs the core inline on the event loop: a review is pure CPU for well
-under a millisecond, so a thread hop would only add latency. ``POST /mutate`` (and the
-benchmark's ``/noop``) is answered straight from the ASGI messages, ahead of FastAPI's
-middleware, router and request objects, which cost more than the review itself (see
-:class:`_App`); FastAPI still serves every other route and method.
+``/mutate`` is answered by :class:`webhook.admission.endpoint.MutateEndpoint`, a small ASGI
+middleware in front of FastAPI's router: it reads the raw body, parses it with orjson and runs
+the core inline on the event loop (a review is pure CPU, cheaper than a thread hop).
+
+What a client may hold of the server (header sizes, times, connections) is bounded per
+connection by :mod:`webhook.server.limits`, from the mesh config's ``limits`` section.
 
 Keep-alive: the API server keeps idle webhook connections for 90 s. If the server closed them
 sooner, the API server could send a review on a connection the server is just closing, and a
 POST is not retried — the pod creation would fail. So idle connections are kept for longer than
-that (``KEEP_ALIVE_SECONDS``) and the client always closes first.
+that (``limits.idle_timeout_seconds``) and the client always closes first.
 """
 
 from __future__ import annotations
@@ -30,43 +30,31 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import orjson
 import uvicorn
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, FastAPI
 from fastapi.responses import Response
-from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
 from webhook import __version__
-from webhook.admission.review import (
-    DEFAULT_MAX_BODY_BYTES,
-    Injector,
-    InvalidReview,
-    allow_only,
-    check_content_type,
-    review,
-    too_large,
-)
-from webhook.config import MeshConfig
-from webhook.errors import ReviewError
-from webhook.server.logs import LOGGER, log_invalid, log_review
+from webhook.admission.endpoint import MutateEndpoint
+from webhook.admission.review import Injector
+from webhook.config import ClientLimits, MeshConfig
+from webhook.server.limits import guarded_protocol
+from webhook.server.logs import LOGGER
 from webhook.server.metrics import Metrics
 from webhook.server.tlsreload import ReloadingTLS
 
 __all__ = [
     "GRACEFUL_SHUTDOWN_SECONDS",
-    "KEEP_ALIVE_SECONDS",
-    "ServerThread",
     "Service",
     "create_app",
     "make_server",
     "reuse_port_socket",
 ]
 
-KEEP_ALIVE_SECONDS = 120
 GRACEFUL_SHUTDOWN_SECONDS = 20
 _JSON = "application/json"
 
@@ -87,15 +75,11 @@ def create_app(
     tls: ReloadingTLS | None = None,
     routers: Sequence[APIRouter] = (),
     services: Sequence[Service] = (),
-    noop_endpoint: bool = False,
 ) -> FastAPI:
     """The webhook app. ``injector`` defaults to the core with ``config`` and ``bundle`` bound.
 
     ``bundle`` is the trust bundle PEM, or a function that returns the current one (called
     once per review: :meth:`webhook.ca.trust.ReloadingTrust.bundle` follows ``ca.crt``).
-
-    ``noop_endpoint`` adds ``POST /noop`` (parse the review, allow it): the ceiling of this
-    stack, for the benchmark only.
     """
     if injector is None:
         from webhook.inject.pod import inject_pod
@@ -110,7 +94,6 @@ def create_app(
             injector = lambda pod, namespace: core(pod, namespace=namespace)  # noqa: E731
     bound_injector: Injector = injector
     metrics = metrics if metrics is not None else Metrics()
-    limit = config.webhook.max_body_bytes or DEFAULT_MAX_BODY_BYTES
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -124,7 +107,7 @@ def create_app(
             for service in reversed(started):
                 await service.stop()
 
-    app = _App(
+    app = FastAPI(
         title="sidemesh",
         version=__version__,
         lifespan=lifespan,
@@ -136,72 +119,12 @@ def create_app(
     app.state.tls = tls
     app.state.draining = False
 
-    async def read_body(request: Request) -> bytes:
-        check_content_type(request.headers.get("content-type"))
-        declared = request.headers.get("content-length", "")
-        if declared.isdigit() and int(declared) > limit:
-            raise too_large(int(declared), limit)
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise too_large(size, limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
-
-    def refuse(exc: ReviewError, started: float) -> Response:
-        reason = exc.reason if isinstance(exc, InvalidReview) else "invalid"
-        uid = exc.uid if isinstance(exc, InvalidReview) else ""
-        seconds = time.perf_counter() - started
-        metrics.observe("invalid", reason, seconds)
-        log_invalid(exc.status, reason, str(exc), uid, seconds)
-        body: dict[str, Any] = {"error": reason, "message": str(exc)}
-        if uid:
-            body["uid"] = uid
-        return Response(orjson.dumps(body), status_code=exc.status, media_type=_JSON)
-
-    def answer_review(body: bytes, started: float) -> Response:
-        try:
-            outcome = review(body, injector=bound_injector, max_body_bytes=limit)
-            payload = orjson.dumps(outcome.response)
-        except ReviewError as exc:
-            return refuse(exc, started)
-        except Exception as exc:  # never a 500 with a traceback: log it, refuse the request
-            LOGGER.exception("unexpected error answering a review")
-            return refuse(InvalidReview(400, "unprocessable", f"cannot process: {exc}"), started)
-        seconds = time.perf_counter() - started
-        metrics.observe(outcome.result, outcome.reason, seconds)
-        log_review(outcome, seconds)
-        return Response(payload, media_type=_JSON)
-
-    def answer_noop(body: bytes, started: float) -> Response:
-        try:
-            answer = allow_only(body, max_body_bytes=limit)
-        except ReviewError as exc:
-            return refuse(exc, started)
-        return Response(orjson.dumps(answer), media_type=_JSON)
-
-    def route(
-        answer: Callable[[bytes, float], Response],
-    ) -> Callable[[Request], Awaitable[Response]]:
-        async def endpoint(request: Request) -> Response:
-            started = time.perf_counter()
-            try:
-                body = await read_body(request)
-            except ReviewError as exc:
-                return refuse(exc, started)
-            except ClientDisconnect:  # the client gave up mid-body: nobody is left to answer
-                return Response(status_code=400)
-            return answer(body, started)
-
-        return endpoint
-
-    app.add_api_route("/mutate", route(answer_review), methods=["POST"])
-    app.fast["/mutate"] = _direct(answer_review, refuse, limit)
-    if noop_endpoint:
-        app.add_api_route("/noop", route(answer_noop), methods=["POST"])
-        app.fast["/noop"] = _direct(answer_noop, refuse, limit)
+    app.add_middleware(
+        MutateEndpoint,
+        injector=bound_injector,
+        max_body_bytes=config.webhook.max_body_bytes,
+        metrics=metrics,
+    )
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -229,78 +152,6 @@ def create_app(
     for router in routers:
         app.include_router(router)
     return app
-
-
-# --- the direct path for POST /mutate --------------------------------------------------------
-
-_Direct = Callable[[Scope, Receive, Send], Awaitable[None]]
-
-
-class _App(FastAPI):
-    """FastAPI, except that ``POST`` to a path in ``fast`` skips its request machinery.
-
-    Starlette's middleware stack, router and Request object and FastAPI's dependency solving
-    cost more server CPU per request than the review itself (docs/benchmarks.md has the
-    figures). The direct handlers read the body and answer
-    from the ASGI messages, through the same functions as the routes, so the answers are
-    identical; other methods on those paths (``GET /mutate`` → 405) and every other path still
-    go through FastAPI.
-    """
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.fast: dict[str, _Direct] = {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            direct = self.fast.get(scope["path"])
-            if direct is not None:
-                await direct(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
-
-
-def _direct(
-    answer: Callable[[bytes, float], Response],
-    refuse: Callable[[ReviewError, float], Response],
-    limit: int,
-) -> _Direct:
-    """An ASGI handler: the route's header and size checks, then ``answer(body, started)``."""
-
-    async def handle(scope: Scope, receive: Receive, send: Send) -> None:
-        started = time.perf_counter()
-        content_type = declared = None
-        for name, value in scope["headers"]:
-            if name == b"content-type":
-                content_type = value.decode("latin-1")
-            elif name == b"content-length":
-                declared = value
-        try:
-            check_content_type(content_type)
-            if declared is not None and declared.isdigit() and int(declared) > limit:
-                raise too_large(int(declared), limit)
-            chunks: list[bytes] = []
-            size = 0
-            more = True
-            while more:
-                message = await receive()
-                if message["type"] != "http.request":  # the client gave up: nobody to answer
-                    return
-                chunk = message.get("body", b"")
-                more = message.get("more_body", False)
-                size += len(chunk)
-                if size > limit:
-                    raise too_large(size, limit)
-                chunks.append(chunk)
-            body = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            response = answer(body, started)
-        except ReviewError as exc:
-            response = refuse(exc, started)
-        start = {"type": "http.response.start", "status": response.status_code}
-        await send({**start, "headers": response.raw_headers})
-        await send({"type": "http.response.body", "body": response.body})
-
-    return handle
 
 
 # --- serving -------------------------------------------------------------------------------
@@ -356,21 +207,33 @@ class _Server(uvicorn.Server):
 
 
 def make_server(
-    app: FastAPI, tls: ReloadingTLS, *, host: str, port: int, shutdown_delay: float = 0.0
+    app: FastAPI,
+    tls: ReloadingTLS,
+    *,
+    host: str,
+    port: int,
+    shutdown_delay: float = 0.0,
+    limits: ClientLimits | None = None,
+    metrics: Metrics | None = None,
 ) -> uvicorn.Server:
-    """A uvicorn server for ``app`` with the hot-reloading TLS context."""
+    """A uvicorn server for ``app`` with the hot-reloading TLS context and the client limits.
+
+    ``metrics`` defaults to the app's own (``app.state.metrics``).
+    """
+    limits = limits if limits is not None else ClientLimits()
+    metrics = metrics if metrics is not None else app.state.metrics
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         ssl_context_factory=tls.context_factory,
         loop="uvloop",
-        http="httptools",
+        http=guarded_protocol(limits, metrics),
         lifespan="on",
         log_config=None,
         access_log=False,
         server_header=False,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS,
+        timeout_keep_alive=int(limits.idle_timeout_seconds),
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
     )
     return _Server(config, app, shutdown_delay)
@@ -391,33 +254,3 @@ def reuse_port_socket(host: str, port: int) -> socket.socket:
     sock.listen(2048)
     sock.set_inheritable(True)
     return sock
-
-
-class ServerThread:
-    """Run the app over real HTTPS on a background thread (tests, benchmarks).
-
-    ``with ServerThread(app, tls) as srv:`` then ``srv.url``; the port is picked by the kernel.
-    """
-
-    def __init__(self, app: FastAPI, tls: ReloadingTLS, *, host: str = "127.0.0.1") -> None:
-        self.sock = reuse_port_socket(host, 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"https://{host}:{self.port}"
-        self.server = make_server(app, tls, host=host, port=self.port)
-        self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True
-        )
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        deadline = time.monotonic() + 10
-        while not self.server.started:
-            if not self._thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.01)
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self.server.should_exit = True
-        self._thread.join(timeout=GRACEFUL_SHUTDOWN_SECONDS + 5)
-        self.sock.close()

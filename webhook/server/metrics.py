@@ -8,10 +8,18 @@
 | ``sidemesh_serving_cert_reloads_total``           | counter   | result          |
 | ``sidemesh_trust_bundle_reloads_total``           | counter   | result          |
 | ``sidemesh_build_info``                           | gauge = 1 | version, python |
+| ``sidemesh_http_refusals_total``                  | counter   | reason          |
+| ``sidemesh_http_connections``                     | gauge     |                 |
+| ``sidemesh_unexpected_errors_total``              | counter   | where           |
 
 ``result`` is ``injected``, ``unchanged``, ``skipped``, ``denied`` (pod refused with a
 message) or ``invalid`` (HTTP 4xx, not a review); ``reason`` is a stable short string
 (``host-network``, ``bad-annotation``, ``too-large`` …), so label cardinality stays bounded.
+
+``sidemesh_http_refusals_total`` counts what the client limits (:mod:`webhook.server.limits`)
+refused or closed, by reason (``header-too-large``, ``header-timeout``, ``connection-limit`` …).
+``sidemesh_unexpected_errors_total`` counts exceptions that reached a generic handler: each one
+is a bug (every expected problem is a typed refusal with its own reason), so it stays at 0.
 
 The duration buckets start far below the API server's own webhook latency buckets: a review
 is pure CPU work and finishes well inside the API server's smallest bucket, so coarse buckets
@@ -104,6 +112,25 @@ class Metrics:
             multiprocess_mode="livemax",
         )
         self.build_info.labels(__version__, platform.python_version()).set(1)
+        self.http_refusals = Counter(
+            "sidemesh_http_refusals",
+            "Requests refused or connections closed by the client limits, by reason.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self.connections = Gauge(
+            "sidemesh_http_connections",
+            "Open client connections (after the TLS handshake).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
+        self.unexpected = Counter(
+            "sidemesh_unexpected_errors",
+            "Exceptions that reached a generic handler (a bug: expected problems are typed "
+            "refusals), by where they happened.",
+            ["where"],
+            registry=self.registry,
+        )
         # Labelled children, looked up once: ``labels()`` takes a lock and builds a key on
         # every call, a measurable share of a review. Label values come from fixed sets.
         self._children: dict[tuple[str, str], tuple[Any, Any]] = {}
