@@ -27,7 +27,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--debug-host", default="127.0.0.1", help="debug/metrics HTTP host")
     p.add_argument("--debug-port", type=int, default=15014, help="debug/metrics port (15014)")
     p.add_argument("--cert-dir", default="certs", help="ca.crt (+ ca.key, or xds.crt/xds.key)")
-    p.add_argument("--mesh-dir", default=None, help="directory of manifests, watched")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--mesh-dir", default=None, help="directory of manifests, watched")
+    source.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="list+watch the cluster through the API server (in a pod: its service account; "
+        "else --kubeconfig or kubectl's default)",
+    )
+    p.add_argument("--kubeconfig", default=None, help="with --kubernetes: kubeconfig file")
     p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks")
     p.add_argument("--config", default=None, help="mesh config file (YAML); default: built-ins")
     p.add_argument(
@@ -73,6 +81,8 @@ def _discovery(args: argparse.Namespace) -> int:
         cert_dir=Path(args.cert_dir),
         mesh_dir=Path(args.mesh_dir) if args.mesh_dir else None,
         poll_interval=args.poll_interval,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
         discovery=DiscoverySettings(
             trust_domain=cfg.trust_domain,
             default_inbound_mtls=cfg.inbound_mtls,

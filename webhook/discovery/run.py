@@ -16,8 +16,10 @@ from webhook.discovery.ads import serve_ads, server_credentials
 from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.debug import DebugServer
 from webhook.discovery.filesource import FileSource
+from webhook.discovery.kubesource import KubeSource
 from webhook.discovery.store import ObjectStore
 from webhook.errors import ConfigError
+from webhook.kube.client import KubeClient
 
 __all__ = ["XDS_CERT", "XDS_KEY", "RunSettings", "run_discovery", "xds_certificate"]
 
@@ -41,6 +43,10 @@ class RunSettings:
     mesh_dir: Path | None
     poll_interval: float
     discovery: DiscoverySettings
+    kubernetes: bool = False
+    """Read the cluster through the API server (in a pod its service account, else
+    ``kubeconfig`` or kubectl's default) instead of ``mesh_dir``."""
+    kubeconfig: str | None = None
 
 
 def xds_certificate(
@@ -73,8 +79,20 @@ async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> No
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     store = ObjectStore()
-    source = FileSource(store, s.mesh_dir, s.poll_interval)
-    source.load()
+    source: FileSource | KubeSource
+    if s.kubernetes:
+        source = KubeSource(KubeClient.connect(kubeconfig=s.kubeconfig), store)
+        source.start()  # threads: watch from now on, so nothing is missed before xDS starts
+        LOG.info("discovery: listing Namespaces, Services, EndpointSlices and Pods …")
+        # Serve nothing before the whole cluster is known: a half-listed store would push
+        # sidecars a mesh with Services missing, and they would drop those clusters.
+        while not await source.wait_synced(timeout=1.0):
+            if stop.is_set():
+                source.stop()
+                return
+    else:
+        source = FileSource(store, s.mesh_dir, s.poll_interval)
+        source.load()
     discovery = Discovery(store, s.discovery)
     discovery.start(loop)
     listen_host = s.listen.rpartition(":")[0].strip("[]")
@@ -83,14 +101,15 @@ async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> No
     server = await serve_ads(discovery, s.listen, server_credentials(cert, key, root))
     debug = DebugServer(discovery, loop, s.debug_host, s.debug_port)
     debug.start()
-    source.start()
+    if isinstance(source, FileSource):
+        source.start()
     counts = {k: len(store.list(k)) for k in ("Service", "EndpointSlice", "Pod")}
     LOG.info(
         "discovery: xDS on %s (mTLS), debug on http://%s:%d, mesh from %s: %s",
         s.listen,
         s.debug_host,
         debug.port,
-        s.mesh_dir or "the embedded default",
+        "the API server" if s.kubernetes else s.mesh_dir or "the embedded default",
         counts,
     )
     try:
