@@ -12,6 +12,7 @@ import pytest
 from webhook import names
 from webhook.config import MeshConfig, load_config
 from webhook.errors import AnnotationError, ConflictError, InjectionError
+from webhook.inject import memo
 from webhook.inject.pod import inject_pod, read_status, uninject_pod
 
 CFG = MeshConfig()
@@ -237,3 +238,19 @@ def test_what_one_pod_gets_never_leaks_into_the_next() -> None:
     third = inject(pod())
     assert (third.pod, third.patch) == expected
     assert "scribbled" not in json.dumps([third.pod, third.patch])
+
+
+def test_remembered_results_stay_bounded() -> None:
+    """Pods with annotations each bring new overrides and configs come and go: the core's
+    memo (webhook.inject.memo) never grows past its bounds, and results stay correct."""
+    pod = {"metadata": {"name": "p"}, "spec": {"containers": [{"name": "app", "image": "a"}]}}
+    for i in range(300):
+        config = MeshConfig(trust_domain=f"td{i % 50}.local")
+        annotated = {**pod, "metadata": {"annotations": {"sidemesh.io/proxy-cpu": f"{i + 1}m"}}}
+        for p in (pod, annotated):
+            injected = inject_pod(p, namespace="shop", config=config, bundle="")
+            spec = injected.pod["spec"]
+            (proxy,) = [c for c in spec["initContainers"] if c["name"] == names.PROXY_CONTAINER]
+            env = {e["name"]: e.get("value") for e in proxy["env"]}
+            assert env["SIDEMESH_TRUST_DOMAIN"] == f"td{i % 50}.local"
+    assert memo.entries() <= 16 + 64

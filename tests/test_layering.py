@@ -5,6 +5,7 @@ statements of every module in each pure package, transitively within webhook/.""
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -131,3 +132,84 @@ def test_the_checker_would_notice() -> None:
     assert "argparse" in imports_of("cli.inject")
     assert "webhook.inject.pod" in closure("inject.workloads")
     assert any(forbidden(n) for n in closure("cli.serve"))
+
+
+# --- no hidden state in pure modules ---------------------------------------------------------
+
+#: The one documented home of remembered results in the pure core (bounded, identity-checked).
+MEMO = "inject.memo"
+_EMPTY_CONTAINERS = ("dict", "list", "set")
+
+
+def _is_empty_container(value: ast.expr | None) -> bool:
+    if isinstance(value, ast.Dict):
+        return not value.keys
+    if isinstance(value, ast.List | ast.Set):
+        return not value.elts
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Name)
+        and value.func.id in _EMPTY_CONTAINERS
+        and not value.args
+    )
+
+
+def state_of(source: str) -> list[str]:
+    """What in a module's source keeps state between calls: ``id()`` keys, ``global``
+    rebinding, module-level empty containers (caches, registries), unbounded ``functools``
+    caches. A ``lru_cache`` with a ``maxsize`` is bounded and keyed by value: allowed."""
+    tree = ast.parse(source)
+    found = []
+    for node in tree.body:
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        if _is_empty_container(value):
+            found.append(f"line {node.lineno}: a module-level empty container")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Global):
+            found.append(f"line {node.lineno}: global {', '.join(node.names)}")
+        elif (
+            isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "id"
+        ):
+            found.append(f"line {node.lineno}: id() as a key")
+        elif isinstance(node, ast.FunctionDef):
+            for deco in map(ast.unparse, node.decorator_list):
+                if deco.endswith(("cache", "lru_cache")) or "maxsize=None" in deco:
+                    found.append(f"line {node.lineno}: unbounded @{deco}")
+    return found
+
+
+@pytest.mark.parametrize("module", [m for m in PURE_MODULES if m != MEMO])
+def test_pure_modules_keep_no_state(module: str) -> None:
+    path = module_file(module)
+    assert path is not None
+    found = state_of(path.read_text(encoding="utf-8"))
+    assert not found, f"webhook.{module} keeps state (use webhook.{MEMO}): {found}"
+
+
+def test_the_state_checker_would_notice() -> None:
+    assert state_of("_C: dict[int, int] = {}\n")
+    assert state_of("_C = dict()\n")
+    assert state_of("def f(x):\n    return _C.get(id(x))\n")
+    assert state_of("import functools\n@functools.cache\ndef f(x):\n    return x\n")
+    assert state_of("def f():\n    global _N\n    _N = 1\n")
+    assert not state_of(
+        "import functools\n@functools.lru_cache(maxsize=8)\ndef f(x):\n    return x\n"
+    )
+    assert not state_of("_T = {'a': 1}\n_L = [1]\n")
+    memo = module_file(MEMO)
+    assert memo is not None and state_of(memo.read_text(encoding="utf-8"))
+
+
+# A module that says it is pure must be checked as one.
+_CLAIMS = re.compile(r"\bPure[.:]|^[^\n]*\(pure[,:)]|^[^\n]*a pure function|\bIt is pure\b")
+
+
+def test_every_module_that_says_pure_is_checked() -> None:
+    claiming = []
+    for path in sorted(WEBHOOK.rglob("*.py")):
+        doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+        if _CLAIMS.search(doc):
+            claiming.append(".".join(path.relative_to(WEBHOOK).with_suffix("").parts))
+    assert "inject.pod" in claiming and "dataplane.capture" in claiming
+    unchecked = sorted(set(claiming) - set(PURE_MODULES))
+    assert not unchecked, f"say 'Pure' only of modules listed in PURE: {unchecked}"

@@ -19,6 +19,7 @@ from typing import Any, Final
 from webhook import names
 from webhook.config import INBOUND_MTLS_MODES, LOG_LEVELS, MeshConfig
 from webhook.errors import AnnotationError
+from webhook.inject import memo
 from webhook.values import ALL, parse_bool, parse_cidr_list, parse_port_list, parse_quantity
 
 __all__ = [
@@ -224,20 +225,10 @@ def read_overrides(annotations: Mapping[str, Any], config: MeshConfig) -> Overri
     return _read(annotations, config)
 
 
-# config id → (config, its defaults). Keyed by identity: hashing a MeshConfig walks every
-# field, which costs more than reading the defaults does.
-_DEFAULTS: dict[int, tuple[MeshConfig, Overrides]] = {}
-
-
+@memo.per_object(bound=16)
 def _defaults(config: MeshConfig) -> Overrides:
-    hit = _DEFAULTS.get(id(config))
-    if hit is not None and hit[0] is config:
-        return hit[1]
-    if len(_DEFAULTS) > 16:
-        _DEFAULTS.clear()
-    ov = _read({}, config)
-    _DEFAULTS[id(config)] = (config, ov)
-    return ov
+    """The config's own values, as the overrides of a pod without sidemesh annotations."""
+    return _read({}, config)
 
 
 def _read(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:

@@ -12,6 +12,7 @@ from typing import Any, Final
 
 from webhook import names
 from webhook.config import MeshConfig
+from webhook.inject import memo
 from webhook.inject.annotations import Overrides
 
 __all__ = [
@@ -92,21 +93,12 @@ class _Strings:
     cert_ttl: str
 
 
-# (id(config), id(ov)) → (config, ov, strings). Keyed by identity because hashing a MeshConfig
-# and an Overrides walks every field, which costs more than the lookup saves; the entry keeps
-# both objects alive and is checked with ``is``, so a reused id can never match. Pods without
-# sidemesh annotations share one Overrides per config (annotations.read_overrides), so they
-# all hit; an annotated pod gets a new Overrides and just computes its strings (as before).
-_STRINGS: dict[tuple[int, int], tuple[MeshConfig, Overrides, _Strings]] = {}
-
-
+# Pods without sidemesh annotations share one Overrides per config (annotations.read_overrides),
+# so they all find their strings remembered (webhook.inject.memo says why that is safe).
+@memo.per_pair(bound=64)
 def _strings(config: MeshConfig, ov: Overrides) -> _Strings:
-    key = (id(config), id(ov))
-    hit = _STRINGS.get(key)
-    if hit is not None and hit[0] is config and hit[1] is ov:
-        return hit[2]
     px = config.proxy
-    strings = _Strings(
+    return _Strings(
         init_args=tuple(init_args(config, ov)),
         proxy_args=(
             *("--ca-address", config.ca_address),
@@ -121,10 +113,6 @@ def _strings(config: MeshConfig, ov: Overrides) -> _Strings:
         plaintext_ports=",".join(map(str, config.plaintext_ports)),
         cert_ttl=str(px.cert_ttl_seconds),
     )
-    if len(_STRINGS) > 64:  # annotated pods each bring a new Overrides: stay bounded
-        _STRINGS.clear()
-    _STRINGS[key] = (config, ov, strings)
-    return strings
 
 
 def init_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
