@@ -16,7 +16,7 @@ from kubernetes_validate.utils import latest_version
 
 from tests.conftest import REPO, require_tools
 from webhook.config import load_config
-from webhook.install.cluster import kustomize_build
+from webhook.install.render import kustomize_build
 
 MANIFESTS = REPO / "manifests"
 Obj = dict[str, Any]
