@@ -115,7 +115,8 @@ def swap_secret(cert_dir: Path, files: dict[str, bytes]) -> None:
 
 @dataclass
 class Mesh:
-    """``sidemesh serve``'s worker, wired as ``cli_serve.run_worker`` wires it, in a thread."""
+    """``sidemesh serve``'s worker, wired as :func:`webhook.server.workers.run_worker` wires
+    it, in a thread."""
 
     url: str
     cert_dir: Path

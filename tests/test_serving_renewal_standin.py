@@ -30,10 +30,9 @@ from test_ca import openssl_verify
 from tests.conftest import require_tools
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from webhook.ca.authority import CertificateAuthority, write_serving_pair
+from webhook.ca.authority import SERVICE_DNS_NAMES, CertificateAuthority, write_serving_pair
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
-from webhook.install.pki import SERVICE_DNS_NAMES
 from webhook.kube.client import KubeAPIError
 
 REPO = Path(__file__).resolve().parents[1]

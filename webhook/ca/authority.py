@@ -42,6 +42,7 @@ __all__ = [
     "CLOCK_SKEW",
     "DEFAULT_SERVING_DNS",
     "DEFAULT_SERVING_IPS",
+    "SERVICE_DNS_NAMES",
     "TLS_CERT",
     "TLS_KEY",
     "CertificateAuthority",
@@ -64,15 +65,15 @@ TLS_KEY = "tls.key"
 CLOCK_SKEW = timedelta(minutes=5)
 
 _SVC = f"{names.SERVICE_NAME}.{names.CONTROL_PLANE_NAMESPACE}"
-#: The Service names the API server may use to reach the webhook, plus local names for
-#: ``make run`` on a laptop.
-DEFAULT_SERVING_DNS: tuple[str, ...] = (
+#: The names the API server and the proxies use to reach the Service.
+SERVICE_DNS_NAMES: tuple[str, ...] = (
     names.SERVICE_NAME,
     _SVC,
     f"{_SVC}.svc",
     f"{_SVC}.svc.cluster.local",
-    "localhost",
 )
+#: The Service's names plus a local one for ``make run`` on a laptop.
+DEFAULT_SERVING_DNS: tuple[str, ...] = (*SERVICE_DNS_NAMES, "localhost")
 DEFAULT_SERVING_IPS: tuple[str, ...] = ("127.0.0.1",)
 
 #: A serving certificate is renewed once less than this fraction of its lifetime is left.

@@ -27,6 +27,7 @@ from webhook import names
 from webhook.ca.authority import (
     CA_CERT,
     CA_KEY,
+    SERVICE_DNS_NAMES,
     TLS_CERT,
     TLS_KEY,
     CertificateAuthority,
@@ -41,7 +42,6 @@ __all__ = [
     "CA_SECRET",
     "LABELS",
     "REDACTED",
-    "SERVICE_DNS_NAMES",
     "TLS_SECRET",
     "Pki",
     "plan_pki",
@@ -59,14 +59,6 @@ LABELS = {
     "app.kubernetes.io/part-of": "sidemesh",
     "app.kubernetes.io/managed-by": FIELD_MANAGER,
 }
-_SVC = f"{names.SERVICE_NAME}.{names.CONTROL_PLANE_NAMESPACE}"
-#: The names the API server and the proxies use to reach the Service.
-SERVICE_DNS_NAMES: tuple[str, ...] = (
-    names.SERVICE_NAME,
-    _SVC,
-    f"{_SVC}.svc",
-    f"{_SVC}.svc.cluster.local",
-)
 
 
 @dataclass(frozen=True)
@@ -148,7 +140,8 @@ def plan_pki(
         cert_pem, key_pem = ca.issue_serving(SERVICE_DNS_NAMES, (), now=now, ttl=serving_ttl)
         expires = x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc
         notes.append(
-            f"serving certificate: issued for {_SVC}.svc, valid until {expires:%Y-%m-%d} "
+            f"serving certificate: issued for {SERVICE_DNS_NAMES[2]}, "
+            f"valid until {expires:%Y-%m-%d} "
             f"(run `sidemesh install` again before then; it renews in the last third)"
         )
     return Pki(ca, root_key_pem, cert_pem, key_pem, tuple(notes))
