@@ -9,7 +9,6 @@ import shlex
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,61 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import REPO, require_tools
 from tests.support.jwks_issuer import DEFAULT_ISSUER, Issuer
+from tests.support.serve_process import SIDEMESH, Serve, free_port
 from tests.support.webhook_https import SAMPLE_REVIEW, admission_review, client_ssl, simple_pod
-
-SIDEMESH = [sys.executable, "-m", "webhook"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Serve:
-    """A `sidemesh serve` process; its stderr (JSON log lines) goes to a file."""
-
-    def __init__(self, tmp: Path, *args: str, shutdown_delay: float = 0) -> None:
-        self.port = free_port()
-        self.cert_dir = tmp / "certs"
-        self.log = tmp / "serve.log"
-        self.url = f"https://127.0.0.1:{self.port}"
-        cmd = [*SIDEMESH, "serve", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--cert-dir", str(self.cert_dir), "--shutdown-delay", str(shutdown_delay), *args]
-        with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=log)
-
-    def wait_ready(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log.read_text()
-            if (self.cert_dir / "ca.crt").exists():
-                try:
-                    with self.client() as c:
-                        if c.get("/readyz").status_code == 200:
-                            return
-                except httpx.HTTPError:
-                    pass
-            time.sleep(0.1)
-        raise AssertionError(f"sidemesh serve did not become ready:\n{self.log.read_text()}")
-
-    def client(self) -> httpx.Client:
-        return httpx.Client(
-            base_url=self.url, verify=client_ssl(self.cert_dir / "ca.crt"), timeout=10
-        )
-
-    def lines(self) -> list[dict[str, object]]:
-        out = []
-        for line in self.log.read_text().splitlines():
-            if line.startswith("{"):
-                out.append(json.loads(line))
-        return out
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
 
 
 @pytest.fixture()
