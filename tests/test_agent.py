@@ -20,7 +20,7 @@ import pytest
 from cryptography import x509
 
 from webhook.ca.authority import CertificateAuthority
-from webhook.dataplane.agent import api_server_destinations, settings_from
+from webhook.dataplane.agent import _write_config, api_server_destinations, settings_from
 from webhook.dataplane.identity import (
     CARequestError,
     build_csr,
@@ -142,6 +142,20 @@ def test_api_server_and_plaintext_ports_reach_the_bootstrap() -> None:
     assert none.plaintext_ports == ()
 
 
+def test_discovery_address_selects_the_ads_bootstrap_and_empty_the_static_one(
+    tmp_path: Path,
+) -> None:
+    flags = {**FLAGS, "work_dir": str(tmp_path), "cert_dir": str(tmp_path / "certs")}
+    env = {**ENV, "SIDEMESH_DISCOVERY_ADDRESS": "sidemesh-discovery.sidemesh-system.svc:15012"}
+    ads = json.loads(_write_config(settings_from(flags, env), None).read_text())
+    assert ads["dynamic_resources"]["ads_config"]["api_type"] == "DELTA_GRPC"
+    assert ads["dynamic_resources"]["lds_config"]["initial_fetch_timeout"] == "10s"
+    assert {x["name"] for x in ads["static_resources"]["listeners"]} == {"health", "stats"}
+    static = json.loads(_write_config(settings_from(flags, ENV), None).read_text())
+    assert "dynamic_resources" not in static
+    assert "outbound" in {x["name"] for x in static["static_resources"]["listeners"]}
+
+
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
@@ -173,6 +187,7 @@ def test_api_server_destinations_from_the_kubelet_env(
         ({**ENV, "SIDEMESH_APP_PROBES": "{not json"}, "SIDEMESH_APP_PROBES"),
         ({**ENV, "SIDEMESH_APP_PROBES": '{"/x": {"exec": {}}}'}, "SIDEMESH_APP_PROBES"),
         ({**ENV, "SIDEMESH_CERT_TTL_SECONDS": "1h"}, "SIDEMESH_CERT_TTL_SECONDS"),
+        ({**ENV, "SIDEMESH_DISCOVERY_ADDRESS": "cp"}, "SIDEMESH_DISCOVERY_ADDRESS"),
     ],
 )
 def test_bad_environment_names_the_variable(env: dict[str, str], message: str) -> None:

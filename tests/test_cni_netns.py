@@ -42,7 +42,9 @@ APP: dict[str, Any] = {
 def injected(*, cni: bool, name: str = "web") -> dict[str, Any]:
     pod = copy.deepcopy(APP)
     pod["metadata"]["name"] = name
-    result = inject_pod(pod, namespace="demo", config=MeshConfig(cni=cni), bundle="PEM")
+    result = inject_pod(
+        pod, namespace="demo", config=MeshConfig(cni=cni, discovery_address=""), bundle="PEM"
+    )
     return result.pod
 
 

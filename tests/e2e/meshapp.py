@@ -12,6 +12,9 @@
 ``stream HOST PORT SECONDS``  a new connection per request for SECONDS; prints a summary:
     successes, failures (with reasons) and the distinct ``x-forwarded-client-cert`` values seen.
 ``hold HOST PORT FILE``  one request, then keep the connection open until FILE exists.
+``count HOST PORT N``  N requests on fresh connections; answers per replica (``POD_NAME``).
+``serve-banner PORT...``  a server-first protocol: a greeting line on connect, then echo.
+``banner HOST PORT``  connect, print the server's greeting and how long it took to come.
 """
 
 from __future__ import annotations
@@ -65,6 +68,8 @@ class _Http(asyncio.Protocol):
                     "xfcc": headers.get("x-forwarded-client-cert"),
                     "path": path,
                     "method": method,
+                    # Which replica answered (the pod's POD_NAME, when its spec sets one).
+                    "pod": os.environ.get("POD_NAME"),
                 }
             ).encode()
             + b"\n"
@@ -128,17 +133,67 @@ def _get(host: str, port: int, path: str, extra: str = "") -> dict:
 
 
 def _stream(host: str, port: int, seconds: float) -> dict:
-    ok, failures, xfcc = 0, [], set()
+    ok, failures, xfcc, pods = 0, [], set(), {}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         result = _get(host, port, "/stream")
         if result["ok"] and result["status"] == 200:
             ok += 1
             xfcc.add(result.get("xfcc"))
+            pod = str(result.get("pod"))
+            pods[pod] = pods.get(pod, 0) + 1
         else:
             failures.append(result.get("error") or result.get("status"))
         time.sleep(0.02)
-    return {"ok": ok, "failures": failures, "xfcc": sorted(str(x) for x in xfcc)}
+    summary = {"ok": ok, "failures": failures, "xfcc": sorted(str(x) for x in xfcc)}
+    return {**summary, "pods": pods}
+
+
+def _count(host: str, port: int, n: int) -> dict:
+    """``n`` requests, each on a new connection: answers per replica, with what each saw."""
+    pods: dict[str, int] = {}
+    seen: dict[str, list] = {}
+    failures = []
+    for _ in range(n):
+        result = _get(host, port, "/count")
+        if not (result["ok"] and result["status"] == 200):
+            failures.append(result.get("error") or result.get("status"))
+            continue
+        pod = str(result.get("pod"))
+        pods[pod] = pods.get(pod, 0) + 1
+        seen[pod] = [result.get("xfcc"), result.get("peer") == result.get("local")]
+    return {"pods": pods, "seen": seen, "failures": failures}
+
+
+class _Banner(asyncio.Protocol):
+    """A server-first protocol: greets at once (like MySQL or SMTP), then echoes."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.write(f"220 {os.environ.get('POD_NAME')} ready\r\n".encode())
+
+    def data_received(self, data: bytes) -> None:
+        self.transport.write(data)
+
+
+async def _serve_banner(ports: list[int]) -> None:
+    loop = asyncio.get_running_loop()
+    for port in ports:
+        await loop.create_server(_Banner, "0.0.0.0", port, reuse_address=True)
+    print("listening", flush=True)
+    await asyncio.Event().wait()
+
+
+def _banner(host: str, port: int) -> dict:
+    """Connect and wait for the server to speak first: its greeting and how long it took."""
+    start = time.monotonic()
+    try:
+        with socket.create_connection((host, port), timeout=5) as sock:
+            greeting = sock.recv(256).decode(errors="replace").strip()
+    except OSError as exc:
+        return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+    return {"ok": bool(greeting), "greeting": greeting, "seconds": time.monotonic() - start}
 
 
 def _hold(host: str, port: int, flag: str) -> None:
@@ -161,6 +216,12 @@ def main(argv: list[str]) -> None:
         print(json.dumps(_stream(args[0], int(args[1]), float(args[2]))), flush=True)
     elif cmd == "hold":
         _hold(args[0], int(args[1]), args[2])
+    elif cmd == "count":
+        print(json.dumps(_count(args[0], int(args[1]), int(args[2]))), flush=True)
+    elif cmd == "serve-banner":
+        asyncio.run(_serve_banner([int(p) for p in args]))
+    elif cmd == "banner":
+        print(json.dumps(_banner(args[0], int(args[1]))), flush=True)
     else:
         raise SystemExit(f"unknown command {cmd}")
 

@@ -259,6 +259,7 @@ def start_mesh(
     app_script: str = MESHAPP,
     app_python: str = PYTHON,
     kubelet_env: Callable[[Pod], Mapping[str, str]] | None = None,
+    discovery_address: str = "",
 ) -> Mesh:
     """``ipv6``: dual-stack pods (every pod also gets an IPv6 address, the mesh CIDRs include
     the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``), under
@@ -282,6 +283,9 @@ def start_mesh(
     jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
     mesh_config: dict[str, Any] = {
         "ca_address": f"https://{cp.ip}:8443",
+        # These labs test the static bootstrap (the fallback mode); the discovery lab runs the
+        # control plane and sets its address.
+        "discovery_address": discovery_address,
         "mesh_cidrs": [str(node.subnet), *([str(node.subnet6)] if node.subnet6 else [])],
     }
     if cert_ttl is not None:

@@ -35,6 +35,7 @@ from typing import Any
 
 from webhook import names
 from webhook.config import DEFAULTS, INBOUND_MTLS_MODES, InboundMTLS, Ports
+from webhook.dataplane.ads_bootstrap import XdsOptions, render_ads_bootstrap
 from webhook.dataplane.bootstrap import (
     BootstrapOptions,
     local_address_ip_version,
@@ -106,6 +107,15 @@ class AgentSettings:
     proxy_uid: int = DEFAULTS.proxy.uid
     proxy_gid: int = DEFAULTS.proxy.gid
     ports: Ports = field(default_factory=Ports)
+    #: host:port of the control plane's ADS server; empty: the static ``mesh_cidrs`` bootstrap.
+    discovery_address: str = ""
+    #: How long Envoy's readiness waits for the first config from the control plane.
+    initial_fetch_timeout_s: float = 10.0
+
+    def xds_options(self) -> XdsOptions | None:
+        if not self.discovery_address:
+            return None
+        return XdsOptions(self.discovery_address, "", self.initial_fetch_timeout_s)
 
     @property
     def spiffe_id(self) -> str:
@@ -191,7 +201,13 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
         api_servers=api_server_destinations(env),
         app_probes=probes,
         cert_ttl_seconds=int(raw_ttl) if raw_ttl else None,
+        discovery_address=env.get(names.ENV_DISCOVERY_ADDRESS, "").strip(),
     )
+    if settings.discovery_address:
+        try:
+            XdsOptions(settings.discovery_address).host_port()
+        except ValueError as exc:
+            raise ConfigError(f"{names.ENV_DISCOVERY_ADDRESS}: {exc}") from None
     try:
         settings.spiffe_id  # noqa: B018 - checked once here, not when the CA is first asked
     except ValueError as exc:
@@ -285,7 +301,12 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
             return 0  # asked to stop before we ever had a certificate
         bootstrap = _write_config(s, owner)
         proc = _start_envoy(s, bootstrap)
-        LOG.info("envoy started (pid %d) as %s", proc.pid, s.spiffe_id)
+        LOG.info(
+            "envoy started (pid %d) as %s, config %s",
+            proc.pid,
+            s.spiffe_id,
+            f"over ADS from {s.discovery_address}" if s.discovery_address else "static",
+        )
         try:
             return _supervise(s, proc, owner, now, stop, issued, renew_at)
         finally:
@@ -363,7 +384,11 @@ def _write_config(s: AgentSettings, owner: tuple[int, int] | None) -> Path:
     for name, content in render_sds(opts).items():
         _write_json(sds / name, content, owner)
     bootstrap = s.work_dir / "envoy.json"
-    _write_json(bootstrap, render_bootstrap(opts), owner)
+    xds = s.xds_options()
+    # ADS: the capture listeners come from the control plane. Without an address: the static
+    # bootstrap, where "meshed" means "inside mesh_cidrs" (the explicit fallback mode).
+    content = render_bootstrap(opts) if xds is None else render_ads_bootstrap(opts, xds)
+    _write_json(bootstrap, content, owner)
     if owner is not None:
         for d in (s.work_dir, sds, s.cert_dir):
             os.chown(d, *owner)

@@ -1,0 +1,342 @@
+"""The control plane end to end: real Envoys programmed over ADS, in network namespaces, with
+no kube-proxy — a ClusterIP exists nowhere, so it only works through the client's sidecar.
+
+    node 10.200.0.1 ── cp       sidemesh serve (webhook + CA) and sidemesh discovery (:15012)
+                     ├─ client  meshed, PERMISSIVE
+                     ├─ web-1/2 meshed, PERMISSIVE   web-3 meshed, STRICT
+                     ├─ db      meshed, PERMISSIVE, a server-first protocol on 3306 (mysql)
+                     └─ legacy  no sidecar: HTTP on 8080, server-first on 3306
+
+Services (manifests in a directory the control plane watches): ``web`` (web-1..3), ``mixed``
+(web-1 + legacy: a half-meshed Deployment), ``legacy`` (legacy only), ``db`` and ``legacydb``
+(``appProtocol: mysql``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import envoy_binary, require_root, require_tools
+from tests.e2e.meshlab import (
+    APP_UID,
+    MESHAPP,
+    PYTHON,
+    SIDEMESH,
+    admit,
+    app,
+    checked_lab,
+    https_json,
+    stats,
+)
+from tests.support.jwks_issuer import Issuer
+from tests.support.netns import NetnsLab, Pod
+from tests.support.podrunner import PodRunner
+
+pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
+
+WEB, MIXED, LEGACY, DB, LEGACYDB = (
+    "10.96.0.10",
+    "10.96.0.11",
+    "10.96.0.12",
+    "10.96.0.13",
+    "10.96.0.14",
+)
+CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
+
+
+def _manifest(name: str, sa: str, ports: list[int], annotations: dict[str, str]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": name,
+            "namespace": "demo",
+            "labels": {"app": name.split("-")[0]},
+            "annotations": annotations,
+        },
+        "spec": {
+            "serviceAccountName": sa,
+            "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "example.com/app:1",
+                    "ports": [{"containerPort": p, "protocol": "TCP"} for p in ports],
+                    "env": [
+                        {
+                            "name": "POD_NAME",
+                            "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}},
+                        }
+                    ],
+                }
+            ],
+        },
+    }
+
+
+def _service(name: str, ip: str, port: int, target: int, app_protocol: str | None = None) -> Any:
+    spec_port: dict[str, Any] = {
+        "name": "main",
+        "port": port,
+        "targetPort": target,
+        "protocol": "TCP",
+    }
+    if app_protocol:
+        spec_port["appProtocol"] = app_protocol
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [spec_port]},
+    }
+
+
+def _slice(service: str, port: int, pods: list[tuple[str, str]]) -> Any:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service}-1",
+            "namespace": "demo",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "main", "port": port, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [ip],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "namespace": "demo", "name": name},
+            }
+            for name, ip in pods
+        ],
+    }
+
+
+def _caller(xfcc: str | None) -> str | None:
+    """The caller's SPIFFE id in an ``x-forwarded-client-cert`` value (None: no header)."""
+    if xfcc is None:
+        return None
+    fields = dict(part.split("=", 1) for part in xfcc.split(";") if "=" in part)
+    return fields.get("URI")
+
+
+class Lab:
+    def __init__(self, lab: NetnsLab) -> None:
+        self.lab = lab
+        self.node = lab.node()
+        self.cp = self.node.add_pod("cp")
+        self.pods: dict[str, Pod] = {}
+        for name in ("web-1", "web-2", "web-3", "db"):
+            self.pods[name] = self.node.add_pod(name)
+        for name in ("client", "legacy"):
+            self.pods[name] = self.node.add_pod(name, default_route=True)
+        self.mesh_dir = lab.tmpdir("mesh")
+        self.runners: dict[str, PodRunner] = {}
+
+    def ip(self, name: str) -> str:
+        return self.pods[name].ip
+
+    def write(self, name: str, obj: Any) -> None:
+        tmp = self.mesh_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj))
+        tmp.rename(self.mesh_dir / f"{name}.json")
+
+    def debug(self, path: str) -> Any:
+        def call() -> Any:
+            with urllib.request.urlopen(f"http://127.0.0.1:15014{path}", timeout=5) as resp:
+                return json.loads(resp.read())
+
+        return self.cp.ns.in_namespace(call)
+
+
+def _start(lab: NetnsLab) -> Lab:
+    m = Lab(lab)
+    pki = lab.tmpdir("pki")
+    subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
+    subprocess.run(
+        [*SIDEMESH, "ca", "serving-cert", "--dir", str(pki), "--ip", m.cp.ip], check=True,
+        capture_output=True,
+    )  # fmt: skip
+    issuer = Issuer.create()
+    jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
+    config = lab.tmpdir("config") / "mesh.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "ca_address": f"https://{m.cp.ip}:8443",
+                "discovery_address": f"{m.cp.ip}:15012",
+                "mesh_cidrs": [str(m.node.subnet)],
+            }
+        )
+    )
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDEMESH_JWKS_FILE": str(jwks),
+           "SIDEMESH_JWKS_ISSUER": issuer.issuer_url}  # fmt: skip
+    m.cp.ns.spawn(
+        [*SIDEMESH, "serve", "--host", "0.0.0.0", "--port", "8443", "--cert-dir", str(pki),
+         "--config", str(config), "--log-level", "warning"], env=env,
+    )  # fmt: skip
+    cp_url = f"https://{m.cp.ip}:8443"
+    deadline = time.monotonic() + 30
+    while https_json(m.node.ns, f"{cp_url}/readyz", pki / "ca.crt")[0] != 200:
+        assert time.monotonic() < deadline, "sidemesh serve never became ready"
+        time.sleep(0.1)
+
+    specs = {
+        "client": ("client", [8080], {}),
+        "web-1": ("web", [8080], {}),
+        "web-2": ("web", [8080], {}),
+        "web-3": ("web", [8080], {"sidemesh.io/inbound-mtls": "STRICT"}),
+        "db": ("db", [3306], {}),
+    }
+    admitted: dict[str, dict[str, Any]] = {}
+    for name, (sa, ports, ann) in specs.items():
+        pod = admit(m.node.ns, cp_url, pki / "ca.crt", _manifest(name, sa, ports, ann))
+        admitted[name] = pod
+        record = copy.deepcopy(pod)
+        record["status"] = {"phase": "Running", "podIP": m.ip(name), "podIPs": [{"ip": m.ip(name)}]}
+        m.write(f"pod-{name}", record)
+    legacy = _manifest("legacy", "legacy", [8080, 3306], {})
+    legacy["status"] = {"phase": "Running", "podIP": m.ip("legacy")}
+    m.write("pod-legacy", legacy)
+    m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
+    webs = [(n, m.ip(n)) for n in ("web-1", "web-2", "web-3")]
+    for name, ip, port, target, proto, backends in (
+        ("web", WEB, 80, 8080, None, webs),
+        ("mixed", MIXED, 80, 8080, None, [webs[0], ("legacy", m.ip("legacy"))]),
+        ("legacy", LEGACY, 80, 8080, None, [("legacy", m.ip("legacy"))]),
+        ("db", DB, 3306, 3306, "mysql", [("db", m.ip("db"))]),
+        ("legacydb", LEGACYDB, 3306, 3306, "mysql", [("legacy", m.ip("legacy"))]),
+    ):
+        m.write(f"svc-{name}", _service(name, ip, port, target, proto))
+        m.write(f"slice-{name}", _slice(name, target, backends))
+
+    m.cp.ns.spawn(
+        [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
+         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning"],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )  # fmt: skip
+    m.cp.ns.wait_port(15014)
+
+    m.pods["legacy"].ns.spawn(
+        [PYTHON, MESHAPP, "serve", "8080"], uid=APP_UID, gid=APP_UID, env={"POD_NAME": "legacy"}
+    ).expect("listening")
+    m.pods["legacy"].ns.spawn(
+        [PYTHON, MESHAPP, "serve-banner", "3306"], uid=APP_UID, gid=APP_UID,
+        env={"POD_NAME": "legacy"},
+    ).expect("listening")  # fmt: skip
+    for name in ("web-1", "web-2", "web-3", "db", "client"):
+        ports = [str(p) for p in specs[name][1]]
+        command = "serve-banner" if name == "db" else "serve"
+        runner = PodRunner(
+            lab=lab,
+            node=m.node,
+            pod_net=m.pods[name],
+            pod=admitted[name],
+            app_commands={"app": [PYTHON, MESHAPP, command, *ports]},
+            sidemesh=SIDEMESH,
+            token_for=issuer.token,
+        )
+        runner.start()
+        runner.procs["app"].expect("listening")
+        m.runners[name] = runner
+    return m
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Lab]:
+    require_root()
+    require_tools("ip", "iptables-restore")
+    envoy_binary()
+    with checked_lab("smdisc") as lab:
+        yield _start(lab)
+
+
+def test_cluster_ip_is_balanced_across_three_meshed_replicas_over_mtls(mesh: Lab) -> None:
+    result = app(mesh.pods["client"].ns, "count", WEB, "80", "300")
+    print("per replica:", result["pods"])
+    assert result["failures"] == []
+    assert set(result["pods"]) == {"web-1", "web-2", "web-3"}
+    for count in result["pods"].values():
+        assert 85 <= count <= 115  # 100 ± 15 %
+    # Every replica saw the client's verified identity: mTLS on every hop (STRICT web-3 too).
+    assert {_caller(seen[0]) for seen in result["seen"].values()} == {CLIENT_ID}
+
+
+def test_meshed_client_reaches_non_meshed_pod_and_service_in_plaintext(mesh: Lab) -> None:
+    client = mesh.pods["client"].ns
+    via_service = app(client, "count", LEGACY, "80", "10")
+    assert via_service["failures"] == [] and via_service["pods"] == {"legacy": 10}
+    assert via_service["seen"]["legacy"][0] is None  # no sidecar: no identity header
+    direct = app(client, "get", mesh.ip("legacy"), "8080", "/")
+    assert direct["ok"] and direct["xfcc"] is None
+    # ... while a meshed peer, by pod IP, still gets mTLS.
+    meshed = app(client, "get", mesh.ip("web-1"), "8080", "/")
+    assert meshed["ok"] and _caller(meshed["xfcc"]) == CLIENT_ID
+
+
+def test_half_meshed_deployment_serves_every_request(mesh: Lab) -> None:
+    result = app(mesh.pods["client"].ns, "count", MIXED, "80", "40")
+    assert result["failures"] == []
+    assert set(result["pods"]) == {"web-1", "legacy"}
+    assert _caller(result["seen"]["web-1"][0]) == CLIENT_ID
+    assert result["seen"]["legacy"][0] is None
+
+
+def test_server_first_protocol_on_a_declared_port_waits_for_no_sniffing(mesh: Lab) -> None:
+    client, legacy = mesh.pods["client"].ns, mesh.pods["legacy"].ns
+    paths = {
+        "meshed client -> meshed db (Service)": app(client, "banner", DB, "3306"),
+        "meshed client -> legacy db (Service)": app(client, "banner", LEGACYDB, "3306"),
+        "meshed client -> meshed db (pod IP)": app(client, "banner", mesh.ip("db"), "3306"),
+        "legacy client -> meshed db (pod IP)": app(legacy, "banner", mesh.ip("db"), "3306"),
+    }
+    for path, result in paths.items():
+        print(f"{path}: {result}")
+        assert result["ok"], path
+    assert paths["meshed client -> meshed db (Service)"]["greeting"] == "220 db ready"
+    assert paths["meshed client -> legacy db (Service)"]["greeting"] == "220 legacy ready"
+    # No listener filter ran into its timeout on either side: nothing waited for the client.
+    for ns in (client, mesh.pods["db"].ns):
+        name = "listener.127.0.0.1_" if ns is client else "listener.0.0.0.0_"
+        counters = stats(ns, *(f"{name}{p}.downstream_pre_cx_timeout" for p in (15001, 15006)))
+        assert set(counters.values()) == {0}, counters
+
+
+def test_strict_pod_still_refuses_plaintext(mesh: Lab) -> None:
+    result = app(mesh.pods["legacy"].ns, "get", mesh.ip("web-3"), "8080", "/")
+    assert not result["ok"]
+
+
+def test_graceful_scale_down_fails_no_request(mesh: Lab) -> None:
+    client = mesh.pods["client"].ns
+    stream = client.spawn([PYTHON, MESHAPP, "stream", WEB, "80", "4"], uid=APP_UID, gid=APP_UID)
+    time.sleep(1)
+    webs = [(n, mesh.ip(n)) for n in ("web-1", "web-3")]
+    mesh.write("slice-web", _slice("web", 8080, webs))  # web-2 leaves the endpoints first
+
+    def client_synced_without_web2() -> bool:
+        status = mesh.debug("/debug/proxies")
+        (proxy,) = [p for p in status["proxies"] if p["pod"] == "demo/client"]
+        config = mesh.debug("/debug/config?pod=demo/client")
+        eps = json.dumps(config["endpoints"])
+        return bool(proxy["synced"]) and mesh.ip("web-2") not in eps
+
+    deadline = time.monotonic() + 10
+    while not client_synced_without_web2():
+        assert time.monotonic() < deadline, "the client never got web-2's removal"
+        time.sleep(0.05)
+    for proc in mesh.runners["web-2"].procs.values():  # then the pod goes away
+        proc.stop()
+    summary = json.loads(stream.expect('"ok"', timeout=20).strip().splitlines()[-1])
+    print("stream:", {k: v for k, v in summary.items() if k != "xfcc"})
+    assert summary["failures"] == [] and summary["ok"] > 20
