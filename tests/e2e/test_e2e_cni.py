@@ -110,7 +110,12 @@ def _serve(lab: NetnsLab, node: CniNode) -> tuple[Pod, str, Path]:
     config = lab.tmpdir("config") / "mesh.yaml"
     config.write_text(
         json.dumps(
-            {"cni": True, "ca_address": f"https://{cp.ip}:8443", "mesh_cidrs": [str(node.subnet)]}
+            {
+                "cni": True,
+                "ca_address": f"https://{cp.ip}:8443",
+                "mesh_cidrs": [str(node.subnet)],
+                "discovery_address": "",  # the static bootstrap: no control plane in this lab
+            }
         )
     )
     env = {
