@@ -32,6 +32,7 @@ from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
 from webhook import names
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
+from webhook.errors import PKIError
 from webhook.install.cluster import SETTLE_SECONDS, Options, install, uninstall
 from webhook.install.pki import CA_SECRET, REDACTED, TLS_SECRET
 from webhook.install.render import render
@@ -271,6 +272,20 @@ def test_standin_unreadable_cluster_secrets_stop_the_install_before_any_change(
         run_install(tmp_path, fake, api)
     assert "403" in str(err.value) and fake.calls == []
     assert not (tmp_path / "certs").exists(), "no root is created for a cluster we cannot read"
+
+
+def test_standin_a_root_secret_whose_key_is_not_its_roots_stops_the_install(
+    tmp_path: Path, cluster: APIServerStandin
+) -> None:
+    one, other = CertificateAuthority.create(now=T0), CertificateAuthority.create(now=T0)
+    other.save(tmp_path / "other")
+    key = (tmp_path / "other" / "ca.key").read_bytes()
+    cluster.add_secret(CA_SECRET, {"ca.crt": one.root_pem.encode(), "ca.key": key})
+    fake = FakeKubectl()
+    wrong_key = r"Secret sidemesh-system/sidemesh-ca/ca\.key does not belong"
+    with pytest.raises(PKIError, match=wrong_key):
+        run_install(tmp_path, fake, cluster)
+    assert fake.calls == [] and not (tmp_path / "certs").exists()
 
 
 def test_a_failed_rollout_never_applies_the_webhook(

@@ -27,11 +27,12 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from webhook import names
+from webhook.ca.csr import checked_csr_key
 from webhook.config import CAConfig
 from webhook.errors import IdentityError, PKIError
 from webhook.files import write_atomic
@@ -229,7 +230,7 @@ class CertificateAuthority:
         took from an authenticated token. Raises :class:`IdentityError` (400) for a CSR that
         does not parse, whose signature does not verify, or whose key is weak or unsupported.
         """
-        public = _checked_csr_key(csr_pem)
+        public = checked_csr_key(csr_pem)
         rsa_key = isinstance(public, rsa.RSAPublicKey)
         cert = (
             self._leaf(public, now=now, ttl=ttl, subject=None)
@@ -402,37 +403,6 @@ def write_serving_pair(directory: Path, cert_pem: str, key_pem: str) -> None:
 
 
 # --- internals -------------------------------------------------------------------------------
-
-
-def _checked_csr_key(csr_pem: str | bytes) -> CertificatePublicKeyTypes:
-    data = csr_pem.encode() if isinstance(csr_pem, str) else csr_pem
-    try:
-        csr = x509.load_pem_x509_csr(data)
-        public = csr.public_key()
-        valid = csr.is_signature_valid
-    except (ValueError, TypeError, x509.UnsupportedGeneralNameType):
-        raise IdentityError(400, "malformed-csr", "csr is not a PEM certificate request") from None
-    except Exception:  # cryptography raises UnsupportedAlgorithm for odd keys
-        raise IdentityError(400, "unsupported-key", "the CSR's key type is not supported") from None
-    if not valid:
-        raise IdentityError(400, "bad-csr-signature", "the CSR's signature does not verify")
-    if isinstance(public, ec.EllipticCurvePublicKey):
-        if not isinstance(public.curve, ec.SECP256R1 | ec.SECP384R1):
-            raise IdentityError(
-                400, "weak-key", f"ECDSA curve {public.curve.name} is not accepted (P-256, P-384)"
-            )
-    elif isinstance(public, rsa.RSAPublicKey):
-        if public.key_size < 2048:
-            raise IdentityError(
-                400, "weak-key", f"RSA key of {public.key_size} bits is too weak (at least 2048)"
-            )
-    elif not isinstance(public, ed25519.Ed25519PublicKey):
-        raise IdentityError(
-            400,
-            "unsupported-key",
-            "key type not accepted (ECDSA P-256/P-384, RSA >= 2048, Ed25519)",
-        )
-    return public
 
 
 def _ec_public(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:

@@ -20,8 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 from webhook import names
 from webhook.ca.authority import (
@@ -87,8 +85,20 @@ def plan_pki(
     in a dry run.
     """
     notes: list[str] = []
+    ca, root_key_pem = _plan_root(cert_dir, cluster.get(CA_SECRET) or {}, now, dry_run, notes)
+    cert_pem, key_pem = _plan_serving(ca, cluster.get(TLS_SECRET) or {}, now, serving_ttl, notes)
+    return Pki(ca, root_key_pem, cert_pem, key_pem, tuple(notes))
+
+
+def _plan_root(
+    cert_dir: Path,
+    in_cluster: Mapping[str, bytes],
+    now: datetime,
+    dry_run: bool,
+    notes: list[str],
+) -> tuple[CertificateAuthority, str | None]:
+    """The cluster's root, else the cert dir's, else a new one (saved unless a dry run)."""
     local_exists = (cert_dir / CA_CERT).exists() or (cert_dir / CA_KEY).exists()
-    in_cluster = cluster.get(CA_SECRET) or {}
     root_key_pem: str | None
     if in_cluster:
         ca = _ca_from_secret(in_cluster)
@@ -126,7 +136,18 @@ def plan_pki(
                 f"safe, it signs every workload identity) — {fingerprint_sha256(ca.cert)}"
             )
 
-    serving = cluster.get(TLS_SECRET) or {}
+    return ca, root_key_pem
+
+
+def _plan_serving(
+    ca: CertificateAuthority,
+    serving: Mapping[str, bytes],
+    now: datetime,
+    serving_ttl: timedelta,
+    notes: list[str],
+) -> tuple[str, str]:
+    """The cluster's serving pair while it is good (from this root, names the Service, not in
+    its last third), else a fresh one."""
     current_cert = serving.get(TLS_CERT)
     if (
         current_cert
@@ -144,24 +165,14 @@ def plan_pki(
             f"valid until {expires:%Y-%m-%d} "
             f"(run `sidemesh install` again before then; it renews in the last third)"
         )
-    return Pki(ca, root_key_pem, cert_pem, key_pem, tuple(notes))
+    return cert_pem, key_pem
 
 
 def _ca_from_secret(data: Mapping[str, bytes]) -> CertificateAuthority:
-    try:
-        cert = x509.load_pem_x509_certificate(data[CA_CERT])
-        key = serialization.load_pem_private_key(data[CA_KEY], password=None)
-    except (KeyError, ValueError) as exc:
-        raise PKIError(
-            f"Secret {NAMESPACE}/{CA_SECRET} does not hold a usable {CA_CERT} and {CA_KEY} "
-            f"({type(exc).__name__}); fix or delete it before installing"
-        ) from None
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if not isinstance(key, ec.EllipticCurvePrivateKey) or (
-        key.public_key().public_bytes(*spki) != cert.public_key().public_bytes(*spki)
-    ):
-        raise PKIError(f"Secret {NAMESPACE}/{CA_SECRET}: {CA_KEY} does not belong to {CA_CERT}")
-    return CertificateAuthority(cert=cert, key=key)
+    where = f"Secret {NAMESPACE}/{CA_SECRET}"
+    if CA_CERT not in data or CA_KEY not in data:
+        raise PKIError(f"{where} lacks {CA_CERT} or {CA_KEY}; fix or delete it before installing")
+    return CertificateAuthority.from_pem(data[CA_CERT], data[CA_KEY], where=where)
 
 
 def _names_service(cert_pem: bytes) -> bool:
