@@ -178,7 +178,7 @@ def test_bundle_is_taken_from_certs_when_present_else_a_placeholder(tmp_path: Pa
         PLACEHOLDER_BUNDLE + "-----BEGIN PRIVATE KEY-----\nx\n-----END PRIVATE KEY-----\n"
     )
     p = run("inject", "-f", "-", "--bundle", str(key), stdin=POD)
-    assert p.returncode == 1 and p.stdout == "" and "not a PEM certificate bundle" in p.stderr
+    assert p.returncode == 1 and p.stdout == "" and "holds a private key" in p.stderr
 
 
 def test_config_errors_name_the_key(tmp_path: Path, bundle: Path) -> None:
@@ -217,3 +217,36 @@ def test_the_bundled_sample_injects_cleanly(bundle: Path) -> None:
     p = run("inject", "-f", str(SAMPLE), "--bundle", str(bundle))
     assert p.returncode == 0, p.stderr
     assert "sidemesh: 3 injected, 1 skipped, 3 passed through, 0 error(s)" in p.stderr
+
+
+@pytest.mark.parametrize(
+    ("content", "why"),
+    [
+        ("not a certificate at all\n", "holds no PEM certificate"),
+        (PLACEHOLDER_BUNDLE + "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n",
+         "private key"),
+        (PLACEHOLDER_BUNDLE + "-----BEGIN CERTIFICATE-----\nMIIB\n", "besides complete PEM"),
+        ("-----BEGIN CERTIFICATE-----\nbm90IGRlcg==\n-----END CERTIFICATE-----\n",
+         "holds no PEM certificate"),
+        (PLACEHOLDER_BUNDLE + "-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n",
+         "besides complete PEM"),
+    ],
+    ids=["text", "private-key", "cut-off", "not-der", "other-block"],
+)  # fmt: skip
+def test_a_bundle_that_is_not_only_certificates_is_refused(
+    tmp_path: Path, content: str, why: str
+) -> None:
+    path = tmp_path / "bundle.pem"
+    path.write_text(content)
+    p = run("inject", "-f", "-", "--bundle", str(path), stdin=POD)
+    assert p.returncode != 0 and p.stdout == ""
+    assert why in p.stderr and str(path) in p.stderr
+
+
+def test_a_bundle_is_re_encoded_so_only_certificates_reach_the_pods(tmp_path: Path) -> None:
+    path = tmp_path / "bundle.pem"
+    path.write_text("subject=CN = root\n" + PLACEHOLDER_BUNDLE + "\ntrailing words\n")
+    p = run("inject", "-f", "-", "--bundle", str(path), stdin=POD)
+    assert p.returncode == 0, p.stderr
+    annotation = docs(p.stdout)[0]["metadata"]["annotations"]["sidemesh.io/trust-bundle"]
+    assert annotation == PLACEHOLDER_BUNDLE

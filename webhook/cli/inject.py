@@ -146,12 +146,33 @@ def load_bundle(path: str | None, *, warn: TextIO) -> str:
         )
         return PLACEHOLDER_BUNDLE
     try:
-        text = Path(path).read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"cannot read trust bundle {path}: {exc}") from None
-    if "-----BEGIN CERTIFICATE-----" not in text or "PRIVATE KEY" in text:
-        raise ManifestError(f"trust bundle {path} is not a PEM certificate bundle")
-    return text
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise ManifestError(f"cannot read trust bundle {path}: {exc.strerror}") from None
+    return reencode_bundle(raw, where=f"trust bundle {path}")
+
+
+def reencode_bundle(pem: bytes, *, where: str) -> str:
+    """Every certificate of a PEM bundle, parsed and written out again (nothing else kept).
+
+    What reaches every pod's annotation is only what parsed as an X.509 certificate: no text
+    around the blocks, no key, no block cut off before its END line. Anything else in the
+    file is refused with ``where`` named.
+    """
+    from cryptography import x509  # only here: `sidemesh inject` without a bundle stays quick
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    if b"PRIVATE KEY" in pem:
+        raise ManifestError(f"{where} holds a private key: give only the root certificate(s)")
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        raise ManifestError(f"{where} holds no PEM certificate") from None
+    if len(certs) != pem.count(b"-----BEGIN CERTIFICATE-----") or b"-----BEGIN " in pem.replace(
+        b"-----BEGIN CERTIFICATE-----", b""
+    ):
+        raise ManifestError(f"{where} holds something besides complete PEM certificates")
+    return "".join(c.public_bytes(Encoding.PEM).decode("ascii") for c in certs)
 
 
 # --- running one operation over a stream ---------------------------------------------------
