@@ -25,6 +25,7 @@ from typing import Any
 import kubernetes_validate
 import pytest
 import yaml
+from cryptography import x509
 from kubernetes_validate.utils import latest_version
 
 from tests.conftest import REPO, require_tools
@@ -34,7 +35,7 @@ from webhook import names
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
 from webhook.errors import PKIError
 from webhook.install.cluster import SETTLE_SECONDS, Options, install, uninstall
-from webhook.install.pki import CA_SECRET, REDACTED, TLS_SECRET
+from webhook.install.pki import CA_SECRET, DISCOVERY_TLS_SECRET, REDACTED, TLS_SECRET
 from webhook.install.render import render
 from webhook.install.runner import Completed, InstallError
 
@@ -61,6 +62,7 @@ def cluster(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
     allowed = (
         (names.CONTROL_PLANE_NAMESPACE, CA_SECRET),
         (names.CONTROL_PLANE_NAMESPACE, TLS_SECRET),
+        (names.CONTROL_PLANE_NAMESPACE, DISCOVERY_TLS_SECRET),
     )
     with APIServerStandin(tmp_path / "standin", issuer, allowed_secrets=allowed) as api:
         yield api
@@ -138,13 +140,13 @@ def ca_bundle(objects: list[Obj]) -> bytes:
 
 
 def openssl_verify(
-    tmp_path: Path, root_pem: bytes, cert_pem: bytes
+    tmp_path: Path, root_pem: bytes, cert_pem: bytes, host: str = SERVICE_HOST
 ) -> subprocess.CompletedProcess[str]:
     (tmp_path / "bundle.pem").write_bytes(root_pem)
     (tmp_path / "serving.pem").write_bytes(cert_pem)
     return subprocess.run(
         ["openssl", "verify", "-CAfile", str(tmp_path / "bundle.pem"), "-purpose", "sslserver",
-         "-verify_hostname", SERVICE_HOST, str(tmp_path / "serving.pem")],
+         "-verify_hostname", host, str(tmp_path / "serving.pem")],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
 
@@ -158,13 +160,16 @@ def test_install_applies_the_control_plane_waits_then_applies_the_webhook(
     fake = FakeKubectl()
     code, out, _ = run_install(tmp_path, fake, cluster)
     assert code == 0
-    assert fake.verbs() == ["apply", "rollout", "apply"]
+    assert fake.verbs() == ["apply", "rollout", "rollout", "apply"]
+    rollouts = [argv[-2] for argv, _ in fake.calls if "rollout" in argv]
+    assert rollouts == ["deployment/sidemesh", "deployment/sidemesh-discovery"]
     assert [(r.method, r.path.rsplit("/", 1)[1]) for r in cluster.requests] == [
         ("GET", CA_SECRET),
         ("GET", TLS_SECRET),
+        ("GET", DISCOVERY_TLS_SECRET),
     ]
     control_plane, hooks = fake.applied()
-    assert [o["kind"] for o in control_plane][:3] == ["Namespace", "Secret", "Secret"]
+    assert [o["kind"] for o in control_plane][:4] == ["Namespace", "Secret", "Secret", "Secret"]
     assert "MutatingWebhookConfiguration" not in [o["kind"] for o in control_plane]
     assert [o["kind"] for o in hooks] == ["MutatingWebhookConfiguration"]
     # Server-side apply: no last-applied-configuration annotation copying the keys.
@@ -191,6 +196,20 @@ def test_install_creates_the_root_once_and_ships_it_in_the_secret(
     done = openssl_verify(tmp_path, ca_bundle(hooks), tls["tls.crt"])
     assert done.returncode == 0, done.stdout + done.stderr
     assert (certs / "tls.crt").exists() is False, "the cluster's serving cert is not kept locally"
+    # The xDS server's certificate: same root, the discovery Service's names, and the control
+    # plane's SPIFFE id, which sidecars check.
+    xds = secret_data(control_plane, DISCOVERY_TLS_SECRET)
+    xds_host = "sidemesh-discovery.sidemesh-system.svc"
+    done = openssl_verify(tmp_path, ca_bundle(hooks), xds["tls.crt"], xds_host)
+    assert done.returncode == 0, done.stdout + done.stderr
+    san = (
+        x509.load_pem_x509_certificate(xds["tls.crt"])
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://cluster.local/ns/sidemesh-system/sa/sidemesh-discovery"
+    ]
 
 
 def test_no_private_key_is_ever_printed(
@@ -202,6 +221,7 @@ def test_no_private_key_is_ever_printed(
     keys = [
         secret_data(control_plane, CA_SECRET)["ca.key"],
         secret_data(control_plane, TLS_SECRET)["tls.key"],
+        secret_data(control_plane, DISCOVERY_TLS_SECRET)["tls.key"],
     ]
     captured = capsys.readouterr()
     for text in (out, err, captured.out, captured.err):
@@ -226,7 +246,7 @@ def test_reinstall_reuses_the_clusters_root_and_serving_cert(
     assert code == 0
     assert not elsewhere.exists(), "the cluster's root key is not copied to the laptop"
     assert ca_bundle(second.applied()[1]) == ca_bundle(first.applied()[1])
-    for name in (CA_SECRET, TLS_SECRET):
+    for name in (CA_SECRET, TLS_SECRET, DISCOVERY_TLS_SECRET):
         assert secret_data(second.applied()[0], name) == secret_data(first.applied()[0], name)
     assert "reusing the cluster's" in err
 
@@ -301,7 +321,7 @@ def test_a_failed_rollout_never_applies_the_webhook(
 def test_context_goes_to_every_cluster_command(tmp_path: Path, cluster: APIServerStandin) -> None:
     fake = FakeKubectl()
     run_install(tmp_path, fake, cluster, context="kind-mesh")
-    assert len(fake.calls) == 3
+    assert len(fake.calls) == 4
     for argv, _ in fake.calls:
         assert argv[:3] == ["kubectl", "--context", "kind-mesh"]
 
@@ -405,13 +425,14 @@ def test_standin_install_through_the_real_runner_and_kubeconfig(
         "--context", "c1", kubectl=kubectl,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert [r.method for r in cluster.requests] == ["GET", "GET"]  # both Secrets: not found
+    assert [r.method for r in cluster.requests] == ["GET"] * 3  # the Secrets: not found
     log = (tmp_path / "kubectl.log").read_text().splitlines()
     assert all(
         line.split()[1:5] == ["--kubeconfig", str(kubeconfig), "--context", "c1"] for line in log
     )
-    assert [line.split()[5] for line in log] == ["apply", "-n", "apply"]
-    assert "rollout status deployment/sidemesh" in log[1]
+    assert [line.split()[5] for line in log] == ["apply", "-n", "-n", "apply"]
+    assert "rollout status deployment/sidemesh " in log[1]
+    assert "rollout status deployment/sidemesh-discovery " in log[2]
     stdins = sorted(tmp_path.glob("stdin.*"), key=os.path.getmtime)
     assert [len(list(yaml.safe_load_all(p.read_text()))) > 1 for p in stdins] == [True, False]
     assert "MutatingWebhookConfiguration" in stdins[1].read_text()

@@ -75,18 +75,17 @@ def ignore_overlay(tmp_path_factory: pytest.TempPathFactory) -> list[Obj]:
 
 
 def test_base_builds_the_whole_control_plane(base: list[Obj]) -> None:
+    # The injector and CA, and discovery (each with its own account, Service, PDB, Deployment).
+    per_component = ["ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment"]
+    per_component += ["Service", "PodDisruptionBudget"]
     assert sorted(kinds(base)) == sorted(
         [
             "Namespace",
-            "ServiceAccount",
-            "ClusterRole",
-            "ClusterRoleBinding",
+            *per_component,
+            *per_component,
             "Role",
             "RoleBinding",
             "ConfigMap",
-            "Deployment",
-            "Service",
-            "PodDisruptionBudget",
             "MutatingWebhookConfiguration",
         ]
     )

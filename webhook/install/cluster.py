@@ -14,7 +14,7 @@ Install, in this order, and why:
    stdin: never into the repository, never to the terminal (``--dry-run`` redacts them).
 3. **Apply the control plane** (everything but the MutatingWebhookConfiguration), server-side,
    so Secrets do not get a ``last-applied-configuration`` annotation that copies the key.
-4. **Wait for the rollout**, and only then
+4. **Wait for the rollouts** (the injector's, then discovery's), and only then
 5. **apply the MutatingWebhookConfiguration.** With ``failurePolicy: Fail`` a webhook that
    points at no ready server would refuse pod creation in every meshed namespace; applying it
    last means a failed install leaves pod creation untouched.
@@ -45,6 +45,7 @@ from webhook import names
 from webhook.config import load_config
 from webhook.install.pki import (
     CA_SECRET,
+    DISCOVERY_TLS_SECRET,
     FIELD_MANAGER,
     REDACTED,
     TLS_SECRET,
@@ -61,9 +62,12 @@ from webhook.manifests import dump_yaml
 __all__ = ["SETTLE_SECONDS", "Options", "install", "uninstall"]
 
 NAMESPACE = names.CONTROL_PLANE_NAMESPACE
-DEPLOYMENT = names.SERVICE_NAME
-#: Cluster-scoped RBAC objects (both named like the Service).
-CLUSTER_RBAC = (f"clusterrolebinding/{names.SERVICE_NAME}", f"clusterrole/{names.SERVICE_NAME}")
+#: The Deployments whose rollout the install waits for: the injector, then discovery.
+DEPLOYMENTS = (names.SERVICE_NAME, names.DISCOVERY_NAME)
+#: Cluster-scoped RBAC objects (the injector's and discovery's, each named like its Service).
+CLUSTER_RBAC = tuple(
+    f"{kind}/{name}" for name in DEPLOYMENTS for kind in ("clusterrolebinding", "clusterrole")
+)
 
 
 @dataclass(frozen=True)
@@ -93,10 +97,10 @@ class Options:
 
 
 def cluster_secrets(kube: KubeClient) -> dict[str, dict[str, bytes]]:
-    """The install's two Secrets as they are in the cluster now (decoded; never printed);
+    """The install's Secrets as they are in the cluster now (decoded; never printed);
     a Secret that does not exist is left out."""
     found = {}
-    for name in (CA_SECRET, TLS_SECRET):
+    for name in (CA_SECRET, TLS_SECRET, DISCOVERY_TLS_SECRET):
         try:
             found[name] = kube.read_secret(name, NAMESPACE)
         except KubeAPIError as exc:
@@ -147,6 +151,7 @@ def _plan(
         now=now,
         serving_ttl=timedelta(seconds=config.ca.serving_cert_ttl_seconds),
         dry_run=opts.dry_run,
+        trust_domain=config.trust_domain,
     )
     for note in pki.notes:
         print(note, file=err)
@@ -174,30 +179,17 @@ def install(
     if opts.dry_run:
         out.write(dump_yaml(redact([*control_plane, *hooks])))
         print(
-            f"dry run: would apply {len(control_plane)} objects, wait for deployment/"
-            f"{DEPLOYMENT} in {NAMESPACE}, then apply the MutatingWebhookConfiguration "
+            f"dry run: would apply {len(control_plane)} objects, wait for "
+            f"{' and '.join('deployment/' + d for d in DEPLOYMENTS)} in {NAMESPACE}, then "
+            "apply the MutatingWebhookConfiguration "
             f"(failurePolicy {opts.failure_policy}); private keys shown as {REDACTED}",
             file=err,
         )
         return 0
 
     out.write(_apply(opts, run, control_plane))
-    print(f"waiting up to {opts.timeout_seconds}s for deployment/{DEPLOYMENT} …", file=err)
-    done = run(
-        opts.kubectl_argv(
-            f"-n {NAMESPACE} rollout status deployment/{DEPLOYMENT} "
-            f"--timeout={opts.timeout_seconds}s"
-        )
-    )
-    if done.returncode != 0:
-        raise InstallError(
-            f"deployment/{DEPLOYMENT} did not become ready: {done.stderr.strip()}\n"
-            f"The MutatingWebhookConfiguration was NOT applied, so pod creation is unaffected "
-            f"(on a first install no webhook exists; on an upgrade the previous servers keep "
-            f"answering, as a rollout never takes a ready replica away). Look at "
-            f"`kubectl -n {NAMESPACE} get pods` and `kubectl -n {NAMESPACE} logs "
-            f"deploy/{DEPLOYMENT}`, then run `sidemesh install` again."
-        )
+    for deployment in DEPLOYMENTS:
+        _wait_for_rollout(opts, run, deployment, err)
     out.write(_apply(opts, run, hooks))
     print(
         f"sidemesh is installed (failurePolicy {opts.failure_policy}). Label a namespace with "
@@ -205,6 +197,27 @@ def install(
         file=err,
     )
     return 0
+
+
+def _wait_for_rollout(opts: Options, run: Runner, deployment: str, err: TextIO) -> None:
+    """Step 4 for one Deployment; the webhook configuration waits for both (sidecars injected
+    before discovery serves would start on its ``initial_fetch_timeout`` with no config)."""
+    print(f"waiting up to {opts.timeout_seconds}s for deployment/{deployment} …", file=err)
+    done = run(
+        opts.kubectl_argv(
+            f"-n {NAMESPACE} rollout status deployment/{deployment} "
+            f"--timeout={opts.timeout_seconds}s"
+        )
+    )
+    if done.returncode != 0:
+        raise InstallError(
+            f"deployment/{deployment} did not become ready: {done.stderr.strip()}\n"
+            f"The MutatingWebhookConfiguration was NOT applied, so pod creation is unaffected "
+            f"(on a first install no webhook exists; on an upgrade the previous servers keep "
+            f"answering, as a rollout never takes a ready replica away). Look at "
+            f"`kubectl -n {NAMESPACE} get pods` and `kubectl -n {NAMESPACE} logs "
+            f"deploy/{deployment}`, then run `sidemesh install` again."
+        )
 
 
 #: Pause after deleting the webhook configuration: every API server drops it from its informer

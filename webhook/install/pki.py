@@ -38,6 +38,8 @@ from webhook.kube.client import TLS_SECRET
 
 __all__ = [
     "CA_SECRET",
+    "DISCOVERY_DNS_NAMES",
+    "DISCOVERY_TLS_SECRET",
     "LABELS",
     "REDACTED",
     "TLS_SECRET",
@@ -48,6 +50,8 @@ __all__ = [
 ]
 
 CA_SECRET = "sidemesh-ca"
+#: The xDS server's certificate and key (``tls.crt``/``tls.key``), mounted as xds.crt/xds.key.
+DISCOVERY_TLS_SECRET = f"{names.DISCOVERY_NAME}-tls"
 NAMESPACE = names.CONTROL_PLANE_NAMESPACE
 FIELD_MANAGER = "sidemesh-install"
 #: Replaces private keys in ``--dry-run`` output. Not base64, so the output cannot be applied.
@@ -58,6 +62,15 @@ LABELS = {
     "app.kubernetes.io/managed-by": FIELD_MANAGER,
 }
 
+_DISCOVERY_SVC = f"{names.DISCOVERY_NAME}.{names.CONTROL_PLANE_NAMESPACE}"
+#: The names sidecars may use to reach the discovery Service.
+DISCOVERY_DNS_NAMES: tuple[str, ...] = (
+    names.DISCOVERY_NAME,
+    _DISCOVERY_SVC,
+    f"{_DISCOVERY_SVC}.svc",
+    f"{_DISCOVERY_SVC}.svc.cluster.local",
+)
+
 
 @dataclass(frozen=True)
 class Pki:
@@ -67,6 +80,8 @@ class Pki:
     root_key_pem: str | None  # None only for a dry run's throwaway root
     serving_cert_pem: str
     serving_key_pem: str
+    xds_cert_pem: str = ""
+    xds_key_pem: str = ""
     notes: tuple[str, ...] = field(default=())
 
 
@@ -77,6 +92,7 @@ def plan_pki(
     now: datetime,
     serving_ttl: timedelta,
     dry_run: bool,
+    trust_domain: str,
 ) -> Pki:
     """Decide which root and serving certificate to install (the module docstring says how).
 
@@ -86,8 +102,28 @@ def plan_pki(
     """
     notes: list[str] = []
     ca, root_key_pem = _plan_root(cert_dir, cluster.get(CA_SECRET) or {}, now, dry_run, notes)
-    cert_pem, key_pem = _plan_serving(ca, cluster.get(TLS_SECRET) or {}, now, serving_ttl, notes)
-    return Pki(ca, root_key_pem, cert_pem, key_pem, tuple(notes))
+    cert_pem, key_pem = _plan_serving(
+        ca,
+        cluster.get(TLS_SECRET) or {},
+        TLS_SECRET,
+        SERVICE_DNS_NAMES,
+        (),
+        now,
+        serving_ttl,
+        notes,
+    )
+    xds_id = names.spiffe_id(trust_domain, names.CONTROL_PLANE_NAMESPACE, names.DISCOVERY_NAME)
+    xds_cert, xds_key = _plan_serving(
+        ca,
+        cluster.get(DISCOVERY_TLS_SECRET) or {},
+        DISCOVERY_TLS_SECRET,
+        DISCOVERY_DNS_NAMES,
+        (xds_id,),
+        now,
+        serving_ttl,
+        notes,
+    )
+    return Pki(ca, root_key_pem, cert_pem, key_pem, xds_cert, xds_key, tuple(notes))
 
 
 def _plan_root(
@@ -141,30 +177,31 @@ def _plan_root(
 
 def _plan_serving(
     ca: CertificateAuthority,
-    serving: Mapping[str, bytes],
+    current: Mapping[str, bytes],
+    secret: str,
+    dns: tuple[str, ...],
+    uris: tuple[str, ...],
     now: datetime,
-    serving_ttl: timedelta,
+    ttl: timedelta,
     notes: list[str],
 ) -> tuple[str, str]:
-    """The cluster's serving pair while it is good (from this root, names the Service, not in
-    its last third), else a fresh one."""
-    current_cert = serving.get(TLS_CERT)
+    """The serving pair in ``secret`` while it is good (from this root, names ``dns`` and
+    ``uris``, not in its last third), else a fresh one."""
+    cert = current.get(TLS_CERT)
     if (
-        current_cert
-        and serving.get(TLS_KEY)
-        and not serving_cert_needs_renewal(current_cert, ca, now=now)
-        and _names_service(current_cert)
+        cert
+        and current.get(TLS_KEY)
+        and not serving_cert_needs_renewal(cert, ca, now=now)
+        and _names(cert, dns, uris)
     ):
-        cert_pem, key_pem = current_cert.decode(), serving[TLS_KEY].decode()
-        notes.append(f"serving certificate: reusing Secret {NAMESPACE}/{TLS_SECRET}")
-    else:
-        cert_pem, key_pem = ca.issue_serving(SERVICE_DNS_NAMES, (), now=now, ttl=serving_ttl)
-        expires = x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc
-        notes.append(
-            f"serving certificate: issued for {SERVICE_DNS_NAMES[2]}, "
-            f"valid until {expires:%Y-%m-%d} "
-            f"(run `sidemesh install` again before then; it renews in the last third)"
-        )
+        notes.append(f"{secret}: reusing the certificate in Secret {NAMESPACE}/{secret}")
+        return cert.decode(), current[TLS_KEY].decode()
+    cert_pem, key_pem = ca.issue_serving(dns, (), now=now, ttl=ttl, uris=uris)
+    expires = x509.load_pem_x509_certificate(cert_pem.encode()).not_valid_after_utc
+    notes.append(
+        f"{secret}: issued for {dns[2]}, valid until {expires:%Y-%m-%d} "
+        f"(run `sidemesh install` again before then; it renews in the last third)"
+    )
     return cert_pem, key_pem
 
 
@@ -175,17 +212,20 @@ def _ca_from_secret(data: Mapping[str, bytes]) -> CertificateAuthority:
     return CertificateAuthority.from_pem(data[CA_CERT], data[CA_KEY], where=where)
 
 
-def _names_service(cert_pem: bytes) -> bool:
+def _names(cert_pem: bytes, dns: tuple[str, ...], uris: tuple[str, ...]) -> bool:
     try:
         cert = x509.load_pem_x509_certificate(cert_pem)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except (ValueError, x509.ExtensionNotFound):
         return False
-    return set(SERVICE_DNS_NAMES) <= set(san.get_values_for_type(x509.DNSName))
+    return set(dns) <= set(san.get_values_for_type(x509.DNSName)) and set(uris) <= set(
+        san.get_values_for_type(x509.UniformResourceIdentifier)
+    )
 
 
 def secrets(pki: Pki) -> list[dict[str, Any]]:
-    """The two Secrets the Deployment mounts. A dry run's throwaway root key shows redacted."""
+    """The Secrets the Deployments mount (the xDS one when ``pki`` has its certificate).
+    A dry run's throwaway root key shows redacted."""
 
     def b64(text: str) -> str:
         return base64.b64encode(text.encode()).decode()
@@ -201,6 +241,17 @@ def secrets(pki: Pki) -> list[dict[str, Any]]:
             TLS_SECRET,
             "kubernetes.io/tls",
             {TLS_CERT: b64(pki.serving_cert_pem), TLS_KEY: b64(pki.serving_key_pem)},
+        ),
+        *(
+            [
+                secret(
+                    DISCOVERY_TLS_SECRET,
+                    "kubernetes.io/tls",
+                    {TLS_CERT: b64(pki.xds_cert_pem), TLS_KEY: b64(pki.xds_key_pem)},
+                )
+            ]
+            if pki.xds_cert_pem
+            else []
         ),
     ]
 
