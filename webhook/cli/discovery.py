@@ -5,9 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import urllib.error
 import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +94,9 @@ def _discovery(args: argparse.Namespace) -> int:
 
 
 def _get(url: str) -> Any:
+    import urllib.error  # with urllib.request: ssl, http, email; only when a command asks
+    import urllib.request
+
     from webhook.errors import SidemeshError
 
     try:

@@ -1,6 +1,6 @@
 """`sidemesh …`: the command line, a thin dispatcher.
 
-Each group of sub-commands lives in its own ``webhook.cli_<group>`` module with a
+Each group of sub-commands lives in its own ``webhook.cli.<group>`` module with a
 ``register(subparsers)`` function that adds its parsers and sets ``handler`` (a function
 ``(argparse.Namespace) -> int``). Modules import their heavy dependencies (FastAPI, Envoy …)
 inside the handler, so ``sidemesh inject`` starts fast.
