@@ -67,18 +67,13 @@ class Decision:
     reason: str
 
 
-# One Decision per outcome, built once: it is frozen, so every pod can share it (building a
-# frozen dataclass costs about as much as the rest of the decision).
+# One Decision per outcome of the table above, built once: it is frozen, so every pod can share
+# it (building a frozen dataclass costs about as much as the rest of the decision).
+# ``already-injected`` is decided by the injector, not here.
 _DECISIONS: Final = {
     reason: Decision(reason in (OPTED_IN, NAMESPACE_POLICY), reason)
-    for reason in (
-        HOST_NETWORK,
-        MIRROR_POD,
-        IGNORED_NAMESPACE,
-        OPTED_OUT,
-        OPTED_IN,
-        NAMESPACE_POLICY,
-    )
+    for reason in REASONS
+    if reason != ALREADY_INJECTED
 }
 
 
