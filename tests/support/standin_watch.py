@@ -24,6 +24,7 @@ connection just ends, as when a load balancer or the API server restarts).
 from __future__ import annotations
 
 import base64
+import bisect
 import copy
 import itertools
 import json
@@ -258,7 +259,8 @@ class ObjectLog:
                         return False
                     if time.monotonic() >= deadline:
                         return True
-                    events = [e for e in self._history if e.rv > since and e.kind == res.kind]
+                    start = bisect.bisect_right(self._history, since, key=lambda e: e.rv)
+                    events = [e for e in self._history[start:] if e.kind == res.kind]
                     events = [e for e in events if _in_namespace(e, namespace)]
                     since = self._rv
                     mark = bookmarks and self._bookmarks != seen_bookmarks
