@@ -127,6 +127,8 @@ class CAConfig:
     """Largest certificate request body accepted (413 above)."""
     unauthenticated_per_address_per_minute: int = 30
     """Requests without a valid token one source address may make per minute before 429."""
+    max_token_lifetime_seconds: int = 86400
+    """Longest ``exp - iat`` of a service-account token the CA accepts (checked with a JWKS)."""
 
 
 @dataclass(frozen=True)
@@ -272,7 +274,7 @@ def _validate(cfg: MeshConfig) -> None:
     for key in ("rate_per_identity_per_minute", "max_body_bytes", "serving_cert_ttl_seconds"):
         if getattr(ca, key) < 1:
             raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
-    for key in ("unauthenticated_per_address_per_minute",):
+    for key in ("unauthenticated_per_address_per_minute", "max_token_lifetime_seconds"):
         if getattr(ca, key) < 1:
             raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
     for key, value in dataclasses.asdict(cfg.limits).items():

@@ -373,7 +373,7 @@ class VerifierOptions:
                 )
         return cls(**values)
 
-    def build(self) -> TokenVerifier | None:
+    def build(self, *, max_token_lifetime_seconds: int = 86400) -> TokenVerifier | None:
         if self.jwks_file or self.jwks_url:
             if not self.jwks_issuer:
                 raise SidemeshError("--jwks-issuer is required with --jwks-file/--jwks-url")
@@ -382,6 +382,7 @@ class VerifierOptions:
                 jwks_file=self.jwks_file,
                 jwks_url=None if self.jwks_file else self.jwks_url,
                 url_ca_file=self.jwks_ca_file,
+                max_lifetime_seconds=max_token_lifetime_seconds,
             )
         from webhook.kube.client import KubeClient, in_cluster
 
@@ -413,7 +414,7 @@ def router_from_config(
     if verifier is None:
         verifier = VerifierOptions.from_env()
     if isinstance(verifier, VerifierOptions):
-        built = verifier.build()
+        built = verifier.build(max_token_lifetime_seconds=config.ca.max_token_lifetime_seconds)
         if built is None:
             log.warning(
                 "no token verifier configured (--jwks-file/--jwks-url or TokenReview): "

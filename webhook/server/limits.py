@@ -31,6 +31,7 @@ The TLS handshake happens before this protocol sees the connection; asyncio boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from typing import Any
 
 import httptools
@@ -41,6 +42,9 @@ from webhook.config import ClientLimits
 from webhook.server.metrics import Metrics
 
 __all__ = ["GuardedProtocol", "guarded_protocol"]
+
+#: How long a refused connection may take to close cleanly before it is aborted.
+_CLOSE_GRACE_SECONDS = 1.0
 
 _PHRASES = {
     400: b"Bad Request",
@@ -216,3 +220,11 @@ class GuardedProtocol(HttpToolsProtocol):
         if self.cycle is not None:
             self.cycle.keep_alive = False
         transport.close()
+        # A TLS close waits for the client's close_notify and reads (and drops) whatever it
+        # still sends meanwhile; a hostile client would keep that going. Cut it short.
+        self.loop.call_later(_CLOSE_GRACE_SECONDS, _abort, transport)
+
+
+def _abort(transport: asyncio.Transport) -> None:
+    with contextlib.suppress(Exception):  # already gone: nothing to do
+        transport.abort()
