@@ -27,10 +27,17 @@ from webhook.config import DEFAULTS, Ports
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc
 from webhook.discovery import metrics
-from webhook.discovery.model import PodInfo, Service, build_model
+from webhook.discovery.model import (
+    SLICE_SERVICE_LABEL,
+    ParseCache,
+    PodInfo,
+    Service,
+    build_model,
+    update_endpoints,
+)
 from webhook.discovery.resources import Encoded, encode
 from webhook.discovery.scope import services_in_scope
-from webhook.discovery.store import KINDS, Key, ObjectStore
+from webhook.discovery.store import KINDS, Key, ObjectStore, key_of
 from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
 
 __all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings", "ProxyConn"]
@@ -89,6 +96,9 @@ class Discovery:
         self.tables = {t: ResourceTable(t) for t in _SHARED}
         self.proxies: dict[int, ProxyConn] = {}
         self.generation = 0
+        self._parse_cache = ParseCache()
+        self._pending: set[Key] = set()
+        self._slice_service: dict[Key, tuple[str, str]] = {}
         self._cluster_inputs: dict[str, Any] = {}
         self._cla_inputs: dict[str, Any] = {}
         self._listener_inputs: Any = None
@@ -117,6 +127,8 @@ class Discovery:
     def on_change(self, keys: Iterable[Key]) -> None:
         """A change seen by the store: push endpoints now, debounce everything else."""
         assert self._loop is not None
+        keys = frozenset(keys)
+        self._pending |= keys
         if all(k.kind == "EndpointSlice" for k in keys):
             if not self._endpoint_flush:
                 self._endpoint_flush = True
@@ -139,10 +151,54 @@ class Discovery:
             self._first_event, self._timer = None, None
         else:
             self._endpoint_flush = False
+        keys, self._pending = self._pending, set()
         try:
+            if cause == "endpoints" and self._timer is None and self._fast_endpoints(keys):
+                return
             self.rebuild(cause)
         except Exception:  # a bug must not end the control plane; the old config stays
             LOG.exception("rebuilding the mesh config failed; proxies keep the last one")
+
+    def _fast_endpoints(self, keys: Iterable[Key]) -> bool:
+        """Only EndpointSlices changed: recompute just their Services' endpoints and push.
+        False when that is not enough (a full rebuild follows)."""
+        started = self._clock()
+        services: set[tuple[str, str]] = set()
+        for key in keys:
+            if key.kind != "EndpointSlice":
+                return False
+            obj = self.store.get(key.kind, key.namespace, key.name)
+            label = _service_label(obj) if obj is not None else None
+            old = self._slice_service.get(key)
+            if (obj is not None and label is None) or (old and label and old != label):
+                return False
+            svc = label or old
+            if svc is None:
+                return False
+            services.add(svc)
+            if obj is None:
+                self._slice_service.pop(key, None)
+            else:
+                self._slice_service[key] = svc
+        model = self.model
+        for svc in services:
+            slices = [
+                o
+                for k, s in self._slice_service.items()
+                if s == svc and (o := self.store.get(k.kind, k.namespace, k.name)) is not None
+            ]
+            updated = update_endpoints(model, svc, slices, self._parse_cache)
+            if updated is None:
+                return False
+            model = updated
+        self.model = model
+        self.generation += 1
+        metrics.FLUSHES.labels("endpoints").inc()
+        self._update_shared([self.model.services[s] for s in services if s in model.services])
+        for conn in list(self.proxies.values()):
+            self.push(conn)
+        metrics.REBUILD.labels("endpoints").observe(self._clock() - started)
+        return True
 
     def rebuild(self, cause: str) -> None:
         started = self._clock()
@@ -152,8 +208,14 @@ class Discovery:
             objects,
             trust_domain=self.settings.trust_domain,
             default_inbound_mtls=self.settings.default_inbound_mtls,
+            cache=self._parse_cache,
         )
         self.generation += 1
+        self._slice_service = {
+            key_of(o, "EndpointSlice"): label
+            for o in objects["EndpointSlice"]
+            if (label := _service_label(o)) is not None
+        }
         self._update_shared()
         inputs = (
             {k: (s.cluster_ips, s.ports) for k, s in self.model.services.items()},
@@ -174,10 +236,11 @@ class Discovery:
             )
             table.compact(oldest)
 
-    def _update_shared(self) -> None:
+    def _update_shared(self, only: Iterable[Service] | None = None) -> None:
+        """Encode what changed; ``only`` these Services (endpoint fast path), else all."""
         opts = self._template_options()
         seen: set[str] = set()
-        for svc in self.model.services.values():
+        for svc in self.model.services.values() if only is None else only:
             for port in svc.ports:
                 name = svc.cluster_name(port)
                 seen.add(name)
@@ -192,6 +255,8 @@ class Discovery:
                     self.tables[cc.ENDPOINTS].put(
                         name, encode(cc.ENDPOINTS, cc.build_endpoints(name, eps))
                     )
+        if only is not None:
+            return
         for name in set(self._cluster_inputs) - seen:
             del self._cluster_inputs[name]
             self._cla_inputs.pop(name, None)
@@ -403,6 +468,12 @@ class _Desired(Mapping[str, Encoded]):
 
     def __len__(self) -> int:
         return len(self._local) + len(self._scope)
+
+
+def _service_label(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    meta = obj.get("metadata") or {}
+    name = (meta.get("labels") or {}).get(SLICE_SERVICE_LABEL)
+    return (str(meta.get("namespace") or ""), str(name)) if name else None
 
 
 def _short(type_url: str) -> str:

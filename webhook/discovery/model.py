@@ -20,6 +20,7 @@ and a server-first client never sends any (see the discovery docs).
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -34,6 +35,7 @@ __all__ = [
     "DEPENDENCIES",
     "Endpoint",
     "MeshModel",
+    "ParseCache",
     "PodInfo",
     "Protocol",
     "Service",
@@ -41,6 +43,7 @@ __all__ = [
     "build_model",
     "protocol_of",
     "spiffe_id",
+    "update_endpoints",
 ]
 
 Protocol = Literal["http", "tcp", "sniff"]
@@ -157,22 +160,52 @@ class MeshModel:
     pods: Mapping[tuple[str, str], PodInfo]
     #: Declared-TCP target ports by pod (``(namespace, name)``): these ports skip sniffing.
     server_first: Mapping[tuple[str, str], frozenset[int]]
+    #: Each meshed pod IP → its inbound ports that are plaintext (see the module doc).
+    meshed: Mapping[str, frozenset[int]] = field(default_factory=dict)
+    by_ip: Mapping[str, PodInfo] = field(default_factory=dict)
 
     def endpoints_of(self, svc: Service, port: ServicePort) -> tuple[Endpoint, ...]:
         return self.endpoints.get((svc.namespace, svc.name, port.name), ())
 
-    def meshed_pod_ports(self) -> dict[str, frozenset[int]]:
-        """Each meshed pod IP → its inbound ports that are plaintext (see the module doc)."""
-        out: dict[str, frozenset[int]] = {}
-        for key, pod in self.pods.items():
-            if not pod.meshed:
-                continue
-            plain = set(pod.uncaptured_ports)
-            if pod.inbound_mtls == "PERMISSIVE":
-                plain |= self.server_first.get(key, frozenset())
-            for ip in pod.ips:
-                out[ip] = frozenset(plain)
-        return out
+    def meshed_pod_ports(self) -> Mapping[str, frozenset[int]]:
+        """Each meshed pod IP → its inbound ports that are plaintext."""
+        return self.meshed
+
+
+class ParseCache:
+    """Parsed objects by identity, kept between builds: the store never mutates an object, it
+    replaces it, so an object seen before parses to the same value. After one endpoint change
+    a rebuild re-reads one EndpointSlice, not the whole mesh."""
+
+    def __init__(self) -> None:
+        self._memo: dict[int, tuple[Any, Any]] = {}
+        self._live: set[int] = set()
+        self.endpoints: dict[tuple[str, int, str | None, str | None], Endpoint] = {}
+
+    def get(self, obj: Any, parse: Any) -> Any:
+        key = id(obj)
+        self._live.add(key)
+        hit = self._memo.get(key)
+        if hit is not None and hit[0] is obj:
+            return hit[1]
+        value = parse(obj)
+        self._memo[key] = (obj, value)
+        return value
+
+    def endpoint(self, ip: str, port: int, identity: str | None, pod: str | None) -> Endpoint:
+        # The same instance for the same endpoint: comparing two builds' tuples is then cheap.
+        key = (ip, port, identity, pod)
+        ep = self.endpoints.get(key)
+        if ep is None:
+            ep = self.endpoints[key] = Endpoint(ip, port, identity, pod)
+        return ep
+
+    def sweep(self) -> None:
+        """Forget what the last build did not see (deleted or replaced objects)."""
+        self._memo = {k: v for k, v in self._memo.items() if k in self._live}
+        self._live = set()
+        if len(self.endpoints) > 4 * max(1, len(self._memo)):
+            self.endpoints = {}
 
 
 def build_model(
@@ -180,37 +213,93 @@ def build_model(
     *,
     trust_domain: str = DEFAULTS.trust_domain,
     default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE",
+    cache: ParseCache | None = None,
 ) -> MeshModel:
     """The model of ``objects`` (by kind, as :meth:`ObjectStore.list` returns them)."""
+    memo = cache or ParseCache()
     pods: dict[tuple[str, str], PodInfo] = {}
     for obj in objects.get("Pod", ()):
-        pod = _pod(obj, default_inbound_mtls)
+        pod = memo.get(obj, lambda o: _pod(o, default_inbound_mtls))
         if pod is not None:
             pods[(pod.namespace, pod.name)] = pod
     by_ip = {ip: pod for pod in pods.values() for ip in pod.ips}
     services: dict[tuple[str, str], Service] = {}
     for obj in objects.get("Service", ()):
-        svc = _service(obj)
+        svc = memo.get(obj, _service)
         if svc is not None:
             services[(svc.namespace, svc.name)] = svc
     raw_eps: dict[tuple[str, str, str], list[tuple[str, int, PodInfo | None]]] = {}
     server_first: dict[tuple[str, str], set[int]] = {}
     for obj in objects.get("EndpointSlice", ()):
-        for key, ip, port, pod in _slice_endpoints(obj, pods, by_ip):
+        namespace, entries = memo.get(obj, _slice_entries)
+        for key, ip, port, ref in entries:
+            named = pods.get((namespace, ref)) if ref else None
+            pod = named if named is not None and ip in named.ips else by_ip.get(ip)
             raw_eps.setdefault(key, []).append((ip, port, pod))
+            if pod is None:
+                continue
             svc = services.get((key[0], key[1]))
             declared = next((p for p in svc.ports if p.name == key[2]), None) if svc else None
-            if pod is not None and declared is not None and declared.protocol == "tcp":
+            if declared is not None and declared.protocol == "tcp":
                 server_first.setdefault((pod.namespace, pod.name), set()).add(port)
     sf = {k: frozenset(v) for k, v in server_first.items()}
     endpoints: dict[tuple[str, str, str], tuple[Endpoint, ...]] = {}
     for key, items in raw_eps.items():
-        eps = {_endpoint(ip, port, pod, sf, trust_domain) for ip, port, pod in items}
+        eps = {_endpoint(memo, ip, port, pod, sf, trust_domain) for ip, port, pod in items}
         endpoints[key] = tuple(sorted(eps, key=lambda e: (e.ip, e.port)))
-    return MeshModel(trust_domain, services, endpoints, pods, sf)
+    if cache is not None:
+        memo.sweep()
+    return MeshModel(trust_domain, services, endpoints, pods, sf, _meshed(pods, sf), by_ip)
+
+
+def update_endpoints(
+    model: MeshModel,
+    service: tuple[str, str],
+    slices: Iterable[Mapping[str, Any]],
+    cache: ParseCache,
+) -> MeshModel | None:
+    """``model`` with the endpoints of one Service recomputed from its ``slices`` (the fast path
+    of an endpoint change). None when a full build is needed: the Service has a declared-TCP
+    port, whose endpoints decide which pod ports skip sniffing (listener config)."""
+    svc = model.services.get(service)
+    if svc is not None and any(p.protocol == "tcp" for p in svc.ports):
+        return None
+    raw: dict[tuple[str, str, str], list[Endpoint]] = {}
+    for obj in slices:
+        namespace, entries = _slice_entries(obj)  # new objects: no point caching them
+        for key, ip, port, ref in entries:
+            if (key[0], key[1]) != service:
+                return None
+            named = model.pods.get((namespace, ref)) if ref else None
+            pod = named if named is not None and ip in named.ips else model.by_ip.get(ip)
+            ep = _endpoint(cache, ip, port, pod, model.server_first, model.trust_domain)
+            raw.setdefault(key, []).append(ep)
+    endpoints = {k: v for k, v in model.endpoints.items() if (k[0], k[1]) != service}
+    for key, eps in raw.items():
+        endpoints[key] = tuple(sorted(set(eps), key=lambda e: (e.ip, e.port)))
+    return dataclasses.replace(model, endpoints=endpoints)
+
+
+_NONE: Final[frozenset[int]] = frozenset()
+
+
+def _meshed(
+    pods: Mapping[tuple[str, str], PodInfo], server_first: Mapping[tuple[str, str], frozenset[int]]
+) -> dict[str, frozenset[int]]:
+    out: dict[str, frozenset[int]] = {}
+    for key, pod in pods.items():
+        if not pod.meshed:
+            continue
+        plain = pod.uncaptured_ports
+        if pod.inbound_mtls == "PERMISSIVE" and key in server_first:
+            plain = plain | server_first[key]
+        for ip in pod.ips:
+            out[ip] = plain or _NONE
+    return out
 
 
 def _endpoint(
+    memo: ParseCache,
     ip: str,
     port: int,
     pod: PodInfo | None,
@@ -218,11 +307,11 @@ def _endpoint(
     trust_domain: str,
 ) -> Endpoint:
     if pod is None or not pod.meshed or not pod.captures(port):
-        return Endpoint(ip, port, None, pod.name if pod else None)
+        return memo.endpoint(ip, port, None, pod.name if pod else None)
     if pod.inbound_mtls == "PERMISSIVE" and port in server_first.get((pod.namespace, pod.name), ()):
-        return Endpoint(ip, port, None, pod.name)
+        return memo.endpoint(ip, port, None, pod.name)
     identity = spiffe_id(trust_domain, pod.namespace, pod.service_account)
-    return Endpoint(ip, port, identity, pod.name)
+    return memo.endpoint(ip, port, identity, pod.name)
 
 
 # --- reading objects ---------------------------------------------------------------------
@@ -326,16 +415,16 @@ def _service(obj: Mapping[str, Any]) -> Service | None:
     )
 
 
-def _slice_endpoints(
+def _slice_entries(
     obj: Mapping[str, Any],
-    pods: Mapping[tuple[str, str], PodInfo],
-    by_ip: Mapping[str, PodInfo],
-) -> Iterable[tuple[tuple[str, str, str], str, int, PodInfo | None]]:
+) -> tuple[str, list[tuple[tuple[str, str, str], str, int, str | None]]]:
+    """``(namespace, [((ns, service, port name), ip, port, targetRef pod name)])``."""
     meta = _meta(obj)
     namespace = str(meta.get("namespace") or "")
     service = _str_map(meta.get("labels")).get(SLICE_SERVICE_LABEL)
+    out: list[tuple[tuple[str, str, str], str, int, str | None]] = []
     if not service:
-        return
+        return namespace, out
     ports = [
         (str(p.get("name") or ""), p.get("port"))
         for p in obj.get("ports") or []
@@ -345,12 +434,12 @@ def _slice_endpoints(
         if not isinstance(ep, Mapping) or not _ready(ep.get("conditions")):
             continue
         ref = ep.get("targetRef") if isinstance(ep.get("targetRef"), Mapping) else None
-        named = pods.get((namespace, str(ref.get("name")))) if ref else None
+        ref_name = str(ref.get("name")) if ref and ref.get("kind", "Pod") == "Pod" else None
         for ip in _ips(ep.get("addresses") or []):
-            pod = named if named is not None and ip in named.ips else by_ip.get(ip)
             for port_name, port in ports:
                 if isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535:
-                    yield (namespace, service, port_name), ip, port, pod
+                    out.append(((namespace, service, port_name), ip, port, ref_name))
+    return namespace, out
 
 
 def _ready(conditions: Any) -> bool:

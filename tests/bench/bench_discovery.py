@@ -1,0 +1,307 @@
+"""The control plane under load: endpoint change → ACK by every proxy, CPU per full push, RSS.
+
+A synthetic mesh (``--services`` Services × ``--endpoints`` meshed endpoints each) is loaded
+into the store of an in-process control plane (the real push engine and grpcio ADS server over
+mTLS). ``--proxies`` simulated sidecars connect from ``--procs`` client processes, each an
+asyncio loop of delta ADS streams that subscribe like Envoy (CDS and LDS wildcard, EDS for every
+cluster they got) and ACK every response at once.
+
+Figures:
+
+* full push: control-plane CPU (process time) from the first stream to the last stream having
+  ACKed its initial clusters, endpoints and listeners, divided by the number of proxies;
+* change → ACK: one EndpointSlice is edited (an endpoint added, then removed) ``--changes``
+  times; each time, the span from the store edit to the last proxy's ACK of that endpoint set;
+* RSS of the control plane with every stream open.
+
+    .venv/bin/python tests/bench/bench_discovery.py [--proxies 100] [--services 1000]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import copy
+import json
+import multiprocessing
+import os
+import resource
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+TESTS = Path(__file__).resolve().parent.parent
+REPO = TESTS.parent
+sys.path.insert(0, str(REPO))
+
+from tests.support.xds import make_ca, run_control_plane, workload_cert  # noqa: E402
+from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER  # noqa: E402
+from webhook.discovery.core import DiscoverySettings  # noqa: E402
+from webhook.discovery.store import ObjectStore  # noqa: E402
+
+STATUS = {"sidemesh.io/status": '{"version":"bench"}'}
+
+
+def synthetic_mesh(store: ObjectStore, services: int, endpoints: int, proxies: int) -> None:
+    pods, slices, svcs = [], [], []
+    for s in range(services):
+        ns = f"ns{s % 20}"
+        name = f"svc{s}"
+        svcs.append(
+            {
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": ns},
+                "spec": {
+                    "clusterIP": f"10.96.{s // 250}.{s % 250 + 1}",
+                    "ports": [{"name": "http", "port": 80, "targetPort": 8080}],
+                },
+            }
+        )
+        eps = []
+        for e in range(endpoints):
+            n = s * endpoints + e
+            ip = f"10.{100 + n // 65000}.{(n // 250) % 260 % 256}.{n % 250 + 1}"
+            pods.append(
+                {
+                    "kind": "Pod",
+                    "metadata": {"name": f"{name}-{e}", "namespace": ns, "annotations": STATUS},
+                    "spec": {"serviceAccountName": name},
+                    "status": {"phase": "Running", "podIP": ip},
+                }
+            )
+            eps.append(
+                {
+                    "addresses": [ip],
+                    "conditions": {"ready": True},
+                    "targetRef": {"kind": "Pod", "name": f"{name}-{e}"},
+                }
+            )
+        slices.append(
+            {
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": f"{name}-1",
+                    "namespace": ns,
+                    "labels": {"kubernetes.io/service-name": name},
+                },
+                "ports": [{"name": "http", "port": 8080}],
+                "endpoints": eps,
+            }
+        )
+    for p in range(proxies):
+        pods.append(
+            {
+                "kind": "Pod",
+                "metadata": {"name": f"client-{p}", "namespace": "bench", "annotations": STATUS},
+                "spec": {"serviceAccountName": "client"},
+                "status": {"phase": "Running", "podIP": f"10.250.{p // 250}.{p % 250 + 1}"},
+            }
+        )
+    store.replace("Service", svcs)
+    store.replace("EndpointSlice", slices)
+    store.replace("Pod", pods)  # fmt: skip
+
+
+# --- simulated proxies (in client processes) --------------------------------------------
+
+
+async def _proxy(stub: Any, pb: Any, node_id: str, ready: Any) -> None:
+    queue: asyncio.Queue[Any] = asyncio.Queue()
+    first = pb.DeltaDiscoveryRequest(type_url=CLUSTER)
+    first.node.id = node_id
+    await queue.put(first)
+    await queue.put(pb.DeltaDiscoveryRequest(type_url=LISTENER))
+
+    async def requests() -> Any:
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            yield item
+
+    got: set[str] = set()
+    eds_started = False
+    async for resp in stub.DeltaAggregatedResources(requests()):
+        got.add(resp.type_url)
+        await queue.put(pb.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce))
+        if resp.type_url == CLUSTER and not eds_started:
+            eds_started = True
+            names = [r.name for r in resp.resources if r.name.startswith("outbound|")]
+            await queue.put(
+                pb.DeltaDiscoveryRequest(type_url=ENDPOINTS, resource_names_subscribe=names)
+            )
+        if got >= {CLUSTER, ENDPOINTS, LISTENER} and not ready.is_set():
+            ready.set()  # fmt: skip
+
+
+def client_process(address: str, cert_dir: str, first: int, count: int, hold: Any) -> None:
+    import grpc
+    from envoy.service.discovery.v3 import ads_pb2_grpc
+    from envoy.service.discovery.v3 import discovery_pb2 as pb
+
+    async def main() -> None:
+        d = Path(cert_dir)
+        creds = grpc.ssl_channel_credentials(
+            (d / "ca.crt").read_bytes(), (d / "key.pem").read_bytes(), (d / "cert.pem").read_bytes()
+        )
+        channels, tasks = [], []
+        for i in range(first, first + count):
+            ch = grpc.aio.secure_channel(address, creds, options=[
+                ("grpc.ssl_target_name_override", "localhost"),
+                ("grpc.max_receive_message_length", 256 << 20)])  # fmt: skip
+            channels.append(ch)
+            stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
+            tasks.append(asyncio.ensure_future(_proxy(stub, pb, f"sidecar~client-{i}.bench",
+                                                      asyncio.Event())))  # fmt: skip
+        while not hold.is_set():
+            await asyncio.sleep(0.2)
+        for t in tasks:
+            t.cancel()
+        for ch in channels:
+            await ch.close()
+
+    asyncio.run(main())
+
+
+# --- the measurement ------------------------------------------------------------------------
+
+
+def _all_acked(cp: Any, type_urls: tuple[str, ...], n: int) -> bool:
+    def check() -> bool:
+        conns = list(cp.discovery.proxies.values())
+        if len(conns) < n:
+            return False
+        for c in conns:
+            for t in type_urls:
+                ts = c.types.get(t)
+                if ts is None or not ts.sent or ts.pending:
+                    return False
+        return True
+
+    return bool(cp.call(check))
+
+
+def _rss_mib() -> float:
+    with open(f"/proc/{os.getpid()}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def measure_changes(cp: Any, store: ObjectStore, changes: int, n: int) -> list[float]:
+    """Edit one EndpointSlice; the span to the moment every proxy has ACKed the new set."""
+    name = "outbound|80||svc0.ns0.svc.cluster.local"
+    base = store.get("EndpointSlice", "ns0", "svc0-1")
+    assert base is not None
+    spans: list[float] = []
+    done = threading.Event()
+    state: dict[str, Any] = {}
+    d = cp.discovery
+    original = d.on_request
+
+    def on_request(conn: Any, req: Any) -> None:
+        original(conn, req)
+        old = state.get("old")
+        if old is None or req.type_url != ENDPOINTS:
+            return
+        ts = conn.types.get(ENDPOINTS)
+        if ts.sent.get(name) not in (None, old) and not ts.pending:
+            state["acked"].add(conn.conn_id)
+            if len(state["acked"]) >= n:
+                state["end"] = time.perf_counter()
+                state.pop("old")
+                done.set()
+
+    d.on_request = on_request
+    for i in range(changes):
+        edited = copy.deepcopy(base)
+        if i % 2 == 0:
+            edited["endpoints"].append({"addresses": ["10.254.0.1"], "conditions": {"ready": True}})
+        done.clear()
+
+        def start(obj: Any = edited) -> None:
+            state["acked"] = set()
+            state["old"] = d.tables[ENDPOINTS].items[name].version
+            state["start"] = time.perf_counter()
+            store.upsert(obj)  # as a source would: the store tells the engine
+
+        cp.call(start)
+        if not done.wait(30):
+            raise TimeoutError(f"change {i}: {len(state['acked'])}/{n} proxies ACKed")
+        spans.append(state["end"] - state["start"])
+        time.sleep(0.05)
+    d.on_request = original
+    return spans
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--proxies", type=int, default=100)
+    parser.add_argument("--services", type=int, default=1000)
+    parser.add_argument("--endpoints", type=int, default=10)
+    parser.add_argument("--procs", type=int, default=4, help="client processes")
+    parser.add_argument("--changes", type=int, default=40)
+    args = parser.parse_args()
+    store = ObjectStore()
+    t0 = time.perf_counter()
+    synthetic_mesh(store, args.services, args.endpoints, args.proxies)
+    with tempfile.TemporaryDirectory() as tmp:
+        ca = make_ca(Path(tmp) / "ca")
+        workload_cert(ca, "spiffe://cluster.local/ns/bench/sa/client", Path(tmp) / "client")
+        with run_control_plane(store, DiscoverySettings(), Path(tmp) / "ca") as cp:
+            build = time.perf_counter() - t0
+            # spawn, not fork: grpc in this process has threads a fork would break.
+            ctx = multiprocessing.get_context("spawn")
+            hold = ctx.Event()
+            per = -(-args.proxies // args.procs)
+            cpu0 = time.process_time()
+            procs = []
+            for k in range(args.procs):
+                count = min(per, args.proxies - k * per)
+                p = ctx.Process(
+                    target=client_process,
+                    args=(cp.address, str(Path(tmp) / "client"), k * per, count, hold),
+                )
+                p.start()
+                procs.append(p)
+            deadline = time.monotonic() + 600
+            while not _all_acked(cp, (CLUSTER, ENDPOINTS, LISTENER), args.proxies):
+                if time.monotonic() > deadline:
+                    raise TimeoutError("the proxies never all ACKed their first config")
+                time.sleep(0.05)
+            full_cpu = time.process_time() - cpu0
+            rss = _rss_mib()
+            spans = measure_changes(cp, store, args.changes, args.proxies)
+            hold.set()
+            for p in procs:
+                p.join(30)
+    spans.sort()
+
+    def rank(p: float) -> float:  # nearest rank
+        return spans[min(len(spans) - 1, max(0, round(p * len(spans)) - 1))]
+
+    result = {
+        "proxies": args.proxies,
+        "services": args.services,
+        "endpoints_per_service": args.endpoints,
+        "initial_build_s": round(build, 2),
+        "full_push_cpu_ms_per_proxy": round(full_cpu * 1000 / args.proxies, 2),
+        "change_to_all_acked_ms": {"p50": round(rank(0.5) * 1000, 1),
+                                   "p99": round(rank(0.99) * 1000, 1),
+                                   "max": round(spans[-1] * 1000, 1)},
+        "control_plane_rss_mib": round(rss, 1),
+        "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+    }  # fmt: skip
+    print(json.dumps(result, indent=1))
+    out = REPO / "bench-results"
+    out.mkdir(exist_ok=True)
+    (out / "discovery.json").write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,123 @@
+"""The push engine without a network: what a proxy is sent, and when."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from typing import Any
+
+from envoy.service.discovery.v3 import discovery_pb2
+
+from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER
+from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
+from webhook.discovery.filesource import FileSource
+from webhook.discovery.store import ObjectStore
+
+BACKEND = "outbound|8080||backend.demo.svc.cluster.local"
+DB = "outbound|3306||db.demo.svc.cluster.local"
+
+
+def _drain(conn: ProxyConn) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    out = []
+    while not conn.queue.empty():
+        item = conn.queue.get_nowait()
+        assert item is not None
+        out.append(item)
+    return out
+
+
+def _request(type_url: str, *names: str, nonce: str = "") -> Any:
+    return discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url, resource_names_subscribe=list(names), response_nonce=nonce
+    )
+
+
+def _setup(**settings: Any) -> tuple[ObjectStore, Discovery, ProxyConn]:
+    store = ObjectStore()
+    FileSource(store, None).load()
+    d = Discovery(store, DiscoverySettings(**settings))
+    d.start(asyncio.get_running_loop())
+    conn = d.connect("spiffe://cluster.local/ns/demo/sa/frontend", "demo", "frontend-1", "t", "n")
+    d.on_request(conn, _request(CLUSTER))
+    d.on_request(conn, _request(ENDPOINTS, BACKEND, DB))
+    d.on_request(conn, _request(LISTENER))
+    return store, d, conn
+
+
+def _more_backends(store: ObjectStore) -> None:
+    slice_ = copy.deepcopy(store.get("EndpointSlice", "demo", "backend-abc12"))
+    assert slice_ is not None
+    slice_["endpoints"].append({"addresses": ["10.244.0.13"], "conditions": {"ready": True}})
+    store.upsert(slice_)
+
+
+def test_first_requests_get_everything_then_only_what_changed() -> None:
+    async def run() -> None:
+        store, d, conn = _setup()
+        first = _drain(conn)
+        assert [r.type_url for r in first] == [CLUSTER, ENDPOINTS, LISTENER]
+        assert {r.name for r in first[0].resources} >= {BACKEND, DB, "passthrough"}
+        for r in first:  # ACK everything
+            d.on_request(conn, _request(r.type_url, nonce=r.nonce))
+        _more_backends(store)
+        await asyncio.sleep(0.05)  # endpoint changes are not debounced
+        (resp,) = _drain(conn)
+        assert resp.type_url == ENDPOINTS
+        assert [r.name for r in resp.resources] == [BACKEND]  # not the db's, not the clusters
+        assert conn.types[ENDPOINTS].pending == {
+            resp.nonce: conn.types[ENDPOINTS].pending[resp.nonce]
+        }
+
+    asyncio.run(run())
+
+
+def test_config_changes_are_debounced_into_one_push() -> None:
+    async def run() -> None:
+        store, d, conn = _setup(quiet=0.3, max_delay=5)
+        _drain(conn)
+        generation = d.generation
+        for port in (81, 82, 83, 84, 85):  # a burst of Service edits
+            svc = copy.deepcopy(store.get("Service", "demo", "backend"))
+            assert svc is not None
+            svc["spec"]["ports"].append({"name": f"p{port}", "port": port})
+            store.upsert(svc)
+        await asyncio.sleep(0)
+        assert d.generation == generation  # nothing yet: waiting for quiet
+        await asyncio.sleep(1.0)
+        assert d.generation == generation + 1  # one rebuild for the burst
+        names = {
+            r.name for resp in _drain(conn) if resp.type_url == CLUSTER for r in resp.resources
+        }
+        assert "outbound|85||backend.demo.svc.cluster.local" in names
+
+    asyncio.run(run())
+
+
+def test_nacked_version_is_not_resent_and_removed_service_is_removed() -> None:
+    async def run() -> None:
+        store, d, conn = _setup(quiet=0.01)
+        cds = _drain(conn)[0]
+        nack = _request(CLUSTER, nonce=cds.nonce)
+        nack.error_detail.message = "bad cluster"
+        d.on_request(conn, nack)
+        assert conn.types[CLUSTER].last_nack is not None
+        d.rebuild("test")  # nothing changed: nothing is sent again
+        assert _drain(conn) == []
+        store.delete("Service", "demo", "db")
+        await asyncio.sleep(0.3)
+        removed = [name for r in _drain(conn) for name in r.removed_resources]
+        assert DB in removed
+
+    asyncio.run(run())
+
+
+def test_a_pod_that_cannot_be_found_gets_nothing() -> None:
+    async def run() -> None:
+        store = ObjectStore()
+        FileSource(store, None).load()
+        d = Discovery(store, DiscoverySettings())
+        d.start(asyncio.get_running_loop())
+        assert await d.wait_for_pod("demo", "ghost", 0.05) is None
+        assert await d.wait_for_pod("demo", "frontend-1", 0.05) is not None
+
+    asyncio.run(run())
