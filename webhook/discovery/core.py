@@ -29,12 +29,12 @@ from webhook.discovery import compiler as cc
 from webhook.discovery import metrics
 from webhook.discovery.model import (
     SLICE_SERVICE_LABEL,
-    ParseCache,
     PodInfo,
     Service,
     build_model,
     update_endpoints,
 )
+from webhook.discovery.parsecache import ParseCache
 from webhook.discovery.resources import Encoded, encode
 from webhook.discovery.scope import services_in_scope
 from webhook.discovery.store import KINDS, Key, ObjectStore, key_of

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-from collections.abc import Iterable, Mapping
+import typing
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Literal
 
@@ -34,8 +35,8 @@ from webhook.values import parse_port_list
 __all__ = [
     "DEPENDENCIES",
     "Endpoint",
+    "Memo",
     "MeshModel",
-    "ParseCache",
     "PodInfo",
     "Protocol",
     "Service",
@@ -172,40 +173,25 @@ class MeshModel:
         return self.meshed
 
 
-class ParseCache:
-    """Parsed objects by identity, kept between builds: the store never mutates an object, it
-    replaces it, so an object seen before parses to the same value. After one endpoint change
-    a rebuild re-reads one EndpointSlice, not the whole mesh."""
+class Memo(typing.Protocol):
+    """What :func:`build_model` may reuse between builds (the push engine keeps one)."""
 
-    def __init__(self) -> None:
-        self._memo: dict[int, tuple[Any, Any]] = {}
-        self._live: set[int] = set()
-        self.endpoints: dict[tuple[str, int, str | None, str | None], Endpoint] = {}
+    def get(self, obj: Any, parse: Callable[[Any], Any]) -> Any: ...
 
-    def get(self, obj: Any, parse: Any) -> Any:
-        key = id(obj)
-        self._live.add(key)
-        hit = self._memo.get(key)
-        if hit is not None and hit[0] is obj:
-            return hit[1]
-        value = parse(obj)
-        self._memo[key] = (obj, value)
-        return value
+    def endpoint(self, ip: str, port: int, identity: str | None, pod: str | None) -> Endpoint: ...
+
+    def sweep(self) -> None: ...
+
+
+class _NoMemo:
+    def get(self, obj: Any, parse: Callable[[Any], Any]) -> Any:
+        return parse(obj)
 
     def endpoint(self, ip: str, port: int, identity: str | None, pod: str | None) -> Endpoint:
-        # The same instance for the same endpoint: comparing two builds' tuples is then cheap.
-        key = (ip, port, identity, pod)
-        ep = self.endpoints.get(key)
-        if ep is None:
-            ep = self.endpoints[key] = Endpoint(ip, port, identity, pod)
-        return ep
+        return Endpoint(ip, port, identity, pod)
 
     def sweep(self) -> None:
-        """Forget what the last build did not see (deleted or replaced objects)."""
-        self._memo = {k: v for k, v in self._memo.items() if k in self._live}
-        self._live = set()
-        if len(self.endpoints) > 4 * max(1, len(self._memo)):
-            self.endpoints = {}
+        return
 
 
 def build_model(
@@ -213,10 +199,10 @@ def build_model(
     *,
     trust_domain: str = DEFAULTS.trust_domain,
     default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE",
-    cache: ParseCache | None = None,
+    cache: Memo | None = None,
 ) -> MeshModel:
     """The model of ``objects`` (by kind, as :meth:`ObjectStore.list` returns them)."""
-    memo = cache or ParseCache()
+    memo: Memo = cache or _NoMemo()
     pods: dict[tuple[str, str], PodInfo] = {}
     for obj in objects.get("Pod", ()):
         pod = memo.get(obj, lambda o: _pod(o, default_inbound_mtls))
@@ -256,7 +242,7 @@ def update_endpoints(
     model: MeshModel,
     service: tuple[str, str],
     slices: Iterable[Mapping[str, Any]],
-    cache: ParseCache,
+    cache: Memo,
 ) -> MeshModel | None:
     """``model`` with the endpoints of one Service recomputed from its ``slices`` (the fast path
     of an endpoint change). None when a full build is needed: the Service has a declared-TCP
@@ -299,7 +285,7 @@ def _meshed(
 
 
 def _endpoint(
-    memo: ParseCache,
+    memo: Memo,
     ip: str,
     port: int,
     pod: PodInfo | None,
