@@ -52,8 +52,8 @@ _SHARED = (cc.CLUSTER, cc.ENDPOINTS)
 @dataclass(frozen=True)
 class DiscoverySettings:
     trust_domain: str = DEFAULTS.trust_domain
-    default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE"
-    plaintext_ports: tuple[int, ...] = (53,)
+    default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = DEFAULTS.inbound_mtls
+    plaintext_ports: tuple[int, ...] = DEFAULTS.plaintext_ports
     ports: Ports = field(default_factory=Ports)
     #: Debounce of config (non-endpoint) changes.
     quiet: float = 0.1

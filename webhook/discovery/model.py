@@ -198,7 +198,7 @@ def build_model(
     objects: Mapping[str, Iterable[Mapping[str, Any]]],
     *,
     trust_domain: str = DEFAULTS.trust_domain,
-    default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = "PERMISSIVE",
+    default_inbound_mtls: Literal["PERMISSIVE", "STRICT"] = DEFAULTS.inbound_mtls,
     cache: Memo | None = None,
 ) -> MeshModel:
     """The model of ``objects`` (by kind, as :meth:`ObjectStore.list` returns them)."""
@@ -341,7 +341,7 @@ def _pod(obj: Mapping[str, Any], default_mode: Literal["PERMISSIVE", "STRICT"]) 
         namespace=str(meta.get("namespace") or ""),
         name=str(meta.get("name") or ""),
         ips=ips,
-        service_account=str(spec.get("serviceAccountName") or "default"),
+        service_account=str(spec.get("serviceAccountName") or names.DEFAULT_SERVICE_ACCOUNT),
         meshed=names.STATUS in ann,
         inbound_mtls=mode,
         uncaptured_ports=_ports(ann.get(EXCLUDE_INBOUND_PORTS)) or frozenset(),
