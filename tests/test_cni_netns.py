@@ -94,7 +94,7 @@ def test_standin_injected_pod_gets_init_traffics_rules_and_del_removes_them(
     with pytest.raises(CNIFailure) as info:
         node.runtime.check(pod.ns, "demo", "web")
     assert info.value.plugin == "sidemesh-cni"
-    assert "traffic capture of pod ('demo', 'web') is not in place" in info.value.error["msg"]
+    assert "traffic capture of pod demo/web is not in place" in info.value.error["msg"]
 
     pod.ns.run([*SIDEMESH, "init-traffic", *args, "--ipv6", "off"])
     node.runtime.delete(pod.ns, "demo", "web")

@@ -101,3 +101,12 @@ def test_switching_modes_reinjects_and_uninject_restores() -> None:
     assert again["spec"]["initContainers"][0]["name"] == names.INIT_CONTAINER
     assert names.CNI_CAPTURE not in again["metadata"]["annotations"]
     assert uninject_pod(cni) == RESTRICTED_APP
+
+
+def test_check_does_not_call_the_capture_annotation_unknown() -> None:
+    from webhook.inject.annotations import UNKNOWN_MARK, sidemesh_keys
+
+    pod = injected(cni=True)
+    keys = sidemesh_keys({}, pod["metadata"]["annotations"])
+    assert f"annotation {names.CNI_CAPTURE}" in keys
+    assert not [k for k in keys if k.endswith(UNKNOWN_MARK)], keys

@@ -3,8 +3,8 @@ CNI chain. The I/O edge around :mod:`webhook.cni.conflist` and :mod:`webhook.cni
 
 One pass (:func:`reconcile`) makes the node right, doing only what is missing:
 
-1. the plugin file in the CNI bin directory (:mod:`webhook.cni.bundle`), written when absent
-   or different;
+1. the plugin in the CNI bin directory: the launcher ``sidemesh-cni`` and its code directory
+   ``sidemesh-cni.d`` (:mod:`webhook.cni.bundle`), copied when absent or different;
 2. the plugin's kubeconfig in the CNI config directory (mode 0600): the API server, its CA and
    the agent's service-account token — rewritten when the kubelet rotates the token;
 3. sidemesh's entry last in the chain of the runtime's config file (the first in lexical

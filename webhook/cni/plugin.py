@@ -25,15 +25,16 @@ import contextlib
 import ctypes
 import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Literal, TextIO
 
 from webhook import names
 from webhook.cni import spec
 from webhook.cni.spec import CNIError, Request
-from webhook.dataplane.capture import CHAINS, CaptureOptions, sidemesh_state
+from webhook.dataplane.capture import CHAINS, CaptureOptions, Family, sidemesh_state
 from webhook.errors import SidemeshError
 
 __all__ = ["entered", "handle", "main"]
@@ -109,7 +110,10 @@ def _lookup(req: Request) -> CaptureOptions | None:
     return capture_options(annotations, f"{pod[0]}/{pod[1]}")
 
 
-def _ipv6(prev: Mapping[str, Any]) -> str:
+OnOff = Literal["on", "off"]
+
+
+def _ipv6(prev: Mapping[str, Any]) -> OnOff:
     return "on" if 6 in spec.families(prev) else "off"
 
 
@@ -121,7 +125,7 @@ def _add(req: Request) -> None:
     if options is None:
         return
     with entered(req.netns):
-        applier.apply(options, ipv6=_ipv6(req.conf.prev_result))  # type: ignore[arg-type]
+        applier.apply(options, ipv6=_ipv6(req.conf.prev_result))
 
 
 def _delete(req: Request) -> None:
@@ -130,9 +134,11 @@ def _delete(req: Request) -> None:
     if not req.netns or not Path(req.netns).exists():
         return  # the namespace is gone, and our rules with it
     with entered(req.netns):
-        # IPv6 rules may exist whenever the namespace has an IPv6 stack at all
-        ipv6 = "on" if Path("/proc/net/if_inet6").exists() else "off"
-        applier.cleanup(ipv6=ipv6)  # type: ignore[arg-type]
+        # IPv6 rules may exist whenever the namespace has an IPv6 stack at all (and the node
+        # has ip6tables: without it, ADD could not have installed any)
+        stack = Path("/proc/net/if_inet6").exists() and shutil.which("ip6tables-save")
+        ipv6: OnOff = "on" if stack else "off"
+        applier.cleanup(ipv6=ipv6)
 
 
 def _check(req: Request) -> None:
@@ -143,13 +149,15 @@ def _check(req: Request) -> None:
     if options is None:
         return
     with entered(req.netns):
-        for family in spec.families(req.conf.prev_result):
-            state = sidemesh_state(applier.saved_nat(family))  # type: ignore[arg-type]
+        families: tuple[Family, ...] = (4, 6) if _ipv6(req.conf.prev_result) == "on" else (4,)
+        for family in families:
+            state = sidemesh_state(applier.saved_nat(family))
             missing = [c for c in CHAINS if c not in state.chains]
             if missing or len(state.jumps) < 2:
                 raise CNIError(
                     spec.ERR_IO,
-                    f"sidemesh: IPv{family} traffic capture of pod {req.pod} is not in place "
+                    f"sidemesh: IPv{family} traffic capture of pod {'/'.join(req.pod or ())} "
+                    "is not in place "
                     f"(missing chains: {', '.join(missing) or 'none'}; "
                     f"{len(state.jumps)} of 2 jump rules)",
                 )

@@ -265,7 +265,9 @@ def _read(annotations: Mapping[str, Any], config: MeshConfig) -> Overrides:
 
 
 #: What sidemesh reads or writes under its prefixes; anything else there is probably a typo.
-_KNOWN = frozenset({*ANNOTATIONS, names.INJECT, names.STATUS, names.TRUST_BUNDLE_ANNOTATION})
+_KNOWN = frozenset(
+    {*ANNOTATIONS, names.INJECT, names.STATUS, names.TRUST_BUNDLE_ANNOTATION, names.CNI_CAPTURE}
+)
 UNKNOWN_MARK: Final = " (unknown, ignored)"
 
 
