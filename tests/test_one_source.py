@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any
 
@@ -139,10 +140,13 @@ def test_spiffe_ids_round_trip() -> None:
         (("td", "shop", ".."), "'..' is not a Kubernetes service account name"),
         (("td", "shop", "a..b"), "'a..b' is not a Kubernetes service account name"),
         (("td", "shop", ""), "'' is not a Kubernetes service account name"),
+        (("td", "shop\n", "cart"), "'shop\\n' is not a Kubernetes namespace name"),
+        (("td", "shop", "cart\n"), "'cart\\n' is not a Kubernetes service account name"),
+        (("td\n", "shop", "cart"), "'td\\n' is not a trust domain"),
     ],
 )
 def test_a_bad_part_is_named(parts: tuple[str, str, str], named: str) -> None:
-    with pytest.raises(ValueError, match=named):
+    with pytest.raises(ValueError, match=re.escape(named)):
         names.spiffe_id(*parts)
 
 

@@ -143,14 +143,15 @@ INBOUND_PASSTHROUGH_SOURCE: Final = "127.0.0.6"
 
 _SPIFFE: Final = "spiffe://"
 # DNS-1123 label (namespaces) and subdomain (service accounts): what Kubernetes allows, so a
-# SPIFFE path segment can never smuggle a '/' or a '..'.
-_LABEL: Final = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
-_SUBDOMAIN: Final = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")
+# SPIFFE path segment can never smuggle a '/' or a '..'. Matched with fullmatch: '$' would
+# accept a trailing newline.
+_LABEL: Final = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
+_SUBDOMAIN: Final = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
 def is_trust_domain(text: str) -> bool:
     """A lower-case DNS-like name without '/', ':' or spaces (``cluster.local``)."""
-    return bool(text) and text == text.lower() and not any(c in text for c in "/: ")
+    return bool(text) and text == text.lower() and not any(c in text for c in "/: \n\r\t")
 
 
 def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
@@ -158,9 +159,9 @@ def spiffe_id(trust_domain: str, namespace: str, service_account: str) -> str:
     part that cannot be one (a namespace or service account name Kubernetes would refuse)."""
     if not is_trust_domain(trust_domain):
         raise ValueError(f"{trust_domain!r} is not a trust domain")
-    if not _LABEL.match(namespace):
+    if not _LABEL.fullmatch(namespace):
         raise ValueError(f"{namespace!r} is not a Kubernetes namespace name")
-    if not _SUBDOMAIN.match(service_account) or ".." in service_account:
+    if not _SUBDOMAIN.fullmatch(service_account) or ".." in service_account:
         raise ValueError(f"{service_account!r} is not a Kubernetes service account name")
     return f"{_SPIFFE}{trust_domain}/ns/{namespace}/sa/{service_account}"
 
