@@ -14,7 +14,9 @@ Service        spec: type, clusterIP(s), ports, selector, externalName, ipFamili
 EndpointSlice  addressType, ports; per endpoint: addresses, conditions, hostname, nodeName,
                zone, targetRef
 Pod            spec: serviceAccountName, nodeName, hostNetwork, each container's (and init
-               container's) name, ports and restartPolicy; status: phase, podIP(s), hostIP
+               container's) name, ports and restartPolicy, and of the sidecar's environment
+               the ``SIDEMESH_*`` settings (its inbound mode …) but not the app's probes;
+               status: phase, podIP(s), hostIP
 =============  ==================================================================================
 
 Metadata keeps name, namespace, uid, resourceVersion, generation, deletionTimestamp, labels,
@@ -56,6 +58,21 @@ def _pick(obj: Mapping[str, Any] | None, keys: tuple[str, ...]) -> dict[str, Any
     return {k: obj[k] for k in keys if k in obj}
 
 
+def _container(c: Any) -> dict[str, Any]:
+    out = _pick(c, _CONTAINER)
+    if out.get("name") == names.PROXY_CONTAINER:
+        env = [
+            e
+            for e in c.get("env") or ()
+            if isinstance(e, Mapping)
+            and str(e.get("name", "")).startswith("SIDEMESH_")
+            and e.get("name") != names.ENV_APP_PROBES
+        ]
+        if env:
+            out["env"] = env
+    return out
+
+
 def _ours(key: str) -> bool:
     domain = key.partition("/")[0] if "/" in key else ""
     return (domain == "sidemesh.io" or domain.endswith(".sidemesh.io")) and (
@@ -94,7 +111,7 @@ def slim(kind: str, obj: Mapping[str, Any], api_version: str = "") -> dict[str, 
         slim_spec = _pick(spec, _POD_SPEC)
         for key in ("initContainers", "containers"):
             if spec.get(key):
-                slim_spec[key] = [_pick(c, _CONTAINER) for c in spec[key]]
+                slim_spec[key] = [_container(c) for c in spec[key]]
         out["spec"] = slim_spec
         out["status"] = _pick(obj.get("status"), _POD_STATUS)
     return out
