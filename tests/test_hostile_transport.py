@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import select
 import ssl
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -228,3 +229,8 @@ def test_the_server_still_answers_after_all_of_it(server: Serve) -> None:
     with server.client() as client:
         assert client.get("/healthz").status_code == 200
     assert server.proc.poll() is None
+
+
+def test_the_certificate_directory_serve_creates_is_private(server: Serve) -> None:
+    """It holds ca.key: created 0700 whatever the umask (it was 0755 under umask 022)."""
+    assert stat.S_IMODE(server.cert_dir.stat().st_mode) == 0o700
