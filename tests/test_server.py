@@ -232,3 +232,34 @@ def test_tls_1_3_is_preferred_and_nothing_below_1_2_is_accepted(webhook: Running
     with pytest.raises((ssl.SSLError, ConnectionError)) as info:
         _handshake(webhook, old)
     assert "NO_PROTOCOLS_AVAILABLE" not in str(info.value)  # refused by the server
+
+
+def test_a_bug_in_a_route_is_a_fixed_500_and_is_counted(tmp_path: Path) -> None:
+    """No exception text reaches the client; sidemesh_unexpected_errors_total says a bug ran."""
+    from fastapi import APIRouter
+
+    from tests.support.server_thread import ServerThread
+    from tests.support.webhook_https import client_ssl, make_pki
+    from webhook.ca.authority import TLS_KEY
+    from webhook.server.app import create_app
+    from webhook.server.metrics import Metrics
+    from webhook.server.tlsreload import ReloadingTLS
+
+    router = APIRouter()
+
+    @router.get("/boom")
+    async def boom() -> None:
+        raise RuntimeError("secret internals")
+
+    certs = make_pki(tmp_path / "pki")
+    metrics = Metrics()
+    tls = ReloadingTLS(certs / TLS_CERT, certs / TLS_KEY, check_interval=0)
+    app = create_app(config=MeshConfig(), bundle="", metrics=metrics, tls=tls, routers=[router])
+    with (
+        ServerThread(app, tls) as srv,
+        httpx.Client(base_url=srv.url, verify=client_ssl(certs / CA_CERT)) as c,
+    ):
+        r = c.get("/boom")
+        assert r.status_code == 500 and "secret" not in r.text
+        assert r.json()["error"] == "internal"
+        assert 'sidemesh_unexpected_errors_total{where="app"} 1.0' in c.get("/metrics").text

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import orjson
 import uvicorn
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import Response
 
 from webhook import __version__
@@ -119,6 +119,17 @@ def create_app(
     app.state.tls = tls
     app.state.draining = False
 
+    async def unexpected(_request: Request, _exc: Exception) -> Response:
+        # A bug in a route: Starlette re-raises it to uvicorn, which logs the traceback;
+        # counted here and answered without the exception's text.
+        metrics.unexpected.labels("app").inc()
+        body = b'{"error":"internal","message":"sidemesh could not answer; see its log"}'
+        # uvicorn closes the connection after an app exception: say so, so that no client
+        # sends its next request on it.
+        headers = {"connection": "close"}
+        return Response(body, status_code=500, media_type=_JSON, headers=headers)
+
+    app.add_exception_handler(Exception, unexpected)
     app.add_middleware(
         MutateEndpoint,
         injector=bound_injector,
