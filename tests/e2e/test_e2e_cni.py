@@ -13,7 +13,6 @@ certificate from the CA, the app. The data-plane checks of the classic end-to-en
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import time
@@ -47,7 +46,9 @@ pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 TRUST_DOMAIN = "cluster.local"
 
 
-def manifest(name: str, annotations: dict[str, str], ports: list[int]) -> dict[str, Any]:
+def manifest(
+    name: str, annotations: dict[str, str], ports: list[int], **probes: Any
+) -> dict[str, Any]:
     """An ordinary Pod whose author follows Pod Security ``restricted``."""
     return {
         "apiVersion": "v1",
@@ -70,6 +71,7 @@ def manifest(name: str, annotations: dict[str, str], ports: list[int]) -> dict[s
                         "allowPrivilegeEscalation": False,
                         "capabilities": {"drop": ["ALL"]},
                     },
+                    **probes,
                 }
             ],
         },
@@ -164,8 +166,21 @@ def _nat(pod: Pod) -> str:
     return pod.ns.run(["iptables-save", "-t", "nat"]).stdout
 
 
+def _plain(node: CniNode, name: str) -> Pod:
+    """A pod of a namespace without injection: the plugin passes it through."""
+    pod = manifest(name, {}, [7070])
+    pod["metadata"]["namespace"] = "plain"
+    net = node.add_pod(pod, name, "plain", name)
+    net.ns.spawn([PYTHON, MESHAPP, "serve", "7070", "8080"], uid=APP_UID, gid=APP_UID).expect(
+        "listening"
+    )
+    assert "SIDEMESH" not in _nat(net), "a pod that is not injected gets no rules"
+    return net
+
+
 def _checks(lab: NetnsLab, node: CniNode) -> None:
     _, url, pki = _serve(lab, node)
+    outside, ext = _plain(node, "outside"), _plain(node, "ext")
     server = _meshed(
         lab,
         node,
@@ -178,17 +193,18 @@ def _checks(lab: NetnsLab, node: CniNode) -> None:
                 "traffic.sidemesh.io/exclude-inbound-ports": "9090",
             },
             [8080, 9090],
+            readinessProbe={"httpGet": {"path": "/ready", "port": 8080}, "periodSeconds": 5},
         ),
         ["8080", "9090"],
     )
-    client = _meshed(lab, node, url, pki, manifest("client", {}, [8080]), ["8080"])
-    plain = copy.deepcopy(manifest("outside", {}, [7070]))
-    plain["metadata"]["namespace"] = "plain"
-    outside = node.add_pod(plain, "outside", "plain", "outside")
-    outside.ns.spawn([PYTHON, MESHAPP, "serve", "7070", "8080"], uid=APP_UID, gid=APP_UID).expect(
-        "listening"
+    client = _meshed(
+        lab,
+        node,
+        url,
+        pki,
+        manifest("client", {"traffic.sidemesh.io/exclude-outbound-cidrs": f"{ext.ip}/32"}, [8080]),
+        ["8080"],
     )
-    assert "SIDEMESH" not in _nat(outside), "a pod that is not injected gets no rules"
 
     # client app → server app through both sidecars with mTLS: the server app sees the client's
     # SPIFFE id, delivered by the server's Envoy from 127.0.0.6
@@ -212,7 +228,11 @@ def _checks(lab: NetnsLab, node: CniNode) -> None:
     assert is_direct(app(client.ns, "get", outside.ip, "7070", "/as-proxy", uid=1337))
     assert not is_direct(app(client.ns, "get", outside.ip, "7070", "/as-app"))
     assert is_direct(app(outside.ns, "get", server.pod_net.ip, "9090", "/excluded-in"))
+    assert is_direct(app(client.ns, "get", ext.ip, "7070", "/excluded-out"))
+
+    # the kubelet's probes reach the proxy's ports, and the rewritten app probe runs the app's
     assert server.kubelet_get(15021, "/healthz/ready")[0] == 200
+    assert server.kubelet_get(15020, "/app-health/app/readyz") == (200, "app answered 200\n")
 
     # the sandbox goes away: the runtime stops the containers, then DEL through the chain
     for proc in client.procs.values():
