@@ -166,15 +166,23 @@ def validate_container(config: MeshConfig, ov: Overrides) -> dict[str, Any]:
         "args": list(_strings(config, ov).init_args),
         "resources": _resources(ov),
         "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsGroup": uid,
-            "runAsNonRoot": True,
-            "runAsUser": uid,
+            **_unprivileged(uid, uid),
             "seccompProfile": {"type": _RUNTIME_DEFAULT_SECCOMP},
         },
+    }
+
+
+def _unprivileged(uid: int, gid: int) -> dict[str, Any]:
+    """The security context of the containers that need no privilege (the proxy, the CNI-mode
+    check): every capability dropped, read-only root, a fixed non-root uid/gid."""
+    return {
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"drop": ["ALL"]},
+        "privileged": False,
+        "readOnlyRootFilesystem": True,
+        "runAsGroup": gid,
+        "runAsNonRoot": True,
+        "runAsUser": uid,
     }
 
 
@@ -239,15 +247,7 @@ def proxy_container(
         ],
         "readinessProbe": _health_probe(health, 2, 30),
         "resources": _resources(ov),
-        "securityContext": {
-            "allowPrivilegeEscalation": False,
-            "capabilities": {"drop": ["ALL"]},
-            "privileged": False,
-            "readOnlyRootFilesystem": True,
-            "runAsGroup": px.gid,
-            "runAsNonRoot": True,
-            "runAsUser": px.uid,
-        },
+        "securityContext": _unprivileged(px.uid, px.gid),
         "volumeMounts": [
             {"name": names.VOLUME_CERTS, "mountPath": names.CERTS_DIR},
             {"name": names.VOLUME_TOKEN, "mountPath": names.TOKEN_DIR, "readOnly": True},
