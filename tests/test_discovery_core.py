@@ -22,7 +22,7 @@ def _drain(conn: ProxyConn) -> list[discovery_pb2.DeltaDiscoveryResponse]:
     while not conn.queue.empty():
         item = conn.queue.get_nowait()
         assert item is not None
-        out.append(item)
+        out.append(discovery_pb2.DeltaDiscoveryResponse.FromString(item))
     return out
 
 
@@ -119,5 +119,28 @@ def test_a_pod_that_cannot_be_found_gets_nothing() -> None:
         d.start(asyncio.get_running_loop())
         assert await d.wait_for_pod("demo", "ghost", 0.05) is None
         assert await d.wait_for_pod("demo", "frontend-1", 0.05) is not None
+
+    asyncio.run(run())
+
+
+def test_scoped_sidecar_sees_its_namespace_and_declared_dependencies_only() -> None:
+    async def run() -> None:
+        store, _, conn = _setup(scoped=True, quiet=0.01)
+        other = {
+            "kind": "Service",
+            "metadata": {"name": "ledger", "namespace": "finance"},
+            "spec": {"clusterIP": "10.96.9.9", "ports": [{"name": "http", "port": 80}]},
+        }
+        store.upsert(other)
+        await asyncio.sleep(0.3)
+        ledger = "outbound|80||ledger.finance.svc.cluster.local"
+        sent = {r.name for resp in _drain(conn) for r in resp.resources}
+        assert BACKEND in sent and ledger not in sent
+        pod = copy.deepcopy(store.get("Pod", "demo", "frontend-1"))
+        assert pod is not None
+        pod["metadata"]["annotations"]["sidemesh.io/dependencies"] = "finance/ledger"
+        store.upsert(pod)
+        await asyncio.sleep(0.3)
+        assert ledger in {r.name for resp in _drain(conn) for r in resp.resources}
 
     asyncio.run(run())

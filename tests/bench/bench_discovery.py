@@ -181,7 +181,7 @@ def _all_acked(cp: Any, type_urls: tuple[str, ...], n: int) -> bool:
                     return False
         return True
 
-    return bool(cp.call(check))
+    return bool(cp.call(check, timeout=300))
 
 
 def _rss_mib() -> float:
@@ -229,7 +229,7 @@ def measure_changes(cp: Any, store: ObjectStore, changes: int, n: int) -> list[f
             state["start"] = time.perf_counter()
             store.upsert(obj)  # as a source would: the store tells the engine
 
-        cp.call(start)
+        cp.call(start, timeout=300)
         if not done.wait(30):
             raise TimeoutError(f"change {i}: {len(state['acked'])}/{n} proxies ACKed")
         spans.append(state["end"] - state["start"])

@@ -80,11 +80,13 @@ class ControlPlane:
     loop: asyncio.AbstractEventLoop
     address: str
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def call(self, fn: Callable[..., Any], *args: Any, timeout: float = 10) -> Any:
+        """Run ``fn(*args)`` on the control plane's loop (its state lives there)."""
+
         async def go() -> Any:
             return fn(*args)
 
-        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout=10)
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(timeout=timeout)
 
 
 @contextmanager

@@ -83,7 +83,7 @@ class AdsService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: igno
 
     async def DeltaAggregatedResources(
         self, request_iterator: AsyncIterator[discovery_pb2.DeltaDiscoveryRequest], context: Any
-    ) -> AsyncIterator[discovery_pb2.DeltaDiscoveryResponse]:
+    ) -> AsyncIterator[bytes]:
         d = self.discovery
         spiffe_id = peer_spiffe_id(context)
         ident = _identity_parts(spiffe_id or "", d.settings.trust_domain)
@@ -160,7 +160,25 @@ async def serve_ads(discovery: Discovery, address: str, credentials: Any) -> grp
             ("grpc.max_receive_message_length", 16 << 20),
         ]
     )
-    ads_pb2_grpc.add_AggregatedDiscoveryServiceServicer_to_server(AdsService(discovery), server)
+    service = AdsService(discovery)
+    # Responses are assembled from cached bytes by the push engine: pass them through as they
+    # are instead of letting the generated stub serialise a message again.
+    handler = grpc.method_handlers_generic_handler(
+        "envoy.service.discovery.v3.AggregatedDiscoveryService",
+        {
+            "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                service.DeltaAggregatedResources,
+                request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
+                response_serializer=bytes,
+            ),
+            "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
+                service.StreamAggregatedResources,
+                request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
+                response_serializer=discovery_pb2.DiscoveryResponse.SerializeToString,
+            ),
+        },
+    )
+    server.add_generic_rpc_handlers((handler,))
     port = server.add_secure_port(address, credentials)
     if port == 0:
         raise OSError(f"cannot listen on {address} for xDS")

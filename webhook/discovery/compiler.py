@@ -50,6 +50,7 @@ __all__ = [
     "local_clusters",
     "proxy_options",
     "proxy_resources",
+    "scoped_meshed_pods",
 ]
 
 CLUSTER: Final = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
@@ -266,12 +267,14 @@ def _port_ranges(ports: Iterable[int]) -> dict[str, Any]:
 
 
 def _outbound_listener(
-    model: MeshModel, opts: bs.BootstrapOptions, services: Iterable[Service]
+    model: MeshModel,
+    opts: bs.BootstrapOptions,
+    services: Iterable[Service],
+    meshed: Mapping[str, frozenset[int]],
 ) -> dict[str, Any]:
     listener = bs._outbound_listener(opts)
     plain = set(bs._plain_ports(opts))
     chains = [c for c in listener["filter_chains"] if c["name"].startswith("outbound-plain-")]
-    meshed = model.meshed_pod_ports()
     service_ports: set[int] = set()
     no_sniff: set[int] = set(plain)
     for svc in services:
@@ -324,10 +327,30 @@ def _inbound_listener(model: MeshModel, opts: bs.BootstrapOptions, pod: PodInfo)
     return listener
 
 
+def scoped_meshed_pods(
+    model: MeshModel, pod: PodInfo, services: Iterable[Service]
+) -> dict[str, frozenset[int]]:
+    """The meshed pod IPs a scoped sidecar knows: its namespace's and its Services' endpoints
+    (others it reaches by pod IP go through as passthrough)."""
+    all_meshed = model.meshed_pod_ports()
+    ips = {ip for p in model.pods.values() if p.namespace == pod.namespace for ip in p.ips}
+    for svc in services:
+        for port in svc.ports:
+            ips.update(e.ip for e in model.endpoints_of(svc, port))
+    return {ip: all_meshed[ip] for ip in sorted(ips) if ip in all_meshed}
+
+
 def build_listeners(
-    model: MeshModel, opts: bs.BootstrapOptions, pod: PodInfo, services: Iterable[Service]
+    model: MeshModel,
+    opts: bs.BootstrapOptions,
+    pod: PodInfo,
+    services: Iterable[Service],
+    meshed: Mapping[str, frozenset[int]] | None = None,
 ) -> dict[str, dict[str, Any]]:
-    out = [_outbound_listener(model, opts, services), _inbound_listener(model, opts, pod)]
+    """``meshed``: the meshed pod IPs to program (default: all of the mesh)."""
+    services = list(services)
+    known = model.meshed_pod_ports() if meshed is None else meshed
+    out = [_outbound_listener(model, opts, services, known), _inbound_listener(model, opts, pod)]
     return {listener["name"]: listener for listener in out}
 
 

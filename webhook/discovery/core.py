@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from envoy.service.discovery.v3 import discovery_pb2
-from google.protobuf import any_pb2
 
 from webhook import names
 from webhook.config import DEFAULTS, Ports
@@ -35,7 +34,7 @@ from webhook.discovery.model import (
     update_endpoints,
 )
 from webhook.discovery.parsecache import ParseCache
-from webhook.discovery.resources import Encoded, encode
+from webhook.discovery.resources import Encoded, delta_response, encode
 from webhook.discovery.scope import services_in_scope
 from webhook.discovery.store import KINDS, Key, ObjectStore, key_of
 from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
@@ -75,7 +74,8 @@ class ProxyConn:
     peer: str
     node_id: str
     connected_at: float
-    queue: asyncio.Queue[discovery_pb2.DeltaDiscoveryResponse | None]
+    #: Serialised DeltaDiscoveryResponses (None ends the stream).
+    queue: asyncio.Queue[bytes | None]
     types: dict[str, TypeState] = field(default_factory=dict)
     scope: frozenset[str] = frozenset()
     local: dict[str, dict[str, Encoded]] = field(default_factory=dict)
@@ -334,10 +334,15 @@ class Discovery:
             clusters = {n: encode(cc.CLUSTER, c) for n, c in cc.local_clusters(opts).items()}
             self._listener_cache[key] = clusters
         server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
-        lkey = ("listeners", conn.scope, ipv6, pod.inbound_mtls, server_first)
+        own = pod.namespace if self.settings.scoped else ""
+        lkey = ("listeners", conn.scope, own, ipv6, pod.inbound_mtls, server_first)
         listeners = self._listener_cache.get(lkey)
         if listeners is None:
-            built = cc.build_listeners(self.model, opts, pod, self._services(conn.scope))
+            services = self._services(conn.scope)
+            meshed = (
+                cc.scoped_meshed_pods(self.model, pod, services) if self.settings.scoped else None
+            )
+            built = cc.build_listeners(self.model, opts, pod, services, meshed)
             listeners = {n: encode(cc.LISTENER, v) for n, v in built.items()}
             self._listener_cache[lkey] = listeners
         return {cc.CLUSTER: clusters, cc.LISTENER: listeners}
@@ -402,16 +407,10 @@ class Discovery:
     ) -> None:
         conn.nonce += 1
         nonce = str(conn.nonce)
-        resp = discovery_pb2.DeltaDiscoveryResponse(
-            type_url=type_url, nonce=nonce, system_version_info=str(self.generation)
-        )
-        size = 0
-        for name in sorted(updates):
-            enc = updates[name]
-            size += len(enc.body)
-            r = resp.resources.add(name=name, version=enc.version)
-            r.resource.CopyFrom(any_pb2.Any(type_url=type_url, value=enc.body))
-        resp.removed_resources.extend(sorted(removed))
+        names = sorted(updates)
+        wrapped = [updates[n].wrapped(n, type_url) for n in names]
+        resp = delta_response(type_url, nonce, str(self.generation), wrapped, sorted(removed))
+        size = len(resp)
         ts.record_sent(nonce, updates, removed, self._clock())
         metrics.PUSHES.labels(_short(type_url)).inc()
         metrics.PUSH_BYTES.labels(_short(type_url)).inc(size)

@@ -35,7 +35,7 @@ from google.protobuf import json_format
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from webhook.errors import SidemeshError
 
-__all__ = ["Encoded", "encode", "version_of"]
+__all__ = ["Encoded", "delta_response", "encode", "version_of"]
 
 _MESSAGES: Final[dict[str, Any]] = {
     CLUSTER: cluster_pb2.Cluster,
@@ -48,17 +48,62 @@ _MESSAGES: Final[dict[str, Any]] = {
 class Encoded:
     """One resource as sent: its serialised bytes and their content-hash version."""
 
-    __slots__ = ("body", "version")
+    __slots__ = ("_wrapped", "body", "version")
 
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.version = version_of(body)
+        self._wrapped: dict[str, bytes] = {}
+
+    def wrapped(self, name: str, type_url: str) -> bytes:
+        """The serialised ``Resource`` (name, version, Any) that carries it, made once: a
+        response to any number of proxies is then assembled from cached bytes."""
+        out = self._wrapped.get(name)
+        if out is None:
+            any_msg = _field(1, type_url.encode()) + _field(2, self.body)
+            out = _field(3, name.encode()) + _field(1, self.version.encode()) + _field(2, any_msg)
+            self._wrapped[name] = out
+        return out
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Encoded) and other.body == self.body
 
     def __hash__(self) -> int:
         return hash(self.body)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field (strings, bytes, sub-messages)."""
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def delta_response(
+    type_url: str,
+    nonce: str,
+    system_version: str,
+    resources: list[bytes],
+    removed: list[str],
+) -> bytes:
+    """A serialised ``DeltaDiscoveryResponse`` from pre-serialised ``Resource`` messages
+    (protobuf messages concatenate: a repeated field is its elements one after another)."""
+    parts = [_field(1, system_version.encode())]
+    parts += [_field(2, r) for r in resources]
+    parts.append(_field(4, type_url.encode()))
+    parts.append(_field(5, nonce.encode()))
+    parts += [_field(6, n.encode()) for n in removed]
+    return b"".join(parts)
 
 
 def version_of(body: bytes) -> str:
