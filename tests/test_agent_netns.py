@@ -12,7 +12,6 @@ import os
 import signal
 import stat
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -21,11 +20,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import envoy_binary, require_root, require_tools
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from meshlab import SIDEMESH, envoy_pids
-
 from tests.support.jwks_issuer import Issuer
+from tests.support.meshlab import SIDEMESH, envoy_pids
 from tests.support.netns import Netns, NetnsLab
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy]

@@ -30,11 +30,11 @@ from prometheus_client import CollectorRegistry
 from tests.conftest import REPO, require_tools
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import DEFAULT_ISSUER, Issuer
+from tests.support.pki import make_csr
 from tests.support.serve_process import SIDEMESH, Serve
 from tests.support.server_thread import ServerThread
+from tests.support.wait import wait_for
 from tests.support.webhook_https import admission_review, client_ssl, simple_pod
-from tests.test_ca import make_csr
-from tests.test_tlsreload import wait_for
 from webhook import names
 from webhook.ca.api import router_from_config
 from webhook.ca.authority import (

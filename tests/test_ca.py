@@ -7,17 +7,17 @@ parsed: names, usages and validity are what a peer will actually look at.
 from __future__ import annotations
 
 import base64
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.conftest import require_tools
+from tests.support.pki import make_csr, openssl_verify, rsa_key
 from webhook.ca.authority import (
     CLOCK_SKEW,
     DEFAULT_SERVING_DNS,
@@ -31,50 +31,6 @@ from webhook.errors import IdentityError, PKIError
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
 SPIFFE = "spiffe://cluster.local/ns/shop/sa/cart"
-
-# RSA key generation costs ~50 ms: one key per size for the whole module.
-_RSA: dict[int, rsa.RSAPrivateKey] = {}
-
-
-def rsa_key(bits: int = 2048) -> rsa.RSAPrivateKey:
-    if bits not in _RSA:
-        _RSA[bits] = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    return _RSA[bits]
-
-
-def make_csr(
-    key: object | None = None,
-    *,
-    cn: str | None = None,
-    uris: tuple[str, ...] = (),
-    dns: tuple[str, ...] = (),
-) -> bytes:
-    """A PEM CSR signed by ``key`` (a fresh P-256 key by default), with optional names."""
-    private = key if key is not None else ec.generate_private_key(ec.SECP256R1())
-    builder = x509.CertificateSigningRequestBuilder().subject_name(
-        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)] if cn else [])
-    )
-    sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
-    sans += [x509.DNSName(d) for d in dns]
-    if sans:
-        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-    algorithm = None if isinstance(private, ed25519.Ed25519PrivateKey) else hashes.SHA256()
-    return builder.sign(private, algorithm).public_bytes(serialization.Encoding.PEM)  # type: ignore[arg-type]
-
-
-def openssl_verify(
-    tmp: Path, root_pem: str, cert_pem: str, *, purpose: str, at: datetime | None = None
-) -> None:
-    """``openssl verify -CAfile`` must answer OK (``at`` = -attime for time-shifted CAs)."""
-    require_tools("openssl")
-    ca_file, leaf = tmp / "verify-ca.pem", tmp / "verify-leaf.pem"
-    ca_file.write_text(root_pem)
-    leaf.write_text(cert_pem)
-    cmd = ["openssl", "verify", "-CAfile", str(ca_file), "-purpose", purpose]
-    if at is not None:
-        cmd += ["-attime", str(int(at.timestamp()))]
-    out = subprocess.run([*cmd, str(leaf)], capture_output=True, text=True, check=False)
-    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stdout + out.stderr
 
 
 def ext(cert: x509.Certificate, cls: type) -> x509.Extension:  # type: ignore[type-arg]
@@ -170,7 +126,7 @@ def test_serving_cert_with_custom_names(ca: CertificateAuthority, tmp_path: Path
 def test_workload_cert_for_each_accepted_key(
     ca: CertificateAuthority, tmp_path: Path, kind: str
 ) -> None:
-    key = {
+    key: Any = {
         "p256": lambda: ec.generate_private_key(ec.SECP256R1()),
         "p384": lambda: ec.generate_private_key(ec.SECP384R1()),
         "rsa2048": lambda: rsa_key(2048),

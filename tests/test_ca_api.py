@@ -11,89 +11,22 @@ import ssl
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-import httpx
 import pytest
-import uvicorn
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from fastapi import FastAPI
-from prometheus_client import CollectorRegistry
-from test_ca import make_csr, openssl_verify, rsa_key
 
+from tests.support.ca_server import CAServer, post, serve_ca
 from tests.support.jwks_issuer import Issuer
+from tests.support.pki import make_csr, openssl_verify, rsa_key
 from webhook.ca.api import VerifierOptions, router_from_config
-from webhook.ca.authority import CA_CERT, CertificateAuthority, ensure_dev_pki
-from webhook.ca.tokens import JWKSVerifier, TokenVerifier
+from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
+from webhook.ca.tokens import JWKSVerifier
 from webhook.config import CAConfig, MeshConfig
-
-
-@dataclass
-class CAServer:
-    url: str
-    cert_dir: Path
-    registry: CollectorRegistry
-
-    @property
-    def ca(self) -> CertificateAuthority:
-        return CertificateAuthority.load(self.cert_dir)
-
-    def client(self) -> httpx.Client:
-        ctx = ssl.create_default_context(cafile=str(self.cert_dir / CA_CERT))
-        return httpx.Client(base_url=self.url, verify=ctx, timeout=10)
-
-    def metric(self, name: str, **labels: str) -> float:
-        return self.registry.get_sample_value(name, labels) or 0.0
-
-
-@contextlib.contextmanager
-def serve_ca(
-    cert_dir: Path, verifier: TokenVerifier, config: MeshConfig | None = None
-) -> Iterator[CAServer]:
-    """The CA router in a FastAPI app, served by uvicorn over HTTPS on a free local port."""
-    ensure_dev_pki(cert_dir, now=datetime.now(UTC))
-    registry = CollectorRegistry()
-    router = router_from_config(config or MeshConfig(), cert_dir, verifier, registry=registry)
-    assert router is not None
-    app = FastAPI()
-    app.include_router(router)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(
-        uvicorn.Config(
-            app,
-            ssl_certfile=str(cert_dir / "tls.crt"),
-            ssl_keyfile=str(cert_dir / "tls.key"),
-            loop="uvloop",
-            http="httptools",
-            lifespan="off",
-            log_level="warning",
-            access_log=False,
-        )
-    )
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield CAServer(f"https://127.0.0.1:{port}", cert_dir, registry)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        sock.close()
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Issuer:
-    return Issuer.create()
 
 
 @pytest.fixture(scope="module")
@@ -107,16 +40,6 @@ def server(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator
     verifier = JWKSVerifier(issuer.issuer_url, jwks=issuer.jwks())
     with serve_ca(tmp_path_factory.mktemp("pki"), verifier, config) as srv:
         yield srv
-
-
-def post(srv: CAServer, body: Any, token: str | None, **kwargs: Any) -> httpx.Response:
-    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    headers["Content-Type"] = "application/json"
-    headers.update(kwargs.pop("headers", {}))
-    with srv.client() as client:
-        if isinstance(body, bytes):
-            return client.post("/v1/certificates", content=body, headers=headers, **kwargs)
-        return client.post("/v1/certificates", json=body, headers=headers, **kwargs)
 
 
 def test_a_token_and_a_csr_give_a_spiffe_certificate(
@@ -206,7 +129,7 @@ def test_a_chunked_body_above_the_limit_is_413(server: CAServer, issuer: Issuer)
         for _ in range(20):
             yield b"x" * 1024
 
-    resp = post(server, None, issuer.token("a", "b"), content=chunks())  # type: ignore[arg-type]
+    resp = post(server, None, issuer.token("a", "b"), content=chunks())
     assert resp.status_code == 413
 
 
@@ -298,7 +221,8 @@ def _workload_context(
 def _peer_uri(sock: ssl.SSLSocket) -> str:
     peer = sock.getpeercert()
     assert peer is not None
-    uris = [v for k, v in peer.get("subjectAltName", ()) if k == "URI"]
+    sans = cast(tuple[tuple[str, str], ...], peer.get("subjectAltName", ()))
+    uris = [v for k, v in sans if k == "URI"]
     assert len(uris) == 1
     return str(uris[0])
 

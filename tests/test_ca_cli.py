@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import base64
 import subprocess
-import sys
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 
 from tests.conftest import REPO, require_tools
-
-SIDEMESH = [sys.executable, "-m", "webhook"]
+from tests.support.serve_process import SIDEMESH
 
 
 def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -144,7 +144,7 @@ def test_golden_is_valid_for_envoy(case: str, tmp_path: Path) -> None:
 
 
 def _chains(listener: dict[str, object]) -> dict[str, dict[str, object]]:
-    return {c["name"]: c for c in listener["filter_chains"]}  # type: ignore[attr-defined,index]
+    return {c["name"]: c for c in listener["filter_chains"]}  # type: ignore[attr-defined]
 
 
 def _listener(opts: BootstrapOptions, name: str) -> dict[str, object]:

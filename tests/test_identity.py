@@ -26,11 +26,6 @@ NOW = float(int(time.time()))
 
 
 @pytest.fixture(scope="module")
-def issuer() -> Issuer:
-    return Issuer.create()
-
-
-@pytest.fixture(scope="module")
 def verifier(issuer: Issuer) -> JWKSVerifier:
     return JWKSVerifier(issuer.issuer_url, jwks=issuer.jwks(), clock=lambda: NOW)
 

@@ -31,6 +31,7 @@ from kubernetes_validate.utils import latest_version
 from tests.conftest import REPO, require_tools
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
+from tests.support.pki import openssl_verify_result
 from webhook import names
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
 from webhook.errors import PKIError
@@ -49,11 +50,6 @@ Obj = dict[str, Any]
 @pytest.fixture(autouse=True)
 def _kubectl() -> None:
     require_tools("kubectl", "openssl")
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Issuer:
-    return Issuer.create()
 
 
 @pytest.fixture
@@ -142,13 +138,8 @@ def ca_bundle(objects: list[Obj]) -> bytes:
 def openssl_verify(
     tmp_path: Path, root_pem: bytes, cert_pem: bytes, host: str = SERVICE_HOST
 ) -> subprocess.CompletedProcess[str]:
-    (tmp_path / "bundle.pem").write_bytes(root_pem)
-    (tmp_path / "serving.pem").write_bytes(cert_pem)
-    return subprocess.run(
-        ["openssl", "verify", "-CAfile", str(tmp_path / "bundle.pem"), "-purpose", "sslserver",
-         "-verify_hostname", host, str(tmp_path / "serving.pem")],
-        capture_output=True, text=True, check=False,
-    )  # fmt: skip
+    """What a client dialling ``host`` gets from ``openssl verify``."""
+    return openssl_verify_result(tmp_path, root_pem, cert_pem, purpose="sslserver", hostname=host)
 
 
 # --- install -----------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import base64
 import json
 import os
 import shutil
-import socket
 import ssl
 import subprocess
 import sys
@@ -33,6 +32,7 @@ import yaml
 from tests.conftest import REPO, require_root, require_tools
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
+from tests.support.ports import free_port
 from webhook import names
 from webhook.install.cluster import Options, install
 from webhook.install.runner import Completed
@@ -111,13 +111,6 @@ def lay_out_volumes(objects: list[Obj], root: Path, group: int | None) -> dict[s
             d.chmod(0o1770)
         dirs[mount["mountPath"]] = d
     return dirs
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def container_argv(objects: list[Obj], dirs: dict[str, Path], ports: dict[str, int]) -> list[str]:

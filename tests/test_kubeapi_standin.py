@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
-from test_ca import make_csr, openssl_verify
-from test_ca_api import post, serve_ca
 
 from tests.support.apiserver_standin import APIServerStandin
+from tests.support.ca_server import post, serve_ca
 from tests.support.jwks_issuer import Issuer
+from tests.support.pki import make_csr, openssl_verify
 from webhook.ca.api import VerifierOptions
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
 from webhook.ca.tokens import Identity, JWKSVerifier, TokenReviewVerifier
@@ -26,11 +26,6 @@ from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
 from webhook.kube.client import KubeAPIError, KubeClient
 from webhook.server.logs import configure_logging
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Issuer:
-    return Issuer.create()
 
 
 @pytest.fixture

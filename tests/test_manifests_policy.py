@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -264,7 +264,7 @@ def test_restricted_checker_rejects_what_restricted_rejects(base: list[Obj]) -> 
         ctx: Obj = spec["containers"][0]["securityContext"]
         return ctx
 
-    edits = {
+    edits: dict[str, Callable[[Obj], object]] = {
         "hostNetwork": lambda s: s.update(hostNetwork=True),
         "hostPath": lambda s: s["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
         "privileged": lambda s: sc(s).update(privileged=True),

@@ -22,7 +22,8 @@ from cryptography.x509.oid import NameOID
 
 from tests.conftest import REPO, require_tools
 from tests.support.jwks_issuer import DEFAULT_ISSUER, Issuer
-from tests.support.serve_process import SIDEMESH, Serve, free_port
+from tests.support.ports import free_port
+from tests.support.serve_process import SIDEMESH, Serve
 from tests.support.webhook_https import SAMPLE_REVIEW, admission_review, client_ssl, simple_pod
 
 

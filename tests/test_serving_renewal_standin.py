@@ -25,11 +25,12 @@ from typing import Any
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from test_ca import openssl_verify
 
 from tests.conftest import require_tools
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
+from tests.support.pki import openssl_verify
+from tests.support.programs import PROGRAMS
 from webhook.ca.authority import SERVICE_DNS_NAMES, CertificateAuthority, write_serving_pair
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
@@ -38,32 +39,10 @@ from webhook.kube.client import KubeAPIError
 REPO = Path(__file__).resolve().parents[1]
 NOW = datetime.now(UTC)
 TLS = ("sidemesh-system", "sidemesh-tls")
-
 #: The child: `sidemesh serve`'s upkeep, ROUNDS rounds, logging to stderr.
-_UPKEEP = """
-import asyncio, logging, sys
-from pathlib import Path
-from webhook.ca.upkeep import upkeep_from_config
-from webhook.config import MeshConfig
-
-logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
-cert_dir, kubeconfig, rounds = Path(sys.argv[1]), sys.argv[2] or None, int(sys.argv[3])
-upkeep = upkeep_from_config(MeshConfig(), cert_dir, kubeconfig=kubeconfig)
-assert upkeep is not None
-
-async def main() -> None:
-    for _ in range(rounds):
-        await upkeep.run_once()
-
-asyncio.run(main())
-"""
+UPKEEP = str(PROGRAMS / "upkeep_rounds.py")
 
 WARNING = "is due for renewal but the directory is read-only"
-
-
-@pytest.fixture(scope="module")
-def issuer() -> Issuer:
-    return Issuer.create()
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +76,12 @@ def with_standin(
 
 def start_upkeep(cert_dir: Path, kubeconfig: Path | None, rounds: int) -> subprocess.Popen[str]:
     """The upkeep in a child process that cannot write ``cert_dir``."""
-    cmd = [sys.executable, "-c", _UPKEEP, str(cert_dir), str(kubeconfig or ""), str(rounds)]
+    cmd = [sys.executable, UPKEEP, str(cert_dir), str(kubeconfig or ""), str(rounds)]
     if os.geteuid() == 0:
         require_tools("unshare", "mount")
         remount = 'mount --bind -o ro "$0" "$0" && exec "$@"'
         cmd = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", remount]
-        cmd += [str(cert_dir), sys.executable, "-c", _UPKEEP]
+        cmd += [str(cert_dir), sys.executable, UPKEEP]
         cmd += [str(cert_dir), str(kubeconfig or ""), str(rounds)]
     else:
         cert_dir.chmod(0o555)

@@ -13,8 +13,7 @@ import shutil
 import socket
 import ssl
 import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -23,6 +22,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from tests.support.wait import wait_for
 from tests.support.webhook_https import (
     Running,
     admission_review,
@@ -134,13 +134,6 @@ class Load:
         self._stop.set()
         for t in self._threads:
             t.join(timeout=10)
-
-
-def wait_for(condition: Callable[[], bool], timeout: float = 10) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.05)
 
 
 @pytest.fixture()

@@ -33,9 +33,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-TESTS = Path(__file__).resolve().parent.parent
-REPO = TESTS.parent
-sys.path.insert(0, str(TESTS))
+REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
 from cryptography import x509  # noqa: E402
@@ -43,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from tests.support.jwks_issuer import Issuer  # noqa: E402
+from tests.support.ports import free_port  # noqa: E402
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki  # noqa: E402
 from webhook.ca.tokens import JWKSVerifier  # noqa: E402
 
@@ -93,12 +92,6 @@ def bench_token(seconds: float, issuer: Issuer) -> dict[str, float]:
 
 
 # --- the HTTPS API ------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def serve_router(cert_dir: str, port: int) -> None:
@@ -197,7 +190,7 @@ def bench_api(
     ctx = ssl.create_default_context(cafile=str(ca_file))
 
     async def run(duration: float) -> tuple[int, list[str]]:
-        counts, errors = [0], []
+        counts, errors = [0], list[str]()
         until = time.perf_counter() + duration
         await asyncio.gather(
             *(_client(port, ctx, requests, until, counts, errors) for _ in range(connections))

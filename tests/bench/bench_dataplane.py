@@ -24,10 +24,16 @@ from typing import Any
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
-sys.path[:0] = [str(HERE.parent), str(HERE.parent / "e2e")]
+sys.path.insert(0, str(REPO))
 
-from meshlab import APP_UID, SIDEMESH, app, envoy_pids, is_direct, start_mesh  # noqa: E402
-
+from tests.support.meshlab import (  # noqa: E402
+    APP_UID,
+    SIDEMESH,
+    app,
+    envoy_pids,
+    is_direct,
+    start_mesh,
+)
 from tests.support.netns import Netns, NetnsLab  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))

@@ -30,7 +30,6 @@ import re
 import resource
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -45,6 +44,10 @@ SAMPLE = REPO / "webhook" / "samples" / "review.json"
 RESULTS = REPO / "bench-results" / "webhook.json"
 #: ``sidemesh serve`` with the ceiling endpoint ``POST /noop`` added (test-only).
 NOOP_SERVE = Path(__file__).resolve().parent / "noop_serve.py"
+sys.path.insert(0, str(REPO))
+
+from tests.support.ports import free_port  # noqa: E402
+
 CONNECTIONS = 16
 
 GOALS = {
@@ -63,13 +66,6 @@ local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
 wrk.body = f:read("*a")
 f:close()
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def _ms(text: str) -> float:

@@ -28,10 +28,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from meshlab import APP_UID, PYTHON, Mesh, app, checked_lab, is_direct, start_mesh, stats, trouble
 
 from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.meshlab import (
+    APP_UID,
+    PYTHON,
+    Mesh,
+    app,
+    checked_lab,
+    is_direct,
+    start_mesh,
+    stats,
+    trouble,
+)
 from tests.support.netns import Netns, NetnsLab, Pod
+from tests.support.programs import PROGRAMS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 
@@ -44,90 +55,9 @@ API_PORT_HTTPS = 8080
 OTHER_TLS_PORT = 6443
 DNS_PORT = 53
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
-
-#: The "API server" and "kube-dns" (root: ports below 1024). TLS: read one line, answer with
-#: the peer address seen. TCP: one DNS-over-TCP style frame (2-byte length + message) in, one
-#: frame out with the peer address seen.
-SERVERS = r"""
-import json, socket, ssl, struct, sys, threading
-cert, key, tls_ports, tcp_ports = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(cert, key)
-
-def peer_of(conn):
-    host, port = conn.getpeername()[:2]
-    host = host.removeprefix("::ffff:")  # IPv4 on the dual-stack socket
-    return json.dumps({"peer": f"{host}:{port}"}).encode()
-
-def tls_one(conn):
-    try:
-        with ctx.wrap_socket(conn, server_side=True) as s:
-            s.settimeout(5)
-            s.recv(1024)
-            s.sendall(peer_of(s) + b"\n")
-    except OSError:
-        conn.close()
-
-def tcp_one(conn):
-    with conn:
-        conn.settimeout(5)
-        try:
-            buf = b""
-            while len(buf) < 2 or len(buf) < 2 + struct.unpack("!H", buf[:2])[0]:
-                chunk = conn.recv(4096)
-                if not chunk:
-                    return
-                buf += chunk
-            answer = peer_of(conn)
-            conn.sendall(struct.pack("!H", len(answer)) + answer)
-        except OSError:
-            pass
-
-def serve(port, handler):
-    srv = socket.create_server(("::", port), family=socket.AF_INET6, dualstack_ipv6=True)
-    def loop():
-        while True:
-            conn, _ = srv.accept()
-            threading.Thread(target=handler, args=(conn,), daemon=True).start()
-    threading.Thread(target=loop, daemon=True).start()
-
-for p in tls_ports.split(","):
-    serve(int(p), tls_one)
-for p in tcp_ports.split(","):
-    serve(int(p), tcp_one)
-print("listening", flush=True)
-threading.Event().wait()
-"""
-
-#: The client app (uid 1000): ``tls HOST PORT CAFILE`` or ``dns HOST PORT``; one JSON line.
-CLIENT = r"""
-import json, socket, ssl, struct, sys
-mode, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
-out = {"ok": False}
-try:
-    with socket.create_connection((host, port), timeout=5) as raw:
-        out["local"] = "%s:%d" % raw.getsockname()[:2]
-        if mode == "tls":
-            ctx = ssl.create_default_context(cafile=sys.argv[4])
-            with ctx.wrap_socket(raw, server_hostname=host) as s:
-                out["version"] = s.version()
-                s.sendall(b"GET\n")
-                out.update(json.loads(s.recv(4096)))
-        else:
-            query = b"\x12\x34\x01\x00\x00\x01\x00\x00\x00\x00\x00\x00"
-            raw.sendall(struct.pack("!H", len(query)) + query)
-            data = b""
-            while len(data) < 2 or len(data) < 2 + struct.unpack("!H", data[:2])[0]:
-                chunk = raw.recv(4096)
-                if not chunk:
-                    raise ConnectionError("closed before the answer")
-                data += chunk
-            out.update(json.loads(data[2:]))
-        out["ok"] = True
-except Exception as exc:
-    out["error"] = f"{type(exc).__name__}: {exc}"
-print(json.dumps(out))
-"""
+#: The "API server" and "kube-dns" (root: ports below 1024), and the client app (uid 1000).
+SERVERS = str(PROGRAMS / "peer_servers.py")
+CLIENT = str(PROGRAMS / "peer_client.py")
 
 KEYS = (
     "tcp.outbound_apiserver.downstream_cx_total",
@@ -180,7 +110,7 @@ def _test_ca(where: Path, ip: str) -> tuple[Path, Path, Path]:
 
 
 def _client(ns: Netns, *args: str) -> dict[str, Any]:
-    done = ns.run([PYTHON, "-c", CLIENT, *args], uid=APP_UID, gid=APP_UID, timeout=15)
+    done = ns.run([PYTHON, CLIENT, *args], uid=APP_UID, gid=APP_UID, timeout=15)
     result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
     return result
 
@@ -222,7 +152,7 @@ def _checks(lab: NetnsLab, mesh: Mesh, family: str) -> None:
     api_ip = _api_ip(apiserver, family)
     ca, crt, key = _test_ca(lab.tmpdir("apiserver-pki"), api_ip)
     tls_ports = f"{API_PORT},{OTHER_TLS_PORT}"
-    servers = [PYTHON, "-c", SERVERS, str(crt), str(key), tls_ports, str(DNS_PORT)]
+    servers = [PYTHON, SERVERS, str(crt), str(key), tls_ports, str(DNS_PORT)]
     apiserver.ns.spawn(servers).expect("listening")
     # The agent read the kubelet's variables from its own environment into its bootstrap.
     bootstrap = json.loads((client.volume_dirs["sidemesh-work"] / "envoy.json").read_text())

@@ -14,18 +14,18 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
-from pathlib import Path
 from typing import Any
 
 import pytest
-from meshlab import APP_UID, PYTHON, Mesh, checked_lab, start_mesh, stats, trouble
 
 from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.meshlab import APP_UID, PYTHON, Mesh, checked_lab, start_mesh, stats, trouble
 from tests.support.netns import Netns
+from tests.support.programs import PROGRAMS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 
-DUALAPP = str(Path(__file__).resolve().parent / "dualapp.py")
+DUALAPP = str(PROGRAMS / "dualapp.py")
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 
 

@@ -16,18 +16,13 @@ from pathlib import Path
 import httpx
 
 from tests.conftest import REPO
+from tests.support.ports import free_port
 from tests.support.webhook_https import client_ssl
 
-__all__ = ["SIDEMESH", "Serve", "free_port", "metric_value", "rss_kib"]
+__all__ = ["SIDEMESH", "Serve", "metric_value", "rss_kib"]
 
+#: The CLI as a child process, from the checkout under test.
 SIDEMESH = [sys.executable, "-m", "webhook"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def rss_kib(pid: int) -> int:

@@ -1,4 +1,4 @@
-"""The dual-stack test app: :mod:`meshapp`'s HTTP server on both address families (stdlib only).
+"""The dual-stack test app: meshapp's HTTP server on both address families (stdlib only).
 
 ``serve PORT...``  meshapp's server on 0.0.0.0:PORT *and* [::]:PORT for each PORT; every
     answer is one JSON line with the peer address it saw (``127.0.0.6:…`` or ``::6:…`` when
@@ -10,18 +10,25 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import sys
+from pathlib import Path
 
-from meshapp import _Http  # the same server, so both tests read the same answers
+# A script in a pod's namespace: make the checkout importable, then serve with meshapp's
+# server, so the IPv4 and the dual-stack tests read the same answers.
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
+from tests.support.programs.meshapp import HttpApp
 
 
 async def _serve(ports: list[int]) -> None:
     loop = asyncio.get_running_loop()
     for port in ports:
         for host in ("0.0.0.0", "::"):
-            await loop.create_server(lambda p=port: _Http(p), host, port, reuse_address=True)
+            await loop.create_server(
+                functools.partial(HttpApp, port), host, port, reuse_address=True
+            )
     print("listening", flush=True)
     await asyncio.Event().wait()
 

@@ -5,7 +5,7 @@
     connection, the caller's own address when nothing was in between), and the
     ``x-forwarded-client-cert`` header (the caller's SPIFFE id, set by the sidecar) or null.
     ``/ready`` answers 200, ``/fail`` 500. Nagle is off and each answer is one write: Python's
-    stock ``http.server`` with keep-alive spends ~40 ms per request in Nagle + delayed ACK.
+    stock ``http.server`` with keep-alive waits on Nagle + delayed ACK for every request.
 ``get HOST PORT PATH [HEADER]``  one request (plus one raw header line) on a fresh connection;
     prints the answer plus the local address the client used, so a test can tell a direct
     connection (the server saw exactly that address) from a proxied one.
@@ -20,14 +20,16 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import socket
 import sys
 import time
+from typing import Any
 
 
-class _Http(asyncio.Protocol):
+class HttpApp(asyncio.Protocol):
     def __init__(self, port: int) -> None:
         self.port = port
         self.buf = b""
@@ -88,20 +90,22 @@ class _Http(asyncio.Protocol):
 async def _serve(ports: list[int]) -> None:
     loop = asyncio.get_running_loop()
     for port in ports:
-        await loop.create_server(lambda p=port: _Http(p), "0.0.0.0", port, reuse_address=True)
+        await loop.create_server(
+            functools.partial(HttpApp, port), "0.0.0.0", port, reuse_address=True
+        )
     print("listening", flush=True)
     await asyncio.Event().wait()
 
 
 def _request(
     host: str, port: int, path: str, keep: bool = False, extra: str = ""
-) -> tuple[dict, socket.socket]:
+) -> tuple[dict[str, Any], socket.socket]:
     sock = socket.create_connection((host, port), timeout=5)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     local = "{}:{}".format(*sock.getsockname()[:2])
     conn = "keep-alive" if keep else "close"
-    head = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: {conn}\r\n"
-    sock.sendall((head + (f"{extra}\r\n" if extra else "") + "\r\n").encode())
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: {conn}\r\n"
+    sock.sendall((request + (f"{extra}\r\n" if extra else "") + "\r\n").encode())
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -123,7 +127,7 @@ def _request(
     return {"status": status, "local": local, **answer}, sock
 
 
-def _get(host: str, port: int, path: str, extra: str = "") -> dict:
+def _get(host: str, port: int, path: str, extra: str = "") -> dict[str, Any]:
     try:
         answer, sock = _request(host, port, path, extra=extra)
         sock.close()
@@ -132,7 +136,7 @@ def _get(host: str, port: int, path: str, extra: str = "") -> dict:
         return {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
 
-def _stream(host: str, port: int, seconds: float) -> dict:
+def _stream(host: str, port: int, seconds: float) -> dict[str, Any]:
     ok, failures, xfcc, pods = 0, [], set(), {}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:

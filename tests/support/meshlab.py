@@ -37,6 +37,7 @@ import jsonpatch
 from tests.support.jwks_issuer import Issuer
 from tests.support.netns import PYTHON, Netns, NetnsLab, Node, Pod
 from tests.support.podrunner import PodRunner, sidemesh_argv
+from tests.support.programs import PROGRAMS
 
 __all__ = [
     "APP_UID",
@@ -57,7 +58,7 @@ __all__ = [
     "with_pod_ips",
 ]
 
-MESHAPP = str(Path(__file__).resolve().parent / "meshapp.py")
+MESHAPP = str(PROGRAMS / "meshapp.py")
 
 
 @contextmanager

@@ -1,0 +1,1 @@
+"""sidemesh tests: one import root (``tests.support``, ``tests.conftest``)."""
