@@ -20,17 +20,21 @@ becomes ``<trust-bundle>`` and sidemesh's version ``<version>``. The webhook's t
 
 from __future__ import annotations
 
+import io
 import json
 import re
+import tempfile
+from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from webhook import __version__, names
 from webhook.cli.inject import PLACEHOLDER_BUNDLE
+from webhook.cli.main import main
 from webhook.config import MeshConfig, load_config
-from webhook.errors import SidemeshError
-from webhook.inject.workloads import inject_object
 from webhook.manifests import dump_json, dump_yaml, iter_documents
 
 __all__ = [
@@ -64,6 +68,8 @@ class Case:
     config: MeshConfig
     bundle: str
     is_json: bool
+    header_config: dict[str, Any] | None
+    """The ``config`` of the header, as written (the CLI gets it as a ``--config`` file)."""
 
     @property
     def injected_file(self) -> Path:
@@ -115,11 +121,14 @@ class PodCase:
 
 @dataclass
 class Outcome:
-    """What the injection core makes of a case (computed, not read from the golden files)."""
+    """What ``sidemesh inject`` makes of a case (computed, not read from the golden files)."""
 
     documents: list[Any]
     patches: list[dict[str, Any]]
     errors: list[str]
+    stdout: str
+    """What ``sidemesh inject`` printed (empty when a document failed)."""
+    exit_code: int
 
     def rendered(self, case: Case) -> dict[str, str]:
         """The golden files this outcome corresponds to: file name → normalised content."""
@@ -146,6 +155,7 @@ def _load(path: Path) -> Case:
         config=load_config(header.get("config")),
         bundle=BUNDLE,
         is_json=text.lstrip().startswith(("{", "[")),
+        header_config=header.get("config"),
     )
 
 
@@ -155,35 +165,40 @@ def cases() -> list[Case]:
 
 
 def run_case(case: Case) -> Outcome:
-    """Run the case through the core exactly as ``sidemesh inject`` does."""
-    out = Outcome([], [], [])
-    try:
-        for doc in iter_documents(case.text):
-            if doc.data is None:
-                continue
-            try:
-                result = inject_object(
-                    doc.data, namespace=case.namespace, config=case.config, bundle=case.bundle
-                )
-            except SidemeshError as exc:
-                out.errors.append(f"{doc.where()}: {exc}")
-                continue
-            out.documents.append(result.obj)
-            for t in result.templates:
-                out.patches.append(
-                    {
-                        "document": doc.index,
-                        "kind": t.kind,
-                        "namespace": t.namespace,
-                        "name": t.name,
-                        "template": t.path,
-                        "decision": {"inject": t.decision.inject, "reason": t.decision.reason},
-                        "patch": t.patch,
-                    }
-                )
-    except SidemeshError as exc:
-        out.errors.append(str(exc))
-    return out
+    """Run the case through ``sidemesh inject``'s own ``main()``, in-process.
+
+    Twice: once for the output stream, once with ``--patch`` for the webhook's patches. So a
+    golden file holds exactly what a user of the CLI gets (normalised), not a parallel path.
+    """
+    with tempfile.TemporaryDirectory(prefix="sidemesh-golden-") as tmp:
+        argv = ["inject", "-f", str(case.path), "--bundle", _write(tmp, "ca.crt", case.bundle)]
+        if case.namespace:
+            argv += ["--namespace", case.namespace]
+        if case.header_config is not None:
+            argv += ["--config", _write(tmp, "mesh.yaml", yaml.safe_dump(case.header_config))]
+        code, out, err = _cli(argv)
+        errors = [line.removeprefix("error: ") for line in err.splitlines()]
+        errors = [e for e, line in zip(errors, err.splitlines(), strict=True) if e != line]
+        if errors or code != 0:
+            return Outcome([], [], errors or [err], stdout=out, exit_code=code)
+        documents = [d.data for d in iter_documents(out) if d.data is not None]
+        patch_code, patches, patch_err = _cli([*argv, "--patch"])
+        assert patch_code == 0, patch_err
+        return Outcome(documents, json.loads(patches), [], stdout=out, exit_code=code)
+
+
+def _write(directory: str, name: str, text: str) -> str:
+    path = Path(directory) / name
+    path.write_text(text)
+    return str(path)
+
+
+def _cli(argv: list[str]) -> tuple[int, str, str]:
+    """``sidemesh ARGV`` in this process: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        code = main(argv)
+    return code, out.getvalue(), err.getvalue()
 
 
 def normalise(value: Any, bundle: str = BUNDLE) -> Any:
