@@ -1,11 +1,12 @@
 """The whole chain, for real: webhook → patch → init → agent → CA → Envoy → app.
 
-No cluster: :func:`meshlab.start_mesh` builds a node namespace with a bridge, the control plane
-(``sidemesh serve``: webhook + CA) and pods in their own network namespaces, with addresses
-that exist only in there. The two meshed pods are ordinary manifests that went through
-``/mutate`` over HTTPS; what runs is what the webhook's patch made of them. Then the checks
-(1)-(8) numbered in the test below. Certificates live 30 s, so each proxy renews once while a
-stream of requests runs (check 6, in the background while the other checks run).
+No cluster: :func:`tests.support.meshlab.start_mesh` builds a node namespace with a bridge,
+the control plane (``sidemesh serve``: webhook + CA) and pods in their own network namespaces,
+with addresses that exist only in there. The two meshed pods are ordinary manifests that went
+through ``/mutate`` over HTTPS; what runs is what the webhook's patch made of them. Then eight
+checks, (1)-(8) below: mTLS, STRICT/PERMISSIVE, exclusions, probes, the proxy uid, renewal
+during a stream, drain on SIGTERM and a clean teardown. Certificates live 30 s, so each proxy
+renews once while a stream of requests runs (check 6, in the background meanwhile).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import os
 import time
 
 import pytest
-from meshlab import (
+
+from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.meshlab import (
     APP_UID,
     MESHAPP,
     PYTHON,
@@ -28,8 +31,6 @@ from meshlab import (
     stats,
     trouble,
 )
-
-from tests.conftest import envoy_binary, require_root, require_tools
 from tests.support.netns import NetnsLab
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
@@ -136,7 +137,7 @@ def _checks(lab: NetnsLab) -> None:
     assert all(f"URI={client_id}" in x for x in stream_out["xfcc"]), stream_out
 
     # (7) SIGTERM drains, then stops: with a connection still open the proxy stays up and
-    # reports not-ready; once it closes the proxy exits 0, well before the drain time.
+    # reports not-ready; once it closes the proxy exits 0 without waiting out the drain time.
     flag = lab.tmpdir("flags") / "release"
     hold = client.ns.spawn(
         [PYTHON, MESHAPP, "hold", server_net.ip, "8080", str(flag)], uid=APP_UID, gid=APP_UID
@@ -149,7 +150,8 @@ def _checks(lab: NetnsLab) -> None:
     assert client.kubelet_get(15021, "/healthz/ready")[0] == 503
     flag.touch()
     hold.expect("closed")
-    t0 = time.monotonic()
-    assert proxy.popen.wait(timeout=10) == 0, proxy.output()
-    assert time.monotonic() - t0 < 3
+    assert proxy.popen.wait(timeout=30) == 0, proxy.output()
+    # It stopped because the last connection closed, not because the drain time ran out.
+    assert "drained: no open connections left" in proxy.output(), proxy.output()
+    assert "drain time over" not in proxy.output(), proxy.output()
     assert not envoy_pids(client.ns), "Envoy outlived its agent"

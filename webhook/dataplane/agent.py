@@ -455,10 +455,17 @@ def _drain_and_stop(s: AgentSettings, proc: subprocess.Popen[bytes]) -> int:
         _admin(s, "/healthcheck/fail", method="POST")
         _admin(s, "/drain_listeners?graceful", method="POST")
         deadline = time.monotonic() + s.drain_seconds
+        open_now = None
         while time.monotonic() < deadline and proc.poll() is None:
-            if _active_capture_connections(s) == 0:
+            open_now = _active_capture_connections(s)
+            if open_now == 0:
+                # At the stop message's level, so an owner can tell a clean drain from a cut one.
+                LOG.warning("drained: no open connections left, stopping envoy")
                 break
             time.sleep(0.1)
+        else:
+            if open_now:
+                LOG.warning("drain time over with %d connection(s) open", open_now)
     except (OSError, urllib.error.URLError, ValueError) as exc:
         LOG.warning("drain via admin failed (%s); stopping envoy", exc)
     code = _terminate(proc)
