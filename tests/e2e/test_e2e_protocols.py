@@ -14,18 +14,18 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
-from meshlab import APP_UID, app, checked_lab, start_mesh, stats, trouble
 
 from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.meshlab import APP_UID, app, checked_lab, start_mesh, stats, trouble
 from tests.support.netns import Netns, NetnsLab
+from tests.support.programs import PROGRAMS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.root, pytest.mark.envoy]
 
-PROTOAPP = str(Path(__file__).resolve().parent / "protoapp.py")
+PROTOAPP = str(PROGRAMS / "protoapp.py")
 #: grpcio and h2 live in the venv; uid 1000 can run its interpreter (the lab checks 1337's).
 VENV_PYTHON = sys.executable
 GRPC_PORT, TCP_PORT = "50051", "7000"

@@ -46,6 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.support.programs import PROGRAMS
+
 __all__ = [
     "PYTHON",
     "Mount",
@@ -523,77 +525,9 @@ class NetnsLab:
 
 # --- observing where connections land ------------------------------------------------------
 
-# A listener on one or more ports (one thread each). For every connection it answers one JSON
-# line: its name, which port accepted it, the peer, the local address and SO_ORIGINAL_DST (the
-# address the client asked for before a nat REDIRECT; equal to "local" when nothing was
-# rewritten), then closes. It prints "listening" once every socket is bound.
-_LISTENER = r"""
-import json, socket, struct, sys, threading
-SO_ORIGINAL_DST = 80
-def original_dst(conn, family):
-    try:
-        if family == socket.AF_INET:
-            raw = conn.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-            return "%s:%d" % (socket.inet_ntop(socket.AF_INET, raw[4:8]),
-                              struct.unpack("!H", raw[2:4])[0])
-        raw = conn.getsockopt(socket.IPPROTO_IPV6, SO_ORIGINAL_DST, 28)
-        return "[%s]:%d" % (socket.inet_ntop(socket.AF_INET6, raw[8:24]),
-                            struct.unpack("!H", raw[2:4])[0])
-    except OSError:
-        return None
-def addr(a):
-    return ("[%s]:%d" if ":" in a[0] else "%s:%d") % (a[0], a[1])
-def serve(sock, port, family):
-    while True:
-        conn, peer = sock.accept()
-        with conn:
-            reply = {"name": name, "port": port, "peer": addr(peer),
-                     "local": addr(conn.getsockname()), "orig": original_dst(conn, family)}
-            conn.sendall((json.dumps(reply) + "\n").encode())
-threads = []
-name = sys.argv[1]
-for spec in sys.argv[2:]:
-    host, _, port = spec.rpartition(":")
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    sock.bind((host.strip("[]"), int(port)))
-    sock.listen(64)
-    t = threading.Thread(target=serve, args=(sock, int(port), family), daemon=True)
-    t.start()
-    threads.append(t)
-print("listening", flush=True)
-for t in threads:
-    t.join()
-"""
-
-# A client: connect (optionally from a given source address), read the listener's line, print
-# {"ok": true, ...reply} or {"ok": false, "error": "..."} as one JSON line.
-_PROBE = r"""
-import json, socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-source = sys.argv[3] if len(sys.argv) > 3 else ""
-family = socket.AF_INET6 if ":" in host else socket.AF_INET
-try:
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.settimeout(3)
-    if source:
-        sock.bind((source, 0))
-    sock.connect((host, port))
-    data = b""
-    while not data.endswith(b"\n"):
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    sock.close()
-    out = dict(json.loads(data), ok=True) if data else {"ok": False, "error": "no reply"}
-except OSError as exc:
-    out = {"ok": False, "error": type(exc).__name__ + ": " + str(exc)}
-print(json.dumps(out))
-"""
+#: The listener and its client, as programs (see their docstrings for what they print).
+_LISTENER = str(PROGRAMS / "listener.py")
+_PROBE = str(PROGRAMS / "probe.py")
 
 
 def listener_argv(
@@ -602,11 +536,11 @@ def listener_argv(
     """argv of a listener on each port (``8080``, or ``"127.0.0.1:8080"`` / ``"[::]:8080"``);
     its answers carry ``name`` so a test can tell which pod's listener took a connection."""
     specs = [p if isinstance(p, str) else f"{host}:{p}" for p in ports]
-    return [PYTHON, "-c", _LISTENER, name, *specs]
+    return [PYTHON, _LISTENER, name, *specs]
 
 
 def probe_argv(host: str, port: int, source: str = "") -> list[str]:
-    return [PYTHON, "-c", _PROBE, host, str(port), *([source] if source else [])]
+    return [PYTHON, _PROBE, host, str(port), *([source] if source else [])]
 
 
 def probe(

@@ -16,6 +16,7 @@ The gRPC service needs no generated code: generic handlers on raw bytes (JSON in
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import socket
 import sys
@@ -187,7 +188,9 @@ def _grpc_server() -> grpc.Server:
 async def _serve(ports: list[int]) -> None:
     loop = asyncio.get_running_loop()
     for port in ports:
-        await loop.create_server(lambda p=port: _Server(p), "0.0.0.0", port, reuse_address=True)
+        await loop.create_server(
+            functools.partial(_Server, port), "0.0.0.0", port, reuse_address=True
+        )
     await loop.create_server(_Echo, "0.0.0.0", TCP_PORT, reuse_address=True)
     server = _grpc_server()
     print("listening", flush=True)
