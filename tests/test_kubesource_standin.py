@@ -25,11 +25,6 @@ POD = next(k for k in KINDS if k.kind == "Pod")
 FAST = Backoff(base=0.01, cap=0.04)
 
 
-@pytest.fixture(scope="module")
-def issuer() -> Issuer:
-    return Issuer.create()
-
-
 @pytest.fixture
 def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
     with APIServerStandin(tmp_path / "standin", issuer) as api:

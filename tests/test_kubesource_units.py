@@ -59,7 +59,7 @@ def test_slim_keeps_what_the_control_plane_reads_and_nothing_else() -> None:
         },
         "spec": {"clusterIP": "10.96.0.1", "ports": [{"port": 80}]},
     }
-    assert "managedFields" in svc["metadata"]  # the input is not changed
+    assert "managedFields" in svc["metadata"]  # type: ignore[operator]  # input unchanged
     ns = slim("Namespace", {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": "a"},
                             "spec": {"finalizers": ["kubernetes"]}})  # fmt: skip
     assert ns == {"kind": "Namespace", "apiVersion": "v1", "metadata": {"name": "a"}}

@@ -63,7 +63,7 @@ def _create_app_with_noop(**kwargs: Any) -> Any:
     return app
 
 
-server_app.create_app = _create_app_with_noop  # type: ignore[assignment]
+server_app.create_app = _create_app_with_noop
 
 if __name__ == "__main__":
     from webhook.cli.main import main

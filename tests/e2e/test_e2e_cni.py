@@ -20,7 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from meshlab import (
+
+from tests.conftest import envoy_binary, require, require_root, require_tools
+from tests.support.cni_lab import CniNode, built_plugin, cni_node
+from tests.support.cni_runtime import REFERENCE_DIR
+from tests.support.meshlab import (
     APP_UID,
     MESHAPP,
     PYTHON,
@@ -32,10 +36,6 @@ from meshlab import (
     is_direct,
     stats,
 )
-
-from tests.conftest import envoy_binary, require, require_root, require_tools
-from tests.support.cni_lab import CniNode, built_plugin, cni_node
-from tests.support.cni_runtime import REFERENCE_DIR
 from tests.support.netns import NetnsLab, Pod
 from tests.support.pod_security import restricted_violations
 from tests.support.podrunner import PodRunner

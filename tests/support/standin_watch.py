@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import base64
 import bisect
+import builtins
 import copy
+import functools
 import itertools
 import json
 import re
@@ -207,12 +209,23 @@ class ObjectLog:
             "items": page[start:end],
         }
 
-    def _current(self, res: Resource, namespace: str | None) -> list[dict[str, Any]]:
+    def _current(self, res: Resource, namespace: str | None) -> builtins.list[dict[str, Any]]:
         return [
             copy.deepcopy(o)
             for k, o in sorted(self._objects.items())
             if k[0] == res.kind and (namespace is None or k[1] == namespace)
         ]
+
+    def _woken(self, generation: int, seen_bookmarks: int, since: int, deadline: float) -> bool:
+        """Whether a waiting watch has something to do (called with the condition held)."""
+        return (
+            self.closing
+            or self._generation != generation
+            or self._bookmarks != seen_bookmarks
+            or self._rv > since
+            or bool(self._raw)
+            or time.monotonic() >= deadline
+        )
 
     def watch(
         self,
@@ -245,14 +258,7 @@ class ObjectLog:
             while True:
                 with self._cond:
                     self._cond.wait_for(
-                        lambda since=since, seen_bookmarks=seen_bookmarks: (
-                            self.closing
-                            or self._generation != generation
-                            or self._bookmarks != seen_bookmarks
-                            or self._rv > since
-                            or bool(self._raw)
-                            or time.monotonic() >= deadline
-                        ),
+                        functools.partial(self._woken, generation, seen_bookmarks, since, deadline),
                         timeout=max(0.0, deadline - time.monotonic()),
                     )
                     if self.closing or self._generation != generation:
@@ -265,8 +271,8 @@ class ObjectLog:
                     since = self._rv
                     mark = bookmarks and self._bookmarks != seen_bookmarks
                     seen_bookmarks = self._bookmarks
-                    raw, self._raw = self._raw, []
-                for line in raw:
+                    lines, self._raw = self._raw, []
+                for line in lines:
                     send(line)
                 for e in events:
                     send(encode_line({"type": e.type, "object": copy.deepcopy(e.obj)}))

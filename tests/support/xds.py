@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import threading
 import time
@@ -17,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from tests.support.ports import free_port
 from webhook.ca.authority import CertificateAuthority
 from webhook.config import Ports
 from webhook.dataplane.ads_bootstrap import XdsOptions, render_ads_bootstrap
@@ -29,19 +29,12 @@ from webhook.discovery.store import ObjectStore
 
 __all__ = [
     "ControlPlane",
-    "free_port",
     "free_ports",
     "make_ca",
     "run_control_plane",
     "run_envoy",
     "workload_cert",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def free_ports() -> Ports:
