@@ -5,7 +5,6 @@ serves nothing before every kind is listed, and stops cleanly — against the AP
 from __future__ import annotations
 
 import asyncio
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,17 +16,11 @@ import yaml
 
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from tests.test_kubesource_standin import cluster
+from tests.support.ports import free_port
+from tests.support.shop_objects import cluster
 from webhook.ca.authority import ensure_dev_pki
 from webhook.discovery.core import DiscoverySettings
 from webhook.discovery.run import RunSettings, run_discovery
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def kubeconfig(api: APIServerStandin, path: Path) -> Path:
@@ -71,7 +64,7 @@ def settings(tmp_path: Path, api: APIServerStandin) -> RunSettings:
 def healthy(port: int) -> bool:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as resp:
-            return resp.status == 200
+            return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
 

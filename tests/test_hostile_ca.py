@@ -53,11 +53,6 @@ def start(tmp: Path, issuer: Issuer, config: str, *args: str) -> Serve:
 
 
 @pytest.fixture(scope="module")
-def issuer() -> Issuer:
-    return Issuer.create()
-
-
-@pytest.fixture(scope="module")
 def server(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
     relaxed = "ca:\n  unauthenticated_per_address_per_minute: 10000\n"
     s = start(

@@ -15,6 +15,7 @@ import pytest
 
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
+from tests.support.shop_objects import cluster, pod
 from webhook.discovery.backoff import Backoff
 from webhook.discovery.kubesource import KubeSource
 from webhook.discovery.listwatch import KINDS, Expired, ListWatch
@@ -33,73 +34,6 @@ def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
 
 def client_for(api: APIServerStandin) -> KubeClient:
     return KubeClient.at(api.url, token=api.caller_token, ca_file=str(api.ca_file))
-
-
-def pod(name: str, ip: str, ns: str = "shop", **labels: str) -> dict[str, Any]:
-    """A Pod as the API server holds it, with fields the control plane must not keep."""
-    return {
-        "kind": "Pod",
-        "metadata": {
-            "name": name,
-            "namespace": ns,
-            "labels": {"app": "cart", **labels},
-            "annotations": {
-                "sidemesh.io/status": '{"version":"0.1.0"}',
-                "sidemesh.io/trust-bundle": "-----BEGIN CERTIFICATE-----…",
-                "kubectl.kubernetes.io/last-applied-configuration": "{…}",
-            },
-            "managedFields": [{"manager": "kubectl", "operation": "Apply"}],
-        },
-        "spec": {
-            "serviceAccountName": "cart",
-            "nodeName": "node-1",
-            "containers": [
-                {
-                    "name": "app",
-                    "image": "cart:1",
-                    "env": [{"name": "K", "value": "v"}],
-                    "ports": [{"containerPort": 8080, "name": "http"}],
-                },
-            ],
-        },
-        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": []},
-    }
-
-
-def cluster(api: APIServerStandin) -> None:
-    """A namespace with one Service, its EndpointSlice and two Pods."""
-    objs = api.objects
-    objs.add({"kind": "Namespace", "metadata": {"name": "shop", "labels": {"a": "b"}}})
-    objs.add(
-        {
-            "kind": "Service",
-            "metadata": {"name": "cart", "namespace": "shop"},
-            "spec": {
-                "clusterIP": "10.96.0.10",
-                "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
-                "selector": {"app": "cart"},
-            },
-            "status": {"loadBalancer": {}},
-        }
-    )
-    objs.add(
-        {
-            "kind": "EndpointSlice",
-            "metadata": {
-                "name": "cart-abc",
-                "namespace": "shop",
-                "labels": {"kubernetes.io/service-name": "cart"},
-            },
-            "addressType": "IPv4",
-            "endpoints": [
-                {"addresses": ["10.1.0.1"], "conditions": {"ready": True},
-                 "targetRef": {"kind": "Pod", "name": "cart-1", "namespace": "shop"}},
-            ],
-            "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
-        }
-    )  # fmt: skip
-    objs.add(pod("cart-1", "10.1.0.1"))
-    objs.add(pod("cart-2", "10.1.0.2"))
 
 
 def wait_until(store: ObjectStore, check: Callable[[], bool], timeout: float = 10.0) -> bool:

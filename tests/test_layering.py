@@ -160,10 +160,10 @@ def state_of(source: str) -> list[str]:
     caches. A ``lru_cache`` with a ``maxsize`` is bounded and keyed by value: allowed."""
     tree = ast.parse(source)
     found = []
-    for node in tree.body:
-        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+    for stmt in tree.body:
+        value = stmt.value if isinstance(stmt, ast.Assign | ast.AnnAssign) else None
         if _is_empty_container(value):
-            found.append(f"line {node.lineno}: a module-level empty container")
+            found.append(f"line {stmt.lineno}: a module-level empty container")
     for node in ast.walk(tree):
         if isinstance(node, ast.Global):
             found.append(f"line {node.lineno}: global {', '.join(node.names)}")
