@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import require_tools
+from tests.conftest import REPO, require_tools
+from tests.support.kube_objects import one, selector_matches
 from tests.support.pod_security import restricted_violations
-from tests.test_manifests_policy import MANIFESTS, NS, one, selector_matches
 from webhook import names
 from webhook.config import load_config
 from webhook.discovery.listwatch import KINDS
@@ -21,6 +21,8 @@ from webhook.install.render import kustomize_build
 
 Obj = dict[str, Any]
 NAME = names.DISCOVERY_NAME
+MANIFESTS = REPO / "manifests"
+NS = names.CONTROL_PLANE_NAMESPACE
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from tests.conftest import REPO, require_tools
+from tests.support.kube_objects import one, selector_matches
 from tests.support.pod_security import restricted_violations
 from webhook import names
 from webhook.config import DEFAULT_IMAGE, RESERVED_PORTS, MeshConfig, load_config
@@ -46,12 +47,6 @@ def samples() -> list[Obj]:
     return kustomize_build(MANIFESTS / "samples")
 
 
-def one(objects: list[Obj], kind: str, name: str | None = None) -> Obj:
-    found = [o for o in objects if o["kind"] == kind and name in (None, o["metadata"]["name"])]
-    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
-    return found[0]
-
-
 def pod_spec(base: list[Obj]) -> Obj:
     spec: Obj = one(base, "Deployment", names.SERVICE_NAME)["spec"]["template"]["spec"]
     return spec
@@ -65,25 +60,6 @@ def container(base: list[Obj]) -> Obj:
 
 
 # --- label selectors, evaluated like the API server does -------------------------------------
-
-
-def selector_matches(selector: Obj | None, labels: dict[str, str]) -> bool:
-    """metav1.LabelSelector semantics: matchLabels AND every matchExpression; {} matches all."""
-    selector = selector or {}
-    for key, value in (selector.get("matchLabels") or {}).items():
-        if labels.get(key) != value:
-            return False
-    for expr in selector.get("matchExpressions") or []:
-        key, op, values = expr["key"], expr["operator"], expr.get("values") or []
-        ok = {
-            "In": key in labels and labels[key] in values,
-            "NotIn": key not in labels or labels[key] not in values,
-            "Exists": key in labels,
-            "DoesNotExist": key not in labels,
-        }[op]
-        if not ok:
-            return False
-    return True
 
 
 def hooks_called(base: list[Obj], namespace: str, ns_labels: Obj, pod_labels: Obj) -> list[str]:

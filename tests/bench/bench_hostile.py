@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,10 @@ import orjson
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "webhook" / "samples" / "review.json"
 RESULTS = REPO / "bench-results" / "hostile.json"
+sys.path.insert(0, str(REPO))
+
+from tests.support.ports import free_port  # noqa: E402
+
 HEAD = b"POST /mutate HTTP/1.1\r\nHost: sidemesh\r\nContent-Type: application/json\r\n"
 GENERIC = {"unprocessable", "internal", "invalid", "internal-error"}
 KEYS = ["apiVersion", "kind", "request", "uid", "operation", "object", "namespace", "metadata",
@@ -52,13 +57,6 @@ KEYS = ["apiVersion", "kind", "request", "uid", "operation", "object", "namespac
 
 
 # --- a server --------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Server:
@@ -391,12 +389,13 @@ def main() -> int:
     results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="sidemesh-hostile-") as tmp_name:
         tmp = Path(tmp_name)
-        for name, run in (
+        phases: tuple[tuple[str, Callable[[], dict[str, Any]]], ...] = (
             ("headers", lambda: phase_headers(tmp)),
             ("flood", lambda: phase_flood(tmp, 64)),
             ("slow", lambda: phase_slow(tmp, args.slow)),
             ("fuzz", lambda: phase_fuzz(tmp, args.reviews)),
-        ):
+        )
+        for name, run in phases:
             results[name] = run()
             print(f"== {name}\n{json.dumps(results[name], indent=2)}", flush=True)
     fuzz, slow, heads, flood = (results[k] for k in ("fuzz", "slow", "headers", "flood"))

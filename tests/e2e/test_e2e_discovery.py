@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from tests.conftest import envoy_binary, require_root, require_tools
-from tests.e2e.meshlab import (
+from tests.support.jwks_issuer import Issuer
+from tests.support.meshlab import (
     APP_UID,
     MESHAPP,
     PYTHON,
@@ -36,7 +37,6 @@ from tests.e2e.meshlab import (
     https_json,
     stats,
 )
-from tests.support.jwks_issuer import Issuer
 from tests.support.netns import NetnsLab, Pod
 from tests.support.podrunner import PodRunner
 
@@ -234,14 +234,14 @@ def _start(lab: NetnsLab) -> Lab:
         env={"POD_NAME": "legacy"},
     ).expect("listening")  # fmt: skip
     for name in ("web-1", "web-2", "web-3", "db", "client"):
-        ports = [str(p) for p in specs[name][1]]
+        port_args = [str(p) for p in specs[name][1]]
         command = "serve-banner" if name == "db" else "serve"
         runner = PodRunner(
             lab=lab,
             node=m.node,
             pod_net=m.pods[name],
             pod=admitted[name],
-            app_commands={"app": [PYTHON, MESHAPP, command, *ports]},
+            app_commands={"app": [PYTHON, MESHAPP, command, *port_args]},
             sidemesh=SIDEMESH,
             token_for=issuer.token,
         )

@@ -137,7 +137,8 @@ def _get(host: str, port: int, path: str, extra: str = "") -> dict[str, Any]:
 
 
 def _stream(host: str, port: int, seconds: float) -> dict[str, Any]:
-    ok, failures, xfcc, pods = 0, [], set(), {}
+    ok, failures, xfcc = 0, [], set()
+    pods: dict[str, int] = {}
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
         result = _get(host, port, "/stream")
@@ -153,10 +154,10 @@ def _stream(host: str, port: int, seconds: float) -> dict[str, Any]:
     return {**summary, "pods": pods}
 
 
-def _count(host: str, port: int, n: int) -> dict:
+def _count(host: str, port: int, n: int) -> dict[str, Any]:
     """``n`` requests, each on a new connection: answers per replica, with what each saw."""
     pods: dict[str, int] = {}
-    seen: dict[str, list] = {}
+    seen: dict[str, list[Any]] = {}
     failures = []
     for _ in range(n):
         result = _get(host, port, "/count")
@@ -189,7 +190,7 @@ async def _serve_banner(ports: list[int]) -> None:
     await asyncio.Event().wait()
 
 
-def _banner(host: str, port: int) -> dict:
+def _banner(host: str, port: int) -> dict[str, Any]:
     """Connect and wait for the server to speak first: its greeting and how long it took."""
     start = time.monotonic()
     try:
