@@ -235,3 +235,25 @@ def test_race_pod_before_node_agent_never_runs_its_app(node: CniNode) -> None:
     assert names.VALIDATE_CONTAINER not in runner.procs
     assert "traffic capture is NOT in place" in str(info.value)
     assert runner.procs == {}, "neither the proxy nor the app was started"
+
+
+def test_standin_dual_stack_pod_gets_ip6tables_rules_too(plugin: Path) -> None:
+    """The primary plugin gave the pod an IPv6 address too (prevResult): the plugin programs
+    ip6tables as well and puts the proxy's IPv6 passthrough source on lo; DEL removes both."""
+    with NetnsLab("smcni6") as lab:
+        node = cni_node(lab, subnet6="fd00:5e:cafe::/64")
+        try:
+            node.install(plugin)
+            pod = node.add_pod(injected(cni=True), "web", "demo", "web")
+            result = node.runtime.results[pod.ns.name][1]
+            assert result is not None and len(result["ips"]) == 2, result
+            v6 = pod.ns.run(["ip6tables-save", "-t", "nat"]).stdout
+            assert ":SIDEMESH_OUTPUT" in v6 and "-A OUTPUT -p tcp -j SIDEMESH_OUTPUT" in v6
+            assert "::6/128" in pod.ns.ip("-6", "addr", "show", "dev", "lo")
+            node.runtime.check(pod.ns, "demo", "web")
+            node.runtime.delete(pod.ns, "demo", "web")
+            assert "SIDEMESH" not in pod.ns.run(["ip6tables-save", "-t", "nat"]).stdout
+            assert "::6/128" not in pod.ns.ip("-6", "addr", "show", "dev", "lo")
+            assert rules(nat(pod.ns)) == []
+        finally:
+            node.standin.stop()

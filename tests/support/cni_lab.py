@@ -106,13 +106,18 @@ class CniNode:
         return Pod(ns=ns, ip=Runtime.address(result), ip6=None)
 
 
-def cni_node(lab: NetnsLab, *, subnet: str = "10.240.0.0/24") -> CniNode:
-    """The node namespace, the bridge network as the primary config, the stand-in."""
+def cni_node(
+    lab: NetnsLab, *, subnet: str = "10.240.0.0/24", subnet6: str | None = None
+) -> CniNode:
+    """The node namespace, the bridge network as the primary config (dual stack with
+    ``subnet6``), the stand-in."""
     ns = lab.namespace("node")
     bin_dir, conf_dir = lab.tmpdir("cnibin"), lab.tmpdir("netd")
     ipam_dir = lab.tmpdir("ipam")
     reference_plugins(bin_dir)
-    (conf_dir / PRIMARY).write_text(json.dumps(bridge_conflist(subnet, ipam_dir), indent=2))
+    (conf_dir / PRIMARY).write_text(
+        json.dumps(bridge_conflist(subnet, ipam_dir, subnet6=subnet6), indent=2)
+    )
     standin = APIServerStandin(lab.tmpdir("standin"), Issuer.create(), bind=ns.in_namespace)
     standin.start()
     token_file = lab.tmpdir("sa") / "token"

@@ -49,10 +49,17 @@ def reference_plugins(bin_dir: Path, *names: str) -> None:
         (bin_dir / name).symlink_to(source)
 
 
-def bridge_conflist(subnet: str, ipam_dir: Path, *, name: str = "lab-pods") -> dict[str, Any]:
+def bridge_conflist(
+    subnet: str, ipam_dir: Path, *, subnet6: str | None = None, name: str = "lab-pods"
+) -> dict[str, Any]:
     """A primary network as a kubeadm-style cluster has it: a bridge that is the pods' gateway,
-    host-local addresses from ``subnet`` (state in ``ipam_dir``), a default route. No masquerade:
-    the node namespace has no uplink, and nothing is rewritten on the way out."""
+    host-local addresses from ``subnet`` (and ``subnet6``: dual stack; state in ``ipam_dir``),
+    default routes. No masquerade: the node namespace has no uplink, nothing is rewritten."""
+    ranges: list[list[dict[str, str]]] = [[{"subnet": subnet}]]
+    routes = [{"dst": "0.0.0.0/0"}]
+    if subnet6 is not None:
+        ranges.append([{"subnet": subnet6}])
+        routes.append({"dst": "::/0"})
     return {
         "cniVersion": "1.0.0",
         "name": name,
@@ -64,8 +71,8 @@ def bridge_conflist(subnet: str, ipam_dir: Path, *, name: str = "lab-pods") -> d
                 "ipMasq": False,
                 "ipam": {
                     "type": "host-local",
-                    "ranges": [[{"subnet": subnet}]],
-                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "ranges": ranges,
+                    "routes": routes,
                     "dataDir": str(ipam_dir),
                 },
             }
@@ -166,5 +173,5 @@ class Runtime:
 
     @staticmethod
     def address(result: dict[str, Any]) -> str:
-        """The pod's IPv4 address from an ADD result."""
+        """The pod's first address (IPv4 first, as host-local hands them out) from an ADD result."""
         return str(result["ips"][0]["address"]).split("/")[0]
