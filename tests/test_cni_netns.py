@@ -257,3 +257,29 @@ def test_standin_dual_stack_pod_gets_ip6tables_rules_too(plugin: Path) -> None:
             assert rules(nat(pod.ns)) == []
         finally:
             node.standin.stop()
+
+
+def test_standin_validate_checks_an_ipv6_only_pod_over_ipv6(plugin: Path) -> None:
+    with NetnsLab("smcniv6") as lab:
+        node = cni_node(lab)
+        try:
+            primary = json.loads((node.conf_dir / PRIMARY).read_text())
+            ipam = primary["plugins"][0]["ipam"]
+            ipam["ranges"], ipam["routes"] = [[{"subnet": "fd00:5e:beef::/64"}]], [{"dst": "::/0"}]
+            (node.conf_dir / PRIMARY).write_text(json.dumps(primary))
+            pod = injected(cni=True)
+            args = pod["spec"]["initContainers"][0]["args"]
+            uid = names.VALIDATE_UID
+            without = node.add_pod(pod, "bare", "demo", "web")  # sidemesh not chained yet
+            bad = without.ns.run(
+                [*SIDEMESH, "cni", "validate", *args], uid=uid, gid=uid, check=False
+            )
+            assert bad.returncode == 1 and "[2001:db8::1]:15999" in bad.stderr, bad.stderr
+
+            node.install(plugin)
+            captured = node.add_pod(pod, "web", "demo", "web")
+            assert ":" in captured.ip, captured
+            ok = captured.ns.run([*SIDEMESH, "cni", "validate", *args], uid=uid, gid=uid)
+            assert "a connection to [2001:db8::1]:15999 was redirected" in ok.stderr
+        finally:
+            node.standin.stop()
