@@ -171,3 +171,17 @@ def test_uninstall_command_is_clean_when_there_is_nothing(node: Node) -> None:
     done = subprocess.run(argv, check=True, capture_output=True, text=True)
     assert json.loads((node.net / "10-bridge.conflist").read_text()) == PRIMARY
     assert list(node.bin.iterdir()) == []
+
+
+def test_plugin_command_runs_the_plugin_from_this_installation() -> None:
+    env = {"CNI_COMMAND": "VERSION", "PATH": os.environ.get("PATH", "/usr/bin")}
+    done = subprocess.run(
+        [*SIDEMESH, "cni", "plugin"], env=env, capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout)["cniVersion"] == "1.0.0"
+    env["CNI_COMMAND"] = "ADD"
+    done = subprocess.run(
+        [*SIDEMESH, "cni", "plugin"], env=env, input="", capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert json.loads(done.stdout)["msg"] == "CNI_CONTAINERID is not set"
