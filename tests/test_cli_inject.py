@@ -250,3 +250,19 @@ def test_a_bundle_is_re_encoded_so_only_certificates_reach_the_pods(tmp_path: Pa
     assert p.returncode == 0, p.stderr
     annotation = docs(p.stdout)[0]["metadata"]["annotations"]["sidemesh.io/trust-bundle"]
     assert annotation == PLACEHOLDER_BUNDLE
+
+
+def test_a_reader_that_went_away_ends_the_pipe_quietly(bundle: Path) -> None:
+    """``sidemesh inject -f app.yaml | true``: exit 141 (SIGPIPE, as a shell reports it), and no
+    traceback on the terminal."""
+    inject = subprocess.Popen(
+        [sys.executable, "-m", "webhook", "inject", "-f", str(SAMPLE), "--bundle", str(bundle)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=REPO,
+    )
+    assert inject.stdout is not None and inject.stderr is not None
+    inject.stdout.close()  # the reader is gone before the first byte is written
+    err = inject.stderr.read().decode()
+    assert inject.wait(timeout=60) == 141, err
+    assert "Traceback" not in err and "BrokenPipeError" not in err, err
