@@ -260,3 +260,13 @@ def test_standin_client_info_lines_reach_the_sidemesh_log(standin: APIServerStan
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(line["logger"], line["level"]) for line in lines] == [("sidemesh.kube", "info")]
     assert "patched caBundle of 1 webhook(s) in sidemesh-injector" in lines[0]["msg"]
+
+
+@pytest.mark.parametrize("content", [None, "clusters: [", "apiVersion: v1\nkind: Config\n"])
+def test_an_unusable_kubeconfig_is_a_clear_error(tmp_path: Path, content: str | None) -> None:
+    path = tmp_path / "kubeconfig"
+    if content is not None:
+        path.write_text(content)
+    with pytest.raises(KubeAPIError, match="no usable Kubernetes configuration in") as err:
+        KubeClient.connect(kubeconfig=str(path))
+    assert err.value.status == 0 and str(path) in str(err.value)

@@ -2,10 +2,11 @@
 
 One :class:`KubeClient` serves every role that talks to the API server — ``sidemesh install``
 reads the mesh's Secrets with it, the CA's upkeep patches the webhook's ``caBundle`` and renews
-the serving certificate with it, the certificates API reviews tokens with it. The calls take and
-return plain Python values (``dict[str, bytes]`` for Secret data, PEM strings, a
-:class:`~webhook.ca.tokens.ReviewResult`); the ``kubernetes`` package and its models stay
-inside this module.
+the serving certificate with it, the certificates API reviews tokens with it, and the
+discovery source lists and watches through its ``api_client``.
+The calls take and return plain Python values (``dict[str, bytes]`` for Secret data, PEM
+strings, a :class:`~webhook.ca.tokens.ReviewResult`); the ``kubernetes`` package and its models
+stay inside this module (the discovery list/watch aside, which keeps whole objects as JSON).
 
 * ``TokenReview`` (``authentication.k8s.io/v1``): is this bearer token valid for audience
   ``sidemesh-ca``, and whose is it?
@@ -18,8 +19,7 @@ inside this module.
   mounted files and :mod:`webhook.server.tlsreload` picks them up.
 
 Everything is blocking (the client is urllib3-based); async callers run these in a thread.
-The client's own checks of required fields are off: the API server is the authority on what a
-valid object is, and an answer it sends must never fail here for lack of a field we do not read.
+Answers are read into the client's models, which take the fields they know and skip the rest.
 """
 
 from __future__ import annotations
@@ -36,7 +36,14 @@ from webhook.errors import SidemeshError
 if TYPE_CHECKING:
     from webhook.ca.tokens import ReviewResult
 
-__all__ = ["POD_NAME_EXTRA", "TLS_SECRET", "KubeAPIError", "KubeClient", "in_cluster"]
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "POD_NAME_EXTRA",
+    "TLS_SECRET",
+    "KubeAPIError",
+    "KubeClient",
+    "in_cluster",
+]
 
 log = logging.getLogger("sidemesh.kube")
 
@@ -44,7 +51,8 @@ log = logging.getLogger("sidemesh.kube")
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 #: The serving certificate's Secret (created by ``sidemesh install``, mounted into --cert-dir).
 TLS_SECRET = "sidemesh-tls"
-_TIMEOUT = 10.0
+#: Seconds a call may take unless the client was given another timeout.
+DEFAULT_TIMEOUT = 10.0
 _SA_TOKEN = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 T = TypeVar("T")
@@ -68,10 +76,12 @@ class KubeClient:
     """The calls sidemesh makes, over one ``kubernetes.client.ApiClient``. Thread-safe as the
     underlying client is (one urllib3 pool)."""
 
-    def __init__(self, api_client: Any) -> None:
+    def __init__(self, api_client: Any, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         from kubernetes import client
 
         self.api_client = api_client
+        self.timeout = timeout
+        """Seconds each call may take (connect and read)."""
         self._core = client.CoreV1Api(api_client)
         self._admission = client.AdmissionregistrationV1Api(api_client)
         self._auth = client.AuthenticationV1Api(api_client)
@@ -79,27 +89,42 @@ class KubeClient:
     # --- connecting ----------------------------------------------------------------------------
 
     @classmethod
-    def at(cls, host: str, *, token: str | None = None, ca_file: str | None = None) -> KubeClient:
+    def at(
+        cls,
+        host: str,
+        *,
+        token: str | None = None,
+        ca_file: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> KubeClient:
         """An API server at ``host`` (``https://…``), reached directly (no proxy), with a bearer
         ``token`` and the CA in ``ca_file``. TLS verification is always on."""
-        cfg = _configuration()
+        from kubernetes import client
+
+        cfg = client.Configuration()
         cfg.host = host
         cfg.proxy = None
         if token:
             cfg.api_key = {"BearerToken": token}
             cfg.api_key_prefix = {"BearerToken": "Bearer"}
         cfg.ssl_ca_cert = ca_file
-        return cls._with(cfg)
+        return cls._with(cfg, timeout)
 
     @classmethod
-    def connect(cls, *, kubeconfig: str | None = None, context: str | None = None) -> KubeClient:
+    def connect(
+        cls,
+        *,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> KubeClient:
         """Configured like kubectl: ``kubeconfig`` (and ``context``) when given; else, in a pod,
         its service account; else ``$KUBECONFIG`` or ``~/.kube/config``.
 
         A missing or unusable configuration is a :class:`KubeAPIError` saying so."""
-        from kubernetes import config
+        from kubernetes import client, config
 
-        cfg = _configuration()
+        cfg = client.Configuration()
         try:
             if kubeconfig is None and context is None and in_cluster():
                 config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
@@ -107,17 +132,17 @@ class KubeClient:
                 config.load_kube_config(  # type: ignore[no-untyped-call]
                     config_file=kubeconfig, context=context, client_configuration=cfg
                 )
-        except (OSError, config.ConfigException) as exc:
+        except Exception as exc:  # ConfigException, OSError, YAML and key errors of a bad file
             where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
             raise KubeAPIError(0, f"no usable Kubernetes configuration in {where}: {exc}") from None
-        return cls._with(cfg)
+        return cls._with(cfg, timeout)
 
     @classmethod
-    def _with(cls, cfg: Any) -> KubeClient:
+    def _with(cls, cfg: Any, timeout: float) -> KubeClient:
         from kubernetes import client
 
         cfg.verify_ssl = True
-        return cls(client.ApiClient(cfg))
+        return cls(client.ApiClient(cfg), timeout=timeout)
 
     # --- TokenReview -----------------------------------------------------------------------------
 
@@ -135,7 +160,8 @@ class KubeClient:
             kind="TokenReview",
             spec=client.V1TokenReviewSpec(token=token, audiences=list(audiences)),
         )
-        status = _call(self._auth.create_token_review, body).status or client.V1TokenReviewStatus()
+        answer = self._call(self._auth.create_token_review, body)
+        status = answer.status or client.V1TokenReviewStatus()
         user = status.user or client.V1UserInfo()
         pods = (user.extra or {}).get(POD_NAME_EXTRA) or []
         return ReviewResult(
@@ -150,7 +176,7 @@ class KubeClient:
 
     def read_ca_bundles(self, name: str = names.WEBHOOK_CONFIGURATION) -> list[str | None]:
         """The decoded ``caBundle`` PEM of each webhook in ``name`` (``None`` where unset)."""
-        obj = _call(self._admission.read_mutating_webhook_configuration, name)
+        obj = self._call(self._admission.read_mutating_webhook_configuration, name)
         return [
             base64.b64decode(bundle).decode() if bundle else None
             for bundle in (_ca_bundle(hook) for hook in obj.webhooks or [])
@@ -167,7 +193,7 @@ class KubeClient:
         """
         wanted = base64.b64encode(bundle_pem.encode()).decode()
         for attempt in range(attempts):
-            obj = _call(self._admission.read_mutating_webhook_configuration, name)
+            obj = self._call(self._admission.read_mutating_webhook_configuration, name)
             ops: list[dict[str, Any]] = [
                 {"op": "test", "path": "/metadata/resourceVersion", "value": _version(obj)}
             ]
@@ -181,7 +207,7 @@ class KubeClient:
             if not changed:
                 return 0
             try:
-                _call(
+                self._call(
                     self._admission.patch_mutating_webhook_configuration,
                     name,
                     ops,
@@ -202,7 +228,7 @@ class KubeClient:
         self, name: str = TLS_SECRET, namespace: str = names.CONTROL_PLANE_NAMESPACE
     ) -> dict[str, bytes]:
         """The decoded ``data`` of Secret ``namespace/name`` (status 404 when there is none)."""
-        return _decoded(_call(self._core.read_namespaced_secret, name, namespace))
+        return _decoded(self._call(self._core.read_namespaced_secret, name, namespace))
 
     def update_secret(
         self,
@@ -222,7 +248,7 @@ class KubeClient:
         written.
         """
         for attempt in range(attempts):
-            secret = _call(self._core.read_namespaced_secret, name, namespace)
+            secret = self._call(self._core.read_namespaced_secret, name, namespace)
             wanted = change(_decoded(secret))
             if wanted is None:
                 return False
@@ -230,7 +256,7 @@ class KubeClient:
             data.update({k: base64.b64encode(v).decode("ascii") for k, v in wanted.items()})
             secret.data = data
             try:
-                _call(self._core.replace_namespaced_secret, name, namespace, secret)
+                self._call(self._core.replace_namespaced_secret, name, namespace, secret)
             except KubeAPIError as exc:
                 if exc.status == 409 and attempt + 1 < attempts:
                     log.info(
@@ -243,32 +269,26 @@ class KubeClient:
             409, f"Secret {namespace}/{name} kept changing; not updated"
         )  # pragma: no cover
 
+    # --- calls -------------------------------------------------------------------------------
+
+    def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a client call within :attr:`timeout`; every failure becomes a
+        :class:`KubeAPIError`."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            return fn(*args, _request_timeout=self.timeout, **kwargs)
+        except ApiException as exc:
+            raise KubeAPIError(exc.status or 0, _status_message(exc)) from None
+        except OSError as exc:  # refused, TLS failure, timeout (urllib3 wraps in OSError)
+            raise KubeAPIError(0, f"cannot reach the API server: {exc}") from None
+        except Exception as exc:  # urllib3.exceptions.* that are not OSErrors
+            if type(exc).__module__.startswith("urllib3"):
+                raise KubeAPIError(0, f"cannot reach the API server: {exc}") from None
+            raise
+
 
 # --- internals -----------------------------------------------------------------------------------
-
-
-def _configuration() -> Any:
-    from kubernetes import client
-
-    cfg = client.Configuration()
-    cfg.client_side_validation = False  # the module doc says why
-    return cfg
-
-
-def _call(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a client call; every failure becomes a :class:`KubeAPIError`."""
-    from kubernetes.client.exceptions import ApiException
-
-    try:
-        return fn(*args, _request_timeout=_TIMEOUT, **kwargs)
-    except ApiException as exc:
-        raise KubeAPIError(exc.status or 0, _status_message(exc)) from None
-    except OSError as exc:  # connection refused, TLS failure, timeout (urllib3 wraps in OSError)
-        raise KubeAPIError(0, f"cannot reach the API server: {exc}") from None
-    except Exception as exc:  # urllib3.exceptions.* that are not OSErrors
-        if type(exc).__module__.startswith("urllib3"):
-            raise KubeAPIError(0, f"cannot reach the API server: {exc}") from None
-        raise
 
 
 def _status_message(exc: Any) -> str:
