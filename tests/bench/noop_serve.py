@@ -16,10 +16,10 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from webhook.admission.endpoint import BodyTooLarge, json_response, read_body
 from webhook.admission.review import parse_review
 from webhook.errors import ReviewError
 from webhook.server import app as server_app
+from webhook.server.asgi import BodyTooLarge, json_response, read_body
 
 PATH = "/noop"
 

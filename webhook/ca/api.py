@@ -48,7 +48,6 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
-from webhook.admission.endpoint import BodyTooLarge, read_body
 from webhook.ca.authority import (
     CA_KEY,
     CertificateAuthority,
@@ -58,6 +57,7 @@ from webhook.ca.tokens import JWKSVerifier, TokenReviewVerifier, TokenVerifier
 from webhook.ca.trust import ReloadingTrust
 from webhook.config import MeshConfig
 from webhook.errors import IdentityError, PKIError, SidemeshError
+from webhook.server.asgi import BodyTooLarge, read_body
 
 __all__ = [
     "VERIFIER_ENV",
