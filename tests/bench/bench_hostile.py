@@ -268,12 +268,14 @@ def phase_slow(tmp: Path, connections: int) -> dict[str, Any]:
         before = srv.rss_mb()
         sel = selectors.DefaultSelector()
         first_byte: dict[ssl.SSLSocket, float] = {}
+        opening = time.monotonic()
         for _ in range(connections):
             sock = srv.tls_socket()
             sock.sendall(HEAD)
             first_byte[sock] = time.monotonic()
             sock.setblocking(False)
             sel.register(sock, selectors.EVENT_READ)
+        opened_in = time.monotonic() - opening
         peak = srv.rss_mb()
         closed_after: list[float] = []
         next_line = time.monotonic() + 2
@@ -302,7 +304,9 @@ def phase_slow(tmp: Path, connections: int) -> dict[str, Any]:
             "connections": connections,
             "closed": len(closed_after),
             "still_open_after_60s": len(first_byte),
+            "opened_all_in_s": round(opened_in, 2),
             "closed_after_s_p50": round(closed_after[len(closed_after) // 2], 2),
+            "closed_after_s_p99": round(closed_after[len(closed_after) * 99 // 100], 2),
             "closed_after_s_max": round(closed_after[-1], 2),
             "header_timeout_s": 10.0,
             "rss_before_mb": before,
