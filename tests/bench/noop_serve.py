@@ -59,7 +59,9 @@ _create_app = server_app.create_app
 
 def _create_app_with_noop(**kwargs: Any) -> Any:
     app = _create_app(**kwargs)
-    app.add_middleware(NoopEndpoint, max_body_bytes=kwargs["config"].webhook.max_body_bytes)
+    # In front of the whole stack, as /mutate is (create_app has built it already).
+    limit = kwargs["config"].webhook.max_body_bytes
+    app.middleware_stack = NoopEndpoint(app.middleware_stack, max_body_bytes=limit)
     return app
 
 

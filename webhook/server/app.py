@@ -11,7 +11,7 @@ Endpoints:
 | POST   | ``/v1/certificates``| the mini-CA, when its router is passed in (``ca.key`` present)|
 
 ``/mutate`` is answered by :class:`webhook.admission.endpoint.MutateEndpoint`, a small ASGI
-middleware in front of FastAPI's router: it reads the raw body, parses it with orjson and runs
+middleware in front of the whole FastAPI stack: it reads the raw body, parses it with orjson and runs
 the core inline on the event loop (a review is pure CPU, cheaper than a thread hop).
 
 What a client may hold of the server (header sizes, times, connections) is bounded per
@@ -130,13 +130,6 @@ def create_app(
         return Response(body, status_code=500, media_type=_JSON, headers=headers)
 
     app.add_exception_handler(Exception, unexpected)
-    app.add_middleware(
-        MutateEndpoint,
-        injector=bound_injector,
-        max_body_bytes=config.webhook.max_body_bytes,
-        metrics=metrics,
-    )
-
     @app.get("/healthz")
     async def healthz() -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
@@ -162,6 +155,14 @@ def create_app(
 
     for router in routers:
         app.include_router(router)
+    # /mutate goes first, ahead of even Starlette's error middleware (it catches its own): the
+    # stack is built here once, as Starlette would on the first request, with it outermost.
+    app.middleware_stack = MutateEndpoint(
+        app.build_middleware_stack(),
+        injector=bound_injector,
+        max_body_bytes=config.webhook.max_body_bytes,
+        metrics=metrics,
+    )
     return app
 
 
