@@ -11,8 +11,8 @@ Endpoints:
 | POST   | ``/v1/certificates``| the mini-CA, when its router is passed in (``ca.key`` present)|
 
 ``/mutate`` is answered by :class:`webhook.admission.endpoint.MutateEndpoint`, a small ASGI
-middleware in front of the whole FastAPI stack: it reads the raw body, parses it with orjson and runs
-the core inline on the event loop (a review is pure CPU, cheaper than a thread hop).
+middleware in front of the whole FastAPI stack: it reads the raw body, parses it with orjson
+and runs the core inline on the event loop (a review is pure CPU, cheaper than a thread hop).
 
 What a client may hold of the server (header sizes, times, connections) is bounded per
 connection by :mod:`webhook.server.limits`, from the mesh config's ``limits`` section.
