@@ -130,6 +130,7 @@ def create_app(
         return Response(body, status_code=500, media_type=_JSON, headers=headers)
 
     app.add_exception_handler(Exception, unexpected)
+
     @app.get("/healthz")
     async def healthz() -> Response:
         return Response(b'{"status":"ok"}', media_type=_JSON)
