@@ -61,6 +61,7 @@ def _create_app_with_noop(**kwargs: Any) -> Any:
     app = _create_app(**kwargs)
     # In front of the whole stack, as /mutate is (create_app has built it already).
     limit = kwargs["config"].webhook.max_body_bytes
+    assert app.middleware_stack is not None
     app.middleware_stack = NoopEndpoint(app.middleware_stack, max_body_bytes=limit)
     return app
 
