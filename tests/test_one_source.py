@@ -174,3 +174,20 @@ def test_the_agent_refuses_an_environment_that_gives_no_spiffe_id() -> None:
     env = {"POD_NAME": "p", "POD_NAMESPACE": "shop", names.ENV_TRUST_DOMAIN: "Bad/Domain"}
     with pytest.raises(ConfigError, match=r"SIDEMESH_TRUST_DOMAIN.*'Bad/Domain' is not a trust"):
         settings_from(flags, env)
+
+
+# --- one port/CIDR rule for config keys, annotations and init-traffic flags --------------------
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("mesh_cidrs", ["10.1.2.3/8"], "'10.1.2.3/8' is not a CIDR (10.1.2.3/8 has host bits set)"),
+        ("plaintext_ports", [70000], "port 70000 is outside 1-65535"),
+        ("ports", {"stats": 0}, "port 0 is outside 1-65535"),
+    ],
+)
+def test_config_keys_follow_the_shared_rules(key: str, value: Any, why: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_config({key: value})
+    assert str(refused.value).endswith(f": {why}")

@@ -9,9 +9,8 @@ so a typo never silently falls back to a default. Pure apart from :func:`load_co
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
@@ -20,7 +19,7 @@ import yaml
 
 from webhook import names
 from webhook.errors import ConfigError
-from webhook.values import parse_quantity
+from webhook.values import check_port, parse_cidr, parse_quantity
 
 __all__ = [
     "DEFAULTS",
@@ -219,6 +218,15 @@ def _fail(key: str, value: object, why: str) -> ConfigError:
     return ConfigError(f"config key {key!r} has bad value {value!r}: {why}")
 
 
+def _check(parser: Callable[[Any], object], key: str, value: Any) -> None:
+    """``value`` passes ``parser`` (one of :mod:`webhook.values`, the rules annotations and the
+    init container's flags follow too), or ConfigError naming the key, the value and why."""
+    try:
+        parser(value)
+    except ValueError as exc:
+        raise _fail(key, value, str(exc)) from None
+
+
 def _validate(cfg: MeshConfig) -> None:
     td = cfg.trust_domain
     if not names.is_trust_domain(td):
@@ -230,18 +238,13 @@ def _validate(cfg: MeshConfig) -> None:
             "discovery_address", cfg.discovery_address, "expected host:port (or empty for none)"
         )
     for cidr in cfg.mesh_cidrs:
-        try:
-            ipaddress.ip_network(cidr, strict=True)
-        except ValueError as exc:
-            raise _fail("mesh_cidrs", cidr, str(exc)) from None
+        _check(parse_cidr, "mesh_cidrs", cidr)
     for port in cfg.plaintext_ports:
-        if not 1 <= port <= 65535:
-            raise _fail("plaintext_ports", port, "must be 1-65535")
+        _check(check_port, "plaintext_ports", port)
     ports = cfg.ports.all()
     port_keys = ("admin", "outbound", "inbound", "probes", "health", "stats")
     for name_, port in zip(port_keys, ports, strict=True):
-        if not 1 <= port <= 65535:
-            raise _fail(f"ports.{name_}", port, "must be 1-65535")
+        _check(check_port, f"ports.{name_}", port)
     if len(set(ports)) != len(ports):
         raise _fail("ports", ports, "the proxy's ports must be distinct")
     px = cfg.proxy

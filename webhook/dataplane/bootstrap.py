@@ -87,6 +87,7 @@ from typing import Any, Final, Literal
 from webhook import names
 from webhook.config import DEFAULTS, INBOUND_MTLS_MODES, InboundMTLS, Ports
 from webhook.dataplane.capture import INBOUND_PASSTHROUGH_SOURCE_V6
+from webhook.values import check_port, parse_cidr
 
 __all__ = [
     "ALPN_H2",
@@ -291,7 +292,7 @@ def _check(opts: BootstrapOptions) -> None:
     if not (opts.ipv4 or opts.ipv6):
         raise ValueError("a pod needs an IPv4 or an IPv6 address")
     for cidr in opts.mesh_cidrs:
-        ipaddress.ip_network(cidr, strict=True)  # ValueError names the bad one
+        parse_cidr(cidr)  # ValueError names the bad one
     if opts.inbound_mtls not in INBOUND_MTLS_MODES:
         raise ValueError(
             f"inbound mTLS mode must be PERMISSIVE or STRICT, not {opts.inbound_mtls!r}"
@@ -305,8 +306,10 @@ def _check(opts: BootstrapOptions) -> None:
 
 
 def _check_port(port: int, what: str) -> None:
-    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
-        raise ValueError(f"{what} {port!r} is outside 1-65535")
+    try:
+        check_port(port)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
 
 
 # --- building blocks ---------------------------------------------------------------------
