@@ -97,8 +97,14 @@ def test_proxy_command_line_probes_and_ports() -> None:
         "--concurrency", "1",
     ]  # fmt: skip
     assert proxy["restartPolicy"] == "Always"
-    for kind in ("startupProbe", "readinessProbe"):
-        assert proxy[kind]["httpGet"] == {"path": "/healthz/ready", "port": 15021, "scheme": "HTTP"}
+    assert proxy["readinessProbe"]["httpGet"] == {
+        "path": "/healthz/ready",
+        "port": 15021,
+        "scheme": "HTTP",
+    }
+    # No startupProbe: the postStart hook holds the app back until the proxy is ready.
+    assert "startupProbe" not in proxy
+    assert proxy["lifecycle"]["postStart"]["exec"]["command"][:3] == ["sidemesh", "proxy", "wait"]
     assert [p["containerPort"] for p in proxy["ports"]] == [15090]
 
 

@@ -44,6 +44,7 @@ __all__ = [
     "MESHAPP",
     "PYTHON",
     "SIDEMESH",
+    "ControlPlane",
     "Mesh",
     "admit",
     "app",
@@ -52,6 +53,8 @@ __all__ = [
     "generation",
     "https_json",
     "is_direct",
+    "pod_manifest",
+    "start_control_plane",
     "start_mesh",
     "stats",
     "trouble",
@@ -252,27 +255,32 @@ def with_pod_ips(pod: dict[str, Any], ips: list[str]) -> None:
                 item["value"] = ",".join(ips)
 
 
-def start_mesh(
+@dataclass
+class ControlPlane:
+    """``sidemesh serve`` (webhook + CA) in the ``cp`` pod, with its PKI and token issuer."""
+
+    node: Node
+    cp: Pod
+    pki: Path
+    url: str
+    issuer: Issuer
+
+    def token_for(self, namespace: str, sa: str, pod_name: str) -> str:
+        return self.issuer.token(namespace, sa, pod_name)
+
+    def admit(self, pod: dict[str, Any]) -> dict[str, Any]:
+        return admit(self.node.ns, self.url, self.pki / "ca.crt", pod)
+
+
+def start_control_plane(
     lab: NetnsLab,
+    node: Node,
+    cp: Pod,
     *,
     cert_ttl: int | None = None,
-    ipv6: bool = False,
-    app_script: str = MESHAPP,
-    app_python: str = PYTHON,
-    kubelet_env: Callable[[Pod], Mapping[str, str]] | None = None,
     discovery_address: str = "",
-) -> Mesh:
-    """``ipv6``: dual-stack pods (every pod also gets an IPv6 address, the mesh CIDRs include
-    the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``), under
-    ``app_python`` (the venv's interpreter for an app that needs more than the stdlib).
-    ``kubelet_env``: given the sidecar-less ``outside`` pod, the variables the kubelet adds to
-    every container of the meshed pods (e.g. ``KUBERNETES_SERVICE_HOST`` pointing at it)."""
-    _preflight()
-    node = lab.node(ipv6=ipv6)
-    cp, client_net, server_net = node.add_pod("cp"), node.add_pod("client"), node.add_pod("server")
-    outside, ext = node.add_pod("outside"), node.add_pod("ext")
-
-    # --- the control plane: PKI, token issuer, mesh config, `sidemesh serve` -------------
+) -> ControlPlane:
+    """PKI, token issuer, mesh config (the node's subnets are the mesh), ``sidemesh serve``."""
     pki = lab.tmpdir("pki")
     subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
     subprocess.run(
@@ -306,6 +314,33 @@ def start_mesh(
         if time.monotonic() > deadline:
             raise TimeoutError("sidemesh serve never became ready")
         time.sleep(0.1)
+    return ControlPlane(node, cp, pki, cp_url, issuer)
+
+
+def start_mesh(
+    lab: NetnsLab,
+    *,
+    cert_ttl: int | None = None,
+    ipv6: bool = False,
+    app_script: str = MESHAPP,
+    app_python: str = PYTHON,
+    kubelet_env: Callable[[Pod], Mapping[str, str]] | None = None,
+    discovery_address: str = "",
+) -> Mesh:
+    """``ipv6``: dual-stack pods (every pod also gets an IPv6 address, the mesh CIDRs include
+    the IPv6 subnet). ``app_script`` runs as the meshed pods' app (``serve PORT...``), under
+    ``app_python`` (the venv's interpreter for an app that needs more than the stdlib).
+    ``kubelet_env``: given the sidecar-less ``outside`` pod, the variables the kubelet adds to
+    every container of the meshed pods (e.g. ``KUBERNETES_SERVICE_HOST`` pointing at it)."""
+    _preflight()
+    node = lab.node(ipv6=ipv6)
+    cp, client_net, server_net = node.add_pod("cp"), node.add_pod("client"), node.add_pod("server")
+    outside, ext = node.add_pod("outside"), node.add_pod("ext")
+
+    plane = start_control_plane(
+        lab, node, cp, cert_ttl=cert_ttl, discovery_address=discovery_address
+    )
+    cp_url, pki, issuer = plane.url, plane.pki, plane.issuer
 
     # --- two ordinary manifests through /mutate, then run what came back ---------------
     client_pod = admit(

@@ -13,16 +13,26 @@ Given a Pod (a dict, as the webhook's patch left it) and a pod network namespace
   plus ``cluster_env``, the kubelet's own variables such as ``KUBERNETES_SERVICE_HOST``)
   and user (``runAsUser``/``runAsGroup`` of the container, else of the pod);
 * init containers first and in order: a regular one must exit 0; a native sidecar
-  (``restartPolicy: Always``) is started and its ``startupProbe`` polled, the way the kubelet
-  would, from the node namespace, before the next container starts.
+  (``restartPolicy: Always``) is started, its ``postStart`` hook run to completion and its
+  ``startupProbe`` passed, the way the kubelet would, from the node namespace, before the next
+  container starts; app containers in order, each after the previous one's ``postStart``.
+* :meth:`PodRunner.wait_ready`: the pod's Ready condition, from the containers' readiness
+  probes.
 
-What it does not do: images, resources, restarts, probes of app containers (the test calls
-them itself), service-account token rotation.
+Probe timing: by default probes are polled every 0.1 s (tests want speed, not the kubelet's
+periods). With ``kubelet_timing`` they follow the kubelet's clock, for the start-up
+benchmark: each probe has a worker created when the pod is admitted (the runner's
+:meth:`start`) that probes once per ``periodSeconds`` from then on; a readiness probe is also
+run at once whenever the pod's status changes (a container started, another probe's result
+changed), as the kubelet's status update triggers it; a startup probe is not.
+
+What it does not do: images, resources, restarts, liveness, service-account token rotation.
 """
 
 from __future__ import annotations
 
 import re
+import socket
 import sys
 import time
 import urllib.error
@@ -89,8 +99,12 @@ class PodRunner:
     #: What the kubelet adds to every container's environment on its own, e.g. the
     #: ``kubernetes`` Service's ``KUBERNETES_SERVICE_HOST``/``_PORT``; the spec's env wins.
     cluster_env: Mapping[str, str] = field(default_factory=dict)
+    #: Probe at the kubelet's periods (see the module docstring) rather than every 0.1 s.
+    kubelet_timing: bool = False
     procs: dict[str, Proc] = field(default_factory=dict)
     volume_dirs: dict[str, Path] = field(default_factory=dict)
+    #: ``time.monotonic()`` when :meth:`start` began (the kubelet admitting the pod).
+    admitted_at: float = 0.0
 
     @property
     def ns(self) -> Netns:
@@ -211,12 +225,77 @@ class PodRunner:
         result: tuple[int, str] = self.node.ns.in_namespace(call)
         return result
 
-    def _await_startup(self, container: Mapping[str, Any], proc: Proc) -> None:
-        probe = container.get("startupProbe") or container.get("readinessProbe")
-        if probe is None or "httpGet" not in probe:
+    def probe(self, container: Mapping[str, Any], probe: Mapping[str, Any]) -> bool:
+        """One run of an httpGet or tcpSocket probe, from the node namespace."""
+        timeout = float(probe.get("timeoutSeconds", 1))
+        if "httpGet" in probe:
+            get = probe["httpGet"]
+            port = self._port(container, get["port"])
+            status, _ = self.kubelet_get(port, get.get("path", "/"), timeout=timeout)
+            return 200 <= status < 400
+        if "tcpSocket" in probe:
+            port = self._port(container, probe["tcpSocket"]["port"])
+
+            def connect() -> bool:
+                try:
+                    socket.create_connection((self.pod_net.ip, port), timeout=timeout).close()
+                except OSError:
+                    return False
+                return True
+
+            answer: bool = self.node.ns.in_namespace(connect)
+            return answer
+        raise ValueError(f"{container['name']}: probe kind not supported by the test pod runner")
+
+    @staticmethod
+    def _port(container: Mapping[str, Any], port: int | str) -> int:
+        if isinstance(port, int) or str(port).isdigit():
+            return int(port)
+        for item in container.get("ports", []):
+            if item.get("name") == port:
+                return int(item["containerPort"])
+        raise ValueError(f"{container['name']}: no port named {port!r}")
+
+    def _period(self, probe: Mapping[str, Any]) -> float:
+        return float(probe.get("periodSeconds", 10)) if self.kubelet_timing else 0.1
+
+    def _next_tick(self, probe: Mapping[str, Any], after: float) -> float:
+        """The probe worker's next tick after ``after`` (ticks start when the pod is admitted)."""
+        period = self._period(probe)
+        ticks = int((after - self.admitted_at) / period) + 1
+        return self.admitted_at + ticks * period
+
+    def _post_start(self, container: Mapping[str, Any], proc: Proc) -> None:
+        """The kubelet runs the hook in the container and starts nothing else until it returns;
+        a failed hook gets the container killed."""
+        hook = container.get("lifecycle", {}).get("postStart")
+        if hook is None:
             return
-        get = probe["httpGet"]
-        period = min(float(probe.get("periodSeconds", 1)), 0.1)  # faster than a kubelet
+        if "exec" not in hook:
+            raise ValueError(f"{container['name']}: only exec postStart hooks are supported")
+        command = hook["exec"]["command"]
+        argv = [*self.sidemesh, *command[1:]] if command[:1] == ["sidemesh"] else list(command)
+        uid, gid = self._user(container)
+        done = self.ns.run(
+            argv,
+            uid=uid,
+            gid=gid,
+            mounts=self._mounts(container),
+            env=self._env(container),
+            timeout=900,
+            check=False,
+        )
+        if done.returncode != 0:
+            proc.stop()
+            raise RuntimeError(
+                f"{self.name}/{container['name']}: postStart hook failed ({done.returncode}): "
+                f"{done.stdout}{done.stderr}\n{proc.output()}"
+            )
+
+    def _await_startup(self, container: Mapping[str, Any], proc: Proc) -> None:
+        probe = container.get("startupProbe")
+        if probe is None:
+            return
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             if not proc.running():
@@ -224,20 +303,48 @@ class PodRunner:
                     f"{self.name}/{container['name']} exited ({proc.popen.wait()}) before "
                     f"its startup probe passed:\n{proc.output()}"
                 )
-            status, _ = self.kubelet_get(int(get["port"]), get["path"])
-            if 200 <= status < 400:
+            if self.probe(container, probe):
                 return
-            time.sleep(period)
+            time.sleep(max(0.0, self._next_tick(probe, time.monotonic()) - time.monotonic()))
         raise TimeoutError(f"{self.name}/{container['name']} never passed its startup probe")
 
     def start(self) -> None:
         """Volumes, init containers in order, then the app containers."""
+        self.admitted_at = time.monotonic()
         self._make_volumes()
         for container in self.pod["spec"].get("initContainers", []):
             if container.get("restartPolicy") == "Always":
                 proc = self._spawn(container)
+                self._post_start(container, proc)
                 self._await_startup(container, proc)
             else:
                 self._run_to_completion(container)
         for container in self.pod["spec"]["containers"]:
-            self._spawn(container)
+            self._post_start(container, self._spawn(container))
+
+    def wait_ready(self, timeout: float = 60) -> float:
+        """Wait for the pod's Ready condition (every sidecar and app container ready); return
+        the seconds since :meth:`start` began. A container without a readiness probe is ready
+        once started. Call it right after :meth:`start`: the last container just started,
+        which is a status change, so every readiness probe runs at once."""
+        spec = self.pod["spec"]
+        containers = [
+            *(c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"),
+            *spec["containers"],
+        ]
+        pending = {c["name"]: (c, c["readinessProbe"]) for c in containers if "readinessProbe" in c}
+        due = dict.fromkeys(pending, time.monotonic())  # the status update's immediate probe
+        deadline = time.monotonic() + timeout
+        while pending:
+            name = min(due, key=due.__getitem__)
+            time.sleep(max(0.0, due[name] - time.monotonic()))
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: not ready after {timeout}s: {sorted(pending)}")
+            container, probe = pending[name]
+            if self.probe(container, probe):
+                del pending[name], due[name]
+                now = time.monotonic()
+                due = dict.fromkeys(due, now)  # a result changed: the status update probes all
+            else:
+                due[name] = self._next_tick(probe, time.monotonic())
+        return time.monotonic() - self.admitted_at

@@ -211,10 +211,16 @@ def proxy_container(
 ) -> dict[str, Any]:
     """``sidemesh-proxy``: the agent (identity, bootstrap) and Envoy, as uid/gid 1337.
 
-    ``native``: a native sidecar (``restartPolicy: Always`` in ``initContainers``) whose
-    startupProbe holds back the next containers until Envoy is ready, so apps start after the
-    proxy and Jobs still complete. ``hold`` (classic mode): a postStart hook that blocks the
-    kubelet from starting the next container until the proxy is ready.
+    ``native``: a native sidecar (``restartPolicy: Always`` in ``initContainers``), so apps
+    start after the proxy and Jobs still complete. ``hold`` (classic mode): the proxy goes
+    first. Both get a postStart hook, ``sidemesh proxy wait``, that returns as soon as Envoy is
+    ready; the kubelet starts the next container only once it has returned.
+
+    Why a hook and no startupProbe: the kubelet runs a startup probe once per period (1 s at
+    least) and starts the next container only after a probe passed, so the app would start up
+    to a whole second after the proxy became ready; the hook polls every 50 ms. A hook that
+    fails (the proxy not ready within its deadline) gets the container killed and restarted,
+    as a failed startup probe would.
 
     Written as one literal (every list and dict fresh for this pod) with the strings that
     depend only on the config and overrides worked out once: it runs once per admitted pod.
@@ -261,11 +267,14 @@ def proxy_container(
         container["securityContext"]["seccompProfile"] = {"type": _RUNTIME_DEFAULT_SECCOMP}
     if native:
         container["restartPolicy"] = "Always"
-        # Up to 10 minutes for the first certificate and Envoy start, polled every second.
-        container["startupProbe"] = _health_probe(health, 1, 600)
-    elif hold:
-        container["lifecycle"] = {"postStart": {"exec": {"command": ["sidemesh", "proxy", "wait"]}}}
+    if native or hold:
+        # Up to 10 minutes for the first certificate and Envoy start.
+        wait = ["sidemesh", "proxy", "wait", "--timeout", str(_START_DEADLINE_SECONDS)]
+        container["lifecycle"] = {"postStart": {"exec": {"command": wait}}}
     return container
+
+
+_START_DEADLINE_SECONDS: Final = 600
 
 
 _BUNDLE_REF: Final = f"metadata.annotations['{names.TRUST_BUNDLE_ANNOTATION}']"
