@@ -276,20 +276,19 @@ class PodRunner:
         command = hook["exec"]["command"]
         argv = [*self.sidemesh, *command[1:]] if command[:1] == ["sidemesh"] else list(command)
         uid, gid = self._user(container)
-        done = self.ns.run(
-            argv,
-            uid=uid,
-            gid=gid,
-            mounts=self._mounts(container),
-            env=self._env(container),
-            timeout=900,
-            check=False,
+        hook_proc = self.ns.spawn(
+            argv, uid=uid, gid=gid, mounts=self._mounts(container), env=self._env(container)
         )
-        if done.returncode != 0:
+        while hook_proc.running() and proc.running():
+            time.sleep(0.01)
+        if not proc.running():  # the container died: its hook is moot (the kubelet kills it)
+            hook_proc.stop()
+        code = hook_proc.popen.wait()
+        if code != 0 or not proc.running():
             proc.stop()
             raise RuntimeError(
-                f"{self.name}/{container['name']}: postStart hook failed ({done.returncode}): "
-                f"{done.stdout}{done.stderr}\n{proc.output()}"
+                f"{self.name}/{container['name']}: postStart hook failed ({code}): "
+                f"{hook_proc.output()}\n{proc.output()}"
             )
 
     def _await_startup(self, container: Mapping[str, Any], proc: Proc) -> None:

@@ -1,4 +1,4 @@
-"""`sidemesh proxy` (the sidecar agent) and `sidemesh proxy wait` (the hold-mode hook).
+"""`sidemesh proxy` (the sidecar agent) and `sidemesh proxy wait` (its postStart hook).
 
 The command line is the one the injector writes into pods (docs/CONTRACTS.md, section 2); the
 pod's facts come from the downward-API environment. ``--drain-seconds`` and
@@ -40,6 +40,18 @@ def register(subparsers: Any) -> None:
         type=float,
         default=5.0,
         help="on SIGTERM, longest wait for open connections to finish (default 5)",
+    )
+    proxy.add_argument(
+        "--ca-timeout",
+        type=float,
+        default=10.0,
+        help="seconds for one certificate request, connect to last byte (default 10)",
+    )
+    proxy.add_argument(
+        "--retry-max-seconds",
+        type=float,
+        default=30.0,
+        help="longest wait between two failed certificate requests (default 30)",
     )
     proxy.set_defaults(handler=_run)
     sub = proxy.add_subparsers(dest="proxy_command", metavar="PROXY_COMMAND")
@@ -86,7 +98,7 @@ def _default_envoy() -> str:
 
 
 def _wait(args: argparse.Namespace) -> int:
-    from webhook.dataplane.agent import wait_ready
+    from webhook.dataplane.ready import wait_ready
 
     if wait_ready(args.url, args.timeout):
         return 0

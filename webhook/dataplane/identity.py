@@ -16,39 +16,52 @@ The certificate directory is laid out the way the kubelet lays out Secret volume
 Envoy watches the directory; the rename of ``..data`` is the "moved to" event on which it
 rereads the pair (and checks that key and certificate were read consistently). Connections
 that are open keep their TLS session; new ones use the new certificate.
+
+What the agent trusts: only the mesh root it was given with the pod spec (the downward-API
+bundle file). A CA answer is a claim to check, not a fact: :func:`check_issued` installs
+nothing that does not chain to that root, is not valid now, is not for exactly this pod's
+SPIFFE ID and this pod's key, or is a CA. The ``ca.crt`` Envoy trusts is written from the
+bundle file, never from the CA's ``trustBundle``.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import ssl
-import urllib.error
-import urllib.request
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
+from typing import Any, Final
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
 from webhook.dataplane.bootstrap import CERT_FILE, KEY_FILE, ROOT_FILE
 
 __all__ = [
+    "CLOCK_SKEW",
+    "MIN_RENEWAL_INTERVAL",
     "CARequestError",
     "Issued",
     "build_csr",
     "check_issued",
     "install_generation",
+    "load_bundle",
     "new_key",
     "renewal_time",
-    "request_certificate",
 ]
 
 _DATA = "..data"
 _GEN_PREFIX = "..g"
+#: How far the CA's clock may run ahead of ours (a notBefore this far in the future is fine).
+CLOCK_SKEW: Final = timedelta(seconds=60)
+#: Never renew sooner than this after a certificate arrived, however short its life: a CA that
+#: issues nearly expired certificates must not turn renewal into a loop.
+MIN_RENEWAL_INTERVAL: Final = timedelta(seconds=5)
+_MAX_CHAIN: Final = 8
+_MAX_BUNDLE_BYTES: Final = 1 << 20
 
 
 class CARequestError(Exception):
@@ -92,73 +105,41 @@ def build_csr(key: ec.EllipticCurvePrivateKey, spiffe_id: str) -> str:
     return csr.public_bytes(serialization.Encoding.PEM).decode()
 
 
-def request_certificate(
-    ca_address: str,
-    *,
-    csr_pem: str,
-    token: str,
-    bundle_file: Path,
-    ttl_seconds: int | None,
-    timeout: float = 10.0,
-) -> tuple[str, str]:
-    """``POST <ca>/v1/certificates``; returns (certificateChain, trustBundle) PEMs.
-
-    The CA's serving certificate is verified against the trust bundle file (the mesh root that
-    came with the pod spec), hostname included.
-    """
-    body: dict[str, object] = {"csr": csr_pem}
-    if ttl_seconds:
-        body["ttlSeconds"] = ttl_seconds
-    req = urllib.request.Request(
-        ca_address.rstrip("/") + "/v1/certificates",
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
-        method="POST",
-    )
+def load_bundle(bundle_file: Path) -> str:
+    """The mesh root(s) from the pod's downward-API file, re-encoded as PEM (so that what Envoy
+    trusts is exactly what was parsed). Unreadable or not certificates: a retryable error (the
+    kubelet rewrites the file when the pod's annotation changes)."""
     try:
-        ctx = ssl.create_default_context(cafile=str(bundle_file))
-    except (OSError, ssl.SSLError) as exc:
-        raise CARequestError(f"cannot use trust bundle {bundle_file}: {exc}") from None
-    try:
-        with urllib.request.urlopen(req, timeout=timeout, context=ctx) as resp:
-            answer = json.loads(resp.read())
-    except urllib.error.HTTPError as exc:
-        raise CARequestError(f"CA refused: HTTP {exc.code} {_error_text(exc)}") from None
-    except urllib.error.URLError as exc:
-        raise CARequestError(f"CA unreachable at {ca_address}: {exc.reason}") from None
+        raw = bundle_file.read_bytes()[:_MAX_BUNDLE_BYTES]
+        roots = x509.load_pem_x509_certificates(raw)
     except (OSError, ValueError) as exc:
-        raise CARequestError(f"CA call failed: {exc}") from None
-    try:
-        return str(answer["certificateChain"]), str(answer["trustBundle"])
-    except (KeyError, TypeError):
-        raise CARequestError("CA answer lacks certificateChain/trustBundle") from None
-
-
-def _error_text(exc: urllib.error.HTTPError) -> str:
-    try:
-        data = json.loads(exc.read() or b"{}")
-        return f"{data.get('error', '')}: {data.get('message', '')}".strip(": ")
-    except (ValueError, OSError, AttributeError):
-        return str(exc.reason)
+        raise CARequestError(f"trust bundle {bundle_file} is unusable: {exc}") from None
+    return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in roots)
 
 
 def check_issued(
-    key: ec.EllipticCurvePrivateKey, chain_pem: str, bundle_pem: str, spiffe_id: str
+    key: ec.EllipticCurvePrivateKey,
+    chain_pem: str,
+    bundle_pem: str,
+    spiffe_id: str,
+    *,
+    now: datetime | None = None,
+    skew: timedelta = CLOCK_SKEW,
 ) -> Issued:
-    """Refuse a chain whose leaf is not for our key or not for our SPIFFE id."""
+    """Accept the CA's chain only if it is fit to hand to Envoy; ``CARequestError`` says why not.
+
+    ``bundle_pem`` is the pod's own trust bundle (never the CA's answer). ``now`` defaults to the
+    leaf's own notBefore (no clock: the tests of the pure checks); the agent passes its clock.
+    """
     try:
         chain = x509.load_pem_x509_certificates(chain_pem.encode())
-        x509.load_pem_x509_certificates(bundle_pem.encode())
+        roots = x509.load_pem_x509_certificates(bundle_pem.encode())
     except ValueError as exc:
         raise CARequestError(f"CA answer is not PEM certificates: {exc}") from None
+    if len(chain) > _MAX_CHAIN:
+        raise CARequestError(f"CA answered a chain of {len(chain)} certificates")
     leaf = chain[0]
-    ours = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    theirs = leaf.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    if ours != theirs:
+    if _spki(key.public_key()) != _spki(leaf.public_key()):
         raise CARequestError("CA returned a certificate for a different key")
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -167,8 +148,23 @@ def check_issued(
         uris = []
     if uris != [spiffe_id]:
         raise CARequestError(f"CA issued {uris} but this pod is {spiffe_id}")
+    if _is_ca(leaf):
+        raise CARequestError("CA returned a CA certificate as the workload certificate")
+    when = leaf.not_valid_before_utc if now is None else now
+    if when + skew < leaf.not_valid_before_utc:
+        raise CARequestError(f"certificate is not valid before {leaf.not_valid_before_utc}")
+    if when >= leaf.not_valid_after_utc:
+        raise CARequestError(f"certificate expired at {leaf.not_valid_after_utc}")
+    # Checked at the latest instant the skew allows, so a slightly fast CA clock is no error.
+    at = max(when, leaf.not_valid_before_utc)
+    try:
+        verifier = PolicyBuilder().store(Store(roots)).time(at).build_client_verifier()
+        verifier.verify(leaf, chain[1:])
+    except (VerificationError, ValueError) as exc:
+        why = f"certificate does not chain to the pod's trust bundle: {exc}"
+        raise CARequestError(why) from None
     return Issued(
-        chain_pem=chain_pem,
+        chain_pem="".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in chain),
         bundle_pem=bundle_pem,
         not_before=leaf.not_valid_before_utc,
         not_after=leaf.not_valid_after_utc,
@@ -176,11 +172,31 @@ def check_issued(
     )
 
 
+def _spki(public: Any) -> bytes:
+    return bytes(
+        public.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+
+
+def _is_ca(cert: x509.Certificate) -> bool:
+    try:
+        if cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            return True
+    except x509.ExtensionNotFound:
+        pass
+    try:
+        return bool(cert.extensions.get_extension_for_class(x509.KeyUsage).value.key_cert_sign)
+    except x509.ExtensionNotFound:
+        return False
+
+
 def renewal_time(issued: Issued, received: datetime) -> datetime:
     """Half of the lifetime *we* got. The CA back-dates ``notBefore`` (clock skew), so half of
     notBefore..notAfter could already be past; count from when the certificate arrived."""
     start = max(issued.not_before, received)
-    return start + (issued.not_after - start) / 2
+    return max(start + (issued.not_after - start) / 2, received + MIN_RENEWAL_INTERVAL)
 
 
 def install_generation(

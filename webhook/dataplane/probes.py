@@ -25,7 +25,7 @@ import socket
 import ssl
 import struct
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -177,16 +177,23 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        probe = self.server.probes.get(self.path.split("?", 1)[0])
+        path = self.path.split("?", 1)[0]
+        if path == "/metrics" and self.server.metrics is not None:
+            self._send(200, self.server.metrics(), "text/plain; version=0.0.4")
+            return
+        probe = self.server.probes.get(path)
         if probe is None:
             status, why = 404, "no such probe"
         else:
             status, why = run_probe(probe, self.server.pod_ip)
             if status != 200:
                 LOG.info("probe %s failed: %s", self.path, why)
-        body = (why + "\n").encode()
+        self._send(status, why + "\n")
+
+    def _send(self, status: int, text: str, content_type: str = "text/plain") -> None:
+        body = text.encode()
         self.send_response(status)
-        self.send_header("Content-Type", "text/plain")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
@@ -199,12 +206,19 @@ class _ProbeServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, address: tuple[str, int], probes: dict[str, dict[str, Any]], pod_ip: str):
+    def __init__(
+        self,
+        address: tuple[str, int],
+        probes: dict[str, dict[str, Any]],
+        pod_ip: str,
+        metrics: Callable[[], str] | None = None,
+    ):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.probes = probes
         self.pod_ip = pod_ip
+        self.metrics = metrics
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -214,10 +228,17 @@ class _ProbeServer(ThreadingHTTPServer):
 
 
 def start_probe_server(
-    probes: dict[str, dict[str, Any]], *, pod_ip: str, port: int, host: str = "0.0.0.0"
+    probes: dict[str, dict[str, Any]],
+    *,
+    pod_ip: str,
+    port: int,
+    host: str = "0.0.0.0",
+    metrics: Callable[[], str] | None = None,
 ) -> ThreadingHTTPServer:
     """Serve the probes on ``host:port`` in a daemon thread; ``shutdown()`` stops it.
-    ``host="::"`` serves IPv4 and IPv6 on one socket."""
-    server = _ProbeServer((host, port), probes, pod_ip)
-    threading.Thread(target=server.serve_forever, name="probes", daemon=True).start()
+    ``host="::"`` serves IPv4 and IPv6 on one socket. ``metrics``: the agent's own Prometheus
+    text, served at ``/metrics``."""
+    server = _ProbeServer((host, port), probes, pod_ip, metrics)
+    # a short poll interval: shutdown() waits for it, and SIGTERM must end the agent promptly
+    threading.Thread(target=server.serve_forever, args=(0.1,), name="probes", daemon=True).start()
     return server
