@@ -470,10 +470,11 @@ class NetnsLab:
 
     def _ensure_mount_target(self, target: str) -> None:
         # A bind mount needs an existing mount point. Missing components are created on the
-        # host's filesystem (the mount itself stays private) and left there, empty: removing
-        # one at teardown detaches every mount on that path in *other* mount namespaces (the
-        # kernel does that for rmdir of a mount point), so a lab running at the same time
-        # (another test run on this machine) saw its pods' /var/lib/sidemesh vanish.
+        # host's filesystem (the mount itself stays private). At teardown only those named
+        # after this lab are removed: removing a shared one such as /var/lib/sidemesh detaches
+        # every mount on that path in *other* mount namespaces (the kernel does that for rmdir
+        # of a mount point), so a lab running at the same time (another test run on this
+        # machine) saw its pods' /var/lib/sidemesh vanish.
         path = Path(target)
         missing: list[Path] = []
         while not path.exists():
@@ -513,6 +514,10 @@ class NetnsLab:
                 _run(["ip", "netns", "del", ns.name])
             except Exception as exc:
                 errors.append(f"deleting {ns.name}: {exc}")
+        for path in reversed(self._made_targets):
+            if self.prefix in str(path):
+                with contextlib.suppress(OSError):
+                    path.rmdir()
         for path in self._dirs:
             shutil.rmtree(path, ignore_errors=True)
         if errors:
