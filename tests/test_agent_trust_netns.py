@@ -18,10 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.meshlab import SIDEMESH, envoy_pids
 from tests.support.netns import Netns, NetnsLab, Proc
-
-sys.path.insert(0, str(Path(__file__).resolve().parent / "e2e"))
-from meshlab import SIDEMESH, envoy_pids
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy]
 
