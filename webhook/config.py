@@ -103,7 +103,8 @@ class ProxyConfig:
     log_level: LogLevel = "warning"
     """The proxy's log level (agent and Envoy)."""
     concurrency: int = 1
-    """Envoy worker threads (``--concurrency``); 1 served as much as 2 on 2 cores."""
+    """Envoy worker threads (``--concurrency``). One pod's traffic seldom needs more than one, and
+    every thread takes memory and a share of the node's cores from the app."""
     cert_ttl_seconds: int = 86400
     """Lifetime the agent asks for its workload certificate; renewed at half of it."""
 
