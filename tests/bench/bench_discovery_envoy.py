@@ -49,27 +49,31 @@ def measure(size: int, scoped: bool, tmp: Path) -> dict[str, float]:
     certs = workload_cert(ca, "spiffe://cluster.local/ns/bench/sa/client", tmp / "certs")
     ports = free_ports()
     settings = DiscoverySettings(ports=ports, work_dir=str(tmp / "work"), scoped=scoped)
-    with run_control_plane(store, settings, tmp / "ca") as cp:
+    with run_control_plane(store, settings, tmp / "ca", start_timeout=900) as cp:
         opts = BootstrapOptions("client-0", "bench", "client", cert_dir=str(certs), ports=ports)
         xds = XdsOptions(cp.address, initial_fetch_timeout_s=120)
         with run_envoy(envoy_binary(), opts, xds, tmp / "work") as envoy:
             envoy.wait(lambda: envoy.get("/ready")[0] == 200, "Envoy ready", timeout=300)
             memory = json.loads(envoy.get("/memory")[1])
-            clusters = envoy.get("/clusters?format=json")[1].count('"name"')
+            stats = envoy.get("/stats?filter=^cluster_manager.active_clusters$")[1]
+            clusters = int(stats.split(":")[1])
     return {
         "allocated_mib": round(int(memory["allocated"]) / 2**20, 1),
         "heap_mib": round(int(memory["heap_size"]) / 2**20, 1),
-        "cluster_entries": clusters,
+        "clusters": clusters,
     }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", default="50,5000")
-    sizes = [int(s) for s in parser.parse_args().sizes.split(",")]
+    parser.add_argument("--modes", default="scoped,unscoped")
+    args = parser.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    modes = [m == "scoped" for m in args.modes.split(",")]
     results = {}
     for size in sizes:
-        for scoped in (True, False):
+        for scoped in modes:
             with tempfile.TemporaryDirectory() as tmp:
                 key = f"{size} services, {'scoped' if scoped else 'unscoped'}"
                 results[key] = measure(size, scoped, Path(tmp))

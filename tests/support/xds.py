@@ -84,7 +84,7 @@ class ControlPlane:
 
 @contextmanager
 def run_control_plane(
-    store: ObjectStore, settings: DiscoverySettings, cert_dir: Path
+    store: ObjectStore, settings: DiscoverySettings, cert_dir: Path, start_timeout: float = 20
 ) -> Iterator[ControlPlane]:
     loop = asyncio.new_event_loop()
     ready = threading.Event()
@@ -104,7 +104,7 @@ def run_control_plane(
 
     thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
     thread.start()
-    if not ready.wait(20):
+    if not ready.wait(start_timeout):
         raise RuntimeError("control plane did not start")
     try:
         yield ControlPlane(store, holder["d"], loop, f"127.0.0.1:{port}")
