@@ -25,6 +25,7 @@ Answers are read into the client's models, which take the fields they know and s
 from __future__ import annotations
 
 import base64
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -34,6 +35,8 @@ from webhook import names
 from webhook.errors import SidemeshError
 
 if TYPE_CHECKING:
+    from kubernetes.client import AdmissionregistrationV1Api, AuthenticationV1Api, CoreV1Api
+
     from webhook.ca.tokens import ReviewResult
 
 __all__ = [
@@ -77,14 +80,30 @@ class KubeClient:
     underlying client is (one urllib3 pool)."""
 
     def __init__(self, api_client: Any, *, timeout: float = DEFAULT_TIMEOUT) -> None:
-        from kubernetes import client
-
         self.api_client = api_client
         self.timeout = timeout
         """Seconds each call may take (connect and read)."""
-        self._core = client.CoreV1Api(api_client)
-        self._admission = client.AdmissionregistrationV1Api(api_client)
-        self._auth = client.AuthenticationV1Api(api_client)
+
+    # The client imports each API group (and the models it names) on first use, which costs
+    # more than a call: a role builds only the groups it calls.
+
+    @functools.cached_property
+    def _core(self) -> CoreV1Api:
+        from kubernetes import client
+
+        return client.CoreV1Api(self.api_client)
+
+    @functools.cached_property
+    def _admission(self) -> AdmissionregistrationV1Api:
+        from kubernetes import client
+
+        return client.AdmissionregistrationV1Api(self.api_client)
+
+    @functools.cached_property
+    def _auth(self) -> AuthenticationV1Api:
+        from kubernetes import client
+
+        return client.AuthenticationV1Api(self.api_client)
 
     # --- connecting ----------------------------------------------------------------------------
 
