@@ -234,3 +234,17 @@ def test_the_server_still_answers_after_all_of_it(server: Serve) -> None:
 def test_the_certificate_directory_serve_creates_is_private(server: Serve) -> None:
     """It holds ca.key: created 0700 whatever the umask (it was 0755 under umask 022)."""
     assert stat.S_IMODE(server.cert_dir.stat().st_mode) == 0o700
+
+
+def test_pipelined_requests_each_get_their_own_header_budget(server: Serve) -> None:
+    """Two requests in one write, each with most of the header limit: both are answered."""
+    headers = b"".join(b"X-H%d: v\r\n" % i for i in range(LIMITS.max_headers - 10))
+    one = b"GET /healthz HTTP/1.1\r\nHost: sidemesh\r\n" + headers + b"\r\n"
+    with server.tls_socket() as sock:
+        sock.sendall(one + one)
+        sock.settimeout(10)
+        data = b""
+        while data.count(b"HTTP/1.1 200") < 2:
+            chunk = sock.recv(65536)
+            assert chunk, data
+            data += chunk

@@ -156,6 +156,13 @@ class GuardedProtocol(HttpToolsProtocol):
 
     # --- parser callbacks --------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._header_fields = 0
+        if self._phase == "app":  # a pipelined request behind one still being answered
+            self._phase = "headers"
+            self._arm(self.limits.header_timeout_seconds, self._header_timeout)
+
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
         if len(self.url) > self.limits.max_request_line_bytes:
