@@ -4,7 +4,9 @@ uvicorn's httptools protocol parses requests but bounds nothing a client control
 app runs: headers of any size and count, headers or a body that never finish, and as many
 connections as the kernel accepts (``limit_concurrency`` answers 503 only once a request's
 headers are complete, so it cannot stop a slow-header flood, and it refuses the API server
-as readily as an attacker). :class:`GuardedProtocol` is that protocol with the limits of
+as readily as an attacker). uvicorn's h11 protocol bounds an unfinished request's size
+(``h11_max_incomplete_event_size``) but times out neither headers nor bodies, so it would need
+the same guard. :class:`GuardedProtocol` is the httptools protocol with the limits of
 :class:`~webhook.config.ClientLimits` added where the bytes arrive:
 
 =====================================  =================  ===============================
