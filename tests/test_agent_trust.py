@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.support.evil_ca import EvilCA
+from tests.support.ports import free_port
 from webhook.dataplane import agent
 from webhook.dataplane.cacall import parse_ca_address
 from webhook.dataplane.identity import CARequestError
@@ -95,7 +96,7 @@ def test_each_fault_is_refused_and_nothing_is_installed(
 
 
 def test_refused_connection_is_an_error_not_a_crash(ca: EvilCA, tmp_path: Path) -> None:
-    closed = f"https://127.0.0.1:{_free_port()}"
+    closed = f"https://127.0.0.1:{free_port()}"
     with pytest.raises(CARequestError, match="CA unreachable"):
         _source(ca, tmp_path, closed).attempt(_now, threading.Event(), AgentStatus())
     assert not (tmp_path / "certs").exists()
@@ -178,11 +179,3 @@ def test_a_stopped_call_returns_at_once_even_mid_answer(ca: EvilCA, tmp_path: Pa
     with pytest.raises(CARequestError, match="stopped"):
         source.attempt(_now, stop, AgentStatus())
     assert time.monotonic() - t0 < 5  # not the 60 s deadline
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
