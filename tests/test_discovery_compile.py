@@ -202,3 +202,21 @@ def test_filesource_errors_name_the_file_and_keep_the_old_objects(tmp_path: Path
         parse_documents("kind: Pod\nmetadata: {name: p}\n", "b.yaml")
     with pytest.raises(ConfigError, match="does not exist"):
         FileSource(store, tmp_path / "missing").load()
+
+
+def test_h2c_and_http1_announce_different_alpn_on_every_http_path() -> None:
+    """The peer's inbound side picks its HTTP codec by ALPN: gRPC (h2c) must say sidemesh-h2."""
+    out = _resources(_demo(), "frontend-1")["listeners"]["outbound"]
+    chains = {c["name"]: c for c in out["filter_chains"]}
+    backend = "outbound|8080||backend.demo.svc.cluster.local"
+
+    def alpn(chain: dict[str, Any]) -> str:
+        state = chain["filters"][0]["typed_config"]["on_new_connection"][0]
+        return str(state["format_string"]["text_format_source"]["inline_string"])
+
+    assert chains[f"{backend}|h2c"]["filter_chain_match"]["application_protocols"] == ["h2c"]
+    assert alpn(chains[f"{backend}|h2c"]) == "sidemesh-h2"
+    assert alpn(chains[f"{backend}|http"]) == "sidemesh-http"
+    assert alpn(chains[backend]) == "sidemesh-tcp"
+    pod_h2 = chains["outbound-mesh-h2"]["filters"][0]["typed_config"]["cluster"]
+    assert pod_h2 == "outbound_mesh_h2"

@@ -111,7 +111,8 @@ def build_cluster(
     svc: Service, port: ServicePort, endpoints: Iterable[Endpoint], opts: bs.BootstrapOptions
 ) -> dict[str, Any]:
     name = svc.cluster_name(port)
-    alpn = bs.ALPN_HTTP if port.protocol == "http" else bs.ALPN_TCP
+    # The default; HTTP chains set the ALPN per connection (set_filter_state).
+    alpn = bs.ALPN_TCP
     matches: list[dict[str, Any]] = []
     for identity in sorted({e.mtls_identity for e in endpoints if e.mtls_identity}):
         ctx = bs._common_tls(opts, [alpn])
@@ -160,6 +161,7 @@ def local_clusters(opts: bs.BootstrapOptions) -> dict[str, dict[str, Any]]:
     """The clusters every sidecar has: passthrough, the two mesh clusters, the app hop."""
     out = [
         bs._mesh_cluster("outbound_mesh_http", opts, bs.ALPN_HTTP),
+        bs._mesh_cluster("outbound_mesh_h2", opts, bs.ALPN_H2),
         bs._mesh_cluster("outbound_mesh_tcp", opts, bs.ALPN_TCP),
         bs._original_dst_cluster("passthrough"),
         bs._inbound_app_cluster(opts),
@@ -195,22 +197,34 @@ def _alpn_state(alpn: str) -> dict[str, Any]:
 
 
 def _service_chains(svc: Service, port: ServicePort) -> list[dict[str, Any]]:
+    """A declared-TCP port: one chain. HTTP (declared or sniffed): the app's first bytes pick
+    the ALPN the peer's inbound side needs — h2c (gRPC) and HTTP/1 get different codecs there —
+    and anything else is TCP. Sniffing costs nothing here: HTTP clients speak first."""
     cluster = svc.cluster_name(port)
-    match = {"destination_port": port.port, "prefix_ranges": _ranges(svc.cluster_ips)}
+    match: dict[str, Any] = {
+        "destination_port": port.port,
+        "prefix_ranges": _ranges(svc.cluster_ips),
+    }
     tcp = {
         "name": cluster,
         "filter_chain_match": match,
         "filters": [bs._tcp_proxy(cluster, cluster)],
     }
-    if port.protocol != "sniff":
+    if port.protocol == "tcp":
         return [tcp]
-    http = {
-        "name": f"{cluster}|http",
-        "filter_chain_match": {**match, "application_protocols": bs._HTTP_PROTOCOLS},
-        "filters": [_alpn_state(bs.ALPN_HTTP), bs._tcp_proxy(cluster, cluster)],
-    }
+    chains: list[dict[str, Any]] = [
+        {
+            "name": f"{cluster}|{suffix}",
+            "filter_chain_match": {**match, "application_protocols": protocols},
+            "filters": [_alpn_state(alpn), bs._tcp_proxy(cluster, cluster)],
+        }
+        for suffix, protocols, alpn in (
+            ("h2c", list(bs._H2C_PROTOCOLS), str(bs.ALPN_H2)),
+            ("http", list(bs._HTTP1_PROTOCOLS), str(bs.ALPN_HTTP)),
+        )
+    ]
     tcp["filters"] = [_alpn_state(bs.ALPN_TCP), *tcp["filters"]]
-    return [http, tcp]
+    return [*chains, tcp]
 
 
 def _pod_chains(meshed: Mapping[str, frozenset[int]], port: int | None) -> list[dict[str, Any]]:
@@ -234,11 +248,20 @@ def _pod_chains(meshed: Mapping[str, frozenset[int]], port: int | None) -> list[
         ranges = _ranges(mtls)
         chains += [
             {
+                "name": f"outbound-mesh-h2{suffix}",
+                "filter_chain_match": {
+                    **only,
+                    "prefix_ranges": ranges,
+                    "application_protocols": bs._H2C_PROTOCOLS,
+                },
+                "filters": [bs._tcp_proxy("outbound_mesh_h2", "outbound_mesh_h2")],
+            },
+            {
                 "name": f"outbound-mesh-http{suffix}",
                 "filter_chain_match": {
                     **only,
                     "prefix_ranges": ranges,
-                    "application_protocols": bs._HTTP_PROTOCOLS,
+                    "application_protocols": bs._HTTP1_PROTOCOLS,
                 },
                 "filters": [bs._tcp_proxy("outbound_mesh_http", "outbound_mesh_http")],
             },
