@@ -12,12 +12,13 @@ import contextlib
 import select
 import ssl
 import stat
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.serve_process import Serve, metric_value, rss_kib
+from tests.support.serve_process import SIDEMESH, Serve, metric_value, rss_kib
 from webhook.config import ClientLimits
 
 LIMITS = ClientLimits()
@@ -248,3 +249,15 @@ def test_pipelined_requests_each_get_their_own_header_budget(server: Serve) -> N
             chunk = sock.recv(65536)
             assert chunk, data
             data += chunk
+
+
+def test_a_bad_limit_flag_fails_at_start_naming_the_key(tmp_path: Path) -> None:
+    p = subprocess.run(
+        [*SIDEMESH, "serve", "--header-timeout", "0", "--cert-dir", str(tmp_path / "certs")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode != 0
+    assert "limits.header_timeout_seconds" in p.stderr and "must be positive" in p.stderr
+    assert not (tmp_path / "certs").exists()  # nothing written before the flags are checked

@@ -71,8 +71,12 @@ def register(subparsers: Any) -> None:
         "client limits",
         "override the mesh config's limits section (docs/webhook.md, section Client limits)",
     )
+    from webhook.config import ClientLimits  # pure and light: no server imports for --help
+
+    defaults = ClientLimits()
     for flag, (key, kind) in LIMIT_FLAGS.items():
-        limits.add_argument(flag, type=kind, default=None, help=f"limits.{key}")
+        shown = f"limits.{key} (default {getattr(defaults, key):g})"
+        limits.add_argument(flag, type=kind, default=None, metavar="N", help=shown)
     p.set_defaults(handler=_serve)
 
 
@@ -108,7 +112,6 @@ def _serve(args: argparse.Namespace) -> int:
         raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     load_config_file(args.config)  # fail here, once, with the key and the value
     cert_dir = Path(args.cert_dir)
-    _ensure_pki(cert_dir)
     settings = ServeSettings(
         host=args.host,
         port=args.port,
@@ -127,6 +130,7 @@ def _serve(args: argparse.Namespace) -> int:
         workers=args.workers,
     )
     settings.mesh_config()  # bad limits fail here, once, naming the key
+    _ensure_pki(cert_dir)
     _check_port_free(args.host, args.port)
     print(
         f"sidemesh webhook on https://{args.host}:{args.port} with {args.workers} worker(s), "
