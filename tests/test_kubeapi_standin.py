@@ -262,6 +262,23 @@ def test_standin_client_info_lines_reach_the_sidemesh_log(standin: APIServerStan
     assert "patched caBundle of 1 webhook(s) in sidemesh-injector" in lines[0]["msg"]
 
 
+def test_standin_pod_annotations(standin: APIServerStandin) -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "web", "namespace": "demo", "annotations": {"a.io/x": "1"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }
+    standin.pods[("demo", "web")] = pod
+    kube = KubeClient.at(
+        standin.url, token=standin.caller_token, ca_file=str(standin.ca_file), timeout=2
+    )
+    assert kube.pod_annotations("demo", "web") == {"a.io/x": "1"}
+    with pytest.raises(KubeAPIError) as err:
+        kube.pod_annotations("demo", "gone")
+    assert err.value.status == 404 and 'pods "gone" not found' in str(err.value)
+
+
 @pytest.mark.parametrize("content", [None, "clusters: [", "apiVersion: v1\nkind: Config\n"])
 def test_an_unusable_kubeconfig_is_a_clear_error(tmp_path: Path, content: str | None) -> None:
     path = tmp_path / "kubeconfig"

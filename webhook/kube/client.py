@@ -2,8 +2,8 @@
 
 One :class:`KubeClient` serves every role that talks to the API server — ``sidemesh install``
 reads the mesh's Secrets with it, the CA's upkeep patches the webhook's ``caBundle`` and renews
-the serving certificate with it, the certificates API reviews tokens with it, and the
-discovery source lists and watches through its ``api_client``.
+the serving certificate with it, the certificates API reviews tokens with it, the CNI plugin
+looks pods up with it, and the discovery source lists and watches through its ``api_client``.
 The calls take and return plain Python values (``dict[str, bytes]`` for Secret data, PEM
 strings, a :class:`~webhook.ca.tokens.ReviewResult`); the ``kubernetes`` package and its models
 stay inside this module (the discovery list/watch aside, which keeps whole objects as JSON).
@@ -17,6 +17,7 @@ stay inside this module (the discovery list/watch aside, which keeps whole objec
   guard (RBAC: get/update on ``sidemesh-tls``). In a cluster the cert dir is a read-only Secret
   mount, so this is how the server renews its own certificate; the kubelet then swaps the
   mounted files and :mod:`webhook.server.tlsreload` picks them up.
+* Pods: the annotations of one (the CNI plugin; RBAC get pods; with its own short timeout).
 
 Everything is blocking (the client is urllib3-based); async callers run these in a thread.
 Answers are read into the client's models, which take the fields they know and skip the rest.
@@ -287,6 +288,25 @@ class KubeClient:
         raise KubeAPIError(
             409, f"Secret {namespace}/{name} kept changing; not updated"
         )  # pragma: no cover
+
+    # --- Pods ----------------------------------------------------------------------------------
+
+    def pod_annotations(self, namespace: str, name: str) -> dict[str, str]:
+        """``metadata.annotations`` of Pod ``namespace/name`` (status 404 when there is none).
+
+        Only the metadata is read into a model: the CNI plugin calls this once per process, and
+        building the models of a whole Pod (containers, volumes, probes …) the first time costs
+        far more than the call itself."""
+        import json
+
+        from kubernetes import client
+
+        raw: Any = self._call(  # the HTTP response, not a V1Pod, without preloading
+            self._core.read_namespaced_pod, name, namespace, _preload_content=False
+        )
+        meta = client.V1ObjectMeta.from_dict(json.loads(raw.data).get("metadata") or {})
+        annotations = (meta.annotations if meta is not None else None) or {}
+        return {str(k): str(v) for k, v in annotations.items()}
 
     # --- calls -------------------------------------------------------------------------------
 
