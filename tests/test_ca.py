@@ -264,3 +264,17 @@ def test_a_serving_cert_from_another_root_needs_renewal(ca: CertificateAuthority
     assert serving_cert_needs_renewal(theirs.encode(), ca, now=NOW)
     assert serving_cert_needs_renewal(None, ca, now=NOW)
     assert serving_cert_needs_renewal(b"junk", ca, now=NOW)
+
+
+def test_the_serving_certificates_name_each_control_plane_service_every_way_it_is_reached() -> None:
+    from webhook import names
+    from webhook.ca.authority import DEFAULT_SERVING_DNS, SERVICE_DNS_NAMES
+
+    assert names.control_plane_dns_names("sidemesh-discovery") == (
+        "sidemesh-discovery",
+        "sidemesh-discovery.sidemesh-system",
+        "sidemesh-discovery.sidemesh-system.svc",
+        "sidemesh-discovery.sidemesh-system.svc.cluster.local",
+    )
+    assert SERVICE_DNS_NAMES[2] == "sidemesh.sidemesh-system.svc"
+    assert (*SERVICE_DNS_NAMES, "localhost") == DEFAULT_SERVING_DNS

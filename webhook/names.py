@@ -54,6 +54,7 @@ __all__ = [
     "VOLUME_WORK",
     "WEBHOOK_CONFIGURATION",
     "WORK_DIR",
+    "control_plane_dns_names",
     "is_trust_domain",
     "parse_spiffe_id",
     "spiffe_id",
@@ -135,6 +136,13 @@ HEALTH_PATH: Final = "/healthz/ready"
 STATS_PATH: Final = "/stats/prometheus"
 #: Envoy's upstream bind source for the hop to the app; exempt from capture.
 INBOUND_PASSTHROUGH_SOURCE: Final = "127.0.0.6"
+
+
+def control_plane_dns_names(service: str) -> tuple[str, ...]:
+    """The names a control-plane Service in :data:`CONTROL_PLANE_NAMESPACE` is reached by,
+    from the shortest to the fully qualified (what its serving certificate must name)."""
+    svc = f"{service}.{CONTROL_PLANE_NAMESPACE}"
+    return (service, svc, f"{svc}.svc", f"{svc}.svc.cluster.local")
 
 
 # --- SPIFFE ids: spiffe://<trust domain>/ns/<namespace>/sa/<service account> ------------------

@@ -65,14 +65,8 @@ TLS_KEY = "tls.key"
 #: does not reject a certificate that was issued a second ago.
 CLOCK_SKEW = timedelta(minutes=5)
 
-_SVC = f"{names.SERVICE_NAME}.{names.CONTROL_PLANE_NAMESPACE}"
 #: The names the API server and the proxies use to reach the Service.
-SERVICE_DNS_NAMES: tuple[str, ...] = (
-    names.SERVICE_NAME,
-    _SVC,
-    f"{_SVC}.svc",
-    f"{_SVC}.svc.cluster.local",
-)
+SERVICE_DNS_NAMES = names.control_plane_dns_names(names.SERVICE_NAME)
 #: The Service's names plus a local one for ``make run`` on a laptop.
 DEFAULT_SERVING_DNS: tuple[str, ...] = (*SERVICE_DNS_NAMES, "localhost")
 DEFAULT_SERVING_IPS: tuple[str, ...] = ("127.0.0.1",)

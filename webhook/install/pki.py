@@ -62,14 +62,8 @@ LABELS = {
     "app.kubernetes.io/managed-by": FIELD_MANAGER,
 }
 
-_DISCOVERY_SVC = f"{names.DISCOVERY_NAME}.{names.CONTROL_PLANE_NAMESPACE}"
 #: The names sidecars may use to reach the discovery Service.
-DISCOVERY_DNS_NAMES: tuple[str, ...] = (
-    names.DISCOVERY_NAME,
-    _DISCOVERY_SVC,
-    f"{_DISCOVERY_SVC}.svc",
-    f"{_DISCOVERY_SVC}.svc.cluster.local",
-)
+DISCOVERY_DNS_NAMES = names.control_plane_dns_names(names.DISCOVERY_NAME)
 
 
 @dataclass(frozen=True)
