@@ -102,7 +102,7 @@ def test_plaintext_ports_default_to_dns_and_merge_with_the_never_captured_ones()
     [
         ({"api_servers": (("kubernetes.default", 443),)}, "kubernetes.default"),
         ({"api_servers": (("10.96.0.1", 0),)}, "API server port of 10.96.0.1"),
-        ({"plaintext_ports": (70000,)}, "plaintext port 70000"),
+        ({"plaintext_ports": (70000,)}, "plaintext port: port 70000 is outside 1-65535"),
     ],
 )
 def test_bad_exemptions_are_refused_by_name(extra: dict[str, Any], message: str) -> None:
