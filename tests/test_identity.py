@@ -22,7 +22,15 @@ from webhook.ca.tokens import (
 )
 from webhook.errors import IdentityError
 
+#: "Now" for the tokens a test mints: PyJWT checks them against the real clock, so NOW is set
+#: afresh for every test (module import can be minutes before a test runs in the full suite).
 NOW = float(int(time.time()))
+
+
+@pytest.fixture(autouse=True)
+def _fresh_now() -> None:
+    global NOW
+    NOW = float(int(time.time()))
 
 
 @pytest.fixture(scope="module")
