@@ -1,11 +1,11 @@
 """The node agent (``sidemesh cni install``) on a node's CNI directories — here temporary
-ones: it copies the plugin and its kubeconfig, chains sidemesh after the primary plugin, keeps
-it chained when the primary plugin's agent rewrites the file, and takes everything away again
-on SIGTERM. Then the installed plugin answers a runtime's VERSION with the node's Python."""
+ones: it copies the plugin, chains sidemesh after the primary plugin, serves the plugin's pod
+look-ups on a Unix socket, keeps it chained when the primary plugin's agent rewrites the file,
+and takes everything away again on SIGTERM. Then the installed plugin answers a runtime's
+VERSION with the node's Python."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import signal
@@ -83,7 +83,7 @@ def test_one_pass_installs_everything_and_a_second_changes_nothing(node: Node) -
     assert "chained into 10-bridge.conflist" in report
     assert node.chain() == ["bridge", "sidemesh-cni"]
     entry = json.loads((node.net / "10-bridge.conflist").read_text())["plugins"][1]
-    assert entry["kubeconfig"] == "/etc/cni/net.d/sidemesh-cni.kubeconfig"
+    assert entry["agent_socket"] == "/etc/cni/net.d/sidemesh-cni.sock"
     assert entry["exclude_namespaces"] == [
         "kube-system",
         "kube-public",
@@ -91,17 +91,28 @@ def test_one_pass_installs_everything_and_a_second_changes_nothing(node: Node) -
         "sidemesh-system",
     ]
 
-    kubeconfig = node.net / "sidemesh-cni.kubeconfig"
-    assert kubeconfig.stat().st_mode & 0o777 == 0o600, "a token: readable by root only"
-    config = json.loads(kubeconfig.read_text())
-    assert config["users"][0]["user"]["token"] == "token-1"
-    cluster = config["clusters"][0]["cluster"]
-    assert cluster["server"] == "https://10.96.0.1:443"
-    assert base64.b64decode(cluster["certificate-authority-data"]).startswith(b"-----BEGIN")
+    # the plugin holds no credential: the node keeps no token file
+    assert sorted(p.name for p in node.net.iterdir()) == ["10-bridge.conflist"]
     launcher = node.bin / "sidemesh-cni"
     assert os.access(launcher, os.X_OK) and (node.bin / PAYLOAD / "webhook").is_dir()
 
     assert "nothing to change" in node.once()
+
+
+def test_agent_uses_its_own_service_account_and_follows_rotation(node: Node) -> None:
+    from webhook.cni.install import Settings, credentials
+
+    settings = Settings(
+        bin_dir=node.bin,
+        net_dir=node.net,
+        api_server="https://10.96.0.1:443",
+        token_file=node.sa / "token",
+        ca_file=node.sa / "ca.crt",
+    )
+    assert credentials(settings) == ("https://10.96.0.1:443", "token-1", str(node.sa / "ca.crt"))
+    # the kubelet rotates the token: the next look-up uses the new one
+    (node.sa / "token").write_text("token-2")
+    assert credentials(settings)[1] == "token-2"
 
 
 def test_a_single_plugin_conf_is_converted(node: Node) -> None:
@@ -147,10 +158,13 @@ def test_watch_keeps_sidemesh_chained_and_removes_it_on_sigterm(node: Node) -> N
         (node.net / "10-bridge.conflist").write_text(original)
         wait_for("re-chained", lambda: node.chain() == ["bridge", "sidemesh-cni"])
 
-        # the kubelet rotates the service-account token: the plugin's kubeconfig follows
-        (node.sa / "token").write_text("token-2")
-        kubeconfig = node.net / "sidemesh-cni.kubeconfig"
-        wait_for("token", lambda: "token-2" in kubeconfig.read_text())
+        # the look-up socket: root only (the runtime)
+        sock = node.net / "sidemesh-cni.sock"
+        assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600
+
+        # an older version's kubeconfig (a token on the node) is removed
+        (node.net / "sidemesh-cni.kubeconfig").write_text("{}")
+        wait_for("old kubeconfig", lambda: not (node.net / "sidemesh-cni.kubeconfig").exists())
     finally:
         agent.send_signal(signal.SIGTERM)
         _, err = agent.communicate(timeout=30)

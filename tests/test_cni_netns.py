@@ -64,7 +64,7 @@ def node(plugin: Path) -> Iterator[CniNode]:
             cni.install(plugin)
             yield cni
         finally:
-            cni.standin.stop()
+            cni.close()
 
 
 def nat(ns: Netns) -> str:
@@ -142,6 +142,29 @@ def test_standin_unreachable_api_server_fails_the_sandbox(node: CniNode) -> None
     assert result["ips"], result
 
 
+def test_standin_stopped_agent_fails_the_sandbox(node: CniNode, plugin: Path) -> None:
+    """The agent died while sidemesh is chained (its socket is left, nobody answers): ADD fails
+    with a clear error, so the meshed pod does not start uncaptured; kube-system still works."""
+    node.standin.pods[("demo", "web")] = injected(cni=True)
+    node.stop_agent(crash=True)
+    assert (node.conf_dir / "sidemesh-cni.sock").exists(), "a crash leaves the socket"
+    ns = node.lab.namespace("web")
+    with pytest.raises(CNIFailure) as info:
+        node.runtime.add(ns, "demo", "web")
+    assert info.value.plugin == "sidemesh-cni"
+    assert info.value.error["code"] == 11
+    assert "cannot reach the node agent" in info.value.error["msg"]
+    assert "demo/web" in info.value.error["msg"]
+    assert rules(nat(ns)) == [] and "eth0" not in ns.ip("-o", "link")
+    system = node.lab.namespace("dns")
+    assert node.runtime.add(system, "kube-system", "coredns-0")["ips"]
+
+    # the DaemonSet restarts the agent: the same pod now gets its sandbox and its rules
+    node.install(plugin)
+    pod = node.add_pod(None, "web2", "demo", "web")
+    assert ":SIDEMESH_OUTPUT" in nat(pod.ns)
+
+
 def test_standin_unknown_pod_fails_the_sandbox(node: CniNode) -> None:
     with pytest.raises(CNIFailure) as info:
         node.add_pod(None, "ghost", "demo", "ghost")
@@ -170,7 +193,7 @@ def test_version_and_bad_requests(node: CniNode) -> None:
         "CNI_IFNAME": "eth0",
         "PATH": "/usr/bin:/usr/sbin",
     }
-    conf = {"cniVersion": "1.0.0", "name": "n", "type": "sidemesh-cni", "kubeconfig": "/k"}
+    conf = {"cniVersion": "1.0.0", "name": "n", "type": "sidemesh-cni", "agent_socket": "/k"}
     done = node.ns.run([plugin], env=env, input=json.dumps(conf), check=False)
     assert done.returncode == 1
     assert json.loads(done.stdout)["msg"] == (
@@ -181,7 +204,9 @@ def test_version_and_bad_requests(node: CniNode) -> None:
 def test_installer_chained_sidemesh_after_the_primary_plugin(node: CniNode) -> None:
     chain = json.loads((node.conf_dir / PRIMARY).read_text())["plugins"]
     assert [p["type"] for p in chain] == ["bridge", "sidemesh-cni"]
-    assert chain[1]["kubeconfig"] == f"{node.conf_dir}/sidemesh-cni.kubeconfig"
+    assert chain[1]["agent_socket"] == f"{node.conf_dir}/sidemesh-cni.sock"
+    assert not (node.conf_dir / "sidemesh-cni.kubeconfig").exists(), "no token on the node"
+    assert (node.conf_dir / "sidemesh-cni.sock").stat().st_mode & 0o777 == 0o600
 
 
 def test_validate_passes_in_a_captured_pod_and_fails_without_the_plugin(
@@ -196,8 +221,7 @@ def test_validate_passes_in_a_captured_pod_and_fails_without_the_plugin(
 
     # the node agent is not there yet: the runtime runs the primary plugin alone
     node.standin.pods[("demo", "early")] = injected(cni=True, name="early")
-    uninstall = [*SIDEMESH, "cni", "uninstall", "--bin-dir", str(node.bin_dir)]
-    node.ns.run([*uninstall, "--net-dir", str(node.conf_dir)])
+    node.stop_agent()  # SIGTERM: the agent takes sidemesh out of the chain
     early = node.add_pod(None, "early", "demo", "early")
     bad = early.ns.run([*SIDEMESH, "cni", "validate", *args], uid=uid, gid=uid, check=False)
     assert bad.returncode == 1
@@ -208,17 +232,7 @@ def test_validate_passes_in_a_captured_pod_and_fails_without_the_plugin(
 def test_race_pod_before_node_agent_never_runs_its_app(node: CniNode) -> None:
     """The pod's sandbox was made before sidemesh was in the chain: the validate container
     fails, so the kubelet never starts the proxy or the app; the pod runs nothing uncaptured."""
-    node.ns.run(
-        [
-            *SIDEMESH,
-            "cni",
-            "uninstall",
-            "--bin-dir",
-            str(node.bin_dir),
-            "--net-dir",
-            str(node.conf_dir),
-        ]
-    )
+    node.stop_agent()
     pod = injected(cni=True, name="early")
     net = node.add_pod(None, "early", "demo", "early")
     runner = PodRunner(
@@ -256,7 +270,7 @@ def test_standin_dual_stack_pod_gets_ip6tables_rules_too(plugin: Path) -> None:
             assert "::6/128" not in pod.ns.ip("-6", "addr", "show", "dev", "lo")
             assert rules(nat(pod.ns)) == []
         finally:
-            node.standin.stop()
+            node.close()
 
 
 def test_standin_validate_checks_an_ipv6_only_pod_over_ipv6(plugin: Path) -> None:
@@ -282,4 +296,4 @@ def test_standin_validate_checks_an_ipv6_only_pod_over_ipv6(plugin: Path) -> Non
             ok = captured.ns.run([*SIDEMESH, "cni", "validate", *args], uid=uid, gid=uid)
             assert "a connection to [2001:db8::1]:15999 was redirected" in ok.stderr
         finally:
-            node.standin.stop()
+            node.close()

@@ -19,7 +19,7 @@ ENV = {
     "CNI_ARGS": "IgnoreUnknown=1;K8S_POD_NAMESPACE=demo;K8S_POD_NAME=web-0",
 }
 PREV = {"cniVersion": "1.0.0", "ips": [{"address": "10.1.0.5/24"}], "interfaces": [{}]}
-CONF = {"cniVersion": "1.0.0", "name": "k8s", "type": "sidemesh-cni", "kubeconfig": "/k"}
+CONF = {"cniVersion": "1.0.0", "name": "k8s", "type": "sidemesh-cni", "agent_socket": "/k"}
 
 
 def request(env: dict[str, str] | None = None, **conf: Any) -> spec.Request:
@@ -51,7 +51,7 @@ def test_not_a_kubernetes_pod() -> None:
         ),
         (ENV, "not json", 6, "not JSON"),
         (ENV, json.dumps({**CONF, "cniVersion": "0.2.0"}), 1, "cniVersion '0.2.0'"),
-        (ENV, json.dumps({**CONF, "kubeconfig": ""}), 7, "'kubeconfig'"),
+        (ENV, json.dumps({**CONF, "agent_socket": ""}), 7, "'agent_socket'"),
         (ENV, json.dumps(CONF), 7, "chained after the primary plugin"),
         (ENV, json.dumps({**CONF, "prevResult": PREV, "timeout_seconds": 0}), 7, "timeout"),
     ],
@@ -82,7 +82,7 @@ PRIMARY = {
     "name": "k8s-pod-network",
     "plugins": [{"type": "bridge", "bridge": "cni0"}, {"type": "portmap"}],
 }
-ENTRY = {"type": "sidemesh-cni", "kubeconfig": "/etc/cni/net.d/sidemesh-cni.kubeconfig"}
+ENTRY = {"type": "sidemesh-cni", "agent_socket": "/etc/cni/net.d/sidemesh-cni.sock"}
 
 
 def test_insert_appends_after_the_primary_chain_once() -> None:

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
 
-import yaml
-
 from webhook import names
 from webhook.errors import ConfigError
 from webhook.values import check_port, parse_cidr, parse_quantity
@@ -325,6 +323,8 @@ def load_config(data: Mapping[str, Any] | None) -> MeshConfig:
 
 def load_config_file(path: str | Path | None) -> MeshConfig:
     """Read and validate a YAML config file; ``None`` gives the defaults."""
+    import yaml  # here: the CNI plugin imports this module and must stay standard-library only
+
     if path is None:
         return MeshConfig()
     try:

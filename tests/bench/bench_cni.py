@@ -75,7 +75,7 @@ def main() -> int:
                     runtime.add(ns, "demo", name)
                     runtime.delete(ns, "demo", name)
         finally:
-            node.standin.stop()
+            node.close()
     rows = {
         key: {
             "median_ms": round(statistics.median(v) * 1000, 1),

@@ -94,7 +94,7 @@ def test_cni_mode_mesh_end_to_end_standin(plugin: Path) -> None:
             node.install(plugin)
             _checks(lab, node)
         finally:
-            node.standin.stop()
+            node.close()
 
 
 def _serve(lab: NetnsLab, node: CniNode) -> tuple[Pod, str, Path]:

@@ -1,8 +1,9 @@
 """A node of a CNI-mode cluster in the netns lab: the runtime's CNI half played by the real
-reference plugins (:mod:`tests.support.cni_runtime`), sidemesh's node agent installed the way its
-DaemonSet does it (``sidemesh cni install``), and the API server's part played by
-:mod:`tests.support.apiserver_standin`, listening on 127.0.0.1 *inside* the node namespace, the
-only place the plugin (which runs there) can reach it from::
+reference plugins (:mod:`tests.support.cni_runtime`), sidemesh's node agent running the way its
+DaemonSet runs it (``sidemesh cni install``: it chains the plugin in and answers the plugin's
+pod look-ups on its Unix socket), and the API server's part played by
+:mod:`tests.support.apiserver_standin`, listening on 127.0.0.1 *inside* the node namespace,
+where the agent runs: ADD goes plugin → agent socket → stand-in::
 
     node netns: cni0 10.240.0.1/24 (made by the bridge plugin), the stand-in on 127.0.0.1
       ├── pod netns: eth0 10.240.0.2/24 (veth made by bridge, address by host-local)
@@ -15,8 +16,10 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import signal
 import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from typing import Any
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.cni_runtime import Runtime, bridge_conflist, reference_plugins
 from tests.support.jwks_issuer import Issuer
-from tests.support.netns import Netns, NetnsLab, Node, Pod
+from tests.support.netns import Netns, NetnsLab, Node, Pod, Proc
 from tests.support.podrunner import sidemesh_argv
 
 __all__ = ["PRIMARY", "CniNode", "built_plugin", "cni_node"]
@@ -59,6 +62,7 @@ class CniNode:
     conf_dir: Path
     ipam_dir: Path
     token_file: Path
+    agent: Proc | None = None
 
     @property
     def node(self) -> Node:
@@ -66,35 +70,56 @@ class CniNode:
         come from the node namespace, over the bridge)."""
         return Node(self.lab, self.ns, self.subnet, None)
 
-    def install(self, plugin: Path, *extra: str) -> str:
-        """One pass of the node agent; its report (stderr)."""
-        done = subprocess.run(
-            [
-                *sidemesh_argv(),
-                "cni",
-                "install",
-                "--once",
-                "--bin-dir",
-                str(self.bin_dir),
-                "--net-dir",
-                str(self.conf_dir),
-                "--node-net-dir",
-                str(self.conf_dir),
-                "--api-server",
-                self.standin.url,
-                "--token-file",
-                str(self.token_file),
-                "--ca-file",
-                str(self.standin.ca_file),
-                "--plugin-dir",
-                str(plugin),
-                *extra,
-            ],
-            check=True,
-            capture_output=True,
-            text=True,
-        )
-        return done.stderr
+    def agent_argv(self, plugin: Path, *extra: str) -> list[str]:
+        return [
+            *sidemesh_argv(),
+            "cni",
+            "install",
+            "--bin-dir",
+            str(self.bin_dir),
+            "--net-dir",
+            str(self.conf_dir),
+            "--node-net-dir",
+            str(self.conf_dir),
+            "--api-server",
+            self.standin.url,
+            "--token-file",
+            str(self.token_file),
+            "--ca-file",
+            str(self.standin.ca_file),
+            "--plugin-dir",
+            str(plugin),
+            *extra,
+        ]
+
+    def install(self, plugin: Path) -> str:
+        """Start the node agent in the node namespace (as its DaemonSet pod runs) and wait
+        until it is ready (serving look-ups, chained); its output so far."""
+        if self.agent is not None and self.agent.running():
+            return self.agent.output()
+        ready = self.lab.tmpdir("agent") / "ready"
+        argv = self.agent_argv(plugin, "--interval", "0.2", "--ready-file", str(ready))
+        self.agent = self.ns.spawn(argv)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if not self.agent.running() or time.monotonic() > deadline:
+                raise RuntimeError(f"the node agent did not get ready:\n{self.agent.output()}")
+            time.sleep(0.05)
+        return self.agent.output()
+
+    def stop_agent(self, *, crash: bool = False) -> None:
+        """SIGTERM: the agent uninstalls (out of the chain) and exits; ``crash``: SIGKILL, so
+        the chain still names sidemesh but nobody answers on the socket."""
+        if self.agent is None:
+            return
+        if crash:
+            self.agent.signal(signal.SIGKILL)
+        self.agent.stop(timeout=15)
+        self.agent = None
+
+    def close(self) -> None:
+        self.stop_agent()
+        self.standin.stop()
 
     def add_pod(self, pod: dict[str, Any] | None, label: str, namespace: str, name: str) -> Pod:
         """Publish ``pod`` on the stand-in (None: no such pod), create its sandbox namespace

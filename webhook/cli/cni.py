@@ -1,7 +1,8 @@
 """`sidemesh cni …`: the node agent of CNI mode and the pod-side check (docs/cni.md).
 
-* ``cni install``: put the plugin, its kubeconfig and its chain entry on the node, keep them
-  there (``--once``: one pass), take them away on SIGTERM;
+* ``cni install``: put the plugin and its chain entry on the node, keep them there, answer
+  the plugin's pod look-ups on a Unix socket (``--once``: one pass, no look-ups), take them
+  away on SIGTERM;
 * ``cni uninstall``: take them away now;
 * ``cni validate ARGS``: the ``sidemesh-validate`` init container (ARGS: init-traffic's);
 * ``cni plugin``: the plugin itself, run from this installation (the runtime runs the file
@@ -54,7 +55,7 @@ def register(subparsers: Any) -> None:
     inst.add_argument("--api-server", default="", help="https://HOST:PORT (default: in-cluster)")
     inst.add_argument("--token-file", type=Path, default=None, help="service-account token")
     inst.add_argument("--ca-file", type=Path, default=None, help="the API server's CA")
-    inst.add_argument("--timeout", type=float, default=5.0, help="the plugin's API timeout (s)")
+    inst.add_argument("--timeout", type=float, default=5.0, help="API timeout of a look-up (s)")
     inst.add_argument(
         "--exclude-namespace",
         action="append",
@@ -67,12 +68,12 @@ def register(subparsers: Any) -> None:
     inst.add_argument(
         "--plugin-dir", type=Path, default=None, help="copy this prebuilt code directory"
     )
-    inst.add_argument("--once", action="store_true", help="one pass, then exit")
+    inst.add_argument("--once", action="store_true", help="one pass, exit (no look-ups)")
     inst.add_argument("--interval", type=float, default=2.0, help="seconds between passes")
     inst.add_argument("--ready-file", type=Path, default=None, help="exists while chained")
     inst.set_defaults(handler=_install)
 
-    un = sub.add_parser("uninstall", help="remove the plugin, its kubeconfig and chain entry")
+    un = sub.add_parser("uninstall", help="remove the plugin and its chain entry")
     _dirs(un)
     un.set_defaults(handler=_uninstall)
 

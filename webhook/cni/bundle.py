@@ -1,16 +1,15 @@
 """What the installer puts into the node's CNI bin directory: a launcher named
 ``sidemesh-cni`` (the plugin's ``type``) and, next to it, ``sidemesh-cni.d/``: the ``webhook``
-package and the packages the plugin imports (the official ``kubernetes`` client and what it
-requires), copied from the installer's own environment.
+package's source files, copied from the installer's own environment.
 
-A runtime executes CNI plugins on the node itself, outside any container image, so the plugin
-must carry its dependencies. Some of them are compiled extensions (pydantic-core, which the
-``kubernetes`` client imports) built for the image's Python, so the launcher runs the node's
-``python3.X`` of that same minor version, in isolated mode (``-E -S``: no environment, no site
-packages — only the files of ``sidemesh-cni.d``). Without it, the launcher answers with a CNI
-error saying so, and the pod's sandbox is not created: CNI mode needs that Python and the
-iptables tools on every node (docs/cni.md). The client's asyncio half (``kubernetes.aio``)
-is left out: the plugin makes one blocking call.
+A runtime executes CNI plugins on the node itself, outside any container image. The plugin
+imports the standard library and sidemesh's own pure modules only (the API client stays in the
+node agent, which the plugin asks over a Unix socket), so the payload carries no third-party
+package and no compiled extension. The launcher runs the node's ``python3.X`` of the image's
+minor version (the code is tested with that one), in isolated mode (``-E -S``: no environment,
+no site packages — only the files of ``sidemesh-cni.d``). Without it, the launcher answers
+with a CNI error saying so, and the pod's sandbox is not created: CNI mode needs that Python
+and the iptables tools on every node (docs/cni.md).
 """
 
 from __future__ import annotations
@@ -27,8 +26,9 @@ import webhook
 
 __all__ = ["MANIFEST", "PAYLOAD", "build", "launcher"]
 
-#: Distributions whose code the plugin imports; their requirements are added transitively.
-ROOTS = ("kubernetes", "PyYAML")
+#: Distributions whose code the plugin imports (their requirements are added transitively):
+#: none — the plugin path is standard library only.
+ROOTS: tuple[str, ...] = ()
 #: The directory next to the launcher.
 PAYLOAD = "sidemesh-cni.d"
 #: In the payload: every file with its size, so that the installer can tell an up-to-date copy.

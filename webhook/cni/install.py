@@ -5,22 +5,20 @@ One pass (:func:`reconcile`) makes the node right, doing only what is missing:
 
 1. the plugin in the CNI bin directory: the launcher ``sidemesh-cni`` and its code directory
    ``sidemesh-cni.d`` (:mod:`webhook.cni.bundle`), copied when absent or different;
-2. the plugin's kubeconfig in the CNI config directory (mode 0600): the API server, its CA and
-   the agent's service-account token — rewritten when the kubelet rotates the token;
-3. sidemesh's entry last in the chain of the runtime's config file (the first in lexical
+2. sidemesh's entry last in the chain of the runtime's config file (the first in lexical
    order); a single-plugin ``.conf`` becomes a ``.conflist`` of the same name.
 
 :func:`watch` repeats the pass every few seconds — the primary plugin's own agent may rewrite
 its file at any time, and then sidemesh is chained in again — until SIGTERM, when
-:func:`uninstall` takes sidemesh out of the chain and removes the two files. Every write goes
+:func:`uninstall` takes sidemesh out of the chain and removes the plugin. While it watches, the
+agent also answers the plugin's pod look-ups on a Unix socket in the CNI config directory
+(:mod:`webhook.cni.agent`), with its own credentials: the node holds no token file. Every write goes
 to a dot-file in the same directory and is renamed over the target, so the runtime never reads
 half a file (and never takes the temporary file for a config: it skips dot-files).
 """
 
 from __future__ import annotations
 
-import base64
-import json
 import os
 import shutil
 import signal
@@ -32,22 +30,27 @@ from pathlib import Path
 from typing import Any
 
 from webhook.cni import conflist
+from webhook.cni.agent import serve
 from webhook.cni.bundle import MANIFEST, PAYLOAD, launcher
 from webhook.cni.conflist import PLUGIN_TYPE
+from webhook.cni.podinfo import Credentials, PodLookup
 from webhook.cni.spec import DEFAULT_EXCLUDE_NAMESPACES
 from webhook.errors import SidemeshError
 
 __all__ = [
     "InstallError",
     "Settings",
+    "credentials",
     "is_chained",
-    "kubeconfig",
+    "lookups",
     "reconcile",
     "uninstall",
     "watch",
 ]
 
+#: What older versions wrote for the plugin; removed on sight (the node keeps no token now).
 KUBECONFIG_NAME = "sidemesh-cni.kubeconfig"
+SOCKET_NAME = "sidemesh-cni.sock"
 _SA_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 
 
@@ -60,7 +63,7 @@ class Settings:
     net_dir: Path
     """The node's CNI config directory, as mounted (``/host/etc/cni/net.d``)."""
     node_net_dir: str = "/etc/cni/net.d"
-    """The same directory's path on the node: the plugin reads its kubeconfig from there."""
+    """The same directory's path on the node: the plugin finds the agent's socket there."""
     api_server: str = ""
     """``https://host:port``; empty: the in-cluster address (``KUBERNETES_SERVICE_HOST``)."""
     token_file: Path = _SA_DIR / "token"
@@ -75,7 +78,7 @@ class Settings:
         """sidemesh's entry in the chain."""
         return {
             "type": PLUGIN_TYPE,
-            "kubeconfig": f"{self.node_net_dir.rstrip('/')}/{KUBECONFIG_NAME}",
+            "agent_socket": f"{self.node_net_dir.rstrip('/')}/{SOCKET_NAME}",
             "timeout_seconds": self.timeout_seconds,
             "exclude_namespaces": list(self.exclude_namespaces),
         }
@@ -165,32 +168,14 @@ def _api_server(settings: Settings) -> str:
     return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
 
 
-def kubeconfig(settings: Settings) -> bytes:
-    """The plugin's kubeconfig: the agent's own identity (RBAC: get pods, nothing else)."""
+def credentials(settings: Settings) -> Credentials:
+    """The agent's API access: its own identity (RBAC: get pods, nothing else)."""
     try:
         token = settings.token_file.read_text().strip()
-        ca = settings.ca_file.read_bytes()
+        settings.ca_file.read_bytes()
     except OSError as exc:
         raise InstallError(f"cannot read the service account's credentials: {exc}") from None
-    config = {
-        "apiVersion": "v1",
-        "kind": "Config",
-        "clusters": [
-            {
-                "name": "local",
-                "cluster": {
-                    "server": _api_server(settings),
-                    "certificate-authority-data": base64.b64encode(ca).decode(),
-                },
-            }
-        ],
-        "users": [{"name": "sidemesh-cni", "user": {"token": token}}],
-        "contexts": [
-            {"name": "sidemesh-cni", "context": {"cluster": "local", "user": "sidemesh-cni"}}
-        ],
-        "current-context": "sidemesh-cni",
-    }
-    return (json.dumps(config, indent=2) + "\n").encode()
+    return (_api_server(settings), token, str(settings.ca_file))
 
 
 def _chain(settings: Settings) -> list[str]:
@@ -240,14 +225,15 @@ def reconcile(settings: Settings) -> list[str]:
         changes.append(f"plugin code copied to {settings.bin_dir / PAYLOAD}")
     if _write(settings.bin_dir / PLUGIN_TYPE, launcher().encode(), 0o755):
         changes.append(f"plugin written to {settings.bin_dir / PLUGIN_TYPE}")
-    if _write(settings.net_dir / KUBECONFIG_NAME, kubeconfig(settings), 0o600):
-        changes.append(f"kubeconfig written to {settings.net_dir / KUBECONFIG_NAME}")
+    if (settings.net_dir / KUBECONFIG_NAME).exists():  # an older version's: holds a token
+        (settings.net_dir / KUBECONFIG_NAME).unlink()
+        changes.append(f"deleted {settings.net_dir / KUBECONFIG_NAME} (no longer used)")
     changes += _chain(settings)
     return changes
 
 
 def uninstall(settings: Settings) -> list[str]:
-    """Take sidemesh out of every config file, remove the plugin and the kubeconfig."""
+    """Take sidemesh out of every config file, remove the plugin (and an old kubeconfig)."""
     changes = []
     for name in sorted(os.listdir(settings.net_dir)):
         if conflist.choose([name]) != name:
@@ -270,9 +256,19 @@ def uninstall(settings: Settings) -> list[str]:
     return changes
 
 
+def lookups(settings: Settings) -> PodLookup:
+    """The pod look-up the agent serves (the official client, the agent's credentials)."""
+    return PodLookup(lambda: credentials(settings), timeout=settings.timeout_seconds)
+
+
 def watch(settings: Settings, *, interval: float = 2.0, ready_file: Path | None = None) -> int:
-    """Reconcile every ``interval`` seconds until SIGTERM/SIGINT, then uninstall."""
+    """Serve look-ups and reconcile every ``interval`` seconds until SIGTERM/SIGINT, then
+    uninstall (out of the chain first, so no ADD is sent to a socket about to close)."""
     stop = threading.Event()
+    try:
+        server = serve(settings.net_dir / SOCKET_NAME, lookups(settings))
+    except OSError as exc:
+        raise InstallError(f"cannot serve on {settings.net_dir / SOCKET_NAME}: {exc}") from None
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()
@@ -295,6 +291,7 @@ def watch(settings: Settings, *, interval: float = 2.0, ready_file: Path | None 
         stop.wait(interval)
     for change in uninstall(settings):
         print(f"sidemesh cni: {change}", file=sys.stderr, flush=True)
+    server.close()
     if ready_file is not None:
         ready_file.unlink(missing_ok=True)
     return 0

@@ -1,7 +1,8 @@
 """The chained CNI plugin: the node-side half of CNI mode (run by the container runtime).
 
 For ADD the runtime has just created the pod's network namespace and the primary plugin has
-given it its addresses (``prevResult``). The plugin looks the pod up on the API server; when
+given it its addresses (``prevResult``). The plugin asks the node agent (over its Unix
+socket, :mod:`webhook.cni.agentclient`; the agent asks the API server) for the pod; when
 the injector marked it for CNI mode (annotations ``sidemesh.io/status`` and
 ``sidemesh.io/cni-capture``), it enters the pod's namespace and installs exactly the rules
 ``sidemesh init-traffic`` would, from the same argument list, through the same applier
@@ -10,10 +11,12 @@ case, the answer is ``prevResult`` unchanged: sidemesh adds no interface and no 
 
 Decisions (docs/cni.md says the same to users):
 
-* API server unreachable, pod not found, bad capture annotation → ADD fails, so the sandbox is
-  not created and the kubelet retries. A meshed pod never runs without its capture.
+* node agent or API server unreachable, pod not found, bad capture annotation → ADD fails, so
+  the sandbox is not created and the kubelet retries. A meshed pod never runs without its capture.
 * pods of ``exclude_namespaces`` (kube-system …) are passed through without an API call, so
-  the cluster's own components get a network while the API server is down.
+  the cluster's own components get a network while the API server (or the agent) is down.
+* the plugin imports the standard library and sidemesh's pure modules only (a test checks):
+  it runs once per sandbox, and the node needs no third-party package for it.
 * DEL never calls the API server: it removes sidemesh's chains from the namespace if it still
   exists (nothing of another owner), and succeeds when there is nothing to remove.
 * CHECK fails when an injected pod's chains or jumps are missing.
@@ -97,15 +100,20 @@ def capture_options(annotations: Mapping[str, str], pod: str) -> CaptureOptions 
         raise CNIError(spec.ERR_INVALID_CONFIG, f"sidemesh: pod {pod}: {exc}") from None
 
 
+#: Seconds the plugin waits for the agent beyond the agent's own API timeout, so that the
+#: agent's clearer error (API server unreachable) arrives before the plugin gives up.
+_AGENT_GRACE = 2.0
+
+
 def _lookup(req: Request) -> CaptureOptions | None:
-    from webhook.cni.podinfo import read_annotations
+    from webhook.cni.agentclient import read_annotations
 
     assert req.conf is not None
     pod = req.pod
     if pod is None or pod[0] in req.conf.exclude_namespaces:
         return None
     annotations = read_annotations(
-        req.conf.kubeconfig, pod[0], pod[1], timeout=req.conf.timeout_seconds
+        req.conf.agent_socket, pod[0], pod[1], timeout=req.conf.timeout_seconds + _AGENT_GRACE
     )
     return capture_options(annotations, f"{pod[0]}/{pod[1]}")
 

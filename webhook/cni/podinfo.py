@@ -1,41 +1,63 @@
-"""The one API call the CNI plugin makes: get the pod, for its annotations.
+"""The one API call CNI mode makes: get the pod, for its annotations.
 
-It runs on the node, inside the runtime's sandbox creation, with the node agent's kubeconfig
-(written by ``sidemesh cni install``; RBAC: ``get pods``) and a short timeout. A pod that cannot
-be looked up is an error, never "not injected": guessing wrong would start a meshed pod
-without its traffic capture.
+It runs in the node agent (``sidemesh cni install``), on the plugin's behalf
+(:mod:`webhook.cni.agent`), through :class:`webhook.kube.client.KubeClient` with the agent's
+own service-account credentials (RBAC: ``get pods``) and a short timeout. A pod that cannot be
+looked up is an error, never "not injected": guessing wrong would start a meshed pod without
+its traffic capture.
 """
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from typing import Any
+
 from webhook.cni.spec import ERR_TRY_AGAIN, CNIError
 
-__all__ = ["read_annotations"]
+__all__ = ["Credentials", "PodLookup"]
+
+#: (API server URL, bearer token, CA file path)
+Credentials = tuple[str, str, str]
 
 
-def read_annotations(
-    kubeconfig: str, namespace: str, name: str, *, timeout: float
-) -> dict[str, str]:
-    """The pod's ``metadata.annotations`` (``CNIError`` "try again later" when unreachable)."""
-    from webhook.kube.client import KubeAPIError, KubeClient
+class PodLookup:
+    """``lookup(namespace, name)`` → annotations. One client for all look-ups, rebuilt when
+    ``credentials()`` (read per call, so that a rotated token is used at once) changes."""
 
-    where = f"pod {namespace}/{name}"
-    try:
-        kube = KubeClient.connect(kubeconfig=kubeconfig, timeout=timeout)
-    except KubeAPIError as exc:
-        msg = f"sidemesh: cannot load kubeconfig {kubeconfig}: {exc}"
-        raise CNIError(ERR_TRY_AGAIN, msg) from None
-    try:
-        with kube.api_client:
-            return kube.pod_annotations(namespace, name)
-    except KubeAPIError as exc:
-        if exc.status:
-            msg = f"sidemesh: the API server refused to return {where}: {exc}"
-            raise CNIError(ERR_TRY_AGAIN, msg) from None
-        raise CNIError(
-            ERR_TRY_AGAIN,
-            f"sidemesh: cannot reach the API server to look up {where}; the pod's sandbox is "
-            "not created, so that no meshed pod starts without its traffic capture "
-            "(the kubelet retries)",
-            str(exc),
-        ) from None
+    def __init__(self, credentials: Callable[[], Credentials], *, timeout: float) -> None:
+        self._credentials = credentials
+        self._timeout = timeout
+        self._lock = threading.Lock()
+        self._current: tuple[Credentials, Any] | None = None
+
+    def _client(self) -> Any:
+        from webhook.kube.client import KubeClient
+
+        wanted = self._credentials()
+        with self._lock:
+            if self._current is None or self._current[0] != wanted:
+                host, token, ca_file = wanted
+                self._current = (
+                    wanted,
+                    KubeClient.at(host, token=token, ca_file=ca_file, timeout=self._timeout),
+                )
+            return self._current[1]
+
+    def __call__(self, namespace: str, name: str) -> dict[str, str]:
+        from webhook.kube.client import KubeAPIError
+
+        where = f"pod {namespace}/{name}"
+        try:
+            return dict(self._client().pod_annotations(namespace, name))
+        except KubeAPIError as exc:
+            if exc.status:
+                msg = f"sidemesh: the API server refused to return {where}: {exc}"
+                raise CNIError(ERR_TRY_AGAIN, msg) from None
+            raise CNIError(
+                ERR_TRY_AGAIN,
+                f"sidemesh: cannot reach the API server to look up {where}; the pod's sandbox "
+                "is not created, so that no meshed pod starts without its traffic capture "
+                "(the kubelet retries)",
+                str(exc),
+            ) from None

@@ -79,10 +79,10 @@ class NetConf:
 
     cni_version: str
     name: str
-    kubeconfig: str
-    """Path of the node agent's kubeconfig (written by ``sidemesh cni install``)."""
+    agent_socket: str
+    """Path of the node agent's look-up socket (served by ``sidemesh cni install``)."""
     timeout_seconds: float = 5.0
-    """How long the pod lookup may take before ADD fails (the kubelet then retries)."""
+    """How long the agent's API call may take before ADD fails (the kubelet then retries)."""
     exclude_namespaces: tuple[str, ...] = DEFAULT_EXCLUDE_NAMESPACES
     prev_result: Mapping[str, Any] | None = None
 
@@ -128,9 +128,11 @@ def _conf(raw: str) -> NetConf:
             f"cniVersion {version!r} is not supported",
             f"supported: {', '.join(SUPPORTED_VERSIONS)}",
         )
-    kubeconfig = data.get("kubeconfig")
-    if not isinstance(kubeconfig, str) or not kubeconfig:
-        raise CNIError(ERR_INVALID_CONFIG, "sidemesh: key 'kubeconfig' (a file path) is missing")
+    agent_socket = data.get("agent_socket")
+    if not isinstance(agent_socket, str) or not agent_socket:
+        raise CNIError(
+            ERR_INVALID_CONFIG, "sidemesh: key 'agent_socket' (the node agent's socket) is missing"
+        )
     timeout = data.get("timeout_seconds", 5.0)
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 0 < timeout <= 60:
         raise CNIError(ERR_INVALID_CONFIG, f"sidemesh: timeout_seconds {timeout!r}: 0-60 seconds")
@@ -143,7 +145,7 @@ def _conf(raw: str) -> NetConf:
     return NetConf(
         cni_version=version,
         name=str(data.get("name", "")),
-        kubeconfig=kubeconfig,
+        agent_socket=agent_socket,
         timeout_seconds=float(timeout),
         exclude_namespaces=tuple(exclude),
         prev_result=prev,
