@@ -2,7 +2,7 @@
 
 One :class:`KubeClient` serves every role that talks to the API server — ``sidemesh install``
 reads the mesh's Secrets with it, the CA's upkeep patches the webhook's ``caBundle`` and renews
-the serving certificate with it, the certificates API reviews tokens with it, the CNI plugin
+the serving certificate with it, the certificates API reviews tokens with it, the CNI node agent
 looks pods up with it, and the discovery source lists and watches through its ``api_client``.
 The calls take and return plain Python values (``dict[str, bytes]`` for Secret data, PEM
 strings, a :class:`~webhook.ca.tokens.ReviewResult`); the ``kubernetes`` package and its models
@@ -17,7 +17,7 @@ stay inside this module (the discovery list/watch aside, which keeps whole objec
   guard (RBAC: get/update on ``sidemesh-tls``). In a cluster the cert dir is a read-only Secret
   mount, so this is how the server renews its own certificate; the kubelet then swaps the
   mounted files and :mod:`webhook.server.tlsreload` picks them up.
-* Pods: the annotations of one (the CNI plugin; RBAC get pods; with its own short timeout).
+* Pods: the annotations of one (the CNI node agent; RBAC get pods; its own short timeout).
 
 Everything is blocking (the client is urllib3-based); async callers run these in a thread.
 Answers are read into the client's models, which take the fields they know and skip the rest.
@@ -294,7 +294,7 @@ class KubeClient:
     def pod_annotations(self, namespace: str, name: str) -> dict[str, str]:
         """``metadata.annotations`` of Pod ``namespace/name`` (status 404 when there is none).
 
-        Only the metadata is read into a model: the CNI plugin calls this once per process, and
+        Only the metadata is read into a model: the CNI node agent calls this once per sandbox, and
         building the models of a whole Pod (containers, volumes, probes …) the first time costs
         far more than the call itself."""
         import json
