@@ -378,10 +378,22 @@ def _common_tls(opts: BootstrapOptions, alpn: list[str]) -> dict[str, Any]:
     return ctx
 
 
+#: Connection attempts per proxied TCP connection. The sidecars relay at L4 (HTTP is only
+#: parsed by the server's inbound side), so a failed upstream connect would otherwise reach the
+#: app as a reset: a refused connection, or a TLS handshake cut while the peer's listener
+#: swaps its certificate, is tried again before the caller sees anything.
+TCP_CONNECT_ATTEMPTS: Final = 3
+
+
 def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
     return {
         "name": "envoy.filters.network.tcp_proxy",
-        "typed_config": {_TYPE: _T_TCP, "stat_prefix": stat_prefix, "cluster": cluster},
+        "typed_config": {
+            _TYPE: _T_TCP,
+            "stat_prefix": stat_prefix,
+            "cluster": cluster,
+            "max_connect_attempts": TCP_CONNECT_ATTEMPTS,
+        },
     }
 
 
