@@ -86,8 +86,22 @@ def checked_lab(prefix: str) -> Iterator[NetnsLab]:
         lab.close(raise_errors=False)
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert lab.prefix not in listed, listed
-    alive = [pid for pid in all_pids if Path(f"/proc/{pid}").exists()]
+    alive = {pid: about for pid in all_pids if (about := _living(pid))}
     assert not alive, f"processes left behind: {alive}"
+
+
+def _living(pid: int) -> str:
+    """What a still-running ``pid`` is (name, state, parent, argv); "" when it is gone or a
+    zombie: dead, only waiting for its new parent (init, once orphaned) to reap it."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text().splitlines()
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:200]
+    except OSError:
+        return ""
+    fields = [line for line in status if line.startswith(("Name:", "State:", "PPid:"))]
+    if any(line.startswith("State:") and "Z" in line.split()[1] for line in fields):
+        return ""
+    return " ".join([*fields, argv])
 
 
 SIDEMESH = sidemesh_argv()
