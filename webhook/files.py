@@ -23,6 +23,9 @@ __all__ = ["Reloading", "Signature", "signature", "write_atomic"]
 
 T = TypeVar("T")
 
+#: Reads of a changing set of files before the last one is kept as it is.
+_READ_ATTEMPTS = 3
+
 #: (device, inode, size, mtime in ns) of each watched file, in order.
 Signature = tuple[tuple[int, int, int, int], ...]
 
@@ -117,14 +120,25 @@ class Reloading(Generic[T]):
             return False
         if current == self._seen or current == self._refused:
             return False
-        try:
-            value = self._load()
-        except self._refuse as exc:
-            if not self._retry_refused:
-                self._refused = current
-            if self._on_refused is not None:
-                self._on_refused(exc)
-            return False
+        # The files may move while they are stat'ed or read (a writer swapping a pair): the
+        # value is kept with the signature taken *after* a read that saw no change, so one
+        # change is one reload, never a second one for a version already loaded.
+        for _ in range(_READ_ATTEMPTS):
+            try:
+                value = self._load()
+            except self._refuse as exc:
+                if not self._retry_refused:
+                    self._refused = current
+                if self._on_refused is not None:
+                    self._on_refused(exc)
+                return False
+            try:
+                after = signature(self.paths)
+            except OSError:
+                return False
+            if after == current:
+                break
+            current = after
         self.value, self._seen, self._refused = value, current, None
         self.reloads += 1
         if self._on_reload is not None:
