@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 
 from tests.support.jwks_issuer import Issuer
-from tests.support.serve_process import Serve, metric_value
+from tests.support.serve_process import Serve, assert_no_unexpected_errors
 
 PATH = "/v1/certificates"
 JSON = {"content-type": "application/json"}
@@ -67,7 +67,7 @@ def server(issuer: Issuer, tmp_path_factory: pytest.TempPathFactory) -> Iterator
 @pytest.fixture(autouse=True)
 def no_unexpected_errors(server: Serve) -> Iterator[None]:
     yield
-    assert metric_value(server.metrics(), "sidemesh_unexpected_errors_total") == 0
+    assert_no_unexpected_errors(server)
 
 
 def post(

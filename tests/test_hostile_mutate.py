@@ -14,7 +14,12 @@ from typing import Any
 import jsonpatch
 import pytest
 
-from tests.support.serve_process import Serve, metric_value
+from tests.support.serve_process import (
+    Serve,
+    assert_no_unexpected_errors,
+    metric_value,
+    serving,
+)
 from tests.support.webhook_https import admission_review, simple_pod
 from webhook import names
 from webhook.config import load_config
@@ -25,18 +30,14 @@ JSON = {"content-type": "application/json"}
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    s = Serve(tmp_path_factory.mktemp("mutate"))
-    try:
-        s.wait_ready()
+    with serving(tmp_path_factory.mktemp("mutate")) as s:
         yield s
-    finally:
-        s.kill()
 
 
 @pytest.fixture(autouse=True)
 def no_unexpected_errors(server: Serve) -> Iterator[None]:
     yield
-    assert metric_value(server.metrics(), "sidemesh_unexpected_errors_total") == 0
+    assert_no_unexpected_errors(server)
 
 
 def mutate(server: Serve, body: bytes) -> tuple[int, dict[str, Any]]:

@@ -18,7 +18,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.serve_process import SIDEMESH, Serve, metric_value, rss_kib
+from tests.support.serve_process import (
+    SIDEMESH,
+    Serve,
+    assert_no_unexpected_errors,
+    metric_value,
+    rss_kib,
+    serving,
+)
 from webhook.config import ClientLimits
 
 LIMITS = ClientLimits()
@@ -29,18 +36,14 @@ HEAD = b"POST /mutate HTTP/1.1\r\nHost: sidemesh\r\nContent-Type: application/js
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve]:
-    s = Serve(tmp_path_factory.mktemp("transport"), *FLAGS)
-    try:
-        s.wait_ready()
+    with serving(tmp_path_factory.mktemp("transport"), *FLAGS) as s:
         yield s
-    finally:
-        s.kill()
 
 
 @pytest.fixture(autouse=True)
 def no_unexpected_errors(server: Serve) -> Iterator[None]:
     yield
-    assert metric_value(server.metrics(), "sidemesh_unexpected_errors_total") == 0
+    assert_no_unexpected_errors(server)
 
 
 def refusals(server: Serve, reason: str) -> float:

@@ -11,6 +11,8 @@ import ssl
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -19,7 +21,7 @@ from tests.conftest import REPO
 from tests.support.ports import free_port
 from tests.support.webhook_https import client_ssl
 
-__all__ = ["SIDEMESH", "Serve", "metric_value", "rss_kib"]
+__all__ = ["SIDEMESH", "Serve", "assert_no_unexpected_errors", "metric_value", "rss_kib", "serving"]
 
 #: The CLI as a child process, from the checkout under test.
 SIDEMESH = [sys.executable, "-m", "webhook"]
@@ -103,3 +105,19 @@ class Serve:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+@contextmanager
+def serving(directory: Path, *flags: str) -> Iterator[Serve]:
+    """A ready ``sidemesh serve`` (cert dir in ``directory``), killed on the way out."""
+    s = Serve(directory, *flags)
+    try:
+        s.wait_ready()
+        yield s
+    finally:
+        s.kill()
+
+
+def assert_no_unexpected_errors(server: Serve) -> None:
+    """The server's bug counter: any exception that reached a generic handler."""
+    assert metric_value(server.metrics(), "sidemesh_unexpected_errors_total") == 0
