@@ -87,6 +87,7 @@ def test_base_builds_the_whole_control_plane(base: list[Obj]) -> None:
             "RoleBinding",
             "ConfigMap",
             "MutatingWebhookConfiguration",
+            "CustomResourceDefinition",  # TrafficPolicy
         ]
     )
     # No private material in the tree: the Secrets come from `sidemesh install` only.

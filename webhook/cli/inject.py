@@ -31,7 +31,7 @@ from webhook.inject.workloads import (
 )
 from webhook.manifests import Document, dump_json, dump_yaml, iter_documents
 
-__all__ = ["PLACEHOLDER_BUNDLE", "load_bundle", "register"]
+__all__ = ["PLACEHOLDER_BUNDLE", "check_workloads", "load_bundle", "register"]
 
 #: Used when neither --bundle nor certs/ca.crt exists: a real, self-signed, already expired
 #: certificate whose name says what it is, so an injected pod parses but can never verify a peer.
@@ -52,7 +52,7 @@ DEFAULT_BUNDLE_FILE: Final = Path("certs") / "ca.crt"
 
 
 def register(subparsers: Any) -> None:
-    """Add ``inject``, ``uninject`` and ``check``."""
+    """Add ``inject`` and ``uninject``."""
     p = subparsers.add_parser(
         "inject",
         help="add the sidecar to the workloads of a manifest (dry run: prints the result)",
@@ -79,14 +79,8 @@ def register(subparsers: Any) -> None:
     _common(p)
     p.set_defaults(handler=_uninject)
 
-    p = subparsers.add_parser(
-        "check",
-        help="show, per workload, whether it would be injected and why (changes nothing)",
-    )
-    p.add_argument("-f", "--filename", required=True, metavar="FILE", help="manifest, - = stdin")
-    p.add_argument("-o", "--output", choices=("text", "json"), default="text")
-    _mesh(p)
-    p.set_defaults(handler=_check)
+    # `sidemesh check` is registered by webhook.cli.check, which calls check_workloads for a
+    # manifest without traffic rules.
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -187,8 +181,10 @@ class _Run:
     errors: list[str] = field(default_factory=list)
 
 
-def _process(args: argparse.Namespace, op: Callable[[Any], ObjectResult]) -> _Run:
-    text = _read_input(args.filename)
+def _process(
+    args: argparse.Namespace, op: Callable[[Any], ObjectResult], text: str | None = None
+) -> _Run:
+    text = _read_input(args.filename) if text is None else text
     run = _Run([], json=text.lstrip().startswith(("{", "[")))
     try:
         for doc in iter_documents(text):
@@ -274,7 +270,8 @@ def _uninject(args: argparse.Namespace) -> int:
     return _write(args, run, _format(args, run))
 
 
-def _check(args: argparse.Namespace) -> int:
+def check_workloads(args: argparse.Namespace, text: str | None = None) -> int:
+    """`sidemesh check` of a manifest's workloads (``text``: the manifest, already read)."""
     config = _config(args)
     # The same bundle as inject, so that a pod injected with it reads "already-injected"; it
     # only ends up in the discarded pod, so a placeholder needs no warning here.
@@ -283,7 +280,7 @@ def _check(args: argparse.Namespace) -> int:
     def op(obj: Any) -> ObjectResult:
         return check_object(obj, namespace=args.namespace, config=config, bundle=bundle)
 
-    run = _process(args, op)
+    run = _process(args, op, text)
     rows: list[dict[str, Any]] = []
     for doc, result in run.results:
         for t in result.templates:

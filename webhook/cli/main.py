@@ -21,7 +21,8 @@ __all__ = ["main"]
 
 #: The command modules, in the order their commands appear in ``--help``.
 COMMAND_MODULES = (
-    "webhook.cli.inject",  # inject, uninject, check
+    "webhook.cli.inject",  # inject, uninject
+    "webhook.cli.check",  # check (traffic rules; workloads through webhook.cli.inject)
     "webhook.cli.serve",  # serve
     "webhook.cli.ca",  # ca init | serving-cert | show | bundle
     "webhook.cli.traffic",  # init-traffic

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 #: Server-side watch timeout range in seconds (each watch picks one at random).
 WATCH_TIMEOUT = (300, 600)
 DEFAULT_BACKOFF = Backoff()
+#: Seconds between lists of an optional kind the API server does not serve (yet).
+OPTIONAL_RECHECK = 30.0
 #: How long :meth:`KubeSource.stop` waits for each thread.
 STOP_TIMEOUT = 5.0
 
@@ -160,7 +162,9 @@ class KubeSource:
         while not self._stopping.is_set():
             try:
                 if must_list:
-                    self._list(spec, status)
+                    if not self._list(spec, status):
+                        self._sleep(OPTIONAL_RECHECK)  # an optional CRD not installed (yet)
+                        continue
                     must_list = False
                 self._watch(spec, status)
             except Expired as exc:
@@ -187,8 +191,21 @@ class KubeSource:
                 self._sleep(delay)
         log.debug("%s watcher stopped", spec.kind)
 
-    def _list(self, spec: KindSpec, status: KindStatus) -> str:
-        listing = self._lw.list(spec, page_size=self._page_size)
+    def _list(self, spec: KindSpec, status: KindStatus) -> bool:
+        """List and replace the kind; False when it is an optional kind the API server does
+        not serve (its CRD is not installed): the store then holds none of it."""
+        try:
+            listing = self._lw.list(spec, page_size=self._page_size)
+        except KubeAPIError as exc:
+            if not (spec.optional and exc.status == 404):
+                raise
+            self._store.replace(spec.kind, [])
+            if not status.synced:
+                log.info(
+                    "%s are not served (CRD not installed?): none until they are", spec.resource
+                )
+            self._mark_synced(status)
+            return False
         objs = []
         for obj in listing.items:
             if _named(obj, spec):
@@ -196,15 +213,18 @@ class KubeSource:
         self._store.replace(spec.kind, objs)
         status.lists += 1
         status.resource_version = listing.resource_version
+        self._mark_synced(status)
+        log.info(
+            "listed %d %s at resourceVersion %s", len(objs), spec.resource, listing.resource_version
+        )
+        return True
+
+    def _mark_synced(self, status: KindStatus) -> None:
         if not status.synced:
             status.synced = True
             if all(s.synced for s in self.status.values()):
                 self._synced.set()
         self._progressed()
-        log.info(
-            "listed %d %s at resourceVersion %s", len(objs), spec.resource, listing.resource_version
-        )
-        return listing.resource_version
 
     def _watch(self, spec: KindSpec, status: KindStatus) -> None:
         """One watch request from ``status.resource_version``, to its end, moving that version

@@ -15,6 +15,7 @@ HTTP 410 or, as it usually does, with an ``ERROR`` event carrying a 410 ``Status
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -57,6 +58,10 @@ class KindSpec:
     api: str  # the kubernetes.client class, e.g. "CoreV1Api"
     method: str  # e.g. "list_pod_for_all_namespaces"
     resource: str  # for messages and RBAC: "pods", "endpointslices.discovery.k8s.io"
+    #: Leading arguments of ``method`` (a custom resource's group, version and plural).
+    args: tuple[str, ...] = ()
+    #: A kind the cluster may not serve (an optional CRD): a 404 on list means "none yet".
+    optional: bool = False
 
 
 KINDS: tuple[KindSpec, ...] = (
@@ -70,6 +75,22 @@ KINDS: tuple[KindSpec, ...] = (
         "endpointslices.discovery.k8s.io",
     ),
     KindSpec("Pod", "v1", "CoreV1Api", "list_pod_for_all_namespaces", "pods"),
+    *(
+        KindSpec(
+            kind,
+            f"{group}/{version}",
+            "CustomObjectsApi",
+            "list_cluster_custom_object",
+            f"{plural}.{group}",
+            (group, version, plural),
+            optional=True,
+        )
+        for kind, group, version, plural in (
+            ("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
+            ("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
+            ("TrafficPolicy", "sidemesh.io", "v1alpha1", "trafficpolicies"),
+        )
+    ),
 )
 
 
@@ -162,9 +183,8 @@ class ListWatch:
     def _method(self, spec: KindSpec) -> Callable[..., Any]:
         from kubernetes import client
 
-        return cast(
-            Callable[..., Any], getattr(getattr(client, spec.api)(self._api_client), spec.method)
-        )
+        method = getattr(getattr(client, spec.api)(self._api_client), spec.method)
+        return cast(Callable[..., Any], functools.partial(method, *spec.args))
 
     def list(self, spec: KindSpec, *, page_size: int = 500) -> Listing:
         """Every object of ``spec``, following ``continue`` tokens; all pages come from one

@@ -31,7 +31,10 @@ from typing import Any
 
 from webhook import names
 
-__all__ = ["slim"]
+__all__ = ["KEEP_SPEC", "slim"]
+
+#: Rule kinds: kept whole (spec and creationTimestamp); they are small and all of them is read.
+KEEP_SPEC = frozenset({"HTTPRoute", "GRPCRoute", "TrafficPolicy"})
 
 _META = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")
 _SERVICE_SPEC = (
@@ -106,6 +109,11 @@ def slim(kind: str, obj: Mapping[str, Any], api_version: str = "") -> dict[str, 
     elif kind == "EndpointSlice":
         out.update(_pick(obj, ("addressType", "ports")))
         out["endpoints"] = [_pick(e, _ENDPOINT) for e in obj.get("endpoints") or ()]
+    elif kind in KEEP_SPEC:
+        out["spec"] = obj.get("spec") or {}
+        created = (obj.get("metadata") or {}).get("creationTimestamp")
+        if created:  # rules of equal precedence: the older wins
+            out["metadata"]["creationTimestamp"] = created
     elif kind == "Pod":
         spec = obj.get("spec") or {}
         slim_spec = _pick(spec, _POD_SPEC)

@@ -18,8 +18,8 @@ from typing import Any
 
 __all__ = ["KINDS", "Key", "ObjectStore", "key_of"]
 
-#: The kinds the control plane watches (sidemesh's own resources join this list later).
-KINDS = ("Namespace", "Service", "EndpointSlice", "Pod")
+#: The kinds the control plane watches: the mesh, then its traffic rules.
+KINDS = ("Namespace", "Service", "EndpointSlice", "Pod", "HTTPRoute", "GRPCRoute", "TrafficPolicy")
 
 Obj = Mapping[str, Any]
 
