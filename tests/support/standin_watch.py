@@ -59,11 +59,15 @@ RESOURCES = {
         Resource("Service", "v1", "services", True),
         Resource("Pod", "v1", "pods", True),
         Resource("EndpointSlice", "discovery.k8s.io/v1", "endpointslices", True),
+        Resource("HTTPRoute", "gateway.networking.k8s.io/v1", "httproutes", True),
+        Resource("GRPCRoute", "gateway.networking.k8s.io/v1", "grpcroutes", True),
+        Resource("TrafficPolicy", "sidemesh.io/v1alpha1", "trafficpolicies", True),
     )
 }
 _BY_KIND = {r.kind: r for r in RESOURCES.values()}
 _LIST_PATH = re.compile(
-    r"^/(?:api/v1|apis/discovery\.k8s\.io/v1)(?:/namespaces/([^/]+))?/([a-z]+)$"
+    r"^/(?:api/v1|apis/discovery\.k8s\.io/v1|apis/gateway\.networking\.k8s\.io/v1"
+    r"|apis/sidemesh\.io/v1alpha1)(?:/namespaces/([^/]+))?/([a-z]+)$"
 )
 
 

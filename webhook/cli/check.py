@@ -133,8 +133,16 @@ def _objects(docs: list[Any], args: argparse.Namespace) -> dict[str, list[dict[s
         meta = obj.setdefault("metadata", {})
         if obj["kind"] != "Namespace":
             meta.setdefault("namespace", default_ns)
-        by_kind.setdefault(obj["kind"], []).append(obj)
+        # The file's version of an object replaces the mesh directory's (check an edit).
+        same = by_kind.setdefault(obj["kind"], [])
+        same[:] = [o for o in same if _name(o) != _name(obj)]
+        same.append(obj)
     return by_kind
+
+
+def _name(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
 
 
 def check_documents(docs: list[Any], args: argparse.Namespace) -> list[dict[str, Any]]:

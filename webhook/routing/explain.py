@@ -28,7 +28,7 @@ def _match(m: Match) -> str:
 
 
 def _rule(route: Route, rule: Rule) -> list[str]:
-    when = " or ".join(f"({_match(m)})" for m in rule.matches) or "(nothing)"
+    when = " or ".join(f"({_match(m)})" for m in rule.matches) or "never (no usable match)"
     total = sum(b.weight for b in rule.backends if b.weight > 0)
     if total:
         to = ", ".join(
