@@ -45,6 +45,9 @@ def _dynamic(dump: dict[str, Any], kind: str) -> dict[str, Any]:
             for x in section.get("dynamic_listeners", []):
                 if "active_state" in x:
                     out[x["name"]] = x["active_state"]["listener"]
+        elif kind == "routes" and t.endswith("RoutesConfigDump"):
+            for r in section.get("dynamic_route_configs", []):
+                out[r["route_config"]["name"]] = r["route_config"]
         elif kind == "endpoints" and t.endswith("EndpointsConfigDump"):
             for e in section.get("dynamic_endpoint_configs", []):
                 cla = e["endpoint_config"]
@@ -94,6 +97,9 @@ def test_envoy_gets_clusters_endpoints_listeners_and_follows_endpoint_changes(
             clusters = _dynamic(dump, "clusters")
             assert BACKEND in clusters
             assert {"outbound", "inbound"} <= set(_dynamic(dump, "listeners"))
+            # backend's HTTP port: the outbound HCM asked for its routes over RDS and got them.
+            (vhost,) = _dynamic(dump, "routes")[BACKEND]["virtual_hosts"]
+            assert [r["route"]["cluster"] for r in vhost["routes"]] == [BACKEND]
             # One meshed and one plain replica: one mTLS socket, for exactly backend's id.
             matches = clusters[BACKEND]["transport_socket_matches"]
             assert [m["match"]["identity"] for m in matches] == [
@@ -138,6 +144,8 @@ def _check_cli(cp: Any, capsys: pytest.CaptureFixture[str]) -> None:
         assert main(["proxy-config", "demo/frontend-1", "--url", url, "--type", "endpoints"]) == 0
         out = capsys.readouterr().out
         assert f"{BACKEND}  10.244.0.11:8080 mTLS, 10.244.0.12:8080," in out
+        assert main(["proxy-config", "demo/frontend-1", "--url", url, "--type", "routes"]) == 0
+        assert f"{BACKEND}  1 routes" in capsys.readouterr().out
         assert main(["proxy-config", "demo/nope", "--url", url]) == 1
         assert "no proxy of pod 'demo/nope' is connected" in capsys.readouterr().err
     finally:

@@ -39,7 +39,24 @@ def _resources(model: MeshModel, pod_name: str, **paths: str) -> dict[str, Any]:
     pod = model.pods[("demo", pod_name)]
     opts = proxy_options(pod, trust_domain="cluster.local", plaintext_ports=(53,), **paths)
     res = proxy_resources(model, opts, pod, model.services.values())
-    return {"clusters": res.clusters, "endpoints": res.endpoints, "listeners": res.listeners}
+    return {
+        "clusters": res.clusters,
+        "endpoints": res.endpoints,
+        "listeners": res.listeners,
+        "routes": res.routes,
+    }
+
+
+def _inline_routes(node: Any, routes: dict[str, Any]) -> Any:
+    """A copy of ``node`` where every HCM's RDS reference is the RouteConfiguration itself."""
+    if isinstance(node, list):
+        return [_inline_routes(item, routes) for item in node]
+    if not isinstance(node, dict):
+        return node
+    out = {k: _inline_routes(v, routes) for k, v in node.items()}
+    if "rds" in out:
+        out["route_config"] = routes[out.pop("rds")["route_config_name"]]
+    return out
 
 
 def _check_golden(path: Path, data: Any) -> None:
@@ -91,7 +108,10 @@ def test_real_envoy_accepts_what_each_pod_gets(pod: str, tmp_path: Path) -> None
     boot = {
         "node": {"id": "sidecar~p.demo", "cluster": "x.demo"},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {"clusters": clusters, "listeners": list(res["listeners"].values())},
+        "static_resources": {
+            "clusters": clusters,
+            "listeners": _inline_routes(list(res["listeners"].values()), res["routes"]),
+        },
     }
     path = tmp_path / "envoy.json"
     path.write_text(json.dumps(boot))
@@ -110,6 +130,7 @@ def test_every_resource_encodes_deterministically() -> None:
         "clusters": "type.googleapis.com/envoy.config.cluster.v3.Cluster",
         "endpoints": "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
         "listeners": "type.googleapis.com/envoy.config.listener.v3.Listener",
+        "routes": "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
     }
     for kind, items in res.items():
         for item in items.values():

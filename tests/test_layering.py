@@ -24,6 +24,7 @@ PURE = (
     "dataplane.ads_bootstrap",
     "discovery.model",
     "discovery.compiler",
+    "discovery.l7",
     "discovery.scope",
     "discovery.tables",
     "discovery.resources",

@@ -5,11 +5,12 @@ no kube-proxy — a ClusterIP exists nowhere, so it only works through the clien
                      ├─ client  meshed, PERMISSIVE
                      ├─ web-1/2 meshed, PERMISSIVE   web-3 meshed, STRICT
                      ├─ db      meshed, PERMISSIVE, a server-first protocol on 3306 (mysql)
+                     ├─ echo-1/2 meshed, PERMISSIVE, gRPC on 50051
                      └─ legacy  no sidecar: HTTP on 8080, server-first on 3306
 
 Services (manifests in a directory the control plane watches): ``web`` (web-1..3), ``mixed``
 (web-1 + legacy: a half-meshed Deployment), ``legacy`` (legacy only), ``db`` and ``legacydb``
-(``appProtocol: mysql``).
+(``appProtocol: mysql``), ``echo`` (echo-1/2, ``appProtocol: grpc``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -39,16 +41,21 @@ from tests.support.meshlab import (
 )
 from tests.support.netns import NetnsLab, Pod
 from tests.support.podrunner import PodRunner
+from tests.support.programs import PROGRAMS
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
 
-WEB, MIXED, LEGACY, DB, LEGACYDB = (
+WEB, MIXED, LEGACY, DB, LEGACYDB, ECHO = (
     "10.96.0.10",
     "10.96.0.11",
     "10.96.0.12",
     "10.96.0.13",
     "10.96.0.14",
+    "10.96.0.15",
 )
+PROTOAPP = str(PROGRAMS / "protoapp.py")
+#: grpcio lives in the venv; the app uid can run its interpreter.
+VENV_PYTHON = sys.executable
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 
 
@@ -135,7 +142,7 @@ class Lab:
         self.node = lab.node()
         self.cp = self.node.add_pod("cp")
         self.pods: dict[str, Pod] = {}
-        for name in ("web-1", "web-2", "web-3", "db"):
+        for name in ("web-1", "web-2", "web-3", "db", "echo-1", "echo-2"):
             self.pods[name] = self.node.add_pod(name)
         for name in ("client", "legacy"):
             self.pods[name] = self.node.add_pod(name, default_route=True)
@@ -196,6 +203,8 @@ def _start(lab: NetnsLab) -> Lab:
         "web-2": ("web", [8080], {}),
         "web-3": ("web", [8080], {"sidemesh.io/inbound-mtls": "STRICT"}),
         "db": ("db", [3306], {}),
+        "echo-1": ("echo", [8080, 50051], {}),
+        "echo-2": ("echo", [8080, 50051], {}),
     }
     admitted: dict[str, dict[str, Any]] = {}
     for name, (sa, ports, ann) in specs.items():
@@ -215,6 +224,7 @@ def _start(lab: NetnsLab) -> Lab:
         ("legacy", LEGACY, 80, 8080, None, [("legacy", m.ip("legacy"))]),
         ("db", DB, 3306, 3306, "mysql", [("db", m.ip("db"))]),
         ("legacydb", LEGACYDB, 3306, 3306, "mysql", [("legacy", m.ip("legacy"))]),
+        ("echo", ECHO, 50051, 50051, "grpc", [(n, m.ip(n)) for n in ("echo-1", "echo-2")]),
     ):
         m.write(f"svc-{name}", _service(name, ip, port, target, proto))
         m.write(f"slice-{name}", _slice(name, target, backends))
@@ -233,15 +243,17 @@ def _start(lab: NetnsLab) -> Lab:
         [PYTHON, MESHAPP, "serve-banner", "3306"], uid=APP_UID, gid=APP_UID,
         env={"POD_NAME": "legacy"},
     ).expect("listening")  # fmt: skip
-    for name in ("web-1", "web-2", "web-3", "db", "client"):
+    for name in ("web-1", "web-2", "web-3", "db", "echo-1", "echo-2", "client"):
         port_args = [str(p) for p in specs[name][1]]
-        command = "serve-banner" if name == "db" else "serve"
+        command = [PYTHON, MESHAPP, "serve-banner" if name == "db" else "serve", *port_args]
+        if name.startswith("echo-"):
+            command = [VENV_PYTHON, PROTOAPP, "serve", "8080"]
         runner = PodRunner(
             lab=lab,
             node=m.node,
             pod_net=m.pods[name],
             pod=admitted[name],
-            app_commands={"app": [PYTHON, MESHAPP, command, *port_args]},
+            app_commands={"app": command},
             sidemesh=SIDEMESH,
             token_for=issuer.token,
         )
@@ -269,6 +281,43 @@ def test_cluster_ip_is_balanced_across_three_meshed_replicas_over_mtls(mesh: Lab
         assert 85 <= count <= 115  # 100 ± 15 %
     # Every replica saw the client's verified identity: mTLS on every hop (STRICT web-3 too).
     assert {_caller(seen[0]) for seen in result["seen"].values()} == {CLIENT_ID}
+
+
+def test_one_keepalive_connection_is_balanced_request_by_request(mesh: Lab) -> None:
+    """The client's sidecar routes each request, not each connection: one HTTP/1.1 keep-alive
+    connection from the app reaches every replica."""
+    result = app(mesh.pods["client"].ns, "keepalive", WEB, "80", "90")
+    print("one connection, per replica:", result["pods"])
+    assert result["failures"] == [] and result["connections"] == 1
+    assert set(result["pods"]) == {"web-1", "web-2", "web-3"}
+    assert all(count == 30 for count in result["pods"].values())  # round robin
+
+
+def test_grpc_through_a_service_is_balanced_per_call_with_verified_identity(mesh: Lab) -> None:
+    """gRPC keeps one HTTP/2 connection; without a mesh every call lands on one replica."""
+    client = mesh.pods["client"].ns
+    done = client.run(
+        [VENV_PYTHON, PROTOAPP, "grpc-spread", ECHO, "50051", "40"],
+        uid=APP_UID,
+        gid=APP_UID,
+        timeout=30,
+    )
+    spread = json.loads(done.stdout.strip().splitlines()[-1])
+    print("gRPC calls per replica:", spread)
+    assert spread["failures"] == []
+    assert spread["pods"] == {"echo-1": 20, "echo-2": 20}
+    forged = "URI=spiffe://cluster.local/ns/demo/sa/admin"
+    done = client.run(
+        [VENV_PYTHON, PROTOAPP, "grpc", ECHO, "50051", "3", forged],
+        uid=APP_UID,
+        gid=APP_UID,
+        timeout=30,
+    )
+    answer = json.loads(done.stdout.strip().splitlines()[-1])
+    assert answer["ok"], answer
+    assert len(answer["stream"]) == 3
+    # The server saw the verified caller, not the header the client forged.
+    assert _caller(answer["unary"]["xfcc"]) == CLIENT_ID
 
 
 def test_meshed_client_reaches_non_meshed_pod_and_service_in_plaintext(mesh: Lab) -> None:

@@ -53,11 +53,12 @@ def register(subparsers: Any) -> None:
     st.set_defaults(handler=_status)
 
     pc = subparsers.add_parser(
-        "proxy-config", help="listeners, clusters and endpoints one sidecar was sent"
+        "proxy-config", help="listeners, routes, clusters and endpoints one sidecar was sent"
     )
     pc.add_argument("pod", help="NAMESPACE/NAME")
     pc.add_argument("--url", default=DEFAULT_DEBUG, help=f"debug endpoint ({DEFAULT_DEBUG})")
-    pc.add_argument("--type", choices=["clusters", "endpoints", "listeners"], default=None)
+    kinds = ["clusters", "endpoints", "listeners", "routes"]
+    pc.add_argument("--type", choices=kinds, default=None)
     pc.add_argument("-o", "--output", choices=["table", "json"], default="table")
     pc.set_defaults(handler=_config)
 
@@ -121,7 +122,7 @@ def _status(args: argparse.Namespace) -> int:
         print(json.dumps(data, indent=1))
         return 0
     rows: list[tuple[str, ...]] = [
-        ("POD", "IDENTITY", "CDS", "EDS", "LDS", "SYNCED", "NACKS", "LAST NACK")
+        ("POD", "IDENTITY", "CDS", "EDS", "LDS", "RDS", "SYNCED", "NACKS", "LAST NACK")
     ]
     for p in data["proxies"]:
         t = p["types"]
@@ -141,6 +142,7 @@ def _status(args: argparse.Namespace) -> int:
                 cell("clusters"),
                 cell("endpoints"),
                 cell("listeners"),
+                cell("routes"),
                 "yes" if p["synced"] else "no",
                 str(nacks),
                 last[:60],
@@ -179,6 +181,9 @@ def _summary(kind: str, item: dict[str, Any]) -> str:
             for e in group.get("lb_endpoints", [])
         ]
         return f"{item['cluster_name']}  {', '.join(eps) or '(none)'}"
+    if kind == "routes":
+        routes = [r for vh in item.get("virtual_hosts", []) for r in vh.get("routes", [])]
+        return f"{item['name']}  {len(routes)} routes"
     chains = item.get("filter_chains", [])
     return f"{item['name']}  {len(chains)} filter chains"
 

@@ -404,7 +404,11 @@ def _http_manager(
     forward_client_cert: Literal["SANITIZE", "SANITIZE_SET"],
     codec: Literal["AUTO", "HTTP1", "HTTP2"] = "AUTO",
     routes: list[dict[str, Any]] | None = None,
+    route_config_name: str | None = None,
+    filters: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
+    """``route_config_name``: routes come over RDS (ADS) instead of the inline default route;
+    ``filters``: HTTP filters that run before the router."""
     config: dict[str, Any] = {
         _TYPE: _T_HCM,
         "stat_prefix": stat_prefix,
@@ -428,12 +432,19 @@ def _http_manager(
         },
         "upgrade_configs": [{"upgrade_type": "websocket"}],
         "http_filters": [
+            *(filters or []),
             {
                 "name": "envoy.filters.http.router",
                 "typed_config": {_TYPE: _T_ROUTER, "suppress_envoy_headers": True},
-            }
+            },
         ],
     }
+    if route_config_name is not None:
+        del config["route_config"]
+        config["rds"] = {
+            "config_source": {"ads": {}, "resource_api_version": "V3"},
+            "route_config_name": route_config_name,
+        }
     if codec != "HTTP2":
         # HTTP/1.0 clients (curl --http1.0, old health checkers) were answered 426 otherwise;
         # they must send Host: Envoy routes nothing without one.

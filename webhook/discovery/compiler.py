@@ -12,13 +12,17 @@ What a sidecar gets:
   cluster's ``transport_socket_matches`` hold one mTLS socket per identity among its endpoints
   (verifying exactly that SPIFFE id); unmatched endpoints get the plaintext default. So a
   meshed client talks mTLS to meshed replicas and plaintext to the rest of the same Service;
+* one RouteConfiguration per HTTP-capable Service port, named like its cluster (see
+  :mod:`webhook.discovery.l7`);
 * the outbound listener (15001), by original destination: every ClusterIP:port of a known
-  Service goes to that Service's cluster; a meshed pod's IP (any port captured on its side)
-  goes to the ``outbound_mesh_*`` clusters (mTLS to whatever pod is there); the peers'
-  never-captured ports and the mesh's ``plaintext_ports`` stay plaintext; anything else, an
-  unknown destination, is passed through as it is — which also keeps the Kubernetes API
-  server (no sidecar, so never a meshed pod IP) plaintext. Protocol sniffing is off for the
-  destination ports a Service declares TCP, so a server-first protocol waits for nothing;
+  Service goes to that Service's cluster (HTTP through an HTTP connection manager and the
+  port's routes, request by request; anything else relayed as TCP); a meshed pod's IP (any
+  port captured on its side) goes to the ``outbound_mesh_*`` clusters (mTLS to whatever pod
+  is there); the peers' never-captured ports and the mesh's ``plaintext_ports`` stay
+  plaintext; anything else, an unknown destination, is passed through as it is — which also
+  keeps the Kubernetes API server (no sidecar, so never a meshed pod IP) plaintext. Protocol
+  sniffing is off for the destination ports a Service declares TCP, so a server-first
+  protocol waits for nothing;
 * the inbound listener (15006) of the bootstrap, plus per declared-TCP port of this pod a
   chain that skips sniffing (plaintext in PERMISSIVE, mTLS without inspection in STRICT).
 
@@ -31,10 +35,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from webhook.dataplane import bootstrap as bs
+from webhook.discovery import l7
 from webhook.discovery.model import Endpoint, MeshModel, PodInfo, Service, ServicePort
 
 __all__ = [
@@ -73,9 +78,15 @@ class ProxyResources:
     clusters: dict[str, dict[str, Any]]
     endpoints: dict[str, dict[str, Any]]
     listeners: dict[str, dict[str, Any]]
+    routes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def by_type(self) -> dict[str, dict[str, dict[str, Any]]]:
-        return {CLUSTER: self.clusters, ENDPOINTS: self.endpoints, LISTENER: self.listeners}
+        return {
+            CLUSTER: self.clusters,
+            ENDPOINTS: self.endpoints,
+            LISTENER: self.listeners,
+            ROUTE: self.routes,
+        }
 
 
 def proxy_options(
@@ -140,6 +151,8 @@ def build_cluster(
     }
     if matches:
         cluster["transport_socket_matches"] = matches
+    if l7.is_http(port):
+        cluster["typed_extension_protocol_options"] = l7.http_protocol_options()
     return cluster
 
 
@@ -199,7 +212,8 @@ def _alpn_state(alpn: str) -> dict[str, Any]:
 def _service_chains(svc: Service, port: ServicePort) -> list[dict[str, Any]]:
     """A declared-TCP port: one chain. HTTP (declared or sniffed): the app's first bytes pick
     the ALPN the peer's inbound side needs — h2c (gRPC) and HTTP/1 get different codecs there —
-    and anything else is TCP. Sniffing costs nothing here: HTTP clients speak first."""
+    and an HTTP connection manager with the port's routes (:mod:`webhook.discovery.l7`);
+    anything else is TCP. Sniffing costs nothing here: HTTP clients speak first."""
     cluster = svc.cluster_name(port)
     match: dict[str, Any] = {
         "destination_port": port.port,
@@ -216,7 +230,7 @@ def _service_chains(svc: Service, port: ServicePort) -> list[dict[str, Any]]:
         {
             "name": f"{cluster}|{suffix}",
             "filter_chain_match": {**match, "application_protocols": protocols},
-            "filters": [_alpn_state(alpn), bs._tcp_proxy(cluster, cluster)],
+            "filters": [_alpn_state(alpn), l7.outbound_http_manager(cluster, cluster)],
         }
         for suffix, protocols, alpn in (
             ("h2c", list(bs._H2C_PROTOCOLS), str(bs.ALPN_H2)),
@@ -384,10 +398,14 @@ def proxy_resources(
     services = list(services)
     clusters = local_clusters(opts)
     endpoints: dict[str, dict[str, Any]] = {}
+    routes: dict[str, dict[str, Any]] = {}
     for svc in services:
         for port in svc.ports:
             eps = model.endpoints_of(svc, port)
             name = svc.cluster_name(port)
             clusters[name] = build_cluster(svc, port, eps, opts)
             endpoints[name] = build_endpoints(name, eps)
-    return ProxyResources(clusters, endpoints, build_listeners(model, opts, pod, services))
+            if svc.cluster_ips and l7.is_http(port):
+                routes[name] = l7.route_config(svc, port)
+    listeners = build_listeners(model, opts, pod, services)
+    return ProxyResources(clusters, endpoints, listeners, routes)

@@ -25,7 +25,7 @@ from webhook import names
 from webhook.config import DEFAULTS, Ports
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc
-from webhook.discovery import metrics
+from webhook.discovery import l7, metrics
 from webhook.discovery.model import (
     SLICE_SERVICE_LABEL,
     PodInfo,
@@ -43,9 +43,10 @@ __all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings", "ProxyConn"]
 
 LOG = logging.getLogger("sidemesh.discovery")
 
-#: Make before break: clusters, then their endpoints, then the listeners that use them.
-PUSH_ORDER = (cc.CLUSTER, cc.ENDPOINTS, cc.LISTENER)
-_SHARED = (cc.CLUSTER, cc.ENDPOINTS)
+#: Make before break: clusters, then their endpoints, then the listeners that use them, then
+#: the routes those listeners ask for (Envoy's own order).
+PUSH_ORDER = (cc.CLUSTER, cc.ENDPOINTS, cc.LISTENER, cc.ROUTE)
+_SHARED = (cc.CLUSTER, cc.ENDPOINTS, cc.ROUTE)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,7 @@ class Discovery:
         self._slice_service: dict[Key, tuple[str, str]] = {}
         self._cluster_inputs: dict[str, Any] = {}
         self._cla_inputs: dict[str, Any] = {}
+        self._route_inputs: dict[str, Any] = {}
         self._listener_inputs: Any = None
         self._listener_cache: dict[Any, dict[str, Encoded]] = {}
         self._all_clusters: frozenset[str] = frozenset()
@@ -257,12 +259,32 @@ class Discovery:
                     )
         if only is not None:
             return
+        self._update_routes()
         for name in set(self._cluster_inputs) - seen:
             del self._cluster_inputs[name]
             self._cla_inputs.pop(name, None)
             for table in self.tables.values():
                 table.remove(name)
         self._all_clusters = frozenset(seen)
+
+    def _update_routes(self) -> None:
+        """Each HTTP-capable Service port's RouteConfiguration (a config change: endpoint
+        changes never touch routes)."""
+        table = self.tables[cc.ROUTE]
+        wanted: dict[str, Any] = {}
+        for svc in self.model.services.values():
+            if not svc.cluster_ips:
+                continue
+            for port in svc.ports:
+                if l7.is_http(port):
+                    wanted[svc.cluster_name(port)] = (svc, port)
+        for name, inputs in wanted.items():
+            if self._route_inputs.get(name) != inputs:
+                self._route_inputs[name] = inputs
+                table.put(name, encode(cc.ROUTE, l7.route_config(*inputs)))
+        for name in set(table.items) - set(wanted):
+            self._route_inputs.pop(name, None)
+            table.remove(name)
 
     def _template_options(self) -> BootstrapOptions:
         """Options for resources shared by every proxy (nothing pod-specific in them)."""

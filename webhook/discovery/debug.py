@@ -29,7 +29,12 @@ from webhook.discovery.resources import _MESSAGES
 
 __all__ = ["DebugServer", "config_of", "proxy_status"]
 
-_SHORT = {cc.CLUSTER: "clusters", cc.ENDPOINTS: "endpoints", cc.LISTENER: "listeners"}
+_SHORT = {
+    cc.CLUSTER: "clusters",
+    cc.ENDPOINTS: "endpoints",
+    cc.LISTENER: "listeners",
+    cc.ROUTE: "routes",
+}
 
 
 def proxy_status(d: Discovery) -> list[dict[str, Any]]:

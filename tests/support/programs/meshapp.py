@@ -13,6 +13,7 @@
     successes, failures (with reasons) and the distinct ``x-forwarded-client-cert`` values seen.
 ``hold HOST PORT FILE``  one request, then keep the connection open until FILE exists.
 ``count HOST PORT N``  N requests on fresh connections; answers per replica (``POD_NAME``).
+``keepalive HOST PORT N``  N requests on one keep-alive connection; answers per replica.
 ``serve-banner PORT...``  a server-first protocol: a greeting line on connect, then echo.
 ``banner HOST PORT``  connect, print the server's greeting and how long it took to come.
 """
@@ -106,6 +107,10 @@ def _request(
     conn = "keep-alive" if keep else "close"
     request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: {conn}\r\n"
     sock.sendall((request + (f"{extra}\r\n" if extra else "") + "\r\n").encode())
+    return _read_answer(sock, local), sock
+
+
+def _read_answer(sock: socket.socket, local: str) -> dict[str, Any]:
     data = b""
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
@@ -124,7 +129,7 @@ def _request(
         body += chunk
     status = int(head.split(b" ", 2)[1])
     answer = json.loads(body) if body.strip().startswith(b"{") else {"text": body.decode()}
-    return {"status": status, "local": local, **answer}, sock
+    return {"status": status, "local": local, **answer}
 
 
 def _get(host: str, port: int, path: str, extra: str = "") -> dict[str, Any]:
@@ -168,6 +173,37 @@ def _count(host: str, port: int, n: int) -> dict[str, Any]:
         pods[pod] = pods.get(pod, 0) + 1
         seen[pod] = [result.get("xfcc"), result.get("peer") == result.get("local")]
     return {"pods": pods, "seen": seen, "failures": failures}
+
+
+def _keepalive(host: str, port: int, n: int) -> dict[str, Any]:
+    """``n`` requests on one connection (reopened only if the far side closes it)."""
+    pods: dict[str, int] = {}
+    failures: list[str] = []
+    connections = 0
+    sock: socket.socket | None = None
+    for _ in range(n):
+        try:
+            if sock is None:
+                connections += 1
+                answer, sock = _request(host, port, "/keepalive", keep=True)
+            else:
+                answer = _on(sock, host, port, "/keepalive")
+        except (OSError, ValueError) as exc:
+            failures.append(f"{type(exc).__name__}: {exc}")
+            sock = None
+            continue
+        pod = str(answer.get("pod"))
+        pods[pod] = pods.get(pod, 0) + 1
+    if sock is not None:
+        sock.close()
+    return {"pods": pods, "failures": failures, "connections": connections}
+
+
+def _on(sock: socket.socket, host: str, port: int, path: str) -> dict[str, Any]:
+    """Another request on an open keep-alive connection."""
+    request = f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\n\r\n"
+    sock.sendall(request.encode())
+    return _read_answer(sock, "")
 
 
 class _Banner(asyncio.Protocol):
@@ -223,6 +259,8 @@ def main(argv: list[str]) -> None:
         _hold(args[0], int(args[1]), args[2])
     elif cmd == "count":
         print(json.dumps(_count(args[0], int(args[1]), int(args[2]))), flush=True)
+    elif cmd == "keepalive":
+        print(json.dumps(_keepalive(args[0], int(args[1]), int(args[2]))), flush=True)
     elif cmd == "serve-banner":
         asyncio.run(_serve_banner([int(p) for p in args]))
     elif cmd == "banner":

@@ -9,6 +9,8 @@
 ``grpc HOST PORT N [XFCC]``  one unary call and one server-streaming call of N messages (with
     a forged ``x-forwarded-client-cert`` when XFCC is given); prints one JSON line: both
     answers, or the gRPC status code and details of the failure.
+``grpc-spread HOST PORT N``  N unary calls on one channel (one HTTP/2 connection); prints how
+    many each replica (its ``POD_NAME``) answered, and the failures.
 
 The gRPC service needs no generated code: generic handlers on raw bytes (JSON inside).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import os
 import socket
 import sys
 from concurrent import futures
@@ -160,7 +163,11 @@ def _tcp_client(host: str, port: int) -> dict[str, Any]:
 
 def _grpc_seen(context: grpc.ServicerContext) -> dict[str, Any]:
     metadata = dict(context.invocation_metadata())
-    return {"peer": context.peer(), "xfcc": metadata.get("x-forwarded-client-cert")}
+    return {
+        "peer": context.peer(),
+        "xfcc": metadata.get("x-forwarded-client-cert"),
+        "pod": os.environ.get("POD_NAME"),
+    }
 
 
 def _hello(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -217,6 +224,21 @@ def _grpc_client(host: str, port: int, n: int, forged: str = "") -> dict[str, An
     }
 
 
+def _grpc_spread(host: str, port: int, n: int) -> dict[str, Any]:
+    pods: dict[str, int] = {}
+    failures: list[str] = []
+    with grpc.insecure_channel(f"{host}:{port}") as channel:
+        unary = channel.unary_unary(f"/{SERVICE}/Hello")
+        for _ in range(n):
+            try:
+                pod = str(json.loads(unary(b"spread", timeout=5))["pod"])
+            except grpc.RpcError as exc:
+                failures.append(f"{exc.code()}: {exc.details()}")
+                continue
+            pods[pod] = pods.get(pod, 0) + 1
+    return {"pods": pods, "failures": failures}
+
+
 def main(argv: list[str]) -> None:
     cmd, args = argv[0], argv[1:]
     if cmd == "serve":
@@ -226,6 +248,8 @@ def main(argv: list[str]) -> None:
     elif cmd == "grpc":
         forged = args[3] if len(args) > 3 else ""
         print(json.dumps(_grpc_client(args[0], int(args[1]), int(args[2]), forged)), flush=True)
+    elif cmd == "grpc-spread":
+        print(json.dumps(_grpc_spread(args[0], int(args[1]), int(args[2]))), flush=True)
     else:
         raise SystemExit(f"unknown command {cmd}")
 
