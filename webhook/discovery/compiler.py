@@ -41,6 +41,7 @@ from typing import Any, Final
 from webhook.dataplane import bootstrap as bs
 from webhook.discovery import l7
 from webhook.discovery.model import Endpoint, MeshModel, PodInfo, Service, ServicePort
+from webhook.policy.envoy import with_authz
 
 __all__ = [
     "CLUSTER",
@@ -387,7 +388,8 @@ def build_listeners(
     """``meshed``: the meshed pod IPs to program (default: all of the mesh)."""
     services = list(services)
     known = model.meshed_pod_ports() if meshed is None else meshed
-    out = [_outbound_listener(model, opts, services, known), _inbound_listener(model, opts, pod)]
+    inbound = with_authz(_inbound_listener(model, opts, pod))
+    out = [_outbound_listener(model, opts, services, known), inbound]
     return {listener["name"]: listener for listener in out}
 
 

@@ -38,14 +38,18 @@ from webhook.discovery.resources import Encoded, delta_response, encode
 from webhook.discovery.scope import services_in_scope
 from webhook.discovery.store import KINDS, Key, ObjectStore, key_of
 from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
+from webhook.policy.envoy import EXTENSION_CONFIG
+from webhook.policy.model import KIND as ACCESS_POLICY
+from webhook.policy.state import AuthzState
 
 __all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings", "ProxyConn"]
 
 LOG = logging.getLogger("sidemesh.discovery")
 
 #: Make before break: clusters, then their endpoints, then the listeners that use them, then
-#: the routes those listeners ask for (Envoy's own order).
-PUSH_ORDER = (cc.CLUSTER, cc.ENDPOINTS, cc.LISTENER, cc.ROUTE)
+#: the routes those listeners ask for (Envoy's own order); access-policy filter configs (ECDS)
+#: last: the listeners name them and Envoy asks for them.
+PUSH_ORDER = (cc.CLUSTER, cc.ENDPOINTS, cc.LISTENER, cc.ROUTE, EXTENSION_CONFIG)
 _SHARED = (cc.CLUSTER, cc.ENDPOINTS, cc.ROUTE)
 
 
@@ -96,6 +100,7 @@ class Discovery:
         self.model = build_model({}, trust_domain=settings.trust_domain)
         self.tables = {t: ResourceTable(t) for t in _SHARED}
         self.proxies: dict[int, ProxyConn] = {}
+        self.authz = AuthzState(settings.trust_domain)
         self.generation = 0
         self._parse_cache = ParseCache()
         self._pending: set[Key] = set()
@@ -212,6 +217,7 @@ class Discovery:
             default_inbound_mtls=self.settings.default_inbound_mtls,
             cache=self._parse_cache,
         )
+        self.authz.update(objects.get(ACCESS_POLICY, ()))
         self.generation += 1
         self._slice_service = {
             key_of(o, "EndpointSlice"): label
@@ -367,7 +373,11 @@ class Discovery:
             built = cc.build_listeners(self.model, opts, pod, services, meshed)
             listeners = {n: encode(cc.LISTENER, v) for n, v in built.items()}
             self._listener_cache[lkey] = listeners
-        return {cc.CLUSTER: clusters, cc.LISTENER: listeners}
+        return {
+            cc.CLUSTER: clusters,
+            cc.LISTENER: listeners,
+            EXTENSION_CONFIG: self.authz.resources(pod),
+        }
 
     def push(
         self,

@@ -26,6 +26,7 @@ from webhook.discovery import compiler as cc
 from webhook.discovery import metrics
 from webhook.discovery.core import PUSH_ORDER, Discovery, ProxyConn
 from webhook.discovery.resources import _MESSAGES
+from webhook.policy.envoy import EXTENSION_CONFIG
 
 __all__ = ["DebugServer", "config_of", "proxy_status"]
 
@@ -34,6 +35,7 @@ _SHORT = {
     cc.ENDPOINTS: "endpoints",
     cc.LISTENER: "listeners",
     cc.ROUTE: "routes",
+    EXTENSION_CONFIG: "extensions",
 }
 
 

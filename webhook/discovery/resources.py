@@ -13,9 +13,12 @@ from typing import Any, Final
 # The typed_config messages our resources name must be in the default pool for
 # json_format to resolve their "@type" (each import registers its file).
 from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.core.v3 import extension_pb2
 from envoy.config.endpoint.v3 import endpoint_pb2
 from envoy.config.listener.v3 import listener_pb2
+from envoy.config.rbac.v3 import rbac_pb2  # noqa: F401
 from envoy.config.route.v3 import route_pb2
+from envoy.extensions.filters.http.rbac.v3 import rbac_pb2 as http_rbac_pb2  # noqa: F401
 from envoy.extensions.filters.http.router.v3 import router_pb2  # noqa: F401
 from envoy.extensions.filters.listener.http_inspector.v3 import http_inspector_pb2  # noqa: F401
 from envoy.extensions.filters.listener.original_dst.v3 import original_dst_pb2  # noqa: F401
@@ -23,11 +26,13 @@ from envoy.extensions.filters.listener.tls_inspector.v3 import tls_inspector_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (  # noqa: F401
     http_connection_manager_pb2,
 )
+from envoy.extensions.filters.network.rbac.v3 import rbac_pb2 as tcp_rbac_pb2  # noqa: F401
 from envoy.extensions.filters.network.set_filter_state.v3 import (  # noqa: F401
     set_filter_state_pb2,
 )
 from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.rbac.audit_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401
@@ -35,6 +40,7 @@ from google.protobuf import json_format
 
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from webhook.errors import SidemeshError
+from webhook.policy.envoy import EXTENSION_CONFIG
 
 __all__ = ["Encoded", "delta_response", "encode", "version_of"]
 
@@ -43,6 +49,7 @@ _MESSAGES: Final[dict[str, Any]] = {
     ENDPOINTS: endpoint_pb2.ClusterLoadAssignment,
     LISTENER: listener_pb2.Listener,
     ROUTE: route_pb2.RouteConfiguration,
+    EXTENSION_CONFIG: extension_pb2.TypedExtensionConfig,
 }
 
 

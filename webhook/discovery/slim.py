@@ -122,4 +122,7 @@ def slim(kind: str, obj: Mapping[str, Any], api_version: str = "") -> dict[str, 
                 slim_spec[key] = [_container(c) for c in spec[key]]
         out["spec"] = slim_spec
         out["status"] = _pick(obj.get("status"), _POD_STATUS)
+    elif str(out["apiVersion"]).startswith("sidemesh.io/") and "spec" in obj:
+        # sidemesh's own resources: the spec is all they say
+        out["spec"] = obj["spec"]
     return out

@@ -18,8 +18,17 @@ from typing import Any
 
 __all__ = ["KINDS", "Key", "ObjectStore", "key_of"]
 
-#: The kinds the control plane watches: the mesh, then its traffic rules.
-KINDS = ("Namespace", "Service", "EndpointSlice", "Pod", "HTTPRoute", "GRPCRoute", "TrafficPolicy")
+#: The kinds the control plane watches: the mesh, then its traffic rules and access policies.
+KINDS = (
+    "Namespace",
+    "Service",
+    "EndpointSlice",
+    "Pod",
+    "HTTPRoute",
+    "GRPCRoute",
+    "TrafficPolicy",
+    "AccessPolicy",
+)
 
 Obj = Mapping[str, Any]
 

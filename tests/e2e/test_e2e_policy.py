@@ -1,0 +1,329 @@
+"""Access policy end to end: real Envoys programmed over ADS decide who may call whom.
+
+    node 10.200.0.1 ── cp       sidemesh serve (webhook + CA) and sidemesh discovery (:15012)
+                     ├─ client  meshed (sa client)      ├─ other  meshed (sa other)
+                     ├─ web-1/2/3 meshed, PERMISSIVE, app=web: HTTP on 8080, echo on 9000
+                     └─ legacy  no sidecar: a plaintext caller
+
+Policies are files in the directory the control plane watches; each test writes its own and
+removes them, and waits until the web sidecars ACKed the filter configs it expects.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from tests.conftest import envoy_binary, require_root, require_tools
+from tests.support.jwks_issuer import Issuer
+from tests.support.meshlab import (
+    APP_UID,
+    MESHAPP,
+    PYTHON,
+    SIDEMESH,
+    admit,
+    checked_lab,
+    https_json,
+    stats,
+)
+from tests.support.netns import NetnsLab, Pod
+from tests.support.podrunner import PodRunner
+from tests.support.programs import PROGRAMS
+
+pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
+
+AUTHZAPP = str(PROGRAMS / "authzapp.py")
+WEB_VIP = "10.96.0.20"
+MESHED = ("client", "other", "web-1", "web-2", "web-3")
+
+
+def _manifest(name: str, sa: str, ports: list[int]) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": name, "namespace": "demo", "labels": {"app": name.split("-")[0]}},
+        "spec": {
+            "serviceAccountName": sa,
+            "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
+            "containers": [
+                {
+                    "name": "app",
+                    "image": "example.com/app:1",
+                    "ports": [{"containerPort": p, "protocol": "TCP"} for p in ports],
+                }
+            ],
+        },
+    }
+
+
+def policy(name: str, spec: dict[str, Any], namespace: str = "demo") -> dict[str, Any]:
+    return {
+        "apiVersion": "sidemesh.io/v1alpha1",
+        "kind": "AccessPolicy",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": spec,
+    }
+
+
+WEB = {"matchLabels": {"app": "web"}}
+
+
+class Lab:
+    def __init__(self, lab: NetnsLab) -> None:
+        self.lab = lab
+        self.node = lab.node()
+        self.cp = self.node.add_pod("cp")
+        self.pods: dict[str, Pod] = {n: self.node.add_pod(n) for n in (*MESHED, "legacy")}
+        self.mesh_dir = lab.tmpdir("mesh")
+        self.runners: dict[str, PodRunner] = {}
+
+    def ip(self, name: str) -> str:
+        return self.pods[name].ip
+
+    def write(self, name: str, obj: Any) -> None:
+        tmp = self.mesh_dir / f".{name}.tmp"
+        tmp.write_text(json.dumps(obj))
+        tmp.rename(self.mesh_dir / f"{name}.json")
+
+    def remove(self, *names: str) -> None:
+        for name in names:
+            (self.mesh_dir / f"{name}.json").unlink(missing_ok=True)
+
+    def debug(self, path: str) -> Any:
+        def call() -> Any:
+            with urllib.request.urlopen(f"http://127.0.0.1:15014{path}", timeout=5) as resp:
+                return json.loads(resp.read())
+
+        return self.cp.ns.in_namespace(call)
+
+    def enforced(self, pod: str) -> set[str]:
+        """The RBAC policy names in the filter configs the pod's sidecar was sent."""
+        config = self.debug(f"/debug/config?pod=demo/{pod}")
+        out: set[str] = set()
+        for ext in config.get("extensions", []):
+            typed = ext["typed_config"]
+            for key in ("rules", "shadow_rules"):
+                out.update((typed.get(key) or {}).get("policies", {}))
+        return out
+
+    def converge(self, expected: dict[str, set[str]], timeout: float = 15) -> None:
+        """Wait until each pod's sidecar was sent ``expected`` and every proxy ACKed."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = {pod: self.enforced(pod) for pod in expected}
+            proxies = self.debug("/debug/proxies")["proxies"]
+            if got == expected and all(p["synced"] for p in proxies):
+                return
+            assert time.monotonic() < deadline, f"never converged: {got} != {expected}"
+            time.sleep(0.1)
+
+    def call(self, caller: str, *args: str) -> dict[str, Any]:
+        done = self.pods[caller].ns.run(
+            [PYTHON, AUTHZAPP, *args], uid=APP_UID, gid=APP_UID, timeout=30
+        )
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
+    def http(self, caller: str, path: str = "/", to: str = "web-1", *more: str) -> dict[str, Any]:
+        return self.call(caller, "http", self.ip(to), "8080", path, *more)
+
+    def tcp(self, caller: str, to: str = "web-1") -> bool:
+        return bool(self.call(caller, "tcp", self.ip(to), "9000")["echoed"])
+
+
+def _start(lab: NetnsLab) -> Lab:
+    m = Lab(lab)
+    pki = lab.tmpdir("pki")
+    subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
+    subprocess.run(
+        [*SIDEMESH, "ca", "serving-cert", "--dir", str(pki), "--ip", m.cp.ip], check=True,
+        capture_output=True,
+    )  # fmt: skip
+    issuer = Issuer.create()
+    jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
+    config = lab.tmpdir("config") / "mesh.yaml"
+    config.write_text(
+        json.dumps(
+            {
+                "ca_address": f"https://{m.cp.ip}:8443",
+                "discovery_address": f"{m.cp.ip}:15012",
+                "mesh_cidrs": [str(m.node.subnet)],
+            }
+        )
+    )
+    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDEMESH_JWKS_FILE": str(jwks),
+           "SIDEMESH_JWKS_ISSUER": issuer.issuer_url}  # fmt: skip
+    m.cp.ns.spawn(
+        [*SIDEMESH, "serve", "--host", "0.0.0.0", "--port", "8443", "--cert-dir", str(pki),
+         "--config", str(config), "--log-level", "warning"], env=env,
+    )  # fmt: skip
+    cp_url = f"https://{m.cp.ip}:8443"
+    deadline = time.monotonic() + 30
+    while https_json(m.node.ns, f"{cp_url}/readyz", pki / "ca.crt")[0] != 200:
+        assert time.monotonic() < deadline, "sidemesh serve never became ready"
+        time.sleep(0.1)
+
+    admitted: dict[str, dict[str, Any]] = {}
+    for name in MESHED:
+        sa = name.split("-")[0]
+        pod = admit(m.node.ns, cp_url, pki / "ca.crt", _manifest(name, sa, [8080, 9000]))
+        admitted[name] = pod
+        record = copy.deepcopy(pod)
+        record["status"] = {"phase": "Running", "podIP": m.ip(name), "podIPs": [{"ip": m.ip(name)}]}
+        m.write(f"pod-{name}", record)
+    m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
+    m.cp.ns.spawn(
+        [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
+         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning"],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )  # fmt: skip
+    m.cp.ns.wait_port(15014)
+    for name in MESHED:
+        runner = PodRunner(
+            lab=lab,
+            node=m.node,
+            pod_net=m.pods[name],
+            pod=admitted[name],
+            app_commands={"app": [PYTHON, MESHAPP, "serve", "8080"]},
+            sidemesh=SIDEMESH,
+            token_for=issuer.token,
+        )
+        runner.start()
+        runner.procs["app"].expect("listening")
+        m.pods[name].ns.spawn(
+            [PYTHON, MESHAPP, "serve-banner", "9000"], uid=APP_UID, gid=APP_UID,
+            env={"POD_NAME": name},
+        ).expect("listening")  # fmt: skip
+        m.runners[name] = runner
+    m.converge({"web-1": set()})
+    return m
+
+
+@pytest.fixture(scope="module")
+def mesh() -> Iterator[Lab]:
+    require_root()
+    require_tools("ip", "iptables-restore")
+    envoy_binary()
+    with checked_lab("smpol") as lab:
+        yield _start(lab)
+
+
+@pytest.fixture
+def clean(mesh: Lab) -> Iterator[Lab]:
+    """Every test starts and ends without policies."""
+    yield mesh
+    mesh.remove(*(p.stem for p in mesh.mesh_dir.glob("policy-*.json")))
+    mesh.converge({"web-1": set(), "other": set()})
+
+
+ALLOW_CLIENT = policy(
+    "allow-client",
+    {"selector": WEB, "action": "ALLOW", "rules": [{"from": [{"serviceAccount": "client"}]}]},
+)
+
+
+def test_allow_admits_exactly_the_listed_identity(clean: Lab) -> None:
+    m = clean
+    assert m.http("other")["status"] == 200  # no policy: anyone
+    m.write("policy-allow", ALLOW_CLIENT)
+    m.converge({"web-1": {"demo/allow-client"}})
+    assert m.http("client")["status"] == 200
+    denied = m.http("other")
+    assert denied["status"] == 403
+    assert "rbac_access_denied_matched_policy[none]" in denied["body"]
+    assert m.http("legacy")["status"] == 403  # plaintext: no identity at all
+    assert m.tcp("client") and not m.tcp("other")  # network RBAC on the TCP chain
+    assert not m.tcp("legacy")
+    counters = stats(
+        m.pods["web-1"].ns,
+        "http.inbound_mtls_http.rbac.allow.denied",
+        "http.inbound_mtls_http.rbac.allow.policy.demo/allow-client.allowed",
+    )
+    assert counters["http.inbound_mtls_http.rbac.allow.denied"] >= 1
+    assert counters["http.inbound_mtls_http.rbac.allow.policy.demo/allow-client.allowed"] >= 1
+
+
+def test_deny_beats_allow_and_the_body_names_the_policy(clean: Lab) -> None:
+    m = clean
+    m.write("policy-allow", ALLOW_CLIENT)
+    deny = {"selector": WEB, "action": "DENY",
+            "rules": [{"from": [{"namespace": "demo"}], "to": {"paths": ["/admin*"]}}]}  # fmt: skip
+    m.write("policy-deny", policy("no-admin", deny))
+    m.converge({"web-1": {"demo/allow-client", "demo/no-admin"}})
+    assert m.http("client", "/shop")["status"] == 200
+    denied = m.http("client", "/admin/users")
+    assert denied["status"] == 403
+    assert "rbac_access_denied_matched_policy[demo/no-admin]" in denied["body"]
+    # On TCP a DENY rule keeps its sources and drops the HTTP fields: it denies more, not less.
+    assert not m.tcp("client")
+
+
+def test_namespace_default_deny_holds_for_every_workload(clean: Lab) -> None:
+    m = clean
+    m.write("policy-default", policy("default-deny", {"action": "ALLOW"}))
+    m.write("policy-allow", ALLOW_CLIENT)
+    m.converge({"web-1": {"demo/allow-client"}, "other": set()})
+    # "other" is selected by the namespace-wide ALLOW-nothing policy: its RBAC has no rules.
+    assert m.http("client", "/", "other")["status"] == 403
+    assert m.http("other", "/", "web-2")["status"] == 403
+    assert m.http("client", "/", "web-2")["status"] == 200
+    assert not m.tcp("client", "other")
+
+
+def test_plaintext_caller_matches_only_unauthenticated(clean: Lab) -> None:
+    m = clean
+    rule = {"from": [{"unauthenticated": True}], "to": {"paths": ["/public*"]}}
+    public = {"selector": WEB, "action": "ALLOW", "rules": [rule]}
+    m.write("policy-public", policy("public", public))
+    m.converge({"web-1": {"demo/public"}})
+    assert m.http("legacy", "/public/x")["status"] == 200
+    assert m.http("legacy", "/private")["status"] == 403
+    # A meshed caller is authenticated: "unauthenticated" does not match it.
+    assert m.http("client", "/public/x")["status"] == 403
+    # A forged identity header changes nothing: the principal is the verified certificate.
+    forged = "x-forwarded-client-cert: URI=spiffe://cluster.local/ns/demo/sa/client"
+    assert m.http("legacy", "/private", "web-1", "GET", forged)["status"] == 403
+
+
+def test_audit_denies_nothing_but_counts(clean: Lab) -> None:
+    m = clean
+    audit = {"selector": WEB, "action": "AUDIT", "rules": [{"from": [{"serviceAccount": "other"}]}]}
+    m.write("policy-audit", policy("watch-other", audit))
+    m.converge({"web-1": {"demo/watch-other"}})
+    name = "http.inbound_mtls_http.rbac.audit.shadow_denied"
+    before = stats(m.pods["web-1"].ns, name)[name]
+    for _ in range(3):
+        assert m.http("other")["status"] == 200
+    assert m.http("client")["status"] == 200
+    assert stats(m.pods["web-1"].ns, name)[name] == before + 3
+
+
+def test_policy_changes_fail_no_request_of_an_unaffected_caller(clean: Lab) -> None:
+    m = clean
+    loop = m.pods["client"].ns.spawn(
+        [PYTHON, AUTHZAPP, "loop", m.ip("web-1"), "8080", "5"], uid=APP_UID, gid=APP_UID
+    )
+    time.sleep(0.5)
+    deny_other = {
+        "selector": WEB,
+        "action": "DENY",
+        "rules": [{"from": [{"serviceAccount": "other"}]}],
+    }
+    for round_ in range(3):
+        m.write("policy-deny", policy(f"deny-other-{round_}", deny_other))
+        m.converge({"web-1": {f"demo/deny-other-{round_}"}})
+        assert m.http("other")["status"] == 403
+        m.remove("policy-deny")
+        m.converge({"web-1": set()})
+    summary = json.loads(loop.expect('"ok"', timeout=20).strip().splitlines()[-1])
+    print("loop:", summary)
+    assert summary["failures"] == [] and summary["ok"] > 50
+    # One connection all along: a policy change drains nothing (the listener never changed).
+    assert summary["connections"] == 1

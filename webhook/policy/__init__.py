@@ -1,0 +1,1 @@
+"""Access policy: who may call whom (AccessPolicy resources → Envoy RBAC filters)."""
