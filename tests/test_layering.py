@@ -39,6 +39,7 @@ PURE = (
     "policy.model",
     "policy.compiler",
     "policy.envoy",
+    "policy.evaluate",
     "manifests",
     "config",
     "values",

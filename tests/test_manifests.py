@@ -88,6 +88,7 @@ def test_base_builds_the_whole_control_plane(base: list[Obj]) -> None:
             "ConfigMap",
             "MutatingWebhookConfiguration",
             "CustomResourceDefinition",  # TrafficPolicy
+            "CustomResourceDefinition",  # AccessPolicy
         ]
     )
     # No private material in the tree: the Secrets come from `sidemesh install` only.

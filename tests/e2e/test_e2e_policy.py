@@ -134,6 +134,17 @@ class Lab:
     def http(self, caller: str, path: str = "/", to: str = "web-1", *more: str) -> dict[str, Any]:
         return self.call(caller, "http", self.ip(to), "8080", path, *more)
 
+    def predicted(self, caller: str, path: str | None = "/", to: str = "web-1") -> str:
+        """``sidemesh authz-check`` against the control plane: what ``to``'s sidecar was sent
+        decides, evaluated offline ("ALLOW …" or "DENY …")."""
+        sa = "cluster.local/ns/demo/sa/" + caller
+        argv = [*SIDEMESH, "authz-check", "--url", "http://127.0.0.1:15014", "--to",
+                f"demo/{to}", "--port", "8080" if path else "9000",
+                "--from", "plaintext" if caller == "legacy" else f"spiffe://{sa}"]  # fmt: skip
+        done = self.cp.ns.run([*argv, *(["--path", path] if path else [])], check=False)
+        assert done.returncode in (0, 3), done.stderr
+        return done.stdout.strip()
+
     def tcp(self, caller: str, to: str = "web-1") -> bool:
         return bool(self.call(caller, "tcp", self.ip(to), "9000")["echoed"])
 
@@ -241,6 +252,10 @@ def test_allow_admits_exactly_the_listed_identity(clean: Lab) -> None:
     assert m.http("legacy")["status"] == 403  # plaintext: no identity at all
     assert m.tcp("client") and not m.tcp("other")  # network RBAC on the TCP chain
     assert not m.tcp("legacy")
+    # The offline evaluator of what the sidecar was sent agrees with the sidecar.
+    assert m.predicted("client").startswith("ALLOW  allowed by ALLOW policy demo/allow-client")
+    assert m.predicted("other").startswith("DENY")
+    assert m.predicted("legacy", None).startswith("DENY")
     counters = stats(
         m.pods["web-1"].ns,
         "http.inbound_mtls_http.rbac.allow.denied",
@@ -261,6 +276,7 @@ def test_deny_beats_allow_and_the_body_names_the_policy(clean: Lab) -> None:
     denied = m.http("client", "/admin/users")
     assert denied["status"] == 403
     assert "rbac_access_denied_matched_policy[demo/no-admin]" in denied["body"]
+    assert m.predicted("client", "/admin/users") == "DENY  denied by DENY policy demo/no-admin"
     # On TCP a DENY rule keeps its sources and drops the HTTP fields: it denies more, not less.
     assert not m.tcp("client")
 

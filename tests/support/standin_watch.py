@@ -62,6 +62,7 @@ RESOURCES = {
         Resource("HTTPRoute", "gateway.networking.k8s.io/v1", "httproutes", True),
         Resource("GRPCRoute", "gateway.networking.k8s.io/v1", "grpcroutes", True),
         Resource("TrafficPolicy", "sidemesh.io/v1alpha1", "trafficpolicies", True),
+        Resource("AccessPolicy", "sidemesh.io/v1alpha1", "accesspolicies", True),
     )
 }
 _BY_KIND = {r.kind: r for r in RESOURCES.values()}

@@ -89,6 +89,7 @@ KINDS: tuple[KindSpec, ...] = (
             ("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
             ("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
             ("TrafficPolicy", "sidemesh.io", "v1alpha1", "trafficpolicies"),
+            ("AccessPolicy", "sidemesh.io", "v1alpha1", "accesspolicies"),
         )
     ),
 )

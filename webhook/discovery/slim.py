@@ -34,7 +34,7 @@ from webhook import names
 __all__ = ["KEEP_SPEC", "slim"]
 
 #: Rule kinds: kept whole (spec and creationTimestamp); they are small and all of them is read.
-KEEP_SPEC = frozenset({"HTTPRoute", "GRPCRoute", "TrafficPolicy"})
+KEEP_SPEC = frozenset({"HTTPRoute", "GRPCRoute", "TrafficPolicy", "AccessPolicy"})
 
 _META = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")
 _SERVICE_SPEC = (
@@ -122,7 +122,4 @@ def slim(kind: str, obj: Mapping[str, Any], api_version: str = "") -> dict[str, 
                 slim_spec[key] = [_container(c) for c in spec[key]]
         out["spec"] = slim_spec
         out["status"] = _pick(obj.get("status"), _POD_STATUS)
-    elif str(out["apiVersion"]).startswith("sidemesh.io/") and "spec" in obj:
-        # sidemesh's own resources: the spec is all they say
-        out["spec"] = obj["spec"]
     return out
