@@ -40,6 +40,7 @@ PURE = (
     "policy.compiler",
     "policy.envoy",
     "policy.evaluate",
+    "routing.xds",
     "manifests",
     "config",
     "values",

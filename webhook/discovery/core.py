@@ -41,6 +41,8 @@ from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
 from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.policy.model import KIND as ACCESS_POLICY
 from webhook.policy.state import AuthzState
+from webhook.routing import xds as routing
+from webhook.routing.table import EMPTY, RoutingTable, build_table
 
 __all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings", "ProxyConn"]
 
@@ -98,6 +100,9 @@ class Discovery:
         self.store = store
         self.settings = settings
         self.model = build_model({}, trust_domain=settings.trust_domain)
+        #: Traffic rules resolved against the model (rebuilt with it).
+        self.routing: RoutingTable = EMPTY
+        self._logged_problems: frozenset[str] = frozenset()
         self.tables = {t: ResourceTable(t) for t in _SHARED}
         self.proxies: dict[int, ProxyConn] = {}
         self.authz = AuthzState(settings.trust_domain)
@@ -218,6 +223,8 @@ class Discovery:
             cache=self._parse_cache,
         )
         self.authz.update(objects.get(ACCESS_POLICY, ()))
+        self.routing = build_table(objects, self.model)
+        self._log_problems()
         self.generation += 1
         self._slice_service = {
             key_of(o, "EndpointSlice"): label
@@ -244,6 +251,13 @@ class Discovery:
             )
             table.compact(oldest)
 
+    def _log_problems(self) -> None:
+        """Log each problem of the traffic rules once, when it appears (not every rebuild)."""
+        now = frozenset(str(p) for p in self.routing.problems)
+        for text in sorted(now - self._logged_problems):
+            LOG.warning("traffic rule: %s", text)
+        self._logged_problems = now
+
     def _update_shared(self, only: Iterable[Service] | None = None) -> None:
         """Encode what changed; ``only`` these Services (endpoint fast path), else all."""
         opts = self._template_options()
@@ -254,15 +268,26 @@ class Discovery:
                 seen.add(name)
                 eps = self.model.endpoints_of(svc, port)
                 ids = tuple(sorted({e.mtls_identity for e in eps if e.mtls_identity}))
-                if self._cluster_inputs.get(name) != (svc.cluster_ips, port, ids):
-                    self._cluster_inputs[name] = (svc.cluster_ips, port, ids)
-                    enc = encode(cc.CLUSTER, cc.build_cluster(svc, port, eps, opts))
-                    self.tables[cc.CLUSTER].put(name, enc)
+                policy = self.routing.policy_for(svc)
+                if self._cluster_inputs.get(name) != (svc.cluster_ips, port, ids, policy):
+                    self._cluster_inputs[name] = (svc.cluster_ips, port, ids, policy)
+                    cluster = routing.service_cluster(self.routing, svc, port, eps, opts)
+                    self.tables[cc.CLUSTER].put(name, encode(cc.CLUSTER, cluster))
                 if self._cla_inputs.get(name) != eps:
                     self._cla_inputs[name] = eps
                     self.tables[cc.ENDPOINTS].put(
                         name, encode(cc.ENDPOINTS, cc.build_endpoints(name, eps))
                     )
+            for name, (cluster, cla, eps) in routing.extra_clusters(
+                self.routing, self.model, svc, opts
+            ).items():  # subsets: the same checks, inputs are what they are built from
+                seen.add(name)
+                if self._cluster_inputs.get(name) != cluster:
+                    self._cluster_inputs[name] = cluster
+                    self.tables[cc.CLUSTER].put(name, encode(cc.CLUSTER, cluster))
+                if self._cla_inputs.get(name) != eps:
+                    self._cla_inputs[name] = eps
+                    self.tables[cc.ENDPOINTS].put(name, encode(cc.ENDPOINTS, cla))
         if only is not None:
             return
         self._update_routes()
@@ -342,7 +367,8 @@ class Discovery:
         if not self.settings.scoped:
             return self._all_clusters
         services = services_in_scope(self.model, pod, conn.learned)
-        return frozenset(s.cluster_name(p) for s in services for p in s.ports)
+        services = routing.scope_services(self.routing, self.model, services)
+        return frozenset(routing.cluster_names(self.routing, services))
 
     def _services(self, scope: frozenset[str]) -> list[Service]:
         if scope is self._all_clusters:

@@ -2,6 +2,7 @@
 
 ``GET /debug/proxies``          every connected proxy: identity, what it ACKed, NACKs
 ``GET /debug/config?pod=NS/NAME``  that proxy's resources as sent (Envoy JSON), by type
+``GET /debug/rules``            traffic rules: each Service port's routes (by rule) and problems
 ``GET /metrics``                Prometheus
 ``GET /healthz``                200 once the first model is built
 
@@ -27,8 +28,9 @@ from webhook.discovery import metrics
 from webhook.discovery.core import PUSH_ORDER, Discovery, ProxyConn
 from webhook.discovery.resources import _MESSAGES
 from webhook.policy.envoy import EXTENSION_CONFIG
+from webhook.routing.xds import problems_text
 
-__all__ = ["DebugServer", "config_of", "proxy_status"]
+__all__ = ["DebugServer", "config_of", "proxy_status", "rules_of"]
 
 _SHORT = {
     cc.CLUSTER: "clusters",
@@ -102,6 +104,18 @@ def config_of(d: Discovery, pod: str) -> dict[str, Any] | None:
     return out
 
 
+def rules_of(d: Discovery) -> dict[str, Any]:
+    """The traffic rules as the control plane resolved them: routes per Service port (by the
+    rule each came from), TrafficPolicies per Service, and every problem by object."""
+    table = d.routing
+    return {
+        "routes": {name: [e.source for e in entries] for name, entries in table.routes.items()},
+        "policies": {f"{ns}/{svc}": p.ref for (ns, svc), p in table.policies.items()},
+        "subsets": sorted(table.subsets),
+        "problems": problems_text(table),
+    }
+
+
 class DebugServer:
     def __init__(self, d: Discovery, loop: asyncio.AbstractEventLoop, host: str, port: int):
         self.d, self.loop = d, loop
@@ -146,6 +160,8 @@ def _handler_for(server: DebugServer) -> type[BaseHTTPRequestHandler]:
             elif url.path == "/debug/proxies":
                 data = server.on_loop(proxy_status, server.d)
                 self._send(200, _json({"time": time.time(), "proxies": data}))
+            elif url.path == "/debug/rules":
+                self._send(200, _json(server.on_loop(rules_of, server.d)))
             elif url.path == "/debug/config":
                 pod = (parse_qs(url.query).get("pod") or [""])[0]
                 data = server.on_loop(config_of, server.d, pod)
