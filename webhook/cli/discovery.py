@@ -59,6 +59,13 @@ def register(subparsers: Any) -> None:
     pc.add_argument("--url", default=DEFAULT_DEBUG, help=f"debug endpoint ({DEFAULT_DEBUG})")
     kinds = ["clusters", "endpoints", "listeners", "routes"]
     pc.add_argument("--type", choices=kinds, default=None)
+    pc.add_argument(
+        "--routes",
+        action="store_const",
+        const="routes",
+        dest="type",
+        help="only the routes, each with the rule (and TrafficPolicy) it came from",
+    )
     pc.add_argument("-o", "--output", choices=["table", "json"], default="table")
     pc.set_defaults(handler=_config)
 
@@ -167,7 +174,44 @@ def _config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _route_lines(config: dict[str, Any]) -> str:
+    """A RouteConfiguration: one line per route, match → action, then the rule it came from."""
+    lines = [config.get("name", "")]
+    for vhost in config.get("virtual_hosts", []):
+        for route in vhost.get("routes", []):
+            match = route.get("match", {})
+            what = [
+                f"{k} {match[k]}" for k in ("path", "prefix", "path_separated_prefix") if k in match
+            ]
+            if "safe_regex" in match:
+                what.append(f"regex {match['safe_regex'].get('regex')}")
+            what += [f"header {h.get('name')}" for h in match.get("headers", [])]
+            what += [f"query {q.get('name')}" for q in match.get("query_parameters", [])]
+            action = route.get("route", {})
+            if "weighted_clusters" in action:
+                to = ", ".join(
+                    f"{c.get('weight')}× {c.get('name')}"
+                    for c in action["weighted_clusters"].get("clusters", [])
+                )
+            elif "cluster" in action:
+                to = action["cluster"]
+            else:
+                to = f"direct {route.get('direct_response', {}).get('status', '?')}"
+            extras = [k for k in ("timeout", "retry_policy", "hash_policy") if k in action]
+            if "typed_per_filter_config" in route:
+                extras.append("fault")
+            meta = route.get("metadata", {}).get("filter_metadata", {}).get("sidemesh.io/rule", {})
+            origin = meta.get("rule", route.get("name", ""))
+            if meta.get("policy"):
+                origin += f" + {meta['policy']}"
+            more = f" [{', '.join(extras)}]" if extras else ""
+            lines.append(f"    {' and '.join(what) or 'any'} -> {to}{more}  ({origin})")
+    return "\n".join(lines)
+
+
 def _summary(kind: str, item: dict[str, Any]) -> str:
+    if kind == "routes":
+        return _route_lines(item)
     if kind == "clusters":
         tls = len(item.get("transport_socket_matches", []))
         mtls = f", mTLS identities: {tls}" if tls else ""
@@ -181,9 +225,6 @@ def _summary(kind: str, item: dict[str, Any]) -> str:
             for e in group.get("lb_endpoints", [])
         ]
         return f"{item['cluster_name']}  {', '.join(eps) or '(none)'}"
-    if kind == "routes":
-        routes = [r for vh in item.get("virtual_hosts", []) for r in vh.get("routes", [])]
-        return f"{item['name']}  {len(routes)} routes"
     chains = item.get("filter_chains", [])
     return f"{item['name']}  {len(chains)} filter chains"
 
