@@ -176,7 +176,8 @@ def _config(args: argparse.Namespace) -> int:
 
 def _route_lines(config: dict[str, Any]) -> str:
     """A RouteConfiguration: one line per route, match → action, then the rule it came from."""
-    lines = [config.get("name", "")]
+    count = sum(len(vh.get("routes", [])) for vh in config.get("virtual_hosts", []))
+    lines = [f"{config.get('name', '')}  {count} routes"]
     for vhost in config.get("virtual_hosts", []):
         for route in vhost.get("routes", []):
             match = route.get("match", {})

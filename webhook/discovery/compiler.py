@@ -42,6 +42,7 @@ from webhook.dataplane import bootstrap as bs
 from webhook.discovery import l7
 from webhook.discovery.model import Endpoint, MeshModel, PodInfo, Service, ServicePort
 from webhook.policy.envoy import with_authz
+from webhook.routing.envoy import FAULT_FILTER
 
 __all__ = [
     "CLUSTER",
@@ -231,7 +232,11 @@ def _service_chains(svc: Service, port: ServicePort) -> list[dict[str, Any]]:
         {
             "name": f"{cluster}|{suffix}",
             "filter_chain_match": {**match, "application_protocols": protocols},
-            "filters": [_alpn_state(alpn), l7.outbound_http_manager(cluster, cluster)],
+            "filters": [
+                _alpn_state(alpn),
+                # The fault filter injects nothing until a route's TrafficPolicy says so.
+                l7.outbound_http_manager(cluster, cluster, [FAULT_FILTER]),
+            ],
         }
         for suffix, protocols, alpn in (
             ("h2c", list(bs._H2C_PROTOCOLS), str(bs.ALPN_H2)),

@@ -309,10 +309,11 @@ class Discovery:
             for port in svc.ports:
                 if l7.is_http(port):
                     wanted[svc.cluster_name(port)] = (svc, port)
-        for name, inputs in wanted.items():
-            if self._route_inputs.get(name) != inputs:
-                self._route_inputs[name] = inputs
-                table.put(name, encode(cc.ROUTE, l7.route_config(*inputs)))
+        for name, (svc, port) in wanted.items():
+            routes = routing.port_routes(self.routing, svc, port)  # None: the default route
+            if self._route_inputs.get(name) != (svc, port, routes):
+                self._route_inputs[name] = (svc, port, routes)
+                table.put(name, encode(cc.ROUTE, l7.route_config(svc, port, routes)))
         for name in set(table.items) - set(wanted):
             self._route_inputs.pop(name, None)
             table.remove(name)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Final
 
+from webhook.discovery.l7 import DEFAULT_RETRY
 from webhook.routing.api import envoy_duration
 from webhook.routing.policy import Fault, HashOn, Retries, TrafficPolicy
 from webhook.routing.routes import HeaderOps, Match
@@ -28,9 +29,6 @@ _TYPE: Final = "@type"
 #: Route metadata namespace naming the rule and policy a route came from.
 RULE_METADATA: Final = "sidemesh.io/rule"
 _FAULT: Final = "type.googleapis.com/envoy.extensions.filters.http.fault.v3.HTTPFault"
-_PREVIOUS_HOSTS: Final = (
-    "type.googleapis.com/envoy.extensions.retry.host.previous_hosts.v3.PreviousHostsPredicate"
-)
 #: The outbound HCM's fault filter (before the router): it does nothing until a route's
 #: ``typed_per_filter_config`` says what to inject.
 FAULT_FILTER: Final = {"name": "envoy.filters.http.fault", "typed_config": {_TYPE: _FAULT}}
@@ -68,23 +66,14 @@ def _string(kind: str, value: str) -> dict[str, Any]:
     return {"exact": value} if kind == "Exact" else {"safe_regex": {"regex": value}}
 
 
-def _retry_policy(retries: Retries | None, per_try: float | None) -> dict[str, Any] | None:
-    if retries is None and per_try is None:
-        return None
-    out: dict[str, Any] = {"num_retries": 0}
+def _retry_policy(retries: Retries | None, per_try: float | None) -> dict[str, Any]:
+    """The mesh's safe retries (a request that never reached the app), or the policy's; the
+    safe conditions stay in either case. A retry goes to another replica when there is one."""
+    out: dict[str, Any] = copy.deepcopy(DEFAULT_RETRY)
     if retries is not None:
-        out = {
-            "retry_on": ",".join(retries.retry_on),
-            "num_retries": retries.attempts,
-            # A retry goes to another replica when there is one.
-            "retry_host_predicate": [
-                {
-                    "name": "envoy.retry_host_predicates.previous_hosts",
-                    "typed_config": {_TYPE: _PREVIOUS_HOSTS},
-                }
-            ],
-            "host_selection_retry_max_attempts": 5,
-        }
+        safe = str(DEFAULT_RETRY["retry_on"]).split(",")
+        out["retry_on"] = ",".join(dict.fromkeys([*retries.retry_on, *safe]))
+        out["num_retries"] = retries.attempts
         if retries.status_codes:
             out["retriable_status_codes"] = list(retries.status_codes)
         if retries.per_try_timeout is not None and per_try is None:
@@ -153,11 +142,9 @@ def _action(
         }
     # An unusable backend is a cluster that does not exist: the Gateway API asks for a 500.
     action["cluster_not_found_response_code"] = "INTERNAL_SERVER_ERROR"
-    if timeout is not None:
-        action["timeout"] = envoy_duration(timeout)
-    retry = _retry_policy(policy.retries if policy else None, per_try)
-    if retry is not None:
-        action["retry_policy"] = retry
+    # No time limit unless a rule sets one: the app had none without the mesh.
+    action["timeout"] = envoy_duration(timeout) if timeout else "0s"
+    action["retry_policy"] = _retry_policy(policy.retries if policy else None, per_try)
     if policy is not None and policy.hash_on is not None:
         action["hash_policy"] = _hash_policy(policy.hash_on)
     return action

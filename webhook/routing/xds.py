@@ -56,15 +56,17 @@ def extra_clusters(
     return out
 
 
-def port_routes(table: RoutingTable, svc: Service, port: ServicePort) -> list[dict[str, Any]]:
+def port_routes(
+    table: RoutingTable, svc: Service, port: ServicePort
+) -> list[dict[str, Any]] | None:
     """The routes of the Service port's RouteConfiguration: its attached rules in precedence
     order, else one default route to its own cluster; both with its TrafficPolicy's retries,
-    faults and hashing."""
+    faults and hashing. None when no rule concerns the port (the mesh's default route)."""
     name = svc.cluster_name(port)
     policy = table.policy_for(svc)
     entries = table.routes.get(name)
     if not entries:
-        return [ev.default_route(name, policy)]
+        return None if policy is None else [ev.default_route(name, policy)]
     return [ev.entry_route(e, policy) for e in entries]
 
 
