@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -80,6 +77,10 @@ def _filters_offline(directory: Path, pod_ref: str, config: str | None) -> Any:
 
 
 def _filters_online(url: str, pod_ref: str) -> Any:
+    import urllib.error  # with urllib.request: ssl, http; only when this command asks
+    import urllib.parse
+    import urllib.request
+
     query = urllib.parse.urlencode({"pod": pod_ref})
     try:
         with urllib.request.urlopen(f"{url.rstrip('/')}/debug/config?{query}", timeout=10) as r:
