@@ -150,7 +150,7 @@ def test_meshed_endpoints_get_mtls_with_their_identity_others_plaintext() -> Non
     ]
     meta = [e.get("metadata") for e in cla["endpoints"][0]["lb_endpoints"]]
     assert meta[0]["filter_metadata"]["envoy.transport_socket_match"]["tlsMode"] == "sidemesh"
-    assert meta[1] is None
+    assert "envoy.transport_socket_match" not in meta[1]["filter_metadata"]  # plaintext
 
 
 def test_declared_tcp_port_skips_sniffing_on_both_sides() -> None:
@@ -239,5 +239,5 @@ def test_h2c_and_http1_announce_different_alpn_on_every_http_path() -> None:
     assert alpn(chains[f"{backend}|h2c"]) == "sidemesh-h2"
     assert alpn(chains[f"{backend}|http"]) == "sidemesh-http"
     assert alpn(chains[backend]) == "sidemesh-tcp"
-    pod_h2 = chains["outbound-mesh-h2"]["filters"][0]["typed_config"]["cluster"]
+    pod_h2 = chains["outbound-mesh-h2"]["filters"][-1]["typed_config"]["cluster"]
     assert pod_h2 == "outbound_mesh_h2"

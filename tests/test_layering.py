@@ -41,6 +41,7 @@ PURE = (
     "policy.envoy",
     "policy.evaluate",
     "routing.xds",
+    "telemetry",
     "manifests",
     "config",
     "values",

@@ -17,6 +17,7 @@ from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hi
 
 from webhook import names
 from webhook.errors import ConfigError
+from webhook.telemetry.settings import parse_access_log
 from webhook.values import check_port, parse_cidr, parse_quantity
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "MeshConfig",
     "Ports",
     "ProxyConfig",
+    "TelemetryConfig",
     "WebhookConfig",
     "load_config",
     "load_config_file",
@@ -167,6 +169,25 @@ class ClientLimits:
 
 
 @dataclass(frozen=True)
+class TelemetryConfig:
+    """What the control plane compiles into every sidecar (``docs/telemetry.md``)."""
+
+    metrics: bool = True
+    """Golden metrics (requests, latency, bytes by source and destination) on each sidecar's
+    ``/stats/prometheus``."""
+    access_log: str = "1%"
+    """JSON access log on the proxy's stdout: ``off``, ``errors`` (failed requests and
+    connections only) or ``N%`` (failed ones plus N percent of the rest). A pod overrides it
+    with the annotation ``telemetry.sidemesh.io/access-log``."""
+    tracing_collector: str = ""
+    """``host:port`` of an OTLP/gRPC trace collector (OpenTelemetry Collector, Jaeger, Tempo);
+    empty: no tracing."""
+    tracing_sampling: float = 1.0
+    """Percent of requests that start a new trace (0-100); a request that arrives with a
+    sampled ``traceparent`` is always traced."""
+
+
+@dataclass(frozen=True)
 class MeshConfig:
     """Everything that shapes an injected pod and the control plane. Defaults are the mesh's."""
 
@@ -208,6 +229,8 @@ class MeshConfig:
     """The admission endpoint."""
     limits: ClientLimits = field(default_factory=ClientLimits)
     """What one HTTPS client may hold of the server (sizes, times, connections)."""
+    telemetry: TelemetryConfig = field(default_factory=TelemetryConfig)
+    """Metrics, access logs and traces the sidecars produce."""
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -286,6 +309,14 @@ def _validate(cfg: MeshConfig) -> None:
         raise _fail(
             "limits.max_header_bytes", cfg.limits.max_header_bytes, "below max_request_line_bytes"
         )
+    tm = cfg.telemetry
+    _check(parse_access_log, "telemetry.access_log", tm.access_log)
+    if tm.tracing_collector and not _is_host_port(tm.tracing_collector):
+        raise _fail(
+            "telemetry.tracing_collector", tm.tracing_collector, "expected host:port (or empty)"
+        )
+    if not 0 <= tm.tracing_sampling <= 100:
+        raise _fail("telemetry.tracing_sampling", tm.tracing_sampling, "a percentage, 0-100")
     if cfg.webhook.max_body_bytes < 1024:
         raise _fail("webhook.max_body_bytes", cfg.webhook.max_body_bytes, "at least 1024")
 

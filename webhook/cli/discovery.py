@@ -95,6 +95,7 @@ def _discovery(args: argparse.Namespace) -> int:
             plaintext_ports=cfg.plaintext_ports,
             ports=cfg.ports,
             scoped=args.scoped,
+            telemetry=cfg.telemetry,
         ),
     )
     asyncio.run(run_discovery(settings))
@@ -210,6 +211,9 @@ def _route_lines(config: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+_TLS_MATCH = "envoy.transport_socket_match"
+
+
 def _summary(kind: str, item: dict[str, Any]) -> str:
     if kind == "routes":
         return _route_lines(item)
@@ -221,7 +225,7 @@ def _summary(kind: str, item: dict[str, Any]) -> str:
         eps = [
             f"{e['endpoint']['address']['socket_address']['address']}:"
             f"{e['endpoint']['address']['socket_address'].get('port_value')}"
-            f"{' mTLS' if 'metadata' in e else ''}"
+            f"{' mTLS' if _TLS_MATCH in e.get('metadata', {}).get('filter_metadata', {}) else ''}"
             for group in item.get("endpoints", [])
             for e in group.get("lb_endpoints", [])
         ]

@@ -38,11 +38,15 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from webhook.config import DEFAULTS, TelemetryConfig
 from webhook.dataplane import bootstrap as bs
 from webhook.discovery import l7
 from webhook.discovery.model import Endpoint, MeshModel, PodInfo, Service, ServicePort
 from webhook.policy.envoy import with_authz
 from webhook.routing.envoy import FAULT_FILTER
+from webhook.telemetry import instrument as tm
+from webhook.telemetry.settings import ProxyFacts
+from webhook.telemetry.workload import workload_name
 
 __all__ = [
     "CLUSTER",
@@ -55,6 +59,7 @@ __all__ = [
     "build_endpoints",
     "build_listeners",
     "local_clusters",
+    "proxy_facts",
     "proxy_options",
     "proxy_resources",
     "scoped_meshed_pods",
@@ -162,12 +167,17 @@ def build_endpoints(name: str, endpoints: Iterable[Endpoint]) -> dict[str, Any]:
     lb = []
     for ep in endpoints:
         entry: dict[str, Any] = {"endpoint": {"address": bs._addr(ep.ip, ep.port)}}
+        meta: dict[str, Any] = {}
         if ep.mtls_identity:
-            entry["metadata"] = {
-                "filter_metadata": {
-                    TLS_MATCH_KEY: {"tlsMode": TLS_MODE, "identity": ep.mtls_identity}
-                }
-            }
+            meta[TLS_MATCH_KEY] = {"tlsMode": TLS_MODE, "identity": ep.mtls_identity}
+        if ep.workload is not None:
+            # Who the client's metrics say it called (telemetry reads it per request).
+            workload, namespace = ep.workload
+            meta[tm.ENDPOINT_METADATA] = tm.endpoint_metadata(
+                workload, namespace, bool(ep.mtls_identity)
+            )
+        if meta:
+            entry["metadata"] = {"filter_metadata": meta}
         lb.append(entry)
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []}
 
@@ -389,17 +399,35 @@ def build_listeners(
     pod: PodInfo,
     services: Iterable[Service],
     meshed: Mapping[str, frozenset[int]] | None = None,
+    telemetry: TelemetryConfig = DEFAULTS.telemetry,
 ) -> dict[str, dict[str, Any]]:
     """``meshed``: the meshed pod IPs to program (default: all of the mesh)."""
     services = list(services)
     known = model.meshed_pod_ports() if meshed is None else meshed
     inbound = with_authz(_inbound_listener(model, opts, pod))
     out = [_outbound_listener(model, opts, services, known), inbound]
-    return {listener["name"]: listener for listener in out}
+    listeners = {listener["name"]: listener for listener in out}
+    tm.instrument_listeners(listeners, proxy_facts(pod, opts, telemetry), telemetry=telemetry)
+    return listeners
+
+
+def proxy_facts(pod: PodInfo, opts: bs.BootstrapOptions, telemetry: TelemetryConfig) -> ProxyFacts:
+    """Who ``pod``'s sidecar is in its metrics and logs (also a key of the listener cache)."""
+    return ProxyFacts.of(
+        workload=workload_name(pod.name, pod.labels),
+        namespace=pod.namespace,
+        principal=opts.spiffe_id,
+        annotations=pod.telemetry,
+        default_access_log=telemetry.access_log,
+    )
 
 
 def proxy_resources(
-    model: MeshModel, opts: bs.BootstrapOptions, pod: PodInfo, services: Iterable[Service]
+    model: MeshModel,
+    opts: bs.BootstrapOptions,
+    pod: PodInfo,
+    services: Iterable[Service],
+    telemetry: TelemetryConfig = DEFAULTS.telemetry,
 ) -> ProxyResources:
     """Everything one sidecar gets (the un-cached path: tests, goldens, proxy-config)."""
     services = list(services)
@@ -414,5 +442,5 @@ def proxy_resources(
             endpoints[name] = build_endpoints(name, eps)
             if svc.cluster_ips and l7.is_http(port):
                 routes[name] = l7.route_config(svc, port)
-    listeners = build_listeners(model, opts, pod, services)
+    listeners = build_listeners(model, opts, pod, services, telemetry=telemetry)
     return ProxyResources(clusters, endpoints, listeners, routes)

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from envoy.service.discovery.v3 import discovery_pb2
 
 from webhook import names
-from webhook.config import DEFAULTS, Ports
+from webhook.config import DEFAULTS, Ports, TelemetryConfig
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc
 from webhook.discovery import l7, metrics
@@ -68,6 +68,8 @@ class DiscoverySettings:
     scoped: bool = False
     #: The agent's work directory in every sidecar (its SDS files are named from there).
     work_dir: str = names.WORK_DIR
+    #: Metrics, access logs and traces compiled into every sidecar.
+    telemetry: TelemetryConfig = DEFAULTS.telemetry
 
 
 @dataclass
@@ -390,14 +392,17 @@ class Discovery:
             self._listener_cache[key] = clusters
         server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
         own = pod.namespace if self.settings.scoped else ""
-        lkey = ("listeners", conn.scope, own, ipv6, pod.inbound_mtls, server_first)
+        facts = cc.proxy_facts(pod, opts, self.settings.telemetry)
+        lkey = ("listeners", conn.scope, own, ipv6, pod.inbound_mtls, server_first, facts)
         listeners = self._listener_cache.get(lkey)
         if listeners is None:
             services = self._services(conn.scope)
             meshed = (
                 cc.scoped_meshed_pods(self.model, pod, services) if self.settings.scoped else None
             )
-            built = cc.build_listeners(self.model, opts, pod, services, meshed)
+            built = cc.build_listeners(
+                self.model, opts, pod, services, meshed, telemetry=self.settings.telemetry
+            )
             listeners = {n: encode(cc.LISTENER, v) for n, v in built.items()}
             self._listener_cache[lkey] = listeners
         return {

@@ -30,6 +30,8 @@ from typing import Any, Final, Literal
 from webhook import names
 from webhook.config import DEFAULTS
 from webhook.inject.annotations import EXCLUDE_INBOUND_PORTS, INBOUND_MTLS, INCLUDE_INBOUND_PORTS
+from webhook.telemetry.settings import ANNOTATION_PREFIX as TELEMETRY_PREFIX
+from webhook.telemetry.workload import workload_name
 from webhook.values import parse_port_list
 
 __all__ = [
@@ -129,6 +131,8 @@ class Endpoint:
     #: The SPIFFE id the client verifies, or None for plaintext (no sidecar, or not captured).
     mtls_identity: str | None
     pod: str | None = None
+    #: The pod's workload and namespace, as telemetry names them (None: no pod known).
+    workload: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,8 @@ class PodInfo:
     captured_only: frozenset[int] | None = None
     dependencies: tuple[str, ...] = ()
     labels: Mapping[str, str] = field(default_factory=dict)
+    #: The pod's ``telemetry.sidemesh.io/…`` annotations (its own telemetry settings).
+    telemetry: Mapping[str, str] = field(default_factory=dict)
 
     def captures(self, port: int) -> bool:
         if port in self.uncaptured_ports:
@@ -178,7 +184,14 @@ class Memo(typing.Protocol):
 
     def get(self, obj: Any, parse: Callable[[Any], Any]) -> Any: ...
 
-    def endpoint(self, ip: str, port: int, identity: str | None, pod: str | None) -> Endpoint: ...
+    def endpoint(
+        self,
+        ip: str,
+        port: int,
+        identity: str | None,
+        pod: str | None,
+        workload: tuple[str, str] | None = None,
+    ) -> Endpoint: ...
 
     def sweep(self) -> None: ...
 
@@ -187,8 +200,15 @@ class _NoMemo:
     def get(self, obj: Any, parse: Callable[[Any], Any]) -> Any:
         return parse(obj)
 
-    def endpoint(self, ip: str, port: int, identity: str | None, pod: str | None) -> Endpoint:
-        return Endpoint(ip, port, identity, pod)
+    def endpoint(
+        self,
+        ip: str,
+        port: int,
+        identity: str | None,
+        pod: str | None,
+        workload: tuple[str, str] | None = None,
+    ) -> Endpoint:
+        return Endpoint(ip, port, identity, pod, workload)
 
     def sweep(self) -> None:
         return
@@ -292,12 +312,15 @@ def _endpoint(
     server_first: Mapping[tuple[str, str], frozenset[int]],
     trust_domain: str,
 ) -> Endpoint:
-    if pod is None or not pod.meshed or not pod.captures(port):
-        return memo.endpoint(ip, port, None, pod.name if pod else None)
+    if pod is None:
+        return memo.endpoint(ip, port, None, None)
+    workload = (workload_name(pod.name, pod.labels), pod.namespace)
+    if not pod.meshed or not pod.captures(port):
+        return memo.endpoint(ip, port, None, pod.name, workload)
     if pod.inbound_mtls == "PERMISSIVE" and port in server_first.get((pod.namespace, pod.name), ()):
-        return memo.endpoint(ip, port, None, pod.name)
+        return memo.endpoint(ip, port, None, pod.name, workload)
     identity = spiffe_id(trust_domain, pod.namespace, pod.service_account)
-    return memo.endpoint(ip, port, identity, pod.name)
+    return memo.endpoint(ip, port, identity, pod.name, workload)
 
 
 # --- reading objects ---------------------------------------------------------------------
@@ -348,6 +371,7 @@ def _pod(obj: Mapping[str, Any], default_mode: Literal["PERMISSIVE", "STRICT"]) 
         captured_only=_ports(ann.get(INCLUDE_INBOUND_PORTS)),
         dependencies=tuple(d.strip() for d in ann.get(DEPENDENCIES, "").split(",") if d.strip()),
         labels=_str_map(meta.get("labels")),
+        telemetry={k: v for k, v in ann.items() if k.startswith(TELEMETRY_PREFIX)},
     )
 
 

@@ -17,7 +17,7 @@ class ParseCache:
     def __init__(self) -> None:
         self._memo: dict[int, tuple[Any, Any]] = {}
         self._live: set[int] = set()
-        self.endpoints: dict[tuple[str, int, str | None, str | None], Endpoint] = {}
+        self.endpoints: dict[tuple[Any, ...], Endpoint] = {}
 
     def get(self, obj: Any, parse: Any) -> Any:
         key = id(obj)
@@ -29,12 +29,19 @@ class ParseCache:
         self._memo[key] = (obj, value)
         return value
 
-    def endpoint(self, ip: str, port: int, identity: str | None, pod: str | None) -> Endpoint:
+    def endpoint(
+        self,
+        ip: str,
+        port: int,
+        identity: str | None,
+        pod: str | None,
+        workload: tuple[str, str] | None = None,
+    ) -> Endpoint:
         # The same instance for the same endpoint: comparing two builds' tuples is then cheap.
-        key = (ip, port, identity, pod)
+        key = (ip, port, identity, pod, workload)
         ep = self.endpoints.get(key)
         if ep is None:
-            ep = self.endpoints[key] = Endpoint(ip, port, identity, pod)
+            ep = self.endpoints[key] = Endpoint(ip, port, identity, pod, workload)
         return ep
 
     def sweep(self) -> None:

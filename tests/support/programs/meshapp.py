@@ -14,6 +14,8 @@
 ``hold HOST PORT FILE``  one request, then keep the connection open until FILE exists.
 ``count HOST PORT N``  N requests on fresh connections; answers per replica (``POD_NAME``).
 ``keepalive HOST PORT N``  N requests on one keep-alive connection; answers per replica.
+``hits HOST PORT PATH N [HEADER]``  N requests to PATH, each on a new connection (plus one raw
+    header line, e.g. a ``traceparent``); prints how many answers came with each status.
 ``serve-banner PORT...``  a server-first protocol: a greeting line on connect, then echo.
 ``banner HOST PORT``  connect, print the server's greeting and how long it took to come.
 """
@@ -206,6 +208,18 @@ def _on(sock: socket.socket, host: str, port: int, path: str) -> dict[str, Any]:
     return _read_answer(sock, "")
 
 
+def _hits(host: str, port: int, path: str, n: int, extra: str = "") -> dict[str, Any]:
+    codes: dict[str, int] = {}
+    errors = []
+    for _ in range(n):
+        result = _get(host, port, path, extra)
+        if result["ok"]:
+            codes[str(result["status"])] = codes.get(str(result["status"]), 0) + 1
+        else:
+            errors.append(result["error"])
+    return {"codes": codes, "errors": errors}
+
+
 class _Banner(asyncio.Protocol):
     """A server-first protocol: greets at once (like MySQL or SMTP), then echoes."""
 
@@ -261,6 +275,9 @@ def main(argv: list[str]) -> None:
         print(json.dumps(_count(args[0], int(args[1]), int(args[2]))), flush=True)
     elif cmd == "keepalive":
         print(json.dumps(_keepalive(args[0], int(args[1]), int(args[2]))), flush=True)
+    elif cmd == "hits":
+        extra = args[4] if len(args) > 4 else ""
+        print(json.dumps(_hits(args[0], int(args[1]), args[2], int(args[3]), extra)), flush=True)
     elif cmd == "serve-banner":
         asyncio.run(_serve_banner([int(p) for p in args]))
     elif cmd == "banner":

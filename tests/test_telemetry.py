@@ -1,0 +1,168 @@
+"""Telemetry as the control plane compiles it: which labels each side of a hop fills from
+where, access-log sampling, workload names, and the Prometheus text reader `sidemesh top`
+uses. The real Envoy accepts all of it: the discovery goldens carry it and are validated."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+from webhook.config import load_config
+from webhook.discovery.compiler import proxy_options, proxy_resources
+from webhook.discovery.filesource import FileSource
+from webhook.discovery.model import MeshModel, build_model
+from webhook.discovery.store import KINDS, ObjectStore
+from webhook.errors import ConfigError
+from webhook.telemetry import promtext
+from webhook.telemetry.metrics import HTTP_LABELS, TCP_LABELS, stats_logger
+from webhook.telemetry.settings import AccessLogPolicy, ProxyFacts, parse_access_log
+from webhook.telemetry.workload import workload_name
+
+PEER = "sidemesh.io/peer"
+
+
+def _demo() -> MeshModel:
+    store = ObjectStore()
+    FileSource(store, None).load()
+    return build_model({k: store.list(k) for k in KINDS})
+
+
+def _listeners(pod_name: str, **telemetry: Any) -> dict[str, Any]:
+    model = _demo()
+    pod = model.pods[("demo", pod_name)]
+    opts = proxy_options(pod, trust_domain="cluster.local", plaintext_ports=(53,))
+    cfg = load_config({"telemetry": telemetry}).telemetry
+    return proxy_resources(model, opts, pod, model.services.values(), cfg).listeners
+
+
+def _loggers(chain: dict[str, Any]) -> list[dict[str, Any]]:
+    proxy = chain["filters"][-1]["typed_config"]
+    return list(proxy.get("access_log", []))
+
+
+def _tags(logger: dict[str, Any]) -> dict[str, str]:
+    return {
+        t["name"]: t["value_format"] for t in logger["typed_config"]["counters"][0]["stat"]["tags"]
+    }
+
+
+@pytest.mark.parametrize(
+    ("name", "labels", "want"),
+    [
+        ("web-7c9f8d6b5-q4zlm", {"pod-template-hash": "7c9f8d6b5", "app": "x"}, "web"),
+        ("db-0", {"statefulset.kubernetes.io/pod-name": "db-0"}, "db"),
+        ("frontend-1", {"app.kubernetes.io/name": "frontend", "app": "fe"}, "frontend"),
+        ("worker-abc", {"app": "Queue.Worker"}, "queue-worker"),
+        ("lonely", {}, "lonely"),
+    ],
+)
+def test_workload_is_the_owner_not_the_pod(name: str, labels: dict[str, str], want: str) -> None:
+    assert workload_name(name, labels) == want
+
+
+def test_access_log_policy_syntax() -> None:
+    assert parse_access_log("off") == AccessLogPolicy(False)
+    assert parse_access_log("errors") == AccessLogPolicy(True, 0.0)
+    assert parse_access_log(" 2.5% ") == AccessLogPolicy(True, 2.5)
+    for bad in ("0%", "101%", "sometimes", "5"):
+        with pytest.raises(ValueError, match=r"off, errors, or a percentage"):
+            parse_access_log(bad)
+    with pytest.raises(ConfigError, match=r"telemetry\.access_log"):
+        load_config({"telemetry": {"access_log": "lots"}})
+    with pytest.raises(ConfigError, match=r"telemetry\.tracing_collector"):
+        load_config({"telemetry": {"tracing_collector": "otel"}})
+
+
+def test_pod_annotation_overrides_the_mesh_default_and_a_bad_one_is_ignored() -> None:
+    def policy(annotations: dict[str, str]) -> AccessLogPolicy:
+        return ProxyFacts.of(
+            workload="w", namespace="n", principal="p", annotations=annotations,
+            default_access_log="1%",
+        ).access_log  # fmt: skip
+
+    assert policy({}) == AccessLogPolicy(True, 1.0)
+    assert policy({"telemetry.sidemesh.io/access-log": "off"}) == AccessLogPolicy(False)
+    assert policy({"telemetry.sidemesh.io/access-log": "often"}) == AccessLogPolicy(True, 1.0)
+
+
+def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() -> None:
+    out = _listeners("frontend-1")["outbound"]
+    chains = {c["name"]: c for c in out["filter_chains"]}
+    backend = "outbound|8080||backend.demo.svc.cluster.local"
+    tags = _tags(_loggers(chains[f"{backend}|http"])[0])
+    assert tags["reporter"] == "source"
+    assert tags["source_workload"] == "frontend"
+    assert tags["source_principal"] == "spiffe://cluster.local/ns/demo/sa/frontend"
+    assert tags["destination_service"] == "backend.demo.svc.cluster.local"
+    assert tags["destination_workload"] == f"%METADATA(UPSTREAM_HOST:{PEER}:workload)%"
+    assert tags["destination_principal"] == "%UPSTREAM_PEER_URI_SAN%"
+    # ... and it tells the server who calls, in the TLS server name.
+    states = chains[f"{backend}|http"]["filters"][0]["typed_config"]["on_new_connection"]
+    sni = {
+        s["object_key"]: s["format_string"]["text_format_source"]["inline_string"] for s in states
+    }
+    assert sni["envoy.network.upstream_server_name"] == "frontend.backend.demo.svc.cluster.local"
+    # Scrapes of other pods' :15090 are not app traffic.
+    assert _loggers(chains["outbound-plain-15090"]) == []
+
+
+def test_endpoints_say_which_workload_they_are() -> None:
+    model = _demo()
+    pod = model.pods[("demo", "frontend-1")]
+    opts = proxy_options(pod, trust_domain="cluster.local", plaintext_ports=(53,))
+    res = proxy_resources(model, opts, pod, model.services.values())
+    cla = res.endpoints["outbound|8080||backend.demo.svc.cluster.local"]
+    metas = [e["metadata"]["filter_metadata"][PEER] for e in cla["endpoints"][0]["lb_endpoints"]]
+    assert [m["security"] for m in metas] == ["mutual_tls", "none"]
+    assert {m["namespace"] for m in metas} == {"demo"}
+
+
+def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown() -> None:
+    inbound = {c["name"]: c for c in _listeners("frontend-1")["inbound"]["filter_chains"]}
+    mtls = _tags(_loggers(inbound["inbound-mtls-http"])[0])
+    assert mtls["reporter"] == "destination"
+    assert mtls["destination_workload"] == "frontend"
+    assert mtls["source_principal"] == "%DOWNSTREAM_PEER_URI_SAN%"
+    assert "uri_san_peer_certificate" in mtls["source_namespace"]
+    assert mtls["connection_security_policy"] == "mutual_tls"
+    plain = _tags(_loggers(inbound["inbound-plain-tcp"])[0])
+    assert plain["source_principal"] == plain["source_workload"] == "unknown"
+    assert plain["connection_security_policy"] == "none"
+    assert set(plain) == set(TCP_LABELS)
+
+
+def _inbound_http(**telemetry: Any) -> dict[str, Any]:
+    chains = _listeners("frontend-1", **telemetry)["inbound"]["filter_chains"]
+    return next(c for c in chains if c["name"] == "inbound-mtls-http")
+
+
+def test_switches_metrics_off_and_access_logs_by_policy() -> None:
+    assert _loggers(_inbound_http(metrics=False, access_log="off")) == []
+    json_log = _loggers(_inbound_http(access_log="errors"))[1]
+    kinds = [next(iter(f)) for f in json_log["filter"]["or_filter"]["filters"]]
+    assert kinds == ["response_flag_filter", "status_code_filter"]  # failures only
+    assert "filter" not in _loggers(_inbound_http(access_log="100%"))[1]
+
+
+def test_stats_logger_refuses_a_label_without_a_value() -> None:
+    with pytest.raises(ValueError, match=r"without a value: .*destination_service"):
+        stats_logger("http", {k: "x" for k in HTTP_LABELS if k != "destination_service"})
+
+
+def test_prometheus_text_with_escapes_and_infinities() -> None:
+    text = (
+        "# TYPE envoy_x counter\n"
+        'envoy_x{a="1",b="q\\"uote\\\\d"} 3\n'
+        "plain 4.5\n"
+        'envoy_h_bucket{le="+Inf"} 7\n'
+    )
+    samples = list(promtext.parse(text))
+    assert samples[0].labels == {"a": "1", "b": 'q"uote\\d'} and samples[0].value == 3
+    assert samples[1].name == "plain" and samples[1].value == 4.5
+    (bucket,) = promtext.select(samples, "envoy_h_bucket", le="+Inf")
+    assert bucket.value == 7
+    assert math.isinf(next(promtext.parse("x +Inf\n")).value)
+    with pytest.raises(ValueError, match="line 2"):
+        list(promtext.parse("ok 1\nbroken{a=1} 2\n"))

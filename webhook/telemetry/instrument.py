@@ -1,0 +1,200 @@
+"""Add telemetry to a sidecar's compiled listeners: one pass over their filter chains.
+
+Called by the control plane's compiler on the listeners it built; it works on whatever the
+chains hold (TCP proxies, HTTP connection managers with inline routes or RDS), so it does not
+care how routing builds them. Per chain it knows which side of the hop it is on and fills each
+identity label from the most trustworthy source that side has:
+
+=========================  ===========================  ====================================
+label                      client's sidecar (outbound,  server's sidecar (inbound,
+                           ``reporter=source``)         ``reporter=destination``)
+=========================  ===========================  ====================================
+source_workload            itself (compiled in)         the caller's sidecar's claim (SNI)
+source_namespace           itself                       the caller's verified certificate
+source_principal           itself                       the caller's verified certificate
+destination_workload       endpoint metadata            itself
+destination_namespace      endpoint metadata            itself
+destination_principal      the server's verified cert   itself
+destination_service        the chain's Service          the caller's sidecar's claim (SNI)
+connection_security_policy endpoint metadata / chain    the chain (TLS or not)
+=========================  ===========================  ====================================
+
+The claim: every outbound chain toward a meshed destination sets the TLS server name (SNI) to
+``<own workload>.<Service host>`` (``set_filter_state``), which the server's sidecar reads
+with ``%REQUESTED_SERVER_NAME%``. It is only as honest as the calling sidecar, which is why the
+principal and namespace come from the certificate instead; a plaintext caller has no claim
+and no certificate: ``unknown``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from webhook.config import TelemetryConfig
+from webhook.telemetry.accesslog import json_logger
+from webhook.telemetry.metrics import stats_logger
+from webhook.telemetry.settings import ProxyFacts
+from webhook.telemetry.workload import UNKNOWN
+
+__all__ = ["ENDPOINT_METADATA", "endpoint_metadata", "instrument_listeners"]
+
+_TYPE = "@type"
+_TCP_PROXY = "envoy.filters.network.tcp_proxy"
+_HCM = "envoy.filters.network.http_connection_manager"
+_SET_FILTER_STATE = (
+    "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config"
+)
+#: The endpoint metadata namespace the control plane fills (see :func:`endpoint_metadata`).
+ENDPOINT_METADATA: Final = "sidemesh.io/peer"
+
+_SNI = "connection.requested_server_name"
+_PEER_SAN = "connection.uri_san_peer_certificate"
+_INBOUND_MTLS: Final = {
+    "source_workload": f'%CEL(re.extract({_SNI}, "^([^.]*)", "\\\\1"))%',
+    "source_namespace": f'%CEL(re.extract({_PEER_SAN}, "^spiffe://[^/]*/ns/([^/]*)/", "\\\\1"))%',
+    "source_principal": "%DOWNSTREAM_PEER_URI_SAN%",
+    "destination_service": f'%CEL(re.extract({_SNI}, "^[^.]*\\\\.?(.*)$", "\\\\1"))%',
+    "connection_security_policy": "mutual_tls",
+}
+_INBOUND_PLAIN: Final = {
+    "source_workload": UNKNOWN,
+    "source_namespace": UNKNOWN,
+    "source_principal": UNKNOWN,
+    "destination_service": UNKNOWN,
+    "connection_security_policy": "none",
+}
+#: Inbound chains of declared server-first ports: TLS without the inspector that reads SNI.
+_NOT_INSPECTED: Final = "inbound-declared-tcp-"
+#: Chains that carry no app traffic worth counting: other pods' probe, health and stats ports,
+#: DNS, the API server.
+_SKIPPED_PREFIXES: Final = ("outbound-plain-", "outbound-apiserver-")
+
+
+def endpoint_metadata(workload: str | None, namespace: str, mtls: bool) -> dict[str, str]:
+    """What an endpoint tells the client's metrics about itself (None workload: no pod)."""
+    return {
+        "workload": workload or UNKNOWN,
+        "namespace": namespace if workload else UNKNOWN,
+        "security": "mutual_tls" if mtls else "none",
+    }
+
+
+def instrument_listeners(
+    listeners: Mapping[str, dict[str, Any]], facts: ProxyFacts, *, telemetry: TelemetryConfig
+) -> None:
+    """Add the loggers to every counted chain of ``listeners`` (modified in place: they are
+    the compiler's fresh dicts)."""
+    metrics = telemetry.metrics
+    for name, listener in listeners.items():
+        if name not in ("inbound", "outbound"):
+            continue
+        for chain in listener.get("filter_chains", ()):
+            if str(chain.get("name", "")).startswith(_SKIPPED_PREFIXES):
+                continue
+            labels, sni = _chain_identity(name, chain, facts)
+            if labels is None:
+                continue
+            if sni is not None:
+                _send_sni(chain["filters"], sni)
+            _add_loggers(chain["filters"], labels, facts, metrics)
+
+
+def _add_loggers(
+    filters: Iterable[dict[str, Any]], labels: dict[str, str], facts: ProxyFacts, metrics: bool
+) -> None:
+    for f in filters:
+        if f.get("name") == _TCP_PROXY:
+            protocol = "tcp"
+        elif f.get("name") == _HCM:
+            protocol = "http"
+        else:
+            continue
+        loggers = [stats_logger(protocol, labels)] if metrics else []
+        logged = json_logger(protocol, labels, facts.access_log)
+        if logged is not None:
+            loggers.append(logged)
+        if loggers:
+            config = f["typed_config"]
+            config["access_log"] = [*config.get("access_log", []), *loggers]
+
+
+def _chain_identity(
+    side: str, chain: Mapping[str, Any], facts: ProxyFacts
+) -> tuple[dict[str, str] | None, str | None]:
+    """The chain's identity labels (None: not counted) and the SNI claim to send (None: none)."""
+    if side == "inbound":
+        own = {
+            "reporter": "destination",
+            "destination_workload": facts.workload,
+            "destination_namespace": facts.namespace,
+            "destination_principal": facts.principal,
+        }
+        peer = _INBOUND_MTLS if "transport_socket" in chain else _INBOUND_PLAIN
+        if str(chain.get("name", "")).startswith(_NOT_INSPECTED):
+            # Nothing waits for a server-first protocol's client, so no TLS inspector reads
+            # the SNI claim: only the certificate's facts are known.
+            peer = {**peer, "source_workload": UNKNOWN, "destination_service": UNKNOWN}
+        return {**own, **peer}, None
+    cluster = _upstream_cluster(chain)
+    if cluster is None:
+        return None, None
+    own = {
+        "reporter": "source",
+        "source_workload": facts.workload,
+        "source_namespace": facts.namespace,
+        "source_principal": facts.principal,
+        "destination_principal": "%UPSTREAM_PEER_URI_SAN%",
+    }
+    if cluster.startswith("outbound|"):
+        host = cluster.split("|")[-1]
+        meta = f"%METADATA(UPSTREAM_HOST:{ENDPOINT_METADATA}:{{}})%"
+        dest = {
+            "destination_workload": meta.format("workload"),
+            "destination_namespace": meta.format("namespace"),
+            "destination_service": host,
+            "connection_security_policy": meta.format("security"),
+        }
+        return {**own, **dest}, f"{facts.workload}.{host}"
+    meshed = cluster.startswith("outbound_mesh")
+    dest = {
+        "destination_workload": UNKNOWN,
+        "destination_namespace": UNKNOWN,
+        "destination_service": UNKNOWN if meshed else "passthrough",
+        "connection_security_policy": "mutual_tls" if meshed else "none",
+    }
+    return {**own, **dest}, facts.workload if meshed else None
+
+
+def _upstream_cluster(chain: Mapping[str, Any]) -> str | None:
+    """The cluster (or, with RDS, the route config named after it) a chain leads to."""
+    for f in chain.get("filters", ()):
+        config = f.get("typed_config", {})
+        if f.get("name") == _TCP_PROXY:
+            return str(config.get("cluster", "")) or None
+        if f.get("name") == _HCM:
+            if "rds" in config:
+                return str(config["rds"].get("route_config_name", "")) or None
+            for vhost in config.get("route_config", {}).get("virtual_hosts", ()):
+                for route in vhost.get("routes", ()):
+                    if "cluster" in route.get("route", {}):
+                        return str(route["route"]["cluster"])
+    return None
+
+
+def _send_sni(filters: list[dict[str, Any]], server_name: str) -> None:
+    """Send ``server_name`` as the upstream TLS SNI of this chain's connections: one more
+    entry of the chain's ``set_filter_state`` filter, or a new one before the proxy filter."""
+    entry = {
+        "object_key": "envoy.network.upstream_server_name",
+        "format_string": {"text_format_source": {"inline_string": server_name}},
+    }
+    for f in filters:
+        if f.get("typed_config", {}).get(_TYPE) == _SET_FILTER_STATE:
+            f["typed_config"]["on_new_connection"].append(entry)
+            return
+    state = {
+        "name": "envoy.filters.network.set_filter_state",
+        "typed_config": {_TYPE: _SET_FILTER_STATE, "on_new_connection": [entry]},
+    }
+    filters.insert(len(filters) - 1, state)

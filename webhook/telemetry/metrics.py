@@ -1,0 +1,117 @@
+"""Golden metrics from Envoy's own stats access logger: no code on the request path.
+
+Each HTTP connection manager and TCP proxy of a sidecar's capture listeners gets an
+``envoy.access_loggers.stats`` logger. At the end of every request (HTTP) or connection (TCP)
+it increments counters and records a histogram whose *tags* are Envoy format strings,
+evaluated per request: a literal the control plane compiled in (the sidecar's own workload,
+the Service a chain leads to), a verified peer identity (``%DOWNSTREAM_PEER_URI_SAN%``), the
+endpoint metadata the control plane attached to each endpoint (the destination's workload and
+namespace), or the response code. Envoy's ``/stats/prometheus`` (15090) then serves them, with
+its ``envoy_`` prefix:
+
+==============================================  =========  ====================================
+metric                                          type       value
+==============================================  =========  ====================================
+``envoy_sidemesh_requests_total``               counter    HTTP/gRPC requests
+``envoy_sidemesh_request_duration_milliseconds`` histogram  first request byte to last response
+                                                           byte
+``envoy_sidemesh_request_bytes_total``          counter    request body bytes
+``envoy_sidemesh_response_bytes_total``         counter    response body bytes
+``envoy_sidemesh_tcp_connections_closed_total`` counter    TCP connections (counted at close)
+``envoy_sidemesh_tcp_received_bytes_total``     counter    bytes from the connection's opener
+``envoy_sidemesh_tcp_sent_bytes_total``         counter    bytes to the connection's opener
+==============================================  =========  ====================================
+
+The labels, where each comes from, and why the cardinality stays bounded are in
+:data:`HTTP_LABELS`, :data:`TCP_LABELS` and ``docs/telemetry.md``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Final
+
+__all__ = [
+    "HTTP_LABELS",
+    "METRIC_PREFIX",
+    "PROMETHEUS_NAMES",
+    "TCP_LABELS",
+    "stats_logger",
+]
+
+_TYPE = "@type"
+_T_STATS = "type.googleapis.com/envoy.extensions.access_loggers.stats.v3.Config"
+#: Envoy scopes the logger's stats under this name; Prometheus sees ``envoy_sidemesh_…``.
+METRIC_PREFIX: Final = "sidemesh"
+
+#: Labels of HTTP metrics, in order. Identity labels are filled per chain (see instrument).
+HTTP_LABELS: Final = (
+    "reporter",
+    "source_workload",
+    "source_namespace",
+    "source_principal",
+    "destination_workload",
+    "destination_namespace",
+    "destination_principal",
+    "destination_service",
+    "connection_security_policy",
+    "response_code",
+    "grpc_status",
+    "response_flags",
+)
+#: Labels of TCP metrics: the same without the HTTP-only ones.
+TCP_LABELS: Final = tuple(x for x in HTTP_LABELS if x not in ("response_code", "grpc_status"))
+
+#: Per-request values (the rest of the labels are per chain).
+_PER_REQUEST: Final = {
+    "response_code": "%RESPONSE_CODE%",
+    "grpc_status": "%GRPC_STATUS_NUMBER%",
+    "response_flags": "%RESPONSE_FLAGS%",
+}
+
+#: (stat name, kind, value format) per protocol; the Prometheus names follow.
+_HTTP_STATS: Final = (
+    ("requests_total", "counter", None),
+    ("request_duration_milliseconds", "histogram", "%DURATION%"),
+    ("request_bytes_total", "counter", "%BYTES_RECEIVED%"),
+    ("response_bytes_total", "counter", "%BYTES_SENT%"),
+)
+_TCP_STATS: Final = (
+    ("tcp_connections_closed_total", "counter", None),
+    ("tcp_received_bytes_total", "counter", "%BYTES_RECEIVED%"),
+    ("tcp_sent_bytes_total", "counter", "%BYTES_SENT%"),
+)
+#: What a sidecar's /stats/prometheus calls each metric (dashboards and `sidemesh top`).
+PROMETHEUS_NAMES: Final = {
+    name: f"envoy_{METRIC_PREFIX}_{name}" for name, _, _ in (*_HTTP_STATS, *_TCP_STATS)
+}
+
+
+def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
+    """The stats access logger of one chain. ``protocol``: ``http`` or ``tcp``; ``labels``:
+    each per-chain label's format string (literals or Envoy operators)."""
+    names = HTTP_LABELS if protocol == "http" else TCP_LABELS
+    values = {**labels, **_PER_REQUEST}
+    missing = [n for n in names if n not in values]
+    if missing:
+        raise ValueError(f"telemetry labels without a value: {', '.join(missing)}")
+    tags = [{"name": n, "value_format": _non_empty(values[n])} for n in names]
+    counters: list[dict[str, Any]] = []
+    histograms: list[dict[str, Any]] = []
+    for name, kind, value in _HTTP_STATS if protocol == "http" else _TCP_STATS:
+        stat = {"name": name, "tags": tags}
+        if kind == "histogram":
+            histograms.append({"stat": stat, "unit": "Milliseconds", "value_format": value})
+        elif value is None:
+            counters.append({"stat": stat, "value_fixed": 1})
+        else:
+            counters.append({"stat": stat, "value_format": value})
+    config: dict[str, Any] = {_TYPE: _T_STATS, "stat_prefix": METRIC_PREFIX, "counters": counters}
+    if histograms:
+        config["histograms"] = histograms
+    return {"name": "envoy.access_loggers.stats", "typed_config": config}
+
+
+def _non_empty(value: str) -> str:
+    # Envoy refuses an empty tag format; a label the chain cannot know says so.
+    return value or "unknown"
