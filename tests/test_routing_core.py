@@ -10,15 +10,16 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.conftest import TESTDATA
-from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER
+from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
+from webhook.discovery.debug import rules_of
 from webhook.discovery.filesource import parse_documents
 from webhook.discovery.store import KINDS, ObjectStore
 
 REVIEWS = "outbound|9080||reviews.shop.svc.cluster.local"
 REVIEWS_V2 = "outbound|9080||reviews-v2.shop.svc.cluster.local"
 SUBSET_V1 = "outbound|9080|v1|reviews.shop.svc.cluster.local"
-TYPES = (CLUSTER, ENDPOINTS, LISTENER)
+TYPES = (CLUSTER, ENDPOINTS, LISTENER, ROUTE)
 
 
 def _store() -> ObjectStore:
@@ -118,5 +119,32 @@ def test_scope_follows_routes_to_their_backends() -> None:
         lonely = _connect(d, "other", "lonely")
         assert {REVIEWS, REVIEWS_V2, SUBSET_V1} <= lonely.scope
         assert "outbound|50051||ratings.shop.svc.cluster.local" not in lonely.scope
+
+    asyncio.run(run())
+
+
+def test_a_rebuild_without_rule_changes_pushes_nothing_and_debug_shows_the_rules() -> None:
+    async def run() -> None:
+        store = _store()
+        d = Discovery(store, DiscoverySettings(quiet=0.01))
+        d.start(asyncio.get_running_loop())
+        web = _connect(d, "shop", "web")
+        d.rebuild("test")
+        assert _drain(web) == []
+        rules = rules_of(d)
+        assert rules["routes"][REVIEWS][-1] == "HTTPRoute shop/reviews rules[2]"
+        assert rules["policies"]["shop/reviews"] == "TrafficPolicy shop/reviews"
+        assert rules["problems"] == {}
+
+        def typo(obj: Any) -> None:
+            obj["spec"]["rules"][2]["backendRefs"][1]["name"] = "reviews.v3"
+
+        _edit(store, "HTTPRoute", "shop", "reviews", typo)
+        await asyncio.sleep(0.3)
+        (problem,) = rules_of(d)["problems"]["HTTPRoute shop/reviews"]
+        assert "spec.rules[2].backendRefs[1].name" in problem and "no subset 'v3'" in problem
+        # The rule still applies, with the unusable share answered 500.
+        routes = [r for resp in _drain(web) for r in resp.resources]
+        assert [r.name for r in routes] == [REVIEWS]
 
     asyncio.run(run())

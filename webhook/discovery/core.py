@@ -225,7 +225,7 @@ class Discovery:
             cache=self._parse_cache,
         )
         self.authz.update(objects.get(ACCESS_POLICY, ()))
-        self.routing = build_table(objects, self.model)
+        self.routing = build_table(objects, self.model, self._parse_cache)
         self._log_problems()
         self.generation += 1
         self._slice_service = {
@@ -280,16 +280,17 @@ class Discovery:
                     self.tables[cc.ENDPOINTS].put(
                         name, encode(cc.ENDPOINTS, cc.build_endpoints(name, eps))
                     )
-            for name, (cluster, cla, eps) in routing.extra_clusters(
-                self.routing, self.model, svc, opts
-            ).items():  # subsets: the same checks, inputs are what they are built from
-                seen.add(name)
-                if self._cluster_inputs.get(name) != cluster:
-                    self._cluster_inputs[name] = cluster
-                    self.tables[cc.CLUSTER].put(name, encode(cc.CLUSTER, cluster))
-                if self._cla_inputs.get(name) != eps:
-                    self._cla_inputs[name] = eps
-                    self.tables[cc.ENDPOINTS].put(name, encode(cc.ENDPOINTS, cla))
+            for sub, eps in routing.subset_inputs(self.routing, self.model, svc):
+                seen.add(sub.name)  # a subset's cluster: built only when what it reads changed
+                inputs = (svc.cluster_ips, sub, eps, self.routing.policy_for(svc))
+                if (self._cluster_inputs.get(sub.name), self._cla_inputs.get(sub.name)) != (
+                    inputs,
+                    eps,
+                ):
+                    cluster, cla = routing.subset_cluster(self.routing, svc, sub, eps, opts)
+                    self._cluster_inputs[sub.name], self._cla_inputs[sub.name] = inputs, eps
+                    self.tables[cc.CLUSTER].put(sub.name, encode(cc.CLUSTER, cluster))
+                    self.tables[cc.ENDPOINTS].put(sub.name, encode(cc.ENDPOINTS, cla))
         if only is not None:
             return
         self._update_routes()
@@ -312,9 +313,10 @@ class Discovery:
                 if l7.is_http(port):
                     wanted[svc.cluster_name(port)] = (svc, port)
         for name, (svc, port) in wanted.items():
-            routes = routing.port_routes(self.routing, svc, port)  # None: the default route
-            if self._route_inputs.get(name) != (svc, port, routes):
-                self._route_inputs[name] = (svc, port, routes)
+            inputs = (svc, port, routing.route_inputs(self.routing, svc, port))
+            if self._route_inputs.get(name) != inputs:
+                self._route_inputs[name] = inputs
+                routes = routing.port_routes(self.routing, svc, port)  # None: the default
                 table.put(name, encode(cc.ROUTE, l7.route_config(svc, port, routes)))
         for name in set(table.items) - set(wanted):
             self._route_inputs.pop(name, None)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from webhook.discovery.model import MeshModel, Service, ServicePort
+from webhook.discovery.model import Memo, MeshModel, Service, ServicePort
 from webhook.routing.api import GRPC_ROUTE, HTTP_ROUTE, TRAFFIC_POLICY, Problem
 from webhook.routing.policy import TrafficPolicy, parse_policy
 from webhook.routing.routes import Backend, Match, Route, Rule, parse_route
@@ -100,14 +100,19 @@ EMPTY: Final = RoutingTable()
 
 
 def build_table(
-    objects: Mapping[str, Iterable[Mapping[str, Any]]], model: MeshModel
+    objects: Mapping[str, Iterable[Mapping[str, Any]]],
+    model: MeshModel,
+    memo: Memo | None = None,
 ) -> RoutingTable:
-    """The routing table of the rule objects in ``objects`` (by kind) over ``model``."""
+    """The routing table of the rule objects in ``objects`` (by kind) over ``model``;
+    ``memo`` keeps parsed objects between builds (the push engine's parse cache)."""
+    get = memo.get if memo is not None else (lambda obj, parse: parse(obj))
     problems: list[Problem] = []
     applies: dict[str, list[str]] = {}
-    policies = _policies(objects.get(TRAFFIC_POLICY, ()), model, problems, applies)
+    parsed = [get(o, parse_policy) for o in objects.get(TRAFFIC_POLICY, ())]
+    policies = _policies(parsed, model, problems, applies)
     subsets = _subsets(policies, model, problems)
-    routes = [parse_route(o) for kind in (HTTP_ROUTE, GRPC_ROUTE) for o in objects.get(kind, ())]
+    routes = [get(o, parse_route) for k in (HTTP_ROUTE, GRPC_ROUTE) for o in objects.get(k, ())]
     by_port: dict[str, list[tuple[tuple[Any, ...], RouteEntry]]] = {}
     backends: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for route in sorted(routes, key=lambda r: (r.created, r.namespace, r.name, r.kind)):
@@ -141,14 +146,13 @@ def _refs(rule: Rule) -> list[Backend]:
 
 
 def _policies(
-    objs: Iterable[Mapping[str, Any]],
+    parsed: Iterable[TrafficPolicy],
     model: MeshModel,
     problems: list[Problem],
     applies: dict[str, list[str]],
 ) -> dict[tuple[str, str], TrafficPolicy]:
     out: dict[tuple[str, str], TrafficPolicy] = {}
-    parsed = sorted((parse_policy(o) for o in objs), key=lambda p: (p.created, p.name))
-    for policy in parsed:
+    for policy in sorted(parsed, key=lambda p: (p.created, p.name)):
         problems.extend(policy.problems)
         key = (policy.namespace, policy.service)
         if not policy.service:

@@ -14,15 +14,18 @@ from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery.compiler import build_cluster, build_endpoints
 from webhook.discovery.model import Endpoint, MeshModel, Service, ServicePort
 from webhook.routing import envoy as ev
-from webhook.routing.table import RoutingTable, subset_endpoints
+from webhook.routing.table import RoutingTable, SubsetCluster, subset_endpoints
 
 __all__ = [
     "cluster_names",
     "extra_clusters",
     "port_routes",
     "problems_text",
+    "route_inputs",
     "scope_services",
     "service_cluster",
+    "subset_cluster",
+    "subset_inputs",
 ]
 
 
@@ -37,23 +40,43 @@ def service_cluster(
     return ev.apply_cluster_policy(build_cluster(svc, port, eps, opts), table.policy_for(svc))
 
 
+def subset_inputs(
+    table: RoutingTable, model: MeshModel, svc: Service
+) -> list[tuple[SubsetCluster, tuple[Endpoint, ...]]]:
+    """Each subset of ``svc`` with its endpoints: what its cluster and load assignment are
+    built from (cheap to compare with the last build's)."""
+    return [
+        (sub, subset_endpoints(model, svc, sub.port, sub.labels)) for sub in table.subsets_of(svc)
+    ]
+
+
+def subset_cluster(
+    table: RoutingTable,
+    svc: Service,
+    sub: SubsetCluster,
+    eps: tuple[Endpoint, ...],
+    opts: BootstrapOptions,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A subset's cluster (the Service port's, narrowed, with the policy) and endpoints."""
+    cluster = build_cluster(svc, sub.port, eps, opts)
+    cluster["name"] = sub.name
+    cluster["eds_cluster_config"]["service_name"] = sub.name
+    return ev.apply_cluster_policy(cluster, table.policy_for(svc)), build_endpoints(sub.name, eps)
+
+
 def extra_clusters(
     table: RoutingTable, model: MeshModel, svc: Service, opts: BootstrapOptions
 ) -> dict[str, tuple[dict[str, Any], dict[str, Any], tuple[Endpoint, ...]]]:
     """The subset clusters of ``svc``: name → (cluster, load assignment, endpoints)."""
     out = {}
-    policy = table.policy_for(svc)
-    for sub in table.subsets_of(svc):
-        eps = subset_endpoints(model, svc, sub.port, sub.labels)
-        cluster = build_cluster(svc, sub.port, eps, opts)
-        cluster["name"] = sub.name
-        cluster["eds_cluster_config"]["service_name"] = sub.name
-        out[sub.name] = (
-            ev.apply_cluster_policy(cluster, policy),
-            build_endpoints(sub.name, eps),
-            eps,
-        )
+    for sub, eps in subset_inputs(table, model, svc):
+        out[sub.name] = (*subset_cluster(table, svc, sub, eps, opts), eps)
     return out
+
+
+def route_inputs(table: RoutingTable, svc: Service, port: ServicePort) -> Any:
+    """What :func:`port_routes` of the port is built from (compare before building)."""
+    return table.routes.get(svc.cluster_name(port)), table.policy_for(svc)
 
 
 def port_routes(
