@@ -172,5 +172,5 @@ def test_a_rule_change_reaches_the_client(mesh: RouteLab) -> None:
     took = time.monotonic() - started
     result = mesh.load("split", 100)
     print(f"weights 90/10 -> 0/100: client ACKed {took * 1000:.0f} ms after the write "
-          f"(file poll 200 ms + debounce 100 ms); then {result['pods']}")  # fmt: skip
+          f"(files polled every 200 ms, then 100 ms debounce); then {result['pods']}")  # fmt: skip
     assert result["pods"] == {"web-3": 100}
