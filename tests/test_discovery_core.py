@@ -144,3 +144,69 @@ def test_scoped_sidecar_sees_its_namespace_and_declared_dependencies_only() -> N
         assert ledger in {r.name for resp in _drain(conn) for r in resp.resources}
 
     asyncio.run(run())
+
+
+def _learn_ranges(listener: Any) -> set[str]:
+    """The ClusterIPs the outbound listener's learn chains cover."""
+    assert listener is not None
+    return {
+        r.address_prefix
+        for chain in listener.filter_chains
+        if chain.name.startswith("outbound-learn")
+        for r in chain.filter_chain_match.prefix_ranges
+    }
+
+
+def _outbound(responses: list[discovery_pb2.DeltaDiscoveryResponse]) -> Any:
+    from envoy.config.listener.v3 import listener_pb2
+
+    found = None
+    for resp in responses:  # the last one sent
+        for r in resp.resources:
+            if r.name == "outbound":
+                found = listener_pb2.Listener()
+                r.resource.Unpack(found)
+    return found
+
+
+def test_scoped_sidecar_learns_an_undeclared_service_from_its_first_connection() -> None:
+    """The first connection to a ClusterIP outside the scope asks for ``learn|ip:port`` on
+    demand: the answer is an alias of that Service's cluster, and the scope grows by it."""
+
+    async def run() -> None:
+        store, d, conn = _setup(scoped=True, quiet=0.01)
+        store.upsert(
+            {
+                "kind": "Service",
+                "metadata": {"name": "ledger", "namespace": "finance"},
+                "spec": {"clusterIP": "10.96.9.9", "ports": [{"name": "http", "port": 80}]},
+            }
+        )
+        await asyncio.sleep(0.3)
+        ledger = "outbound|80||ledger.finance.svc.cluster.local"
+        before = _drain(conn)
+        assert ledger not in {r.name for resp in before for r in resp.resources}
+        assert _learn_ranges(_outbound(before)) == {"10.96.9.9"}
+
+        d.on_request(conn, _request(CLUSTER, "learn|10.96.9.9:80", nonce="x"))
+        after = _drain(conn)
+        sent = {r.type_url: {x.name for x in r.resources} for r in after}
+        assert {"learn|10.96.9.9:80", ledger} <= sent[CLUSTER]
+        assert ("finance", "ledger") in conn.learned
+        # The next connection takes the Service's own chain: no learn chain is left for it.
+        assert _learn_ranges(_outbound(after)) == set()
+        alias = next(
+            x for r in after if r.type_url == CLUSTER for x in r.resources if x.name.startswith("l")
+        )
+        from envoy.config.cluster.v3 import cluster_pb2
+
+        cluster = cluster_pb2.Cluster()
+        alias.resource.Unpack(cluster)
+        assert cluster.eds_cluster_config.service_name == ledger  # the Service's endpoints
+
+        # An address that is no Service port is answered as removed at once.
+        d.on_request(conn, _request(CLUSTER, "learn|10.96.9.9:81", nonce="y"))
+        (resp,) = _drain(conn)
+        assert list(resp.removed_resources) == ["learn|10.96.9.9:81"]
+
+    asyncio.run(run())

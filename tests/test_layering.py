@@ -25,6 +25,7 @@ PURE = (
     "discovery.model",
     "discovery.compiler",
     "discovery.l7",
+    "discovery.learn",
     "discovery.scope",
     "discovery.tables",
     "discovery.resources",

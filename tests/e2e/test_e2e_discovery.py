@@ -5,12 +5,14 @@ no kube-proxy — a ClusterIP exists nowhere, so it only works through the clien
                      ├─ client  meshed, PERMISSIVE
                      ├─ web-1/2 meshed, PERMISSIVE   web-3 meshed, STRICT
                      ├─ db      meshed, PERMISSIVE, a server-first protocol on 3306 (mysql)
-                     ├─ echo-1/2 meshed, PERMISSIVE, gRPC on 50051
+                     ├─ echo-1/2 meshed, PERMISSIVE, gRPC on 50051, namespace tools
                      └─ legacy  no sidecar: HTTP on 8080, server-first on 3306
 
 Services (manifests in a directory the control plane watches): ``web`` (web-1..3), ``mixed``
 (web-1 + legacy: a half-meshed Deployment), ``legacy`` (legacy only), ``db`` and ``legacydb``
-(``appProtocol: mysql``), ``echo`` (echo-1/2, ``appProtocol: grpc``).
+(``appProtocol: mysql``), ``echo`` in namespace ``tools`` (echo-1/2, ``appProtocol: grpc``).
+The control plane scopes each sidecar (``--scoped``): the client (namespace demo) learns echo
+when it first calls it.
 """
 
 from __future__ import annotations
@@ -59,13 +61,18 @@ VENV_PYTHON = sys.executable
 CLIENT_ID = "spiffe://cluster.local/ns/demo/sa/client"
 
 
+def _ns(name: str) -> str:
+    """echo-1/2 and their Service live in ``tools``: outside the client's scope."""
+    return "tools" if name.startswith("echo") else "demo"
+
+
 def _manifest(name: str, sa: str, ports: list[int], annotations: dict[str, str]) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": name,
-            "namespace": "demo",
+            "namespace": _ns(name),
             "labels": {"app": name.split("-")[0]},
             "annotations": annotations,
         },
@@ -101,7 +108,7 @@ def _service(name: str, ip: str, port: int, target: int, app_protocol: str | Non
     return {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": "demo"},
+        "metadata": {"name": name, "namespace": _ns(name)},
         "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [spec_port]},
     }
 
@@ -112,7 +119,7 @@ def _slice(service: str, port: int, pods: list[tuple[str, str]]) -> Any:
         "kind": "EndpointSlice",
         "metadata": {
             "name": f"{service}-1",
-            "namespace": "demo",
+            "namespace": _ns(service),
             "labels": {"kubernetes.io/service-name": service},
         },
         "addressType": "IPv4",
@@ -121,7 +128,7 @@ def _slice(service: str, port: int, pods: list[tuple[str, str]]) -> Any:
             {
                 "addresses": [ip],
                 "conditions": {"ready": True},
-                "targetRef": {"kind": "Pod", "namespace": "demo", "name": name},
+                "targetRef": {"kind": "Pod", "namespace": _ns(name), "name": name},
             }
             for name, ip in pods
         ],
@@ -216,7 +223,8 @@ def _start(lab: NetnsLab) -> Lab:
     legacy = _manifest("legacy", "legacy", [8080, 3306], {})
     legacy["status"] = {"phase": "Running", "podIP": m.ip("legacy")}
     m.write("pod-legacy", legacy)
-    m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
+    for ns in ("demo", "tools"):
+        m.write(f"ns-{ns}", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     webs = [(n, m.ip(n)) for n in ("web-1", "web-2", "web-3")]
     for name, ip, port, target, proto, backends in (
         ("web", WEB, 80, 8080, None, webs),
@@ -231,7 +239,8 @@ def _start(lab: NetnsLab) -> Lab:
 
     m.cp.ns.spawn(
         [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
-         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning"],
+         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning",
+         "--scoped"],
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )  # fmt: skip
     m.cp.ns.wait_port(15014)
@@ -293,8 +302,41 @@ def test_one_keepalive_connection_is_balanced_request_by_request(mesh: Lab) -> N
     assert all(count == 30 for count in result["pods"].values())  # round robin
 
 
+def test_scoped_client_learns_a_service_it_never_declared_on_first_use(mesh: Lab) -> None:
+    """The client (scoped: namespace demo) calls echo.tools, which it never declared: the first
+    connection asks the control plane for the cluster on demand and is served; from then on the
+    client's sidecar has echo's own cluster, endpoints and routes."""
+    echo = "outbound|50051||echo.tools.svc.cluster.local"
+
+    def client_clusters() -> set[str]:
+        return {c["name"] for c in mesh.debug("/debug/config?pod=demo/client")["clusters"]}
+
+    assert echo not in client_clusters()
+    done = mesh.pods["client"].ns.run(
+        [VENV_PYTHON, PROTOAPP, "grpc", ECHO, "50051", "2"], uid=APP_UID, gid=APP_UID, timeout=30
+    )
+    first = json.loads(done.stdout.strip().splitlines()[-1])
+    assert first["ok"], first
+    deadline = time.monotonic() + 10
+    while not {echo, f"learn|{ECHO}:50051"} <= client_clusters():
+        assert time.monotonic() < deadline, client_clusters()
+        time.sleep(0.05)
+    wait_synced(mesh, "demo/client")
+
+
+def wait_synced(mesh: Lab, pod: str) -> None:
+    deadline = time.monotonic() + 10
+    while True:
+        (proxy,) = [p for p in mesh.debug("/debug/proxies")["proxies"] if p["pod"] == pod]
+        if proxy["synced"]:
+            return
+        assert time.monotonic() < deadline, proxy
+        time.sleep(0.05)
+
+
 def test_grpc_through_a_service_is_balanced_per_call_with_verified_identity(mesh: Lab) -> None:
-    """gRPC keeps one HTTP/2 connection; without a mesh every call lands on one replica."""
+    """gRPC keeps one HTTP/2 connection; without a mesh every call lands on one replica.
+    (Runs after the client learned echo: its sidecar has echo's routes.)"""
     client = mesh.pods["client"].ns
     done = client.run(
         [VENV_PYTHON, PROTOAPP, "grpc-spread", ECHO, "50051", "40"],

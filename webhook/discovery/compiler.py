@@ -34,13 +34,14 @@ Service chain gets its own copy of the meshed-pod and passthrough chains.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from webhook.config import DEFAULTS, TelemetryConfig
 from webhook.dataplane import bootstrap as bs
 from webhook.discovery import l7
+from webhook.discovery.learn import learn_chain
 from webhook.discovery.model import Endpoint, MeshModel, PodInfo, Service, ServicePort
 from webhook.policy.envoy import with_authz
 from webhook.routing.envoy import FAULT_FILTER
@@ -324,6 +325,7 @@ def _outbound_listener(
     opts: bs.BootstrapOptions,
     services: Iterable[Service],
     meshed: Mapping[str, frozenset[int]],
+    learn: Sequence[Service] = (),
 ) -> dict[str, Any]:
     listener = bs._outbound_listener(opts)
     plain = set(bs._plain_ports(opts))
@@ -343,6 +345,10 @@ def _outbound_listener(
     pod_plain = {p for ports in meshed.values() for p in ports} - plain
     for dest_port in sorted(service_ports | pod_plain):
         chains += _pod_chains(meshed, dest_port)
+        if (chain := learn_chain(learn, dest_port)) is not None:
+            chains.append(chain)
+    if (chain := learn_chain(learn, None)) is not None:
+        chains.append(chain)
     chains += _pod_chains(meshed, None)
     for f in listener["listener_filters"]:
         if f["name"] == "envoy.filters.listener.http_inspector" and no_sniff:
@@ -399,13 +405,15 @@ def build_listeners(
     pod: PodInfo,
     services: Iterable[Service],
     meshed: Mapping[str, frozenset[int]] | None = None,
+    learn: Sequence[Service] = (),
     telemetry: TelemetryConfig = DEFAULTS.telemetry,
 ) -> dict[str, dict[str, Any]]:
-    """``meshed``: the meshed pod IPs to program (default: all of the mesh)."""
+    """``meshed``: the meshed pod IPs to program (default: all of the mesh); ``learn``: the
+    Services outside a scoped sidecar's scope, whose ClusterIPs it learns on demand."""
     services = list(services)
     known = model.meshed_pod_ports() if meshed is None else meshed
     inbound = with_authz(_inbound_listener(model, opts, pod))
-    out = [_outbound_listener(model, opts, services, known), inbound]
+    out = [_outbound_listener(model, opts, services, known, learn), inbound]
     listeners = {listener["name"]: listener for listener in out}
     tm.instrument_listeners(listeners, proxy_facts(pod, opts, telemetry), telemetry=telemetry)
     return listeners

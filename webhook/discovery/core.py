@@ -26,6 +26,7 @@ from webhook.config import DEFAULTS, Ports, TelemetryConfig
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc
 from webhook.discovery import l7, metrics
+from webhook.discovery.learn import LEARN_PREFIX, alias_cluster, parse_learn_name
 from webhook.discovery.model import (
     SLICE_SERVICE_LABEL,
     PodInfo,
@@ -34,7 +35,7 @@ from webhook.discovery.model import (
     update_endpoints,
 )
 from webhook.discovery.parsecache import ParseCache
-from webhook.discovery.resources import Encoded, delta_response, encode
+from webhook.discovery.resources import Encoded, decode, delta_response, encode
 from webhook.discovery.scope import services_in_scope
 from webhook.discovery.store import KINDS, Key, ObjectStore, key_of
 from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
@@ -89,6 +90,8 @@ class ProxyConn:
     scope: frozenset[str] = frozenset()
     local: dict[str, dict[str, Encoded]] = field(default_factory=dict)
     learned: set[tuple[str, str]] = field(default_factory=set)
+    #: On-demand cluster name (``learn|ip:port``) → the Service cluster it stands for.
+    ondemand: dict[str, str] = field(default_factory=dict)
     nonce: int = 0
 
     def state(self, type_url: str) -> TypeState:
@@ -114,6 +117,7 @@ class Discovery:
         self._slice_service: dict[Key, tuple[str, str]] = {}
         self._cluster_inputs: dict[str, Any] = {}
         self._cla_inputs: dict[str, Any] = {}
+        self._alias_cache: dict[tuple[str, str], Encoded] = {}
         self._route_inputs: dict[str, Any] = {}
         self._listener_inputs: Any = None
         self._listener_cache: dict[Any, dict[str, Encoded]] = {}
@@ -384,6 +388,64 @@ class Discovery:
             if any(s.cluster_name(p) in scope for p in s.ports)
         ]
 
+    def _outside(self, services: list[Service]) -> list[Service]:
+        """The Services with a ClusterIP that are not in ``services`` (a scoped sidecar's)."""
+        inside = {(s.namespace, s.name) for s in services}
+        return [
+            s
+            for key, s in sorted(self.model.services.items())
+            if s.cluster_ips and key not in inside
+        ]
+
+    def _aliases(self, conn: ProxyConn) -> dict[str, Encoded]:
+        """The on-demand clusters this sidecar asked for, as aliases of the Service clusters."""
+        table = self.tables[cc.CLUSTER]
+        out: dict[str, Encoded] = {}
+        for alias, real in conn.ondemand.items():
+            enc = table.items.get(real)
+            if enc is None:
+                continue  # the Service is gone; the alias goes with it
+            key = (alias, enc.version)
+            cached = self._alias_cache.get(key)
+            if cached is None:
+                real_dict = decode(cc.CLUSTER, enc)
+                cached = encode(cc.CLUSTER, alias_cluster(alias, real_dict))
+                self._alias_cache[key] = cached
+            out[alias] = cached
+        return out
+
+    def _learn(self, conn: ProxyConn, names: Iterable[str]) -> list[str]:
+        """Resolve on-demand cluster names to Service ports; widen the scope with what they
+        name. Returns the names that resolve to nothing."""
+        unknown = []
+        for name in names:
+            address = parse_learn_name(name)
+            found = None
+            if address is not None:
+                ip, port_number = address
+                found = next(
+                    (
+                        (svc, port)
+                        for svc in self.model.services.values()
+                        if ip in svc.cluster_ips
+                        for port in svc.ports
+                        if port.port == port_number
+                    ),
+                    None,
+                )
+            if found is None:
+                unknown.append(name)
+                continue
+            svc, port = found
+            conn.learned.add((svc.namespace, svc.name))
+            conn.ondemand[name] = svc.cluster_name(port)
+            metrics.LEARNED.inc()
+            LOG.info(
+                "%s/%s learned %s.%s (first connection to %s)",
+                conn.namespace, conn.pod_name, svc.name, svc.namespace, name[len(LEARN_PREFIX):],
+            )  # fmt: skip
+        return unknown
+
     def _local(self, conn: ProxyConn, pod: PodInfo) -> dict[str, dict[str, Encoded]]:
         opts = self.options_for(pod)
         ipv6 = opts.ipv6
@@ -402,11 +464,14 @@ class Discovery:
             meshed = (
                 cc.scoped_meshed_pods(self.model, pod, services) if self.settings.scoped else None
             )
+            learn = self._outside(services) if self.settings.scoped else []
             built = cc.build_listeners(
-                self.model, opts, pod, services, meshed, telemetry=self.settings.telemetry
+                self.model, opts, pod, services, meshed, learn, telemetry=self.settings.telemetry
             )
             listeners = {n: encode(cc.LISTENER, v) for n, v in built.items()}
             self._listener_cache[lkey] = listeners
+        if conn.ondemand:
+            clusters = {**clusters, **self._aliases(conn)}
         return {
             cc.CLUSTER: clusters,
             cc.LISTENER: listeners,
@@ -506,6 +571,15 @@ class Discovery:
                 metrics.CONVERGENCE.labels(_short(req.type_url)).observe(self._clock() - pending[1])
         first = not ts.requested
         subscribe = list(req.resource_names_subscribe)
+        if req.type_url == cc.CLUSTER and not first:
+            wanted = [n for n in subscribe if n.startswith(LEARN_PREFIX)]
+            if wanted:
+                ts.subscribe(subscribe, dict(req.initial_resource_versions))
+                unknown = self._learn(conn, wanted)
+                if unknown:  # answered as removed: Envoy closes at once instead of waiting
+                    self._send(conn, ts, cc.CLUSTER, {}, unknown)
+                self.push(conn, candidates=subscribe)  # every type: the scope grew
+                return
         if first or subscribe or req.resource_names_unsubscribe:
             ts.subscribe(subscribe, dict(req.initial_resource_versions))
             ts.unsubscribe(req.resource_names_unsubscribe)

@@ -20,13 +20,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlparse
 
-from google.protobuf import json_format
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from webhook.discovery import compiler as cc
 from webhook.discovery import metrics
 from webhook.discovery.core import PUSH_ORDER, Discovery, ProxyConn
-from webhook.discovery.resources import _MESSAGES
+from webhook.discovery.resources import decode
 from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.routing.xds import problems_text
 
@@ -97,9 +96,7 @@ def config_of(d: Discovery, pod: str) -> dict[str, Any] | None:
             enc = local.get(name) or (table.items.get(name) if table else None)
             if enc is None:
                 continue
-            msg = _MESSAGES[type_url]()
-            msg.ParseFromString(enc.body)
-            items.append(json_format.MessageToDict(msg, preserving_proto_field_name=True))
+            items.append(decode(type_url, enc))
         out[_SHORT[type_url]] = items
     return out
 

@@ -9,6 +9,7 @@ __all__ = [
     "CONVERGENCE",
     "DEBOUNCED",
     "FLUSHES",
+    "LEARNED",
     "NACKS",
     "PUSHES",
     "PUSH_BYTES",
@@ -45,3 +46,8 @@ DEBOUNCED = Counter(
     registry=REGISTRY,
 )
 FLUSHES = Counter("sidemesh_xds_flushes", "Pushes started, by cause", ["cause"], registry=REGISTRY)
+LEARNED = Counter(
+    "sidemesh_xds_learned_dependencies",
+    "Services a scoped sidecar called without declaring them (on-demand cluster requests)",
+    registry=REGISTRY,
+)

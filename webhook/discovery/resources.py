@@ -46,7 +46,7 @@ from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from webhook.errors import SidemeshError
 from webhook.policy.envoy import EXTENSION_CONFIG
 
-__all__ = ["Encoded", "delta_response", "encode", "version_of"]
+__all__ = ["Encoded", "decode", "delta_response", "encode", "version_of"]
 
 _MESSAGES: Final[dict[str, Any]] = {
     CLUSTER: cluster_pb2.Cluster,
@@ -131,3 +131,11 @@ def encode(type_url: str, resource: dict[str, Any]) -> Encoded:
         name = resource.get("name") or resource.get("cluster_name")
         raise SidemeshError(f"cannot encode {type_url} {name!r}: {exc}") from None
     return Encoded(message.SerializeToString(deterministic=True))
+
+
+def decode(type_url: str, enc: Encoded) -> dict[str, Any]:
+    """An encoded resource back to Envoy JSON (debug output, aliases)."""
+    msg = _MESSAGES[type_url]()
+    msg.ParseFromString(enc.body)
+    out: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    return out

@@ -1,0 +1,114 @@
+"""Learning what a scoped sidecar calls, without the user declaring it. Pure.
+
+A scoped sidecar knows only the Services of its own namespace and its declared dependencies.
+Every other Service's ClusterIP gets a *learn* chain on the outbound listener: it names the
+connection's original destination as a cluster (``learn|<ip>:<port>``, through the
+``envoy.tcp_proxy.cluster`` filter state) and its ``tcp_proxy`` asks the control plane for that
+cluster on demand (ODCDS, on the same ADS stream). The control plane resolves the address to
+the Service port, answers with an alias of the Service's own cluster (same endpoints by EDS,
+same per-endpoint mTLS) and adds the Service to the sidecar's scope, so the next push gives
+the sidecar that Service's real chain, cluster and routes. The first connection waits for one
+round trip to the control plane and is relayed at L4; the ones after it take the real chain.
+
+An address that is no Service port (any more) is answered as removed: Envoy closes that
+connection at once instead of waiting for the on-demand timeout.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+
+from webhook.dataplane import bootstrap as bs
+from webhook.discovery.model import Service
+
+__all__ = [
+    "LEARN_PREFIX",
+    "ON_DEMAND_TIMEOUT",
+    "alias_cluster",
+    "learn_chain",
+    "parse_learn_name",
+]
+
+LEARN_PREFIX: Final = "learn|"
+#: How long the first connection to an unseen Service waits for its cluster.
+ON_DEMAND_TIMEOUT: Final = "5s"
+_SET_FILTER_STATE: Final = (
+    "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config"
+)
+
+
+def parse_learn_name(name: str) -> tuple[str, int] | None:
+    """``learn|10.96.0.15:80`` → ``("10.96.0.15", 80)``; ``learn|[fd00::1]:80`` too."""
+    if not name.startswith(LEARN_PREFIX):
+        return None
+    host, sep, port = name[len(LEARN_PREFIX) :].rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        ip = ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return None
+    return str(ip), int(port)
+
+
+def learn_chain(services: Iterable[Service], port: int | None) -> dict[str, Any] | None:
+    """The chain for the ClusterIPs of ``services`` (those outside the sidecar's scope), for one
+    destination port or port-less; None when there are none."""
+    chosen = [s for s in services if port is None or any(p.port == port for p in s.ports)]
+    ips = sorted({ip for svc in chosen for ip in svc.cluster_ips}, key=_ip_order)
+    if not ips:
+        return None
+    match: dict[str, Any] = {
+        "prefix_ranges": [
+            {"address_prefix": ip, "prefix_len": ipaddress.ip_address(ip).max_prefixlen}
+            for ip in ips
+        ]
+    }
+    if port is not None:
+        match = {"destination_port": port, **match}
+    proxy = bs._tcp_proxy("outbound_learn", "passthrough")
+    proxy["typed_config"]["on_demand"] = {
+        "odcds_config": {"ads": {}, "resource_api_version": "V3"},
+        "timeout": ON_DEMAND_TIMEOUT,
+    }
+    return {
+        "name": "outbound-learn" if port is None else f"outbound-learn-{port}",
+        "filter_chain_match": match,
+        "filters": [
+            {
+                "name": "envoy.filters.network.set_filter_state",
+                "typed_config": {
+                    bs._TYPE: _SET_FILTER_STATE,
+                    "on_new_connection": [
+                        {
+                            "object_key": "envoy.tcp_proxy.cluster",
+                            "format_string": {
+                                "text_format_source": {
+                                    "inline_string": f"{LEARN_PREFIX}%DOWNSTREAM_LOCAL_ADDRESS%"
+                                }
+                            },
+                        }
+                    ],
+                },
+            },
+            proxy,
+        ],
+    }
+
+
+def alias_cluster(name: str, real: Mapping[str, Any]) -> dict[str, Any]:
+    """The Service's cluster under the on-demand name: the same EDS endpoints and sockets."""
+    alias = dict(real)
+    alias["name"] = name
+    alias["eds_cluster_config"] = {
+        **real["eds_cluster_config"],
+        "service_name": real["eds_cluster_config"].get("service_name", real["name"]),
+    }
+    return alias
+
+
+def _ip_order(ip: str) -> tuple[bool, Any]:
+    addr = ipaddress.ip_address(ip)
+    return (addr.version == 6, addr)
