@@ -42,6 +42,7 @@ PURE = (
     "policy.envoy",
     "policy.evaluate",
     "routing.xds",
+    "routing.status",
     "telemetry",
     "manifests",
     "config",

@@ -44,7 +44,13 @@ import jsonpatch
 import jwt
 
 from tests.support.jwks_issuer import Issuer
-from tests.support.standin_watch import Gone, ObjectLog, match_list_path, parse_query
+from tests.support.standin_watch import (
+    Gone,
+    ObjectLog,
+    match_list_path,
+    match_status_path,
+    parse_query,
+)
 from webhook.ca.authority import CertificateAuthority
 from webhook.kube.client import KubeClient
 
@@ -407,6 +413,10 @@ class _Handler(BaseHTTPRequestHandler):
         if SECRETS_PATH.match(self.path.split("?")[0]):
             self._patch_secret(body)
             return
+        status_of = match_status_path(self.path.split("?")[0])
+        if status_of is not None:
+            self._patch_status(status_of, body)
+            return
         name = self._mwc_name()
         if name is None:
             return
@@ -434,6 +444,17 @@ class _Handler(BaseHTTPRequestHandler):
         patched["metadata"]["resourceVersion"] = str(rv)
         self.owner.webhook_configs[name] = patched
         self._send(200, patched)
+
+    def _patch_status(self, target: Any, body: Any) -> None:
+        res, namespace, name = target
+        if self.headers.get("Content-Type", "") != "application/merge-patch+json":
+            ctype = self.headers.get("Content-Type", "")
+            self._send(415, _status(415, "UnsupportedMediaType", f"unsupported {ctype}"))
+            return
+        try:
+            self._send(200, self.owner.objects.patch_status(res.kind, namespace, name, body))
+        except KeyError:
+            self._send(404, _status(404, "NotFound", f'{res.plural} "{name}" not found'))
 
     def _patch_secret(self, body: Any) -> None:
         key = self._secret_key("patch")

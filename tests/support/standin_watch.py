@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
-__all__ = ["RESOURCES", "Gone", "ObjectLog", "Resource", "match_list_path"]
+__all__ = ["RESOURCES", "Gone", "ObjectLog", "Resource", "match_list_path", "match_status_path"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +81,33 @@ def match_list_path(path: str) -> tuple[Resource, str | None] | None:
     if not path.startswith(res.prefix() + "/") or (m.group(1) and not res.namespaced):
         return None
     return res, m.group(1)
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386: maps merge, null deletes, anything else (lists too) replaces."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = _merge_patch(out.get(key), value)
+    return out
+
+
+_STATUS_PATH = re.compile(
+    r"^/apis/(gateway\.networking\.k8s\.io/v1|sidemesh\.io/v1alpha1)/namespaces/([^/]+)/"
+    r"([a-z]+)/([^/]+)/status$"
+)
+
+
+def match_status_path(path: str) -> tuple[Resource, str, str] | None:
+    """The resource, namespace and name of a custom object's status subresource path."""
+    m = _STATUS_PATH.match(path)
+    if m is None or m.group(3) not in RESOURCES or RESOURCES[m.group(3)].api_version != m.group(1):
+        return None
+    return RESOURCES[m.group(3)], m.group(2), m.group(4)
 
 
 class Gone(Exception):
@@ -128,6 +155,20 @@ class ObjectLog:
             gone["metadata"]["resourceVersion"] = str(self._rv)
             self._history.append(_Event(self._rv, "DELETED", kind, gone))
             self._cond.notify_all()
+
+    def patch_status(self, kind: str, namespace: str, name: str, patch: Any) -> dict[str, Any]:
+        """A JSON merge patch of the object's ``status`` (the status subresource): a new
+        resourceVersion and a MODIFIED event, as the API server does. KeyError: no object."""
+        with self._cond:
+            current = copy.deepcopy(self._objects[(kind, namespace, name)])
+        status = patch.get("status") if isinstance(patch, dict) else None
+        current["status"] = _merge_patch(current.get("status") or {}, status or {})
+        return self._write("MODIFIED", current)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._cond:
+            obj = self._objects.get((kind, namespace, name))
+            return copy.deepcopy(obj) if obj is not None else None
 
     def send_raw(self, line: bytes) -> None:
         """The next open watch sends ``line`` as is (a broken proxy, a bad object)."""

@@ -342,6 +342,10 @@ class Discovery:
 
     # --- proxies ---------------------------------------------------------------------------
 
+    async def rebuilt(self) -> None:
+        """Return after the next full rebuild of the model (and the traffic rules)."""
+        await self._model_changed.wait()
+
     async def wait_for_pod(self, namespace: str, name: str, timeout: float) -> PodInfo | None:
         deadline = self._clock() + timeout
         while True:

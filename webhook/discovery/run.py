@@ -47,6 +47,8 @@ class RunSettings:
     """Read the cluster through the API server (in a pod its service account, else
     ``kubeconfig`` or kubectl's default) instead of ``mesh_dir``."""
     kubeconfig: str | None = None
+    #: With ``kubernetes``: write each traffic rule's status (Accepted, ResolvedRefs).
+    write_status: bool = True
 
 
 def xds_certificate(
@@ -80,8 +82,10 @@ async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> No
         loop.add_signal_handler(sig, stop.set)
     store = ObjectStore()
     source: FileSource | KubeSource
+    kube: KubeClient | None = None
     if s.kubernetes:
-        source = KubeSource(KubeClient.connect(kubeconfig=s.kubeconfig), store)
+        kube = KubeClient.connect(kubeconfig=s.kubeconfig)
+        source = KubeSource(kube, store)
         source.start()  # threads: watch from now on, so nothing is missed before xDS starts
         LOG.info("discovery: listing Namespaces, Services, EndpointSlices and Pods …")
         # Serve nothing before the whole cluster is known: a half-listed store would push
@@ -112,9 +116,16 @@ async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> No
         "the API server" if s.kubernetes else s.mesh_dir or "the embedded default",
         counts,
     )
+    status_task = None
+    if kube is not None and s.write_status:
+        from webhook.routing.statuswriter import StatusWriter
+
+        status_task = asyncio.create_task(StatusWriter(kube, discovery).run())
     try:
         await stop.wait()
     finally:
+        if status_task is not None:
+            status_task.cancel()
         source.stop()
         debug.stop()
         await server.stop(grace=2)

@@ -114,6 +114,8 @@ def slim(kind: str, obj: Mapping[str, Any], api_version: str = "") -> dict[str, 
         created = (obj.get("metadata") or {}).get("creationTimestamp")
         if created:  # rules of equal precedence: the older wins
             out["metadata"]["creationTimestamp"] = created
+        if isinstance(obj.get("status"), Mapping):  # what the status writer compares with
+            out["status"] = obj["status"]
     elif kind == "Pod":
         spec = obj.get("spec") or {}
         slim_spec = _pick(spec, _POD_SPEC)

@@ -106,6 +106,12 @@ class KubeClient:
 
         return client.AuthenticationV1Api(self.api_client)
 
+    @functools.cached_property
+    def _custom(self) -> Any:
+        from kubernetes import client
+
+        return client.CustomObjectsApi(self.api_client)
+
     # --- connecting ----------------------------------------------------------------------------
 
     @classmethod
@@ -241,6 +247,25 @@ class KubeClient:
             log.info("patched caBundle of %d webhook(s) in %s", changed, name)
             return changed
         raise KubeAPIError(409, f"{name} kept changing; caBundle not patched")  # pragma: no cover
+
+    # --- custom resources --------------------------------------------------------------------
+
+    def patch_status(
+        self, api_version: str, plural: str, namespace: str, name: str, status: dict[str, Any]
+    ) -> None:
+        """Set ``status`` of a namespaced custom object (a JSON merge patch of the ``status``
+        subresource: the spec, and a status field this does not name, stay as they are)."""
+        group, _, version = api_version.partition("/")
+        self._call(
+            self._custom.patch_namespaced_custom_object_status,
+            group,
+            version,
+            namespace,
+            plural,
+            name,
+            {"status": status},
+            _content_type="application/merge-patch+json",
+        )
 
     # --- Secrets ---------------------------------------------------------------------------------
 
