@@ -174,7 +174,9 @@ def test_every_inbound_chain_gets_the_filters_by_name() -> None:
     assert [f["name"] for f in tcp] == [*ECDS_NAMES["tcp"], "envoy.filters.network.tcp_proxy"]
     hcm = http[0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]] == [
-        *ECDS_NAMES["http"],
+        *ECDS_NAMES["http"],  # access policy first: a denied request spends no budget
+        "sidemesh.ratelimit.local",
+        "sidemesh.ratelimit.global",
         "envoy.filters.http.router",
     ]
     assert "local_reply_config" in hcm

@@ -89,6 +89,7 @@ def test_base_builds_the_whole_control_plane(base: list[Obj]) -> None:
             "MutatingWebhookConfiguration",
             "CustomResourceDefinition",  # TrafficPolicy
             "CustomResourceDefinition",  # AccessPolicy
+            "CustomResourceDefinition",  # RateLimitPolicy
         ]
     )
     # No private material in the tree: the Secrets come from `sidemesh install` only.

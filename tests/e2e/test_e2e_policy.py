@@ -1,8 +1,11 @@
-"""Access policy end to end: real Envoys programmed over ADS decide who may call whom.
+"""Access policy and rate limits end to end: real Envoys programmed over ADS decide who may
+call whom, and how often.
 
-    node 10.200.0.1 ── cp       sidemesh serve (webhook + CA) and sidemesh discovery (:15012)
+    node 10.200.0.1 ── cp       sidemesh serve (webhook + CA), sidemesh discovery (:15012),
+                     │          sidemesh ratelimit (:8081) and its redis-server (127.0.0.1)
                      ├─ client  meshed (sa client)      ├─ other  meshed (sa other)
-                     ├─ web-1/2/3 meshed, PERMISSIVE, app=web: HTTP on 8080, echo on 9000
+                     ├─ web-1/2/3 meshed, PERMISSIVE, app=web: HTTP on 8080, echo on 9000;
+                     │          the Service ``web`` (10.96.0.20:80) in front of them
                      └─ legacy  no sidecar: a plaintext caller
 
 Policies are files in the directory the control plane watches; each test writes its own and
@@ -36,6 +39,7 @@ from tests.support.meshlab import (
 from tests.support.netns import NetnsLab, Pod
 from tests.support.podrunner import PodRunner
 from tests.support.programs import PROGRAMS
+from tests.support.redis_server import redis_argv
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
 
@@ -63,10 +67,44 @@ def _manifest(name: str, sa: str, ports: list[int]) -> dict[str, Any]:
     }
 
 
-def policy(name: str, spec: dict[str, Any], namespace: str = "demo") -> dict[str, Any]:
+def _service(name: str, ip: str, port: int, target: int) -> Any:
+    spec_port = {"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": "demo"},
+        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [spec_port]},
+    }
+
+
+def _slice(service: str, port: int, pods: list[tuple[str, str]]) -> Any:
+    return {
+        "apiVersion": "discovery.k8s.io/v1",
+        "kind": "EndpointSlice",
+        "metadata": {
+            "name": f"{service}-1",
+            "namespace": "demo",
+            "labels": {"kubernetes.io/service-name": service},
+        },
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": [
+            {
+                "addresses": [ip],
+                "conditions": {"ready": True},
+                "targetRef": {"kind": "Pod", "namespace": "demo", "name": name},
+            }
+            for name, ip in pods
+        ],
+    }
+
+
+def policy(
+    name: str, spec: dict[str, Any], namespace: str = "demo", kind: str = "AccessPolicy"
+) -> dict[str, Any]:
     return {
         "apiVersion": "sidemesh.io/v1alpha1",
-        "kind": "AccessPolicy",
+        "kind": kind,
         "metadata": {"name": name, "namespace": namespace},
         "spec": spec,
     }
@@ -80,7 +118,11 @@ class Lab:
         self.lab = lab
         self.node = lab.node()
         self.cp = self.node.add_pod("cp")
-        self.pods: dict[str, Pod] = {n: self.node.add_pod(n) for n in (*MESHED, "legacy")}
+        # Callers need a default route to dial a ClusterIP (only their sidecar knows it).
+        self.pods: dict[str, Pod] = {
+            n: self.node.add_pod(n, default_route=n in ("client", "other"))
+            for n in (*MESHED, "legacy")
+        }
         self.mesh_dir = lab.tmpdir("mesh")
         self.runners: dict[str, PodRunner] = {}
 
@@ -91,6 +133,12 @@ class Lab:
         tmp = self.mesh_dir / f".{name}.tmp"
         tmp.write_text(json.dumps(obj))
         tmp.rename(self.mesh_dir / f"{name}.json")
+
+    def start_redis(self) -> None:
+        """redis-server in the cp namespace, on 127.0.0.1:6379 there (only the service uses it)."""
+        argv = redis_argv(6379, self.lab.tmpdir("redis", 0o777))
+        self.redis = self.cp.ns.spawn(argv, uid=APP_UID, gid=APP_UID)
+        self.cp.ns.wait_port(6379)
 
     def remove(self, *names: str) -> None:
         for name in names:
@@ -104,13 +152,17 @@ class Lab:
         return self.cp.ns.in_namespace(call)
 
     def enforced(self, pod: str) -> set[str]:
-        """The RBAC policy names in the filter configs the pod's sidecar was sent."""
+        """The policy names in the filter configs the pod's sidecar was sent (RBAC policies,
+        rate limits)."""
         config = self.debug(f"/debug/config?pod=demo/{pod}")
         out: set[str] = set()
         for ext in config.get("extensions", []):
             typed = ext["typed_config"]
             for key in ("rules", "shadow_rules"):
                 out.update((typed.get(key) or {}).get("policies", {}))
+            for limit in typed.get("rate_limits", []):
+                key = limit["actions"][0]["generic_key"]
+                out.add(f"{ext['name'].rsplit('.', 1)[-1]}:{key['descriptor_value']}")
         return out
 
     def converge(self, expected: dict[str, set[str]], timeout: float = 15) -> None:
@@ -119,6 +171,8 @@ class Lab:
         while True:
             got = {pod: self.enforced(pod) for pod in expected}
             proxies = self.debug("/debug/proxies")["proxies"]
+            nacks = [p["types"].get("extensions", {}).get("last_nack") for p in proxies]
+            assert not any(nacks), nacks
             if got == expected and all(p["synced"] for p in proxies):
                 return
             assert time.monotonic() < deadline, f"never converged: {got} != {expected}"
@@ -190,9 +244,18 @@ def _start(lab: NetnsLab) -> Lab:
         record["status"] = {"phase": "Running", "podIP": m.ip(name), "podIPs": [{"ip": m.ip(name)}]}
         m.write(f"pod-{name}", record)
     m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
+    webs = [(n, m.ip(n)) for n in ("web-1", "web-2", "web-3")]
+    m.write("svc-web", _service("web", WEB_VIP, 80, 8080))
+    m.write("slice-web", _slice("web", 8080, webs))
+    m.start_redis()
+    m.cp.ns.spawn(
+        [*SIDEMESH, "ratelimit", "--listen", "0.0.0.0:8081", "--redis", "redis://127.0.0.1:6379/0",
+         "--log-level", "warning"], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )  # fmt: skip
     m.cp.ns.spawn(
         [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
-         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning"],
+         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning",
+         "--ratelimit-address", f"{m.cp.ip}:8081"],
         env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )  # fmt: skip
     m.cp.ns.wait_port(15014)
@@ -343,3 +406,57 @@ def test_policy_changes_fail_no_request_of_an_unaffected_caller(clean: Lab) -> N
     assert summary["failures"] == [] and summary["ok"] > 50
     # One connection all along: a policy change drains nothing (the listener never changed).
     assert summary["connections"] == 1
+
+
+# --- rate limits -------------------------------------------------------------------------
+
+
+def limit_policy(name: str, limits: list[dict[str, Any]], **extra: Any) -> dict[str, Any]:
+    return policy(name, {"selector": WEB, "limits": limits, **extra}, kind="RateLimitPolicy")
+
+
+def _not_near_a_minute_edge() -> None:
+    """A fixed window is a calendar minute: start a counted burst well inside one."""
+    into = time.time() % 60
+    if into > 45:
+        time.sleep(60 - into + 0.5)
+
+
+def test_global_limit_is_shared_by_three_replicas_per_caller(clean: Lab) -> None:
+    m = clean
+    limit = {"requests": 5, "per": "minute", "perCaller": True}
+    m.write("policy-rl", limit_policy("five-a-minute", [limit]))
+    expected = {"global:demo/five-a-minute"}
+    m.converge({"web-1": expected, "web-2": expected, "web-3": expected})
+    _not_near_a_minute_edge()
+    # Through the Service: the client's sidecar balances request by request over web-1..3.
+    burst = m.call("client", "burst", WEB_VIP, "80", "9")
+    print("client:", burst)
+    assert burst["statuses"] == {"200": 5, "429": 4}
+    assert m.call("other", "burst", WEB_VIP, "80", "3")["statuses"] == {"200": 3}
+
+
+def test_local_limit_is_a_token_bucket_per_sidecar(clean: Lab) -> None:
+    m = clean
+    limit = {"requests": 3, "per": "minute", "scope": "Local", "match": {"paths": ["/burst"]}}
+    m.write("policy-rl", limit_policy("local-three", [limit]))
+    m.converge({"web-1": {"local:demo/local-three"}})
+    burst = m.call("client", "burst", m.ip("web-1"), "8080", "5")
+    assert burst["statuses"] == {"200": 3, "429": 2}
+    assert m.http("client", "/other")["status"] == 200  # a path the limit does not name
+
+
+@pytest.mark.parametrize(("mode", "status"), [("Deny", 503), ("Allow", 200)])
+def test_redis_down_fails_as_the_policy_says(clean: Lab, mode: str, status: int) -> None:
+    m = clean
+    limit = {"requests": 1000, "per": "minute"}
+    m.write("policy-rl", limit_policy(f"fail-{mode.lower()}", [limit], failureMode=mode))
+    m.converge({"web-1": {f"global:demo/fail-{mode.lower()}"}})
+    assert m.http("client")["status"] == 200
+    m.redis.stop()
+    try:
+        answer = m.http("client")
+        assert answer["status"] == status, answer
+    finally:
+        m.start_redis()
+    assert m.http("client")["status"] == 200

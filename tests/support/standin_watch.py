@@ -63,6 +63,7 @@ RESOURCES = {
         Resource("GRPCRoute", "gateway.networking.k8s.io/v1", "grpcroutes", True),
         Resource("TrafficPolicy", "sidemesh.io/v1alpha1", "trafficpolicies", True),
         Resource("AccessPolicy", "sidemesh.io/v1alpha1", "accesspolicies", True),
+        Resource("RateLimitPolicy", "sidemesh.io/v1alpha1", "ratelimitpolicies", True),
     )
 }
 _BY_KIND = {r.kind: r for r in RESOURCES.values()}

@@ -42,6 +42,12 @@ def register(subparsers: Any) -> None:
         help="each sidecar sees its namespace, its sidemesh.io/dependencies and what it "
         "was seen calling, instead of every Service",
     )
+    p.add_argument(
+        "--ratelimit-address",
+        default="",
+        help="HOST:PORT of the rate-limit service (sidemesh ratelimit) the sidecars ask about "
+        "Global limits; default: none (Global limits are reported, not enforced)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=_discovery)
 
@@ -96,6 +102,7 @@ def _discovery(args: argparse.Namespace) -> int:
             ports=cfg.ports,
             scoped=args.scoped,
             telemetry=cfg.telemetry,
+            ratelimit_address=args.ratelimit_address,
         ),
     )
     asyncio.run(run_discovery(settings))

@@ -31,6 +31,7 @@ COMMAND_MODULES = (
     "webhook.cli.cni",  # cni install | uninstall | validate | plugin | build-plugin
     "webhook.cli.discovery",  # discovery, proxy-status, proxy-config
     "webhook.cli.authz",  # authz-check
+    "webhook.cli.ratelimit",  # ratelimit
 )
 
 

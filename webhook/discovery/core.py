@@ -42,6 +42,8 @@ from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
 from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.policy.model import KIND as ACCESS_POLICY
 from webhook.policy.state import AuthzState
+from webhook.ratelimit.compiler import service_cluster
+from webhook.ratelimit.model import KIND as RATE_LIMIT_POLICY
 from webhook.routing import xds as routing
 from webhook.routing.table import EMPTY, RoutingTable, build_table
 
@@ -71,6 +73,9 @@ class DiscoverySettings:
     work_dir: str = names.WORK_DIR
     #: Metrics, access logs and traces compiled into every sidecar.
     telemetry: TelemetryConfig = DEFAULTS.telemetry
+    #: The rate-limit service (``host:port``, gRPC) every sidecar asks about Global limits;
+    #: empty: none (Global limits are reported, not enforced).
+    ratelimit_address: str = ""
 
 
 @dataclass
@@ -110,7 +115,9 @@ class Discovery:
         self._logged_problems: frozenset[str] = frozenset()
         self.tables = {t: ResourceTable(t) for t in _SHARED}
         self.proxies: dict[int, ProxyConn] = {}
-        self.authz = AuthzState(settings.trust_domain)
+        self.authz = AuthzState(
+            settings.trust_domain, ratelimit_service=bool(settings.ratelimit_address)
+        )
         self.generation = 0
         self._parse_cache = ParseCache()
         self._pending: set[Key] = set()
@@ -228,7 +235,7 @@ class Discovery:
             default_inbound_mtls=self.settings.default_inbound_mtls,
             cache=self._parse_cache,
         )
-        self.authz.update(objects.get(ACCESS_POLICY, ()))
+        self.authz.update(objects.get(ACCESS_POLICY, ()), objects.get(RATE_LIMIT_POLICY, ()))
         self.routing = build_table(objects, self.model, self._parse_cache)
         self._log_problems()
         self.generation += 1
@@ -456,7 +463,11 @@ class Discovery:
         key = ("local", ipv6)
         clusters = self._listener_cache.get(key)
         if clusters is None:
-            clusters = {n: encode(cc.CLUSTER, c) for n, c in cc.local_clusters(opts).items()}
+            built = cc.local_clusters(opts)
+            if self.settings.ratelimit_address:
+                rls = service_cluster(self.settings.ratelimit_address)
+                built[rls["name"]] = rls
+            clusters = {n: encode(cc.CLUSTER, c) for n, c in built.items()}
             self._listener_cache[key] = clusters
         server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
         own = pod.namespace if self.settings.scoped else ""

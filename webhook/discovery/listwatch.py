@@ -90,6 +90,7 @@ KINDS: tuple[KindSpec, ...] = (
             ("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
             ("TrafficPolicy", "sidemesh.io", "v1alpha1", "trafficpolicies"),
             ("AccessPolicy", "sidemesh.io", "v1alpha1", "accesspolicies"),
+            ("RateLimitPolicy", "sidemesh.io", "v1alpha1", "ratelimitpolicies"),
         )
     ),
 )

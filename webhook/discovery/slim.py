@@ -34,7 +34,9 @@ from webhook import names
 __all__ = ["KEEP_SPEC", "slim"]
 
 #: Rule kinds: kept whole (spec and creationTimestamp); they are small and all of them is read.
-KEEP_SPEC = frozenset({"HTTPRoute", "GRPCRoute", "TrafficPolicy", "AccessPolicy"})
+KEEP_SPEC = frozenset(
+    {"HTTPRoute", "GRPCRoute", "TrafficPolicy", "AccessPolicy", "RateLimitPolicy"}
+)
 
 _META = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")
 _SERVICE_SPEC = (

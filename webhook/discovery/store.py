@@ -28,6 +28,7 @@ KINDS = (
     "GRPCRoute",
     "TrafficPolicy",
     "AccessPolicy",
+    "RateLimitPolicy",
 )
 
 Obj = Mapping[str, Any]

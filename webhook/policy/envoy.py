@@ -18,6 +18,7 @@ import copy
 from typing import Any, Final
 
 from webhook.policy.compiler import ECDS_NAMES, HTTP_RBAC, TCP_RBAC
+from webhook.ratelimit.compiler import SLOTS
 
 __all__ = ["DENIED_BODY", "EXTENSION_CONFIG", "with_authz"]
 
@@ -28,10 +29,10 @@ _TCP_PROXY: Final = "envoy.filters.network.tcp_proxy"
 _ADS: Final = {"ads": {}, "resource_api_version": "V3"}
 
 
-def _ref(name: str, type_url: str) -> dict[str, Any]:
+def _ref(name: str, *type_urls: str) -> dict[str, Any]:
     return {
         "name": name,
-        "config_discovery": {"config_source": _ADS, "type_urls": [type_url]},
+        "config_discovery": {"config_source": _ADS, "type_urls": list(type_urls)},
     }
 
 
@@ -61,7 +62,9 @@ def with_authz(listener: dict[str, Any]) -> dict[str, Any]:
         for index, f in enumerate(filters):
             if f.get("name") == _HCM:
                 hcm = f["typed_config"]
+                # Access policy first: a denied request spends no rate-limit budget.
                 refs = [_ref(n, HTTP_RBAC) for n in ECDS_NAMES["http"]]
+                refs += [_ref(n, *types) for n, types in SLOTS.items()]
                 hcm["http_filters"] = refs + hcm.get("http_filters", [])
                 hcm["local_reply_config"] = _denied_reply()
                 break
