@@ -4,12 +4,19 @@ uses. The real Envoy accepts all of it: the discovery goldens carry it and are v
 
 from __future__ import annotations
 
+import copy
+import json
 import math
+import subprocess
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.conftest import envoy_binary
+from tests.support.xds import make_ca, workload_cert
 from webhook.config import load_config
+from webhook.dataplane.bootstrap import render_sds
 from webhook.discovery.compiler import proxy_options, proxy_resources
 from webhook.discovery.filesource import FileSource
 from webhook.discovery.model import MeshModel, build_model
@@ -166,3 +173,78 @@ def test_prometheus_text_with_escapes_and_infinities() -> None:
     assert math.isinf(next(promtext.parse("x +Inf\n")).value)
     with pytest.raises(ValueError, match="line 2"):
         list(promtext.parse("ok 1\nbroken{a=1} 2\n"))
+
+
+def test_tracing_is_off_by_default_and_on_with_a_collector() -> None:
+    model = _demo()
+    pod = model.pods[("demo", "frontend-1")]
+    opts = proxy_options(pod, trust_domain="cluster.local", plaintext_ports=(53,))
+    off = proxy_resources(model, opts, pod, model.services.values())
+    assert "sidemesh_otlp" not in off.clusters
+    assert all("tracing" not in c["filters"][-1]["typed_config"] for c in _chains(off.listeners))
+    cfg = load_config({"telemetry": {"tracing_collector": "otel.obs:4317"}}).telemetry
+    on = proxy_resources(model, opts, pod, model.services.values(), cfg)
+    collector = on.clusters["sidemesh_otlp"]["load_assignment"]["endpoints"][0]["lb_endpoints"][0]
+    assert collector["endpoint"]["address"]["socket_address"] == {
+        "address": "otel.obs",
+        "port_value": 4317,
+    }
+    hcms = [
+        c["filters"][-1]["typed_config"]
+        for c in _chains(on.listeners)
+        if c["filters"][-1]["name"].endswith("http_connection_manager")
+    ]
+    assert hcms and all(h["tracing"]["random_sampling"] == {"value": 1.0} for h in hcms)
+    provider = hcms[0]["tracing"]["provider"]["typed_config"]
+    assert provider["service_name"] == "frontend.demo"
+    assert on.listeners["outbound"]["traffic_direction"] == "OUTBOUND"
+
+
+def _chains(listeners: dict[str, Any]) -> list[dict[str, Any]]:
+    return [c for name in ("inbound", "outbound") for c in listeners[name]["filter_chains"]]
+
+
+@pytest.mark.envoy
+def test_real_envoy_accepts_tracing_and_every_logger(tmp_path: Path) -> None:
+    model = _demo()
+    pod = model.pods[("demo", "frontend-1")]
+    ca = make_ca(tmp_path / "ca")
+    certs = workload_cert(ca, "spiffe://cluster.local/ns/demo/sa/x", tmp_path / "certs")
+    work = tmp_path / "work"
+    (work / "sds").mkdir(parents=True)
+    opts = proxy_options(
+        pod, trust_domain="cluster.local", plaintext_ports=(53,),
+        cert_dir=str(certs), work_dir=str(work),
+    )  # fmt: skip
+    for name, content in render_sds(opts).items():
+        (work / "sds" / name).write_text(json.dumps(content))
+    cfg = load_config(
+        {"telemetry": {"tracing_collector": "127.0.0.1:4317", "access_log": "errors"}}
+    ).telemetry
+    res = proxy_resources(model, opts, pod, model.services.values(), cfg)
+    clusters = []
+    for cluster in res.clusters.values():
+        c = copy.deepcopy(cluster)
+        if c.get("type") == "EDS":
+            c["type"] = "STATIC"
+            c.pop("eds_cluster_config")
+            c["load_assignment"] = res.endpoints[c["name"]]
+        clusters.append(c)
+    listeners = copy.deepcopy(list(res.listeners.values()))
+    for listener in listeners:  # RDS inlined: the route configs the control plane sends
+        for chain in listener["filter_chains"]:
+            hcm = chain["filters"][-1]["typed_config"]
+            if "rds" in hcm:
+                hcm["route_config"] = res.routes[hcm.pop("rds")["route_config_name"]]
+    boot = {
+        "node": {"id": "sidecar~p.demo", "cluster": "x.demo"},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+        "static_resources": {"clusters": clusters, "listeners": listeners},
+    }
+    path = tmp_path / "envoy.json"
+    path.write_text(json.dumps(boot))
+    out = subprocess.run(
+        [envoy_binary(), "--mode", "validate", "-c", str(path), "--disable-hot-restart"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stdout + out.stderr

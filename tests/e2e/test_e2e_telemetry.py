@@ -16,9 +16,11 @@ from __future__ import annotations
 import copy
 import json
 import subprocess
+import sys
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,6 +45,11 @@ from webhook.telemetry.promtext import Sample
 pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
 
 WEB, DB = "10.96.0.10", "10.96.0.13"
+OTLP_PORT = 4317
+REPO = Path(__file__).resolve().parents[2]
+RECEIVER = REPO / "tests" / "support" / "otlp_receiver.py"
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+SERVER, CLIENT = 2, 3  # OTLP span kinds
 TD = "spiffe://cluster.local/ns/demo/sa"
 REQUESTS = "envoy_sidemesh_requests_total"
 DURATION = "envoy_sidemesh_request_duration_milliseconds_count"
@@ -118,6 +125,16 @@ class Lab:
         }
         self.mesh_dir = lab.tmpdir("mesh")
         self.runners: dict[str, PodRunner] = {}
+        self.spans = self.mesh_dir / "spans.jsonl"
+
+    def traces(self) -> dict[str, list[dict[str, Any]]]:
+        """The spans the test collector received, by trace id."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        text = self.spans.read_text() if self.spans.exists() else ""
+        for line in text.splitlines():
+            span = json.loads(line)
+            out.setdefault(span["trace_id"], []).append(span)
+        return out
 
     def pod(self, workload: str) -> Pod:
         return next(p for n, p in self.pods.items() if n.startswith(workload))
@@ -156,7 +173,10 @@ def _start(lab: NetnsLab) -> Lab:
         "ca_address": f"https://{m.cp.ip}:8443",
         "discovery_address": f"{m.cp.ip}:15012",
         "mesh_cidrs": [str(m.node.subnet)],
+        "telemetry": {"tracing_collector": f"{m.cp.ip}:{OTLP_PORT}", "tracing_sampling": 100},
     }))  # fmt: skip
+    m.spans = lab.tmpdir("otlp") / "spans.jsonl"
+    m.cp.ns.spawn([sys.executable, str(RECEIVER), str(OTLP_PORT), str(m.spans)]).expect("listening")
     env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDEMESH_JWKS_FILE": str(jwks),
            "SIDEMESH_JWKS_ISSUER": issuer.issuer_url}  # fmt: skip
     m.cp.ns.spawn(
@@ -317,3 +337,30 @@ def test_access_log_lines_carry_both_identities(mesh: Lab) -> None:
     assert line["destination_principal"] == f"{TD}/web"
     assert line["response_code"] == 500
     assert line["filter_chain"] == "inbound-mtls-http"
+
+
+def test_both_sidecars_export_spans_of_one_trace(mesh: Lab) -> None:
+    client = mesh.pod("client").ns
+    # The app forwards a sampled W3C trace context it was given; the sidecars join it.
+    header = f"traceparent: 00-{TRACE_ID}-00f067aa0ba902b7-01"
+    assert app(client, "hits", WEB, "80", "/traced", "1", header)["codes"] == {"200": 1}
+    _eventually(lambda: len(mesh.traces().get(TRACE_ID, [])) >= 2, "two spans")
+    spans = mesh.traces()[TRACE_ID]
+    for span in spans:
+        print(span)
+    by_service = {s["service"]: s for s in spans}
+    assert set(by_service) == {"client.demo", "web.demo"}
+    out, into = by_service["client.demo"], by_service["web.demo"]
+    assert out["parent_span_id"] == "00f067aa0ba902b7"  # the app's span
+    assert into["parent_span_id"] == out["span_id"]  # the server side joined the client's
+    assert (out["kind"], into["kind"]) == (CLIENT, SERVER)
+    # Without a header the client's sidecar starts a trace (sampling 100 % here) that the
+    # server's sidecar joins: the other traces the collector got have both services too.
+    started = [
+        t
+        for t in mesh.traces().values()
+        if not any(s["parent_span_id"] == "00f067aa0ba902b7" for s in t)
+    ]
+    assert started and all(
+        {s["service"] for s in t} == {"client.demo", "web.demo"} for t in started
+    )

@@ -47,6 +47,7 @@ from webhook.policy.envoy import with_authz
 from webhook.routing.envoy import FAULT_FILTER
 from webhook.telemetry import instrument as tm
 from webhook.telemetry.settings import ProxyFacts
+from webhook.telemetry.tracing import collector_cluster
 from webhook.telemetry.workload import workload_name
 
 __all__ = [
@@ -183,8 +184,11 @@ def build_endpoints(name: str, endpoints: Iterable[Endpoint]) -> dict[str, Any]:
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []}
 
 
-def local_clusters(opts: bs.BootstrapOptions) -> dict[str, dict[str, Any]]:
-    """The clusters every sidecar has: passthrough, the two mesh clusters, the app hop."""
+def local_clusters(
+    opts: bs.BootstrapOptions, telemetry: TelemetryConfig = DEFAULTS.telemetry
+) -> dict[str, dict[str, Any]]:
+    """The clusters every sidecar has: passthrough, the two mesh clusters, the app hop (and
+    the trace collector when tracing is on)."""
     out = [
         bs._mesh_cluster("outbound_mesh_http", opts, bs.ALPN_HTTP),
         bs._mesh_cluster("outbound_mesh_h2", opts, bs.ALPN_H2),
@@ -192,6 +196,9 @@ def local_clusters(opts: bs.BootstrapOptions) -> dict[str, dict[str, Any]]:
         bs._original_dst_cluster("passthrough"),
         bs._inbound_app_cluster(opts),
     ]
+    collector = collector_cluster(telemetry)
+    if collector is not None:
+        out.append(collector)
     return {c["name"]: c for c in out}
 
 
@@ -439,7 +446,7 @@ def proxy_resources(
 ) -> ProxyResources:
     """Everything one sidecar gets (the un-cached path: tests, goldens, proxy-config)."""
     services = list(services)
-    clusters = local_clusters(opts)
+    clusters = local_clusters(opts, telemetry)
     endpoints: dict[str, dict[str, Any]] = {}
     routes: dict[str, dict[str, Any]] = {}
     for svc in services:

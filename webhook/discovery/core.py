@@ -463,7 +463,7 @@ class Discovery:
         key = ("local", ipv6)
         clusters = self._listener_cache.get(key)
         if clusters is None:
-            built = cc.local_clusters(opts)
+            built = cc.local_clusters(opts, self.settings.telemetry)
             if self.settings.ratelimit_address:
                 rls = service_cluster(self.settings.ratelimit_address)
                 built[rls["name"]] = rls

@@ -80,7 +80,7 @@ def json_logger(
         fields.update(_HTTP)
     config: dict[str, Any] = {
         _TYPE: _T_STDOUT,
-        "log_format": {"json_format": fields, "json_format_options": {"sort_properties": True}},
+        "log_format": {"json_format": fields},
     }
     logger: dict[str, Any] = {"name": "envoy.access_loggers.stdout", "typed_config": config}
     sampled = _sampling_filter(protocol, policy.percent)

@@ -35,6 +35,7 @@ from webhook.config import TelemetryConfig
 from webhook.telemetry.accesslog import json_logger
 from webhook.telemetry.metrics import stats_logger
 from webhook.telemetry.settings import ProxyFacts
+from webhook.telemetry.tracing import http_tracing
 from webhook.telemetry.workload import UNKNOWN
 
 __all__ = ["ENDPOINT_METADATA", "endpoint_metadata", "instrument_listeners"]
@@ -85,10 +86,11 @@ def instrument_listeners(
 ) -> None:
     """Add the loggers to every counted chain of ``listeners`` (modified in place: they are
     the compiler's fresh dicts)."""
-    metrics = telemetry.metrics
     for name, listener in listeners.items():
         if name not in ("inbound", "outbound"):
             continue
+        # Spans of the outbound side are the client's (kind CLIENT, "egress").
+        listener["traffic_direction"] = name.upper()
         for chain in listener.get("filter_chains", ()):
             if str(chain.get("name", "")).startswith(_SKIPPED_PREFIXES):
                 continue
@@ -97,11 +99,14 @@ def instrument_listeners(
                 continue
             if sni is not None:
                 _send_sni(chain["filters"], sni)
-            _add_loggers(chain["filters"], labels, facts, metrics)
+            _add_loggers(chain["filters"], labels, facts, telemetry)
 
 
 def _add_loggers(
-    filters: Iterable[dict[str, Any]], labels: dict[str, str], facts: ProxyFacts, metrics: bool
+    filters: Iterable[dict[str, Any]],
+    labels: dict[str, str],
+    facts: ProxyFacts,
+    telemetry: TelemetryConfig,
 ) -> None:
     for f in filters:
         if f.get("name") == _TCP_PROXY:
@@ -110,7 +115,11 @@ def _add_loggers(
             protocol = "http"
         else:
             continue
-        loggers = [stats_logger(protocol, labels)] if metrics else []
+        if protocol == "http":
+            service = f"{facts.workload}.{facts.namespace}"
+            inbound = labels["reporter"] == "destination"
+            http_tracing(telemetry, service, f["typed_config"], inbound=inbound)
+        loggers = [stats_logger(protocol, labels)] if telemetry.metrics else []
         logged = json_logger(protocol, labels, facts.access_log)
         if logged is not None:
             loggers.append(logged)
