@@ -34,9 +34,11 @@ certs: install
 	$(SIDEMESH) ca init --dir $(CERTS) --if-missing
 	$(SIDEMESH) ca serving-cert --dir $(CERTS)
 
-## test: lint, then every test (root/netns/Envoy tests run when possible; required when CI=true)
+## test: lint, then every test (root/netns/Envoy tests run when possible; required when CI=true),
+## TEST_JOBS test files at a time (each lab has its own uniquely named namespaces)
+TEST_JOBS ?= 3
 test: install lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_JOBS) --dist loadfile tests
 
 unit: install
 	$(PY) -m pytest -q tests -m "not e2e and not root"
