@@ -103,3 +103,17 @@ def test_unknown_pod_is_an_error_naming_it(mesh: Path, capsys: pytest.CaptureFix
                  "--port", "1"])  # fmt: skip
     assert code == 1
     assert "no pod 'shop/nope'" in capsys.readouterr().err
+
+
+def test_check_explains_policies_and_names_what_does_not_resolve(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = Path(__file__).parent / "testdata" / "policy-check.yaml"
+    code = main(["check", "-f", str(path)])
+    out = capsys.readouterr().out
+    assert code == 1  # the broken policy
+    assert "ALLOW in namespace shop, labels {'app': 'cart'}: selects shop/cart-1" in out
+    assert "on TCP connections this rule admits nothing" in out
+    assert "warning: spec.rules[0].from[0].serviceAccount: no pod runs as shop/frontend" in out
+    assert "error: spec.rules[0].to.methods: not enforced:" in out
+    assert "shop/cart-limit#1: 100/minute per caller (shared by every replica)" in out

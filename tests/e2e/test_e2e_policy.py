@@ -315,6 +315,9 @@ def test_allow_admits_exactly_the_listed_identity(clean: Lab) -> None:
     assert m.http("legacy")["status"] == 403  # plaintext: no identity at all
     assert m.tcp("client") and not m.tcp("other")  # network RBAC on the TCP chain
     assert not m.tcp("legacy")
+    report = m.debug("/debug/policies")["access"]
+    assert report == [{"policy": "demo/allow-client", "action": "ALLOW", "unresolved": [],
+                       "selects": ["demo/web-1", "demo/web-2", "demo/web-3"]}]  # fmt: skip
     # The offline evaluator of what the sidecar was sent agrees with the sidecar.
     assert m.predicted("client").startswith("ALLOW  allowed by ALLOW policy demo/allow-client")
     assert m.predicted("other").startswith("DENY")

@@ -27,6 +27,8 @@ EXPLAINERS: dict[str, str] = {
     "HTTPRoute": "webhook.routing.checks:explain",
     "GRPCRoute": "webhook.routing.checks:explain",
     "TrafficPolicy": "webhook.routing.checks:explain",
+    "AccessPolicy": "webhook.policy.explain:explain",
+    "RateLimitPolicy": "webhook.policy.explain:explain",
 }
 
 

@@ -236,6 +236,7 @@ class Discovery:
             cache=self._parse_cache,
         )
         self.authz.update(objects.get(ACCESS_POLICY, ()), objects.get(RATE_LIMIT_POLICY, ()))
+        self.authz.check_references(self.model)
         self.routing = build_table(objects, self.model, self._parse_cache)
         self._log_problems()
         self.generation += 1

@@ -2,6 +2,8 @@
 
 ``GET /debug/proxies``          every connected proxy: identity, what it ACKed, NACKs
 ``GET /debug/config?pod=NS/NAME``  that proxy's resources as sent (Envoy JSON), by type
+``GET /debug/policies``         access and rate-limit policies: what each selects, references
+                                that resolve to nothing, and the ones not enforced (why)
 ``GET /debug/rules``            traffic rules: each Service port's routes (by rule) and problems
 ``GET /metrics``                Prometheus
 ``GET /healthz``                200 once the first model is built
@@ -159,6 +161,9 @@ def _handler_for(server: DebugServer) -> type[BaseHTTPRequestHandler]:
                 self._send(200, _json({"time": time.time(), "proxies": data}))
             elif url.path == "/debug/rules":
                 self._send(200, _json(server.on_loop(rules_of, server.d)))
+            elif url.path == "/debug/policies":
+                report = server.on_loop(lambda d: d.authz.report(d.model), server.d)
+                self._send(200, _json(report))
             elif url.path == "/debug/config":
                 pod = (parse_qs(url.query).get("pod") or [""])[0]
                 data = server.on_loop(config_of, server.d, pod)

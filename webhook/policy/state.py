@@ -14,11 +14,12 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from webhook.discovery.model import PodInfo
+from webhook.discovery.model import MeshModel, PodInfo
 from webhook.discovery.resources import Encoded, encode
 from webhook.policy.compiler import WorkloadAuthz, compile_workload, policies_for
 from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.policy.model import ROOT_NAMESPACE, AccessPolicy, parse_policies
+from webhook.policy.report import summary, unresolved
 from webhook.ratelimit.compiler import compile_limits, limits_for
 from webhook.ratelimit.model import RateLimitPolicy, parse_limit_policies
 
@@ -44,6 +45,7 @@ class AuthzState:
         #: Policies that did not parse: ``ns/name`` → why (shown by /debug and logged).
         self.errors: dict[str, str] = {}
         self._cache: dict[Any, tuple[WorkloadAuthz, dict[str, Encoded]]] = {}
+        self._unresolved: set[str] = set()
 
     def update(
         self,
@@ -72,6 +74,22 @@ class AuthzState:
         self.policies, self.limits = policies, limits
         self._cache.clear()
         return True
+
+    def check_references(self, model: MeshModel) -> None:
+        """Log each policy reference that resolves to nothing, once (until it changes)."""
+        every: list[AccessPolicy | RateLimitPolicy] = [*self.policies, *self.limits]
+        found = {
+            f"{type(p).__name__} {p.id}: {field}: {message}"
+            for p in every
+            for field, message in unresolved(p, model, self.root_namespace)
+        }
+        for line in sorted(found - self._unresolved):
+            LOG.warning("%s", line)
+        self._unresolved = found
+
+    def report(self, model: MeshModel) -> dict[str, Any]:
+        """The ``/debug/policies`` page."""
+        return summary(self.policies, self.limits, self.errors, model, self.root_namespace)
 
     def workload(self, pod: PodInfo) -> WorkloadAuthz:
         return self._compiled(pod)[0]
