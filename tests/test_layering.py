@@ -41,6 +41,7 @@ PURE = (
     "policy.compiler",
     "policy.envoy",
     "policy.evaluate",
+    "policy.report",
     "routing.xds",
     "routing.status",
     "telemetry",
