@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,14 @@ from webhook.discovery.model import MeshModel, build_model
 from webhook.discovery.store import KINDS, ObjectStore
 from webhook.errors import ConfigError
 from webhook.telemetry import promtext
-from webhook.telemetry.metrics import HTTP_LABELS, TCP_LABELS, stats_logger
+from webhook.telemetry.metrics import HTTP_LABELS, PROMETHEUS_NAMES, TCP_LABELS, stats_logger
+from webhook.telemetry.promtext import Sample
 from webhook.telemetry.settings import AccessLogPolicy, ProxyFacts, parse_access_log
+from webhook.telemetry.top import quantile, render, rows
 from webhook.telemetry.workload import workload_name
 
 PEER = "sidemesh.io/peer"
+DURATION_NAME = "envoy_sidemesh_request_duration_milliseconds"
 
 
 def _demo() -> MeshModel:
@@ -248,3 +252,54 @@ def test_real_envoy_accepts_tracing_and_every_logger(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_quantiles_like_prometheus_histogram_quantile() -> None:
+    buckets = {1.0: 10.0, 5.0: 90.0, 10.0: 100.0, math.inf: 100.0}
+    assert quantile(0.5, buckets) == pytest.approx(1 + 4 * (50 - 10) / 80)
+    assert quantile(0.99, buckets) == pytest.approx(5 + 5 * (99 - 90) / 10)
+    assert quantile(0.5, {1.0: 0.0, math.inf: 0.0}) is None
+    assert quantile(0.99, {1.0: 1.0, math.inf: 10.0}) == 1.0  # only "above 1 ms" is known
+
+
+def test_top_rows_count_what_each_workload_answered_between_two_scrapes() -> None:
+    def scrape(ok: float, failed: float, fast: float) -> list[Sample]:
+        labels = {"reporter": "destination", "destination_namespace": "demo",
+                  "destination_workload": "web"}  # fmt: skip
+        return [
+            Sample("envoy_sidemesh_requests_total", {**labels, "response_code": "200"}, ok),
+            Sample("envoy_sidemesh_requests_total", {**labels, "response_code": "503"}, failed),
+            Sample(
+                "envoy_sidemesh_requests_total",
+                {"reporter": "source", "destination_workload": "web", "response_code": "200"},
+                1000,
+            ),
+            Sample(f"{DURATION_NAME}_bucket", {**labels, "le": "1"}, fast),
+            Sample(f"{DURATION_NAME}_bucket", {**labels, "le": "+Inf"}, ok + failed),
+        ]
+
+    (row,) = rows([scrape(110, 10, 60)], [scrape(20, 0, 10)], seconds=10)
+    assert (row.requests, row.rps) == (100, 10)
+    assert row.success == pytest.approx(0.9)
+    assert row.p50 == 1.0
+    text = render([row])
+    assert text.splitlines()[1].split()[:4] == ["demo", "web", "90.00%", "10.0"]
+
+
+def test_dashboard_uses_only_metrics_and_labels_the_compiler_defines() -> None:
+    path = Path(__file__).resolve().parent.parent / "manifests" / "dashboards" / "sidemesh.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    known = set(PROMETHEUS_NAMES.values())
+    known |= {
+        f"{PROMETHEUS_NAMES['request_duration_milliseconds']}_{s}"
+        for s in ("bucket", "sum", "count")
+    }
+    labels = set(HTTP_LABELS) | {"le"}
+    for expr in exprs:
+        for name in re.findall(r"envoy_sidemesh_[a-z_]+", expr):
+            assert name in known, (name, expr)
+        for group in re.findall(r"by \(([^)]*)\)", expr):
+            assert {x.strip() for x in group.split(",")} <= labels, expr
+        for label in re.findall(r"([a-z_]+)\s*(?:=~|!~|!=|=)\s*\"", expr):
+            assert label in labels, (label, expr)

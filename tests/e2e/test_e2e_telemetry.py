@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import subprocess
 import sys
 import time
@@ -54,7 +55,7 @@ TD = "spiffe://cluster.local/ns/demo/sa"
 REQUESTS = "envoy_sidemesh_requests_total"
 DURATION = "envoy_sidemesh_request_duration_milliseconds_count"
 TCP_CLOSED = "envoy_sidemesh_tcp_connections_closed_total"
-OK, FAILED = 14, 6
+OK, FAILED, CONNECTIONS = 14, 6, 3
 
 #: pod name → (service account, ports, annotations, pod-template-hash)
 PODS = {
@@ -234,6 +235,8 @@ def mesh() -> Iterator[Lab]:
         failed = app(client, "hits", WEB, "80", "/fail", str(FAILED))
         assert ok == {"codes": {"200": OK}, "errors": []}, ok
         assert failed == {"codes": {"500": FAILED}, "errors": []}, failed
+        for _ in range(CONNECTIONS):
+            assert app(client, "banner", DB, "3306")["ok"]
         yield m
 
 
@@ -296,16 +299,13 @@ def test_client_sidecar_reports_the_same_calls_as_their_source(mesh: Lab) -> Non
 
 
 def test_tcp_service_shows_connections_and_bytes(mesh: Lab) -> None:
-    client = mesh.pod("client").ns
-    for _ in range(3):
-        assert app(client, "banner", DB, "3306")["ok"]
     greeting = len(b"220 db-0 ready\r\n")
 
     def db_counted() -> list[Sample]:
         got = promtext.select(mesh.scrape("db"), TCP_CLOSED, reporter="destination")
-        return got if _total(got) == 3 else []
+        return got if _total(got) == CONNECTIONS else []
 
-    (closed,) = _eventually(db_counted, "3 closed connections at db")
+    (closed,) = _eventually(db_counted, "every closed connection at db")
     print(dict(closed.labels))
     # Verified by the certificate; the workload claim is not read on a server-first port.
     assert closed.labels["source_principal"] == f"{TD}/client"
@@ -314,10 +314,10 @@ def test_tcp_service_shows_connections_and_bytes(mesh: Lab) -> None:
     assert closed.labels["source_workload"] == "unknown"
     sent = promtext.select(mesh.scrape("db"), "envoy_sidemesh_tcp_sent_bytes_total",
                            reporter="destination")  # fmt: skip
-    assert _total(sent) == 3 * greeting
+    assert _total(sent) == CONNECTIONS * greeting
     out = promtext.select(mesh.scrape("client"), TCP_CLOSED, reporter="source",
                           destination_service="db.demo.svc.cluster.local")  # fmt: skip
-    assert _total(out) == 3 and out[0].labels["destination_workload"] == "db"
+    assert _total(out) == CONNECTIONS and out[0].labels["destination_workload"] == "db"
 
 
 def test_access_log_lines_carry_both_identities(mesh: Lab) -> None:
@@ -364,3 +364,35 @@ def test_both_sidecars_export_spans_of_one_trace(mesh: Lab) -> None:
     assert started and all(
         {s["service"] for s in t} == {"client.demo", "web.demo"} for t in started
     )
+
+
+def test_sidemesh_top_shows_success_rate_and_latency_of_web(mesh: Lab) -> None:
+    served = promtext.select(mesh.scrape("web"), REQUESTS, reporter="destination")
+    total = _total(served)
+    failed = _total([s for s in served if s.labels["response_code"] == "500"])
+    assert failed == FAILED and total >= OK + FAILED
+
+    def histogram_flushed() -> bool:
+        counts = promtext.select(mesh.scrape("web"), DURATION, reporter="destination")
+        return _total(counts) == total
+
+    _eventually(histogram_flushed, "every request in web's duration histogram")
+    # From the control plane's list of connected sidecars, as an operator would run it.
+    argv = [*SIDEMESH, "top", "--discovery", "http://127.0.0.1:15014", "--window", "0"]
+    table = mesh.cp.ns.run(argv, timeout=30).stdout
+    print(table)
+    as_json = json.loads(mesh.cp.ns.run([*argv, "--json"], timeout=30).stdout)
+    (web,) = [r for r in as_json if r["workload"] == "web"]
+    assert web["namespace"] == "demo" and web["requests"] == total
+    assert web["success"] == pytest.approx((total - failed) / total)
+    assert 0 < web["p50"] <= web["p95"] <= web["p99"]
+    line = next(x for x in table.splitlines() if " web " in f" {x} ")
+    assert f"{100 * (total - failed) / total:.2f}%" in line
+
+
+def test_dashboard_queries_name_metrics_the_sidecars_export(mesh: Lab) -> None:
+    exported = {s.name for w in ("client", "web", "db") for s in mesh.scrape(w)}
+    dashboard = (REPO / "manifests" / "dashboards" / "sidemesh.json").read_text()
+    named = set(re.findall(r"envoy_sidemesh_[a-z_]+", dashboard))
+    print(sorted(named))
+    assert len(named) >= 5 and named <= exported, named - exported

@@ -30,6 +30,7 @@ COMMAND_MODULES = (
     "webhook.cli.install",  # install, uninstall
     "webhook.cli.cni",  # cni install | uninstall | validate | plugin | build-plugin
     "webhook.cli.discovery",  # discovery, proxy-status, proxy-config
+    "webhook.cli.top",  # top
     "webhook.cli.authz",  # authz-check
     "webhook.cli.ratelimit",  # ratelimit
 )
