@@ -15,7 +15,10 @@ Figures:
   times; each time, the span from the store edit to the last proxy's ACK of that endpoint set;
 * RSS of the control plane with every stream open.
 
-    .venv/bin/python tests/bench/bench_discovery.py [--proxies 100] [--services 1000]
+Each simulated sidecar also asks for its routes (RDS), and declares 10 Services it calls:
+with ``--scoped`` that is all it gets besides its own namespace.
+
+    .venv/bin/python tests/bench/bench_discovery.py [--proxies 100] [--services 1000] [--scoped]
 """
 
 from __future__ import annotations
@@ -39,14 +42,18 @@ REPO = TESTS.parent
 sys.path.insert(0, str(REPO))
 
 from tests.support.xds import make_ca, run_control_plane, workload_cert  # noqa: E402
-from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER  # noqa: E402
+from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE  # noqa: E402
 from webhook.discovery.core import DiscoverySettings  # noqa: E402
 from webhook.discovery.store import ObjectStore  # noqa: E402
 
 STATUS = {"sidemesh.io/status": '{"version":"bench"}'}
 
 
-def synthetic_mesh(store: ObjectStore, services: int, endpoints: int, proxies: int) -> None:
+def synthetic_mesh(
+    store: ObjectStore, services: int, endpoints: int, proxies: int, depends: int = 10
+) -> None:
+    """Each client pod declares the first ``depends`` Services (what it gets when scoped)."""
+    deps = ",".join(f"ns{s % 20}/svc{s}" for s in range(min(depends, services)))
     pods, slices, svcs = [], [], []
     for s in range(services):
         ns = f"ns{s % 20}"
@@ -96,7 +103,13 @@ def synthetic_mesh(store: ObjectStore, services: int, endpoints: int, proxies: i
         pods.append(
             {
                 "kind": "Pod",
-                "metadata": {"name": f"client-{p}", "namespace": "bench", "annotations": STATUS},
+                # Replicas of one Deployment: one workload, so they share their listeners.
+                "metadata": {
+                    "name": client_pod(p),
+                    "namespace": "bench",
+                    "labels": {"app": "client", "pod-template-hash": "5d4f7"},
+                    "annotations": {**STATUS, "sidemesh.io/dependencies": deps},
+                },
                 "spec": {"serviceAccountName": "client"},
                 "status": {"phase": "Running", "podIP": f"10.250.{p // 250}.{p % 250 + 1}"},
             }
@@ -104,6 +117,10 @@ def synthetic_mesh(store: ObjectStore, services: int, endpoints: int, proxies: i
     store.replace("Service", svcs)
     store.replace("EndpointSlice", slices)
     store.replace("Pod", pods)  # fmt: skip
+
+
+def client_pod(i: int) -> str:
+    return f"client-5d4f7-{i:05d}"
 
 
 # --- simulated proxies (in client processes) --------------------------------------------
@@ -124,17 +141,22 @@ async def _proxy(stub: Any, pb: Any, node_id: str, ready: Any) -> None:
             yield item
 
     got: set[str] = set()
-    eds_started = False
+    eds_started = rds_started = False
     async for resp in stub.DeltaAggregatedResources(requests()):
         got.add(resp.type_url)
         await queue.put(pb.DeltaDiscoveryRequest(type_url=resp.type_url, response_nonce=resp.nonce))
+        names = [r.name for r in resp.resources if r.name.startswith("outbound|")]
         if resp.type_url == CLUSTER and not eds_started:
             eds_started = True
-            names = [r.name for r in resp.resources if r.name.startswith("outbound|")]
             await queue.put(
                 pb.DeltaDiscoveryRequest(type_url=ENDPOINTS, resource_names_subscribe=names)
             )
-        if got >= {CLUSTER, ENDPOINTS, LISTENER} and not ready.is_set():
+            # Envoy asks for the routes its listener's HTTP chains name: one per Service port.
+            rds_started = True
+            await queue.put(
+                pb.DeltaDiscoveryRequest(type_url=ROUTE, resource_names_subscribe=names)
+            )
+        if got >= {CLUSTER, ENDPOINTS, LISTENER} and rds_started and not ready.is_set():
             ready.set()  # fmt: skip
 
 
@@ -155,7 +177,7 @@ def client_process(address: str, cert_dir: str, first: int, count: int, hold: An
                 ("grpc.max_receive_message_length", 256 << 20)])  # fmt: skip
             channels.append(ch)
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
-            tasks.append(asyncio.ensure_future(_proxy(stub, pb, f"sidecar~client-{i}.bench",
+            tasks.append(asyncio.ensure_future(_proxy(stub, pb, f"sidecar~{client_pod(i)}.bench",
                                                       asyncio.Event())))  # fmt: skip
         while not hold.is_set():
             await asyncio.sleep(0.2)
@@ -254,6 +276,9 @@ def main() -> int:
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--procs", type=int, default=4, help="client processes")
     parser.add_argument("--changes", type=int, default=40)
+    parser.add_argument(
+        "--scoped", action="store_true", help="scope each sidecar (it declares 10 Services)"
+    )
     args = parser.parse_args()
     store = ObjectStore()
     t0 = time.perf_counter()
@@ -261,7 +286,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         ca = make_ca(Path(tmp) / "ca")
         workload_cert(ca, "spiffe://cluster.local/ns/bench/sa/client", Path(tmp) / "client")
-        with run_control_plane(store, DiscoverySettings(), Path(tmp) / "ca") as cp:
+        settings = DiscoverySettings(scoped=args.scoped)
+        with run_control_plane(store, settings, Path(tmp) / "ca") as cp:
             build = time.perf_counter() - t0
             # spawn, not fork: grpc in this process has threads a fork would break.
             ctx = multiprocessing.get_context("spawn")
@@ -298,6 +324,7 @@ def main() -> int:
         return spans[min(len(spans) - 1, max(0, round(p * len(spans)) - 1))]
 
     result = {
+        "scoped": args.scoped,
         "proxies": args.proxies,
         "services": args.services,
         "endpoints_per_service": args.endpoints,
@@ -313,7 +340,8 @@ def main() -> int:
     print(json.dumps(result, indent=1))
     out = REPO / "bench-results"
     out.mkdir(exist_ok=True)
-    (out / "discovery.json").write_text(json.dumps(result, indent=1))
+    suffix = "-scoped" if args.scoped else ""
+    (out / f"discovery{suffix}.json").write_text(json.dumps(result, indent=1))
     return 0
 
 

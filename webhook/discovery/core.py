@@ -125,6 +125,7 @@ class Discovery:
         self._cluster_inputs: dict[str, Any] = {}
         self._cla_inputs: dict[str, Any] = {}
         self._alias_cache: dict[tuple[str, str], Encoded] = {}
+        self._scope_cache: dict[Any, frozenset[str]] = {}
         self._route_inputs: dict[str, Any] = {}
         self._listener_inputs: Any = None
         self._listener_cache: dict[Any, dict[str, Encoded]] = {}
@@ -217,6 +218,7 @@ class Discovery:
                 return False
             model = updated
         self.model = model
+        self._scope_cache.clear()
         self.generation += 1
         metrics.FLUSHES.labels("endpoints").inc()
         self._update_shared([self.model.services[s] for s in services if s in model.services])
@@ -238,6 +240,7 @@ class Discovery:
         self.authz.update(objects.get(ACCESS_POLICY, ()), objects.get(RATE_LIMIT_POLICY, ()))
         self.authz.check_references(self.model)
         self.routing = build_table(objects, self.model, self._parse_cache)
+        self._scope_cache.clear()
         self._log_problems()
         self.generation += 1
         self._slice_service = {
@@ -387,9 +390,15 @@ class Discovery:
     def _scope(self, conn: ProxyConn, pod: PodInfo) -> frozenset[str]:
         if not self.settings.scoped:
             return self._all_clusters
-        services = services_in_scope(self.model, pod, conn.learned)
-        services = routing.scope_services(self.routing, self.model, services)
-        return frozenset(routing.cluster_names(self.routing, services))
+        # Replicas of a workload share a scope: computed once per model, not once per push.
+        key = (pod.namespace, pod.dependencies, frozenset(conn.learned))
+        scope = self._scope_cache.get(key)
+        if scope is None:
+            services = services_in_scope(self.model, pod, conn.learned)
+            services = routing.scope_services(self.routing, self.model, services)
+            scope = frozenset(routing.cluster_names(self.routing, services))
+            self._scope_cache[key] = scope
+        return scope
 
     def _services(self, scope: frozenset[str]) -> list[Service]:
         if scope is self._all_clusters:

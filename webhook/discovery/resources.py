@@ -71,12 +71,16 @@ class Encoded:
         self._wrapped: dict[str, bytes] = {}
 
     def wrapped(self, name: str, type_url: str) -> bytes:
-        """The serialised ``Resource`` (name, version, Any) that carries it, made once: a
-        response to any number of proxies is then assembled from cached bytes."""
+        """The serialised ``Resource`` (name, version, Any) that carries it, already framed as
+        an entry of ``DeltaDiscoveryResponse.resources``, made once: a response to any number
+        of proxies is then a join of cached bytes."""
         out = self._wrapped.get(name)
         if out is None:
             any_msg = _field(1, type_url.encode()) + _field(2, self.body)
-            out = _field(3, name.encode()) + _field(1, self.version.encode()) + _field(2, any_msg)
+            resource = (
+                _field(3, name.encode()) + _field(1, self.version.encode()) + _field(2, any_msg)
+            )
+            out = _field(2, resource)
             self._wrapped[name] = out
         return out
 
@@ -111,10 +115,10 @@ def delta_response(
     resources: list[bytes],
     removed: list[str],
 ) -> bytes:
-    """A serialised ``DeltaDiscoveryResponse`` from pre-serialised ``Resource`` messages
-    (protobuf messages concatenate: a repeated field is its elements one after another)."""
-    parts = [_field(1, system_version.encode())]
-    parts += [_field(2, r) for r in resources]
+    """A serialised ``DeltaDiscoveryResponse`` from ``Resource`` entries as
+    :meth:`Encoded.wrapped` frames them (protobuf messages concatenate: a repeated field is its
+    elements one after another)."""
+    parts = [_field(1, system_version.encode()), *resources]
     parts.append(_field(4, type_url.encode()))
     parts.append(_field(5, nonce.encode()))
     parts += [_field(6, n.encode()) for n in removed]
