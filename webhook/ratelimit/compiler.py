@@ -52,10 +52,7 @@ SLOTS: Final = {
 CLUSTER: Final = "sidemesh_ratelimit"
 DOMAIN: Final = "sidemesh"
 #: The caller: the verified certificate's URI SAN; one shared budget for plaintext callers.
-_CALLER_CEL: Final = (
-    "has(connection.uri_san_peer_certificate) && connection.uri_san_peer_certificate != '' "
-    "? connection.uri_san_peer_certificate : 'plaintext'"
-)
+_CALLER_CEL: Final = "connection.mtls ? connection.uri_san_peer_certificate : 'plaintext'"
 _MAX: Final = 4294967295
 _PERCENT_100: Final = {"numerator": 100, "denominator": "HUNDRED"}
 
