@@ -59,6 +59,7 @@ SERVICES: dict[str, tuple[str, list[str], int, int, str | None]] = {
     "grpc": ("10.96.0.22", ["web-1", "web-3"], 9090, 9090, "grpc"),
     "grpc-a": ("10.96.0.23", ["web-1"], 9090, 9090, "grpc"),
     "grpc-b": ("10.96.0.24", ["web-3"], 9090, 9090, "grpc"),
+    "mirrored": ("10.96.0.25", ["web-2"], 80, 8080, None),
 }
 IPS = {name: ip for name, (ip, *_rest) in SERVICES.items()}
 
@@ -149,6 +150,33 @@ RULES: dict[str, dict[str, Any]] = {
     "policy-breaker": _policy("breaker", connectionPool=_TIGHT),
     "policy-pool": _policy("pool", outlierDetection=_EJECT),
     "policy-sticky": _policy("sticky", loadBalancer=_STICKY),
+    "route-mirrored": _route(
+        "mirrored",
+        [
+            {
+                "backendRefs": [_svc_ref("mirrored")],
+                "filters": [
+                    {
+                        "type": "RequestMirror",
+                        "requestMirror": {"backendRef": _svc_ref("canary-v2")},
+                    },
+                    {
+                        "type": "RequestHeaderModifier",
+                        "requestHeaderModifier": {
+                            "set": [{"name": "x-tenant", "value": "blue"}],
+                            "remove": ["x-debug"],
+                        },
+                    },
+                    {
+                        "type": "ResponseHeaderModifier",
+                        "responseHeaderModifier": {
+                            "add": [{"name": "x-served-by", "value": "mesh"}]
+                        },
+                    },
+                ],
+            }
+        ],
+    ),
     "route-grpc": _route(
         "grpc",
         [{"backendRefs": [_svc_ref("grpc-a", 9090, 80), _svc_ref("grpc-b", 9090, 20)]}],

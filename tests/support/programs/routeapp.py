@@ -10,6 +10,8 @@
 ``load HOST PORT N [options]``  N requests over ``--concurrency`` keep-alive connections;
     prints one JSON line: statuses, answers per replica, latency percentiles, and with
     ``--vary-header NAME:K`` which replicas answered each of K values of header NAME.
+``get HOST PORT PATH [NAME:VALUE...]``  one request with those headers; prints the status, the
+    response headers and the answer (which echoes the ``x-`` request headers the app saw).
 ``grpc-count HOST PORT N METHOD``  N unary calls on one channel: answers per replica.
 """
 
@@ -220,6 +222,14 @@ def main(argv: list[str]) -> None:
         p.add_argument("--vary-header", default="")
         p.add_argument("--timeout", type=float, default=10.0)
         print(json.dumps(_load(p.parse_args(rest))), flush=True)
+    elif cmd == "get":
+        conn = http.client.HTTPConnection(rest[0], int(rest[1]), timeout=10)
+        conn.request("GET", rest[2], headers=dict(h.split(":", 1) for h in rest[3:]))
+        resp = conn.getresponse()
+        body = resp.read()
+        answer = json.loads(body) if body.startswith(b"{") else {"text": body.decode()}
+        out = {"status": resp.status, "headers": {k.lower(): v for k, v in resp.getheaders()}}
+        print(json.dumps({**out, "answer": answer}), flush=True)
     elif cmd == "grpc-count":
         result = _grpc_count(rest[0], int(rest[1]), int(rest[2]), rest[3])
         print(json.dumps(result), flush=True)
