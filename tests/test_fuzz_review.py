@@ -18,8 +18,7 @@ from typing import Any
 import httpx
 import jsonpatch
 import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from tests.support.webhook_https import (
     SAMPLE_REVIEW,

@@ -19,6 +19,8 @@ PURE = (
     "admission.review",
     "dataplane.capture",
     "dataplane.bootstrap",
+    "dataplane.parts",
+    "dataplane.listeners",
     "cni.spec",
     "cni.conflist",
     "dataplane.ads_bootstrap",

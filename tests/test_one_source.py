@@ -13,8 +13,7 @@ from typing import Any
 import pytest
 
 from webhook import names
-from webhook.cli import proxy as proxy_cli
-from webhook.cli import traffic as traffic_cli
+from webhook.cli import proxy as proxy_cli, traffic as traffic_cli
 from webhook.config import DEFAULTS, MeshConfig, load_config
 from webhook.dataplane.agent import AgentSettings, settings_from
 from webhook.dataplane.bootstrap import BootstrapOptions, render_bootstrap

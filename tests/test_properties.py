@@ -7,8 +7,7 @@ import copy
 from typing import Any
 
 import jsonpatch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from webhook.config import MeshConfig, load_config
 from webhook.inject.pod import inject_pod, uninject_pod

@@ -162,8 +162,7 @@ async def _proxy(stub: Any, pb: Any, node_id: str, ready: Any) -> None:
 
 def client_process(address: str, cert_dir: str, first: int, count: int, hold: Any) -> None:
     import grpc
-    from envoy.service.discovery.v3 import ads_pb2_grpc
-    from envoy.service.discovery.v3 import discovery_pb2 as pb
+    from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2 as pb
 
     async def main() -> None:
         d = Path(cert_dir)

@@ -24,8 +24,7 @@ from envoy.service.discovery.v3 import discovery_pb2
 from webhook import names
 from webhook.config import DEFAULTS, Ports, TelemetryConfig
 from webhook.dataplane.bootstrap import BootstrapOptions
-from webhook.discovery import compiler as cc
-from webhook.discovery import l7, metrics
+from webhook.discovery import compiler as cc, l7, metrics
 from webhook.discovery.learn import LEARN_PREFIX, alias_cluster, parse_learn_name
 from webhook.discovery.model import (
     SLICE_SERVICE_LABEL,

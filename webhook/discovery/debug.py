@@ -24,8 +24,7 @@ from urllib.parse import parse_qs, urlparse
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from webhook.discovery import compiler as cc
-from webhook.discovery import metrics
+from webhook.discovery import compiler as cc, metrics
 from webhook.discovery.core import PUSH_ORDER, Discovery, ProxyConn
 from webhook.discovery.resources import decode
 from webhook.policy.envoy import EXTENSION_CONFIG

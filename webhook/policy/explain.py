@@ -11,8 +11,7 @@ from typing import Any
 from webhook.cli.check import CheckContext, Explanation, Finding
 from webhook.policy.model import ROOT_NAMESPACE, PolicyError, parse_policy
 from webhook.policy.report import describe_access, describe_limits, unresolved
-from webhook.ratelimit.model import KIND as RATE_LIMIT_POLICY
-from webhook.ratelimit.model import LimitError, parse_limit_policy
+from webhook.ratelimit.model import KIND as RATE_LIMIT_POLICY, LimitError, parse_limit_policy
 
 __all__ = ["explain"]
 

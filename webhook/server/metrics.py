@@ -43,8 +43,8 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess as _multiprocess,
 )
-from prometheus_client import multiprocess as _multiprocess
 
 from webhook import __version__
 

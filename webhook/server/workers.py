@@ -147,8 +147,10 @@ def _ca_parts(
 ) -> tuple[list[Any], list[Any]]:
     """The CA's router (POST /v1/certificates) and its upkeep (caBundle patching, serving cert
     renewal), each only when there is something for it to do."""
-    from webhook.ca import api as ca_api  # FastAPI: imported only when serving
-    from webhook.ca import upkeep as ca_upkeep
+    from webhook.ca import (
+        api as ca_api,  # FastAPI: imported only when serving
+        upkeep as ca_upkeep,
+    )
 
     router = ca_api.router_from_config(
         config,
@@ -164,8 +166,7 @@ def _ca_parts(
 
 def start_metrics_port(host: str, port: int, registry: Any | None) -> None:
     """Plain-HTTP /metrics for scrapers: ``registry``, or the sum of all workers if ``None``."""
-    from prometheus_client import CollectorRegistry, start_http_server
-    from prometheus_client import multiprocess as mp
+    from prometheus_client import CollectorRegistry, multiprocess as mp, start_http_server
 
     if registry is None:
         registry = CollectorRegistry()
