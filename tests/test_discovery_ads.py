@@ -234,3 +234,92 @@ def test_nack_is_recorded_and_the_same_version_not_resent(mesh: tuple[ObjectStor
             q.put(None)
             stream.cancel()
     json.dumps({})  # keep json imported for debugging dumps
+
+
+def _served_serial(address: str, certs: Path) -> int:
+    """The serial number of the certificate the ADS server presents in a new handshake."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    ctx = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(certs / "cert.pem", certs / "key.pem")
+    ctx.set_alpn_protocols(["h2"])
+    host, port = address.rsplit(":", 1)
+    with (
+        socket.create_connection((host, int(port)), timeout=5) as raw,
+        ctx.wrap_socket(raw) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der).serial_number
+
+
+def test_a_replaced_xds_certificate_is_served_from_the_next_handshake_without_closing_streams(
+    mesh: tuple[ObjectStore, Path],
+) -> None:
+    """The mounted pair (``xds.crt``/``xds.key``, e.g. Secret sidemesh-discovery-tls) is
+    followed: after it is replaced, new connections get the new certificate, and a stream
+    opened before keeps working — it still gets pushes."""
+    import queue
+    import time
+    from datetime import UTC, datetime, timedelta
+
+    from webhook.ca.authority import CertificateAuthority
+    from webhook.discovery.run import RunSettings, xds_credentials
+    from webhook.files import write_atomic
+
+    store, tmp = mesh
+    certs = tmp / "ca"
+    authority = CertificateAuthority.load(certs)
+
+    def issue() -> int:
+        pem, key = authority.issue_serving(
+            ("localhost",), ("127.0.0.1",), now=datetime.now(UTC), ttl=timedelta(hours=1)
+        )
+        write_atomic(certs / "xds.key", key.encode(), mode=0o600)
+        write_atomic(certs / "xds.crt", pem.encode(), mode=0o644)
+        return x509_serial(pem)
+
+    first_serial = issue()
+    settings = RunSettings("127.0.0.1:0", "127.0.0.1", 0, certs, None, 1.0, DiscoverySettings())
+    with run_control_plane(
+        store, DiscoverySettings(), certs, credentials=lambda: xds_credentials(settings)
+    ) as cp:
+        assert _served_serial(cp.address, tmp / "frontend-certs") == first_serial
+        channel, stub = _stub(cp.address, tmp / "frontend-certs")
+        cds = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+        q: queue.Queue[Any] = queue.Queue()
+        first = discovery_pb2.DeltaDiscoveryRequest(type_url=cds)
+        first.node.id = "sidecar~frontend-1.demo"
+        q.put(first)
+        with channel:
+            stream = stub.DeltaAggregatedResources(iter(q.get, None), timeout=30)
+            resp = next(stream)
+            q.put(discovery_pb2.DeltaDiscoveryRequest(type_url=cds, response_nonce=resp.nonce))
+
+            second_serial = issue()
+            deadline = time.monotonic() + 10
+            while _served_serial(cp.address, tmp / "frontend-certs") != second_serial:
+                assert time.monotonic() < deadline, "the new xDS certificate was never served"
+                time.sleep(0.2)
+
+            # The stream opened under the old certificate still gets pushes: a new Service.
+            svc = copy.deepcopy(store.get("Service", "demo", "backend"))
+            assert svc is not None
+            svc["metadata"]["name"] = "backend-2"
+            store.upsert(svc)
+            pushed = next(stream)
+            assert "outbound|8080||backend-2.demo.svc.cluster.local" in {
+                r.name for r in pushed.resources
+            }
+            q.put(None)
+            stream.cancel()
+
+
+def x509_serial(pem: str) -> int:
+    from cryptography import x509
+
+    return x509.load_pem_x509_certificate(pem.encode()).serial_number

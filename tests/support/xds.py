@@ -84,8 +84,14 @@ class ControlPlane:
 
 @contextmanager
 def run_control_plane(
-    store: ObjectStore, settings: DiscoverySettings, cert_dir: Path, start_timeout: float = 20
+    store: ObjectStore,
+    settings: DiscoverySettings,
+    cert_dir: Path,
+    start_timeout: float = 20,
+    credentials: Callable[[], Any] | None = None,
 ) -> Iterator[ControlPlane]:
+    """``credentials``: makes the ADS server's TLS (default: a certificate issued in memory
+    from the CA in ``cert_dir``)."""
     loop = asyncio.new_event_loop()
     ready = threading.Event()
     stop = asyncio.Event()
@@ -95,8 +101,11 @@ def run_control_plane(
     async def main() -> None:
         d = Discovery(store, settings)
         d.start(asyncio.get_running_loop())
-        cert, key, root = xds_certificate(cert_dir, settings.trust_domain)
-        server = await serve_ads(d, f"127.0.0.1:{port}", server_credentials(cert, key, root))
+        if credentials is None:
+            creds = server_credentials(*xds_certificate(cert_dir, settings.trust_domain))
+        else:
+            creds = credentials()
+        server = await serve_ads(d, f"127.0.0.1:{port}", creds)
         holder["d"] = d
         ready.set()
         await stop.wait()

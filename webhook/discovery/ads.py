@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -24,7 +24,14 @@ from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from webhook.discovery.core import Discovery
 
-__all__ = ["AdsService", "parse_node_id", "peer_spiffe_id", "serve_ads", "server_credentials"]
+__all__ = [
+    "AdsService",
+    "parse_node_id",
+    "peer_spiffe_id",
+    "reloading_credentials",
+    "serve_ads",
+    "server_credentials",
+]
 
 LOG = logging.getLogger("sidemesh.discovery")
 
@@ -145,6 +152,29 @@ def server_credentials(cert_pem: bytes, key_pem: bytes, root_pem: bytes) -> Any:
     """TLS with a client certificate from the mesh CA required."""
     return grpc.ssl_server_credentials(
         [(key_pem, cert_pem)], root_certificates=root_pem, require_client_auth=True
+    )
+
+
+def reloading_credentials(current: Callable[[], tuple[bytes, bytes, bytes] | None]) -> Any:
+    """Like :func:`server_credentials`, for a certificate that is replaced while we serve.
+
+    gRPC asks ``current`` at each new TLS handshake: ``None`` keeps what it has, a new
+    ``(cert, key, root)`` is used from this handshake on. Streams already open keep theirs, so
+    a rotated certificate (or root) costs no sidecar its connection."""
+    first = current()
+    if first is None:
+        raise ValueError("no xDS certificate to start with")
+
+    def config(pems: tuple[bytes, bytes, bytes]) -> Any:
+        cert, key, root = pems
+        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)
+
+    def fetch() -> Any:
+        pems = current()
+        return None if pems is None else config(pems)
+
+    return grpc.dynamic_ssl_server_credentials(
+        config(first), fetch, require_client_authentication=True
     )
 
 

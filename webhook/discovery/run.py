@@ -8,20 +8,32 @@ import signal
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from webhook import names
 from webhook.ca import authority as ca
 from webhook.dataplane.ads_bootstrap import control_plane_id
-from webhook.discovery.ads import serve_ads, server_credentials
+from webhook.discovery.ads import reloading_credentials, serve_ads, server_credentials
 from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.debug import DebugServer
 from webhook.discovery.filesource import FileSource
 from webhook.discovery.kubesource import KubeSource
 from webhook.discovery.store import ObjectStore
 from webhook.errors import ConfigError
+from webhook.files import Reloading
 from webhook.kube.client import KubeClient
 
-__all__ = ["XDS_CERT", "XDS_KEY", "RunSettings", "run_discovery", "xds_certificate"]
+__all__ = [
+    "XDS_CERT",
+    "XDS_KEY",
+    "RunSettings",
+    "run_discovery",
+    "xds_certificate",
+    "xds_credentials",
+]
 
 LOG = logging.getLogger("sidemesh.discovery")
 XDS_CERT = "xds.crt"
@@ -75,6 +87,50 @@ def xds_certificate(
     return pem.encode(), key_pem.encode(), root.read_bytes()
 
 
+def _mounted_pair(cert_dir: Path) -> tuple[bytes, bytes, bytes]:
+    """``xds.crt``, ``xds.key`` and ``ca.crt`` as they are now; ValueError when the key is not
+    the certificate's (a writer half-way through replacing the pair)."""
+    cert = (cert_dir / XDS_CERT).read_bytes()
+    key = (cert_dir / XDS_KEY).read_bytes()
+    root = (cert_dir / ca.CA_CERT).read_bytes()
+    public = x509.load_pem_x509_certificate(cert).public_key().public_bytes(*_SPKI)
+    private = serialization.load_pem_private_key(key, password=None)
+    if private.public_key().public_bytes(*_SPKI) != public:
+        raise ValueError(f"{cert_dir / XDS_KEY} is not the key of {cert_dir / XDS_CERT}")
+    return cert, key, root
+
+
+_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def xds_credentials(s: RunSettings, ips: tuple[str, ...] = ()) -> Any:
+    """The ADS server's TLS. A mounted pair (``xds.crt``/``xds.key``, e.g. the Secret
+    ``sidemesh install`` writes) is followed: a replaced certificate or root is used from the
+    next handshake on, without a restart and without closing a stream. Otherwise one is issued
+    in memory from the CA in the directory, for the life of the process."""
+    if not ((s.cert_dir / XDS_CERT).exists() and (s.cert_dir / XDS_KEY).exists()):
+        return server_credentials(*xds_certificate(s.cert_dir, s.discovery.trust_domain, ips))
+    paths = (s.cert_dir / XDS_CERT, s.cert_dir / XDS_KEY, s.cert_dir / ca.CA_CERT)
+    watched = Reloading(
+        paths,
+        lambda: _mounted_pair(s.cert_dir),
+        refuse=(ValueError, OSError),
+        retry_refused=True,
+        on_reload=lambda _: LOG.info("discovery: the xDS certificate changed; serving the new one"),
+        on_refused=lambda exc: LOG.warning("discovery: keeping the xDS certificate: %s", exc),
+    )
+    handed = {"reloads": -1}
+
+    def current() -> tuple[bytes, bytes, bytes] | None:
+        watched.poll()
+        if watched.reloads == handed["reloads"]:
+            return None
+        handed["reloads"] = watched.reloads
+        return watched.value
+
+    return reloading_credentials(current)
+
+
 async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> None:
     loop = asyncio.get_running_loop()
     stop = stop or asyncio.Event()
@@ -101,8 +157,7 @@ async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> No
     discovery.start(loop)
     listen_host = s.listen.rpartition(":")[0].strip("[]")
     ips = (listen_host,) if listen_host not in ("0.0.0.0", "::", "", "127.0.0.1") else ()
-    cert, key, root = xds_certificate(s.cert_dir, s.discovery.trust_domain, ips)
-    server = await serve_ads(discovery, s.listen, server_credentials(cert, key, root))
+    server = await serve_ads(discovery, s.listen, xds_credentials(s, ips))
     debug = DebugServer(discovery, loop, s.debug_host, s.debug_port)
     debug.start()
     if isinstance(source, FileSource):
