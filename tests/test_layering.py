@@ -46,6 +46,7 @@ PURE = (
     "policy.report",
     "routing.xds",
     "routing.status",
+    "routing.rewrite",
     "telemetry",
     "ratelimit.model",
     "ratelimit.compiler",

@@ -63,9 +63,11 @@ def test_routes_follow_gateway_api_precedence() -> None:
     order = [e.source.split(" ", 2)[2] for e in table.routes[REVIEWS]]
     assert order == [
         "rules[0].matches[1]",  # Exact /v2
-        "rules[1]",  # prefix /api/ (longer than /)
+        "rules[3]",  # prefix /legacy (the longest prefix)
+        "rules[1]",  # prefix /api/
+        "rules[2]",  # prefix /old
         "rules[0].matches[0]",  # prefix / with a header match
-        "rules[2]",  # prefix /, nothing else: the catch-all comes last
+        "rules[4]",  # prefix /, nothing else: the catch-all comes last
     ]
 
 
@@ -83,6 +85,26 @@ def test_weighted_backends_resolve_to_subset_clusters_with_pods_by_label() -> No
     # Scoping follows the routes: a client of reviews needs reviews-v2 too (the canary, mirror).
     assert table.backends[("shop", "reviews")] == {("shop", "reviews"), ("shop", "reviews-v2")}
     assert table.problems == ()
+
+
+def test_redirect_and_rewrite_follow_the_gateway_api_by_path_element() -> None:
+    """The compiled regexes, run with Python's re (Envoy's RE2 agrees on these)."""
+    import re
+
+    _, table = _shop()
+    routes = {e.source: ev.entry_route(e, None) for e in table.routes[REVIEWS]}
+    redirect = routes["HTTPRoute shop/reviews rules[2]"]["redirect"]
+    assert redirect["response_code"] == "MOVED_PERMANENTLY"
+    rewrite = routes["HTTPRoute shop/reviews rules[3]"]["route"]
+    assert rewrite["host_rewrite_literal"] == "reviews.internal"
+
+    def apply(spec: dict[str, Any], path: str) -> str:
+        pattern = spec["regex_rewrite"]["pattern"]["regex"]
+        repl = spec["regex_rewrite"]["substitution"].replace("\\1", "\\g<1>")
+        return re.sub(pattern, repl, path)
+
+    assert [apply(redirect, p) for p in ("/old", "/old/a/b")] == ["/new", "/new/a/b"]
+    assert [apply(rewrite, p) for p in ("/legacy", "/legacy/x", "/legacy//y")] == ["/", "/x", "/y"]
 
 
 def test_grpc_method_matches_become_paths() -> None:
@@ -143,10 +165,10 @@ def test_policy_reaches_clusters_and_routes() -> None:
     assert route["route"]["retry_policy"]["num_retries"] == 3
     assert route["route"]["hash_policy"] == [{"header": {"header_name": "x-user"}}]
     assert route["metadata"]["filter_metadata"][ev.RULE_METADATA] == {
-        "rule": "HTTPRoute shop/reviews rules[2]",
+        "rule": "HTTPRoute shop/reviews rules[4]",
         "policy": "TrafficPolicy shop/reviews",
     }
-    api = data["routes"][REVIEWS][1]["route"]
+    api = data["routes"][REVIEWS][2]["route"]
     # The route's backendRequest wins over the policy's perTryTimeout.
     assert (api["timeout"], api["retry_policy"]["per_try_timeout"]) == ("2s", "0.500s")
     fault = data["routes"][RATINGS][0]["typed_per_filter_config"]["envoy.filters.http.fault"]
@@ -234,7 +256,8 @@ def test_check_names_document_and_field_of_every_mistake() -> None:
         (1, "spec.parentRefs[0].port"),  # the Service has no such port
         (2, "spec.rules[0].matches[0].path.value"),  # a regex that does not compile
         (2, "spec.rules[0].matches"),  # ... so the rule has no usable match
-        (2, "spec.rules[1].filters[0].type"),  # URLRewrite: not supported yet
+        (2, "spec.rules[1].filters[0].type"),  # CORS: not supported yet
+        (2, "spec.rules[2].matches"),  # a prefix redirect under an Exact match
         (2, "spec.rules[1].timeouts.request"),  # "2 seconds"
         (2, "spec.rules[1].backendRefs[1].name"),  # subset v9 defined nowhere
         (3, "spec.retries.attempts"),

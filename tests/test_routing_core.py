@@ -132,17 +132,17 @@ def test_a_rebuild_without_rule_changes_pushes_nothing_and_debug_shows_the_rules
         d.rebuild("test")
         assert _drain(web) == []
         rules = rules_of(d)
-        assert rules["routes"][REVIEWS][-1] == "HTTPRoute shop/reviews rules[2]"
+        assert rules["routes"][REVIEWS][-1] == "HTTPRoute shop/reviews rules[4]"
         assert rules["policies"]["shop/reviews"] == "TrafficPolicy shop/reviews"
         assert rules["problems"] == {}
 
         def typo(obj: Any) -> None:
-            obj["spec"]["rules"][2]["backendRefs"][1]["name"] = "reviews.v3"
+            obj["spec"]["rules"][4]["backendRefs"][1]["name"] = "reviews.v3"
 
         _edit(store, "HTTPRoute", "shop", "reviews", typo)
         await asyncio.sleep(0.3)
         (problem,) = rules_of(d)["problems"]["HTTPRoute shop/reviews"]
-        assert "spec.rules[2].backendRefs[1].name" in problem and "no subset 'v3'" in problem
+        assert "spec.rules[4].backendRefs[1].name" in problem and "no subset 'v3'" in problem
         # The rule still applies, with the unusable share answered 500.
         routes = [r for resp in _drain(web) for r in resp.resources]
         assert [r.name for r in routes] == [REVIEWS]

@@ -160,6 +160,16 @@ def test_header_modifiers_and_mirroring(mesh: RouteLab) -> None:
     assert mirrored == 20  # every request also went to the mirror (its answer is dropped)
 
 
+def test_redirect_and_rewrite(mesh: RouteLab) -> None:
+    moved = mesh.client("get", IPS["mirrored"], "80", "/old/item?x=1")
+    rewritten = mesh.client("get", IPS["mirrored"], "80", "/legacy/item")
+    print(f"/old/item?x=1 -> {moved['status']} {moved['headers'].get('location')}; "
+          f"/legacy/item reached the app as {rewritten['answer']['path']}")  # fmt: skip
+    assert moved["status"] == 301
+    assert moved["headers"]["location"].endswith("/new/item?x=1")
+    assert rewritten["status"] == 200 and rewritten["answer"]["path"] == "/v2/item"
+
+
 def test_proxy_config_shows_each_route_with_its_rule(mesh: RouteLab) -> None:
     done = mesh.cp.ns.run([*SIDEMESH, "proxy-config", "demo/client", "--routes"], timeout=20)
     print(done.stdout[:1500])

@@ -110,6 +110,8 @@ _EJECT = {
     "baseEjectionTime": "60s",
     "maxEjectionPercent": 50,
 }
+_MOVED = {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/new"}, "statusCode": 301}
+_REWRITE = {"path": {"type": "ReplacePrefixMatch", "replacePrefixMatch": "/v2"}}
 _STICKY = {"policy": "ConsistentHash", "consistentHash": {"header": "x-user"}}
 
 #: The rules under test, as a user would write them (file name → object).
@@ -174,7 +176,16 @@ RULES: dict[str, dict[str, Any]] = {
                         },
                     },
                 ],
-            }
+            },
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/old"}}],
+                "filters": [{"type": "RequestRedirect", "requestRedirect": _MOVED}],
+            },
+            {
+                "matches": [{"path": {"type": "PathPrefix", "value": "/legacy"}}],
+                "filters": [{"type": "URLRewrite", "urlRewrite": _REWRITE}],
+                "backendRefs": [_svc_ref("mirrored")],
+            },
         ],
     ),
     "route-grpc": _route(

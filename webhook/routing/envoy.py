@@ -14,6 +14,7 @@ from typing import Any, Final
 from webhook.discovery.l7 import DEFAULT_RETRY
 from webhook.routing.api import envoy_duration
 from webhook.routing.policy import Fault, HashOn, Retries, TrafficPolicy
+from webhook.routing.rewrite import redirect_action, rewrite_fields
 from webhook.routing.routes import HeaderOps, Match
 from webhook.routing.table import RouteEntry, Target
 
@@ -165,13 +166,18 @@ def entry_route(entry: RouteEntry, policy: TrafficPolicy | None) -> dict[str, An
     the request was sent to (retries, faults, hashing)."""
     rule = entry.rule
     route: dict[str, Any] = {"name": entry.source, "match": _match(entry.match)}
-    if entry.targets:
+    prefix = entry.match.path.value if entry.match.path.type == "PathPrefix" else None
+    if rule.redirect is not None:
+        route["redirect"] = redirect_action(rule.redirect, prefix)
+    elif entry.targets:
         action = _action(entry.targets, policy, rule.timeout, rule.backend_timeout)
         if entry.mirrors:
             action["request_mirror_policies"] = [
                 {"cluster": c, "runtime_fraction": {"default_value": _percent(p)}}
                 for c, p in entry.mirrors
             ]
+        if rule.rewrite is not None:
+            action.update(rewrite_fields(rule.rewrite, prefix))
         route["route"] = action
     else:
         # No usable backend at all (or all weights 0): the Gateway API's 500.

@@ -6,6 +6,8 @@ so a user sees both what a rule will do and what is wrong with it before it reac
 
 from __future__ import annotations
 
+from typing import Any
+
 from webhook.routing.api import envoy_duration
 from webhook.routing.policy import TrafficPolicy
 from webhook.routing.routes import Match, Route, Rule
@@ -27,9 +29,23 @@ def _match(m: Match) -> str:
     return " and ".join(parts)
 
 
+def _change(host: str | None, path: Any, scheme: str | None = None, port: int | None = None) -> str:
+    parts = [f"scheme {scheme}"] if scheme else []
+    parts += [f"host {host}"] if host else []
+    parts += [f"port {port}"] if port else []
+    if path is not None:
+        what = "path" if path.type == "ReplaceFullPath" else "prefix"
+        parts.append(f"{what} {path.value}")
+    return ", ".join(parts) or "as it is"
+
+
 def _rule(route: Route, rule: Rule) -> list[str]:
     when = " or ".join(f"({_match(m)})" for m in rule.matches) or "never (no usable match)"
     total = sum(b.weight for b in rule.backends if b.weight > 0)
+    if rule.redirect is not None:
+        r = rule.redirect
+        where = _change(r.hostname, r.path, r.scheme, r.port)
+        return [f"rules[{rule.index}]: when {when} → redirect ({r.status}) {where}"]
     if total:
         to = ", ".join(
             f"{round(100 * b.weight / total, 1):g}% {b.label}"
@@ -50,6 +66,8 @@ def _rule(route: Route, rule: Rule) -> list[str]:
     if rule.response_headers:
         extras.append("response headers modified")
     extras += [f"mirror {m.percent:g}% to {m.backend.label}" for m in rule.mirrors]
+    if rule.rewrite is not None:
+        extras.append(f"rewrite {_change(rule.rewrite.hostname, rule.rewrite.path)}")
     if extras:
         out.append(f"  {', '.join(extras)}")
     return out

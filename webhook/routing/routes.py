@@ -28,6 +28,13 @@ from webhook.routing.api import (
     Problem,
     parse_duration,
 )
+from webhook.routing.rewrite import (
+    Redirect,
+    Rewrite,
+    check_path_change,
+    parse_redirect,
+    parse_rewrite,
+)
 
 __all__ = [
     "Backend",
@@ -116,6 +123,8 @@ class Rule:
     timeout: float | None = None
     backend_timeout: float | None = None
     name: str = ""
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
 
 
 @dataclass(frozen=True)
@@ -221,6 +230,8 @@ def _rule(r: _Reader, where: str, raw: Mapping[str, Any], index: int, ns: str) -
         _backend(r, w, b, ns, default_weight=1) for w, b in r.items(raw, "backendRefs", where)
     )
     req = resp = None
+    redirect: Redirect | None = None
+    rewrite: Rewrite | None = None
     mirrors: list[Mirror] = []
     for w, f in r.items(raw, "filters", where):
         ftype = f.get("type")
@@ -234,6 +245,10 @@ def _rule(r: _Reader, where: str, raw: Mapping[str, Any], index: int, ns: str) -
             mirror = _mirror(r, f"{w}.requestMirror", _map(f.get("requestMirror")), ns)
             if mirror is not None:
                 mirrors.append(mirror)
+        elif ftype == "RequestRedirect" and r.kind == HTTP_ROUTE:
+            redirect = parse_redirect(r.bad, f"{w}.requestRedirect", _map(f.get("requestRedirect")))
+        elif ftype == "URLRewrite" and r.kind == HTTP_ROUTE:
+            rewrite = parse_rewrite(r.bad, f"{w}.urlRewrite", _map(f.get("urlRewrite")))
         else:
             r.bad(f"{w}.type", f"filter {ftype!r} is not supported by sidemesh yet; ignored")
     timeouts = _map(raw.get("timeouts"))
@@ -241,8 +256,11 @@ def _rule(r: _Reader, where: str, raw: Mapping[str, Any], index: int, ns: str) -
     per_try = _seconds(r, f"{where}.timeouts.backendRequest", timeouts.get("backendRequest"))
     if timeout and per_try and per_try > timeout:
         r.bad(f"{where}.timeouts.backendRequest", "must not be longer than timeouts.request")
+    redirect, rewrite = check_path_change(
+        r.bad, where, [m.path.type for m in matches], redirect, rewrite, bool(backends)
+    )
     return Rule(index, tuple(matches), backends, req, resp, tuple(mirrors), timeout, per_try,
-                str(raw.get("name") or ""))  # fmt: skip
+                str(raw.get("name") or ""), redirect, rewrite)  # fmt: skip
 
 
 def _seconds(r: _Reader, where: str, raw: Any) -> float | None:
