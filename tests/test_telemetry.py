@@ -114,7 +114,9 @@ def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() ->
     sni = {
         s["object_key"]: s["format_string"]["text_format_source"]["inline_string"] for s in states
     }
-    assert sni["envoy.network.upstream_server_name"] == "frontend.backend.demo.svc.cluster.local"
+    assert (
+        sni["envoy.network.upstream_server_name"] == "frontend.demo.backend.demo.svc.cluster.local"
+    )
     # Scrapes of other pods' :15090 are not app traffic.
     assert _loggers(chains["outbound-plain-15090"]) == []
 
@@ -136,7 +138,13 @@ def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown(
     assert mtls["reporter"] == "destination"
     assert mtls["destination_workload"] == "frontend"
     assert mtls["source_principal"] == "%DOWNSTREAM_PEER_URI_SAN%"
-    assert "uri_san_peer_certificate" in mtls["source_namespace"]
+    assert mtls["source_namespace"] == "%FILTER_STATE(sidemesh.peer.namespace:PLAIN)%"
+    claim = inbound["inbound-mtls-http"]["filters"][0]["typed_config"]["on_new_connection"]
+    assert [c["object_key"] for c in claim] == [
+        "sidemesh.peer.workload",
+        "sidemesh.peer.namespace",
+        "sidemesh.peer.service",
+    ]
     assert mtls["connection_security_policy"] == "mutual_tls"
     plain = _tags(_loggers(inbound["inbound-plain-tcp"])[0])
     assert plain["source_principal"] == plain["source_workload"] == "unknown"

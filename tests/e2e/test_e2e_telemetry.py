@@ -13,13 +13,9 @@ exactly those requests and connections, under the right source and destination.
 
 from __future__ import annotations
 
-import copy
 import json
 import re
-import subprocess
-import sys
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -27,28 +23,14 @@ from typing import Any
 import pytest
 
 from tests.conftest import envoy_binary, require_root, require_tools
-from tests.support.jwks_issuer import Issuer
-from tests.support.meshlab import (
-    APP_UID,
-    MESHAPP,
-    PYTHON,
-    SIDEMESH,
-    admit,
-    app,
-    checked_lab,
-    https_json,
-)
-from tests.support.netns import NetnsLab, Pod
-from tests.support.podrunner import PodRunner
+from tests.support.meshlab import SIDEMESH, app, checked_lab
+from tests.support.telemetrylab import DB, WEB, Lab, start
 from webhook.telemetry import promtext
 from webhook.telemetry.promtext import Sample
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
 
-WEB, DB = "10.96.0.10", "10.96.0.13"
-OTLP_PORT = 4317
 REPO = Path(__file__).resolve().parents[2]
-RECEIVER = REPO / "tests" / "support" / "otlp_receiver.py"
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 TD = "spiffe://cluster.local/ns/demo/sa"
@@ -57,171 +39,6 @@ DURATION = "envoy_sidemesh_request_duration_milliseconds_count"
 TCP_CLOSED = "envoy_sidemesh_tcp_connections_closed_total"
 OK, FAILED, CONNECTIONS = 14, 6, 3
 
-#: pod name → (service account, ports, annotations, pod-template-hash)
-PODS = {
-    "client-6d4cf56db6-x7k2p": ("client", [8080], {}, "6d4cf56db6"),
-    "web-7c9f8d6b5-q4zlm": ("web", [8080], {"telemetry.sidemesh.io/access-log": "100%"},
-                            "7c9f8d6b5"),
-    # STRICT: a PERMISSIVE pod serves a declared server-first port in plaintext.
-    "db-0": ("db", [3306], {"sidemesh.io/inbound-mtls": "STRICT"}, ""),
-}  # fmt: skip
-
-
-def _manifest(name: str) -> dict[str, Any]:
-    sa, ports, annotations, template_hash = PODS[name]
-    labels = {"app": sa}
-    if template_hash:
-        labels["pod-template-hash"] = template_hash
-    return {
-        "apiVersion": "v1",
-        "kind": "Pod",
-        "metadata": {"name": name, "namespace": "demo", "labels": labels,
-                     "annotations": annotations},
-        "spec": {
-            "serviceAccountName": sa,
-            "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
-            "containers": [{
-                "name": "app",
-                "image": "example.com/app:1",
-                "ports": [{"containerPort": p, "protocol": "TCP"} for p in ports],
-            }],
-        },
-    }  # fmt: skip
-
-
-def _service(name: str, ip: str, port: int, target: int, proto: str | None) -> Any:
-    spec_port: dict[str, Any] = {"name": "main", "port": port, "targetPort": target}
-    if proto:
-        spec_port["appProtocol"] = proto
-    return {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": name, "namespace": "demo"},
-        "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [spec_port]},
-    }
-
-
-def _slice(service: str, port: int, pod: str, ip: str) -> Any:
-    return {
-        "apiVersion": "discovery.k8s.io/v1",
-        "kind": "EndpointSlice",
-        "metadata": {"name": f"{service}-1", "namespace": "demo",
-                     "labels": {"kubernetes.io/service-name": service}},
-        "addressType": "IPv4",
-        "ports": [{"name": "main", "port": port, "protocol": "TCP"}],
-        "endpoints": [{"addresses": [ip], "conditions": {"ready": True},
-                       "targetRef": {"kind": "Pod", "namespace": "demo", "name": pod}}],
-    }  # fmt: skip
-
-
-class Lab:
-    def __init__(self, lab: NetnsLab) -> None:
-        self.lab = lab
-        self.node = lab.node()
-        self.cp = self.node.add_pod("cp")
-        # The client needs a default route: ClusterIPs exist only in its sidecar's config.
-        self.pods: dict[str, Pod] = {
-            n: self.node.add_pod(n.split("-")[0], default_route=n.startswith("client"))
-            for n in PODS
-        }
-        self.mesh_dir = lab.tmpdir("mesh")
-        self.runners: dict[str, PodRunner] = {}
-        self.spans = self.mesh_dir / "spans.jsonl"
-
-    def traces(self) -> dict[str, list[dict[str, Any]]]:
-        """The spans the test collector received, by trace id."""
-        out: dict[str, list[dict[str, Any]]] = {}
-        text = self.spans.read_text() if self.spans.exists() else ""
-        for line in text.splitlines():
-            span = json.loads(line)
-            out.setdefault(span["trace_id"], []).append(span)
-        return out
-
-    def pod(self, workload: str) -> Pod:
-        return next(p for n, p in self.pods.items() if n.startswith(workload))
-
-    def runner(self, workload: str) -> PodRunner:
-        return next(r for n, r in self.runners.items() if n.startswith(workload))
-
-    def write(self, name: str, obj: Any) -> None:
-        tmp = self.mesh_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj))
-        tmp.rename(self.mesh_dir / f"{name}.json")
-
-    def scrape(self, workload: str) -> list[Sample]:
-        """The pod's metrics, from the node, as Prometheus scrapes them."""
-        url = f"http://{self.pod(workload).ip}:15090/stats/prometheus"
-
-        def call() -> str:
-            with urllib.request.urlopen(url, timeout=5) as resp:
-                return str(resp.read().decode())
-
-        return list(promtext.parse(self.node.ns.in_namespace(call)))
-
-
-def _start(lab: NetnsLab) -> Lab:
-    m = Lab(lab)
-    pki = lab.tmpdir("pki")
-    subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
-    subprocess.run(
-        [*SIDEMESH, "ca", "serving-cert", "--dir", str(pki), "--ip", m.cp.ip], check=True,
-        capture_output=True,
-    )  # fmt: skip
-    issuer = Issuer.create()
-    jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
-    config = lab.tmpdir("config") / "mesh.yaml"
-    config.write_text(json.dumps({
-        "ca_address": f"https://{m.cp.ip}:8443",
-        "discovery_address": f"{m.cp.ip}:15012",
-        "mesh_cidrs": [str(m.node.subnet)],
-        "telemetry": {"tracing_collector": f"{m.cp.ip}:{OTLP_PORT}", "tracing_sampling": 100},
-    }))  # fmt: skip
-    m.spans = lab.tmpdir("otlp") / "spans.jsonl"
-    m.cp.ns.spawn([sys.executable, str(RECEIVER), str(OTLP_PORT), str(m.spans)]).expect("listening")
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDEMESH_JWKS_FILE": str(jwks),
-           "SIDEMESH_JWKS_ISSUER": issuer.issuer_url}  # fmt: skip
-    m.cp.ns.spawn(
-        [*SIDEMESH, "serve", "--host", "0.0.0.0", "--port", "8443", "--cert-dir", str(pki),
-         "--config", str(config), "--log-level", "warning"], env=env,
-    )  # fmt: skip
-    cp_url = f"https://{m.cp.ip}:8443"
-    deadline = time.monotonic() + 30
-    while https_json(m.node.ns, f"{cp_url}/readyz", pki / "ca.crt")[0] != 200:
-        assert time.monotonic() < deadline, "sidemesh serve never became ready"
-        time.sleep(0.1)
-    admitted = {}
-    for name in PODS:
-        pod = admit(m.node.ns, cp_url, pki / "ca.crt", _manifest(name))
-        admitted[name] = pod
-        record = copy.deepcopy(pod)
-        ip = m.pods[name].ip
-        record["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
-        m.write(f"pod-{name}", record)
-    m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
-    for svc, ip, port, target, proto in (("web", WEB, 80, 8080, None),
-                                         ("db", DB, 3306, 3306, "mysql")):  # fmt: skip
-        pod_name = next(n for n in PODS if n.startswith(svc))
-        m.write(f"svc-{svc}", _service(svc, ip, port, target, proto))
-        m.write(f"slice-{svc}", _slice(svc, target, pod_name, m.pods[pod_name].ip))
-    m.cp.ns.spawn(
-        [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
-         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--config", str(config),
-         "--log-level", "warning"],
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-    )  # fmt: skip
-    m.cp.ns.wait_port(15014)
-    for name, (_sa, ports, _ann, _hash) in PODS.items():
-        command = "serve-banner" if name.startswith("db") else "serve"
-        runner = PodRunner(
-            lab=lab, node=m.node, pod_net=m.pods[name], pod=admitted[name],
-            app_commands={"app": [PYTHON, MESHAPP, command, *map(str, ports)]},
-            sidemesh=SIDEMESH, token_for=issuer.token,
-        )  # fmt: skip
-        runner.start()
-        runner.procs["app"].expect("listening")
-        m.runners[name] = runner
-    return m
-
 
 @pytest.fixture(scope="module")
 def mesh() -> Iterator[Lab]:
@@ -229,7 +46,7 @@ def mesh() -> Iterator[Lab]:
     require_tools("ip", "iptables-restore")
     envoy_binary()
     with checked_lab("smtel") as lab:
-        m = _start(lab)
+        m = start(lab)
         client = m.pod("client").ns
         ok = app(client, "hits", WEB, "80", "/", str(OK))
         failed = app(client, "hits", WEB, "80", "/fail", str(FAILED))

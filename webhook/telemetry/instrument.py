@@ -10,7 +10,7 @@ label                      client's sidecar (outbound,  server's sidecar (inboun
                            ``reporter=source``)         ``reporter=destination``)
 =========================  ===========================  ====================================
 source_workload            itself (compiled in)         the caller's sidecar's claim (SNI)
-source_namespace           itself                       the caller's verified certificate
+source_namespace           itself                       the caller's sidecar's claim (SNI)
 source_principal           itself                       the caller's verified certificate
 destination_workload       endpoint metadata            itself
 destination_namespace      endpoint metadata            itself
@@ -20,10 +20,11 @@ connection_security_policy endpoint metadata / chain    the chain (TLS or not)
 =========================  ===========================  ====================================
 
 The claim: every outbound chain toward a meshed destination sets the TLS server name (SNI) to
-``<own workload>.<Service host>`` (``set_filter_state``), which the server's sidecar reads
-with ``%REQUESTED_SERVER_NAME%``. It is only as honest as the calling sidecar, which is why the
-principal and namespace come from the certificate instead; a plaintext caller has no claim
-and no certificate: ``unknown``.
+``<own workload>.<own namespace>[.<Service host>]`` (``set_filter_state``); the server's
+sidecar splits it once per connection (CEL ``re.extract`` into filter state, read by the
+labels). It is only as honest as the calling sidecar, which is why the principal comes from
+the certificate (and it names the namespace too); a plaintext caller has no claim and no
+certificate: ``unknown``.
 """
 
 from __future__ import annotations
@@ -50,12 +51,21 @@ _SET_FILTER_STATE = (
 ENDPOINT_METADATA: Final = "sidemesh.io/peer"
 
 _SNI = "connection.requested_server_name"
-_PEER_SAN = "connection.uri_san_peer_certificate"
+#: The caller's claim, ``<workload>.<namespace>[.<service host>]``, split once per connection
+#: (CEL's regex is far too costly to run for every label of every request).
+_CLAIM: Final = {
+    "sidemesh.peer.workload": "^([^.]*)",
+    "sidemesh.peer.namespace": "^[^.]*[.]([^.]*)",
+    "sidemesh.peer.service": "^[^.]*[.][^.]*[.]?(.*)$",
+}
+_CERT_NAMESPACE: Final = (
+    '%CEL(re.extract(connection.uri_san_peer_certificate, "^spiffe://[^/]*/ns/([^/]*)/", "\\\\1"))%'
+)
 _INBOUND_MTLS: Final = {
-    "source_workload": f'%CEL(re.extract({_SNI}, "^([^.]*)", "\\\\1"))%',
-    "source_namespace": f'%CEL(re.extract({_PEER_SAN}, "^spiffe://[^/]*/ns/([^/]*)/", "\\\\1"))%',
+    "source_workload": "%FILTER_STATE(sidemesh.peer.workload:PLAIN)%",
+    "source_namespace": "%FILTER_STATE(sidemesh.peer.namespace:PLAIN)%",
     "source_principal": "%DOWNSTREAM_PEER_URI_SAN%",
-    "destination_service": f'%CEL(re.extract({_SNI}, "^[^.]*\\\\.?(.*)$", "\\\\1"))%',
+    "destination_service": "%FILTER_STATE(sidemesh.peer.service:PLAIN)%",
     "connection_security_policy": "mutual_tls",
 }
 _INBOUND_PLAIN: Final = {
@@ -99,6 +109,8 @@ def instrument_listeners(
                 continue
             if sni is not None:
                 _send_sni(chain["filters"], sni)
+            if labels.get("source_workload") == _INBOUND_MTLS["source_workload"]:
+                chain["filters"] = [_read_claim(), *chain["filters"]]
             _add_loggers(chain["filters"], labels, facts, telemetry)
 
 
@@ -143,7 +155,13 @@ def _chain_identity(
         if str(chain.get("name", "")).startswith(_NOT_INSPECTED):
             # Nothing waits for a server-first protocol's client, so no TLS inspector reads
             # the SNI claim: only the certificate's facts are known.
-            peer = {**peer, "source_workload": UNKNOWN, "destination_service": UNKNOWN}
+            # The certificate names the namespace (CEL, once per connection: it is TCP).
+            peer = {
+                **peer,
+                "source_workload": UNKNOWN,
+                "source_namespace": _CERT_NAMESPACE,
+                "destination_service": UNKNOWN,
+            }
         return {**own, **peer}, None
     cluster = _upstream_cluster(chain)
     if cluster is None:
@@ -164,7 +182,7 @@ def _chain_identity(
             "destination_service": host,
             "connection_security_policy": meta.format("security"),
         }
-        return {**own, **dest}, f"{facts.workload}.{host}"
+        return {**own, **dest}, f"{facts.workload}.{facts.namespace}.{host}"
     meshed = cluster.startswith("outbound_mesh")
     dest = {
         "destination_workload": UNKNOWN,
@@ -172,7 +190,7 @@ def _chain_identity(
         "destination_service": UNKNOWN if meshed else "passthrough",
         "connection_security_policy": "mutual_tls" if meshed else "none",
     }
-    return {**own, **dest}, facts.workload if meshed else None
+    return {**own, **dest}, f"{facts.workload}.{facts.namespace}" if meshed else None
 
 
 def _upstream_cluster(chain: Mapping[str, Any]) -> str | None:
@@ -189,6 +207,29 @@ def _upstream_cluster(chain: Mapping[str, Any]) -> str | None:
                     if "cluster" in route.get("route", {}):
                         return str(route["route"]["cluster"])
     return None
+
+
+def _read_claim() -> dict[str, Any]:
+    """Split the caller's SNI claim into filter state, once per connection (the labels read
+    it with ``%FILTER_STATE(…:PLAIN)%``)."""
+    return {
+        "name": "envoy.filters.network.set_filter_state",
+        "typed_config": {
+            _TYPE: _SET_FILTER_STATE,
+            "on_new_connection": [
+                {
+                    "object_key": key,
+                    "factory_key": "envoy.string",
+                    "format_string": {
+                        "text_format_source": {
+                            "inline_string": f'%CEL(re.extract({_SNI}, "{regex}", "\\\\1"))%'
+                        }
+                    },
+                }
+                for key, regex in _CLAIM.items()
+            ],
+        },
+    }
 
 
 def _send_sni(filters: list[dict[str, Any]], server_name: str) -> None:

@@ -1,0 +1,206 @@
+"""Telemetry cost: the same meshed call with the control plane's telemetry on and off.
+
+Builds the telemetry lab (client → ``web`` Service → web, both meshed, programmed over ADS by
+``sidemesh discovery``) and runs ``wrk -c1`` inside the client pod as the app's uid, in rounds
+that alternate the mesh config's telemetry, restarting the control plane between rounds so the
+sidecars get the other listeners:
+
+* ``off``: ``metrics: false, access_log: off``
+* ``on``: the defaults (golden metrics, access log of failures + 1 %)
+* ``on+tracing``: the defaults plus traces to the lab's OTLP receiver, 1 % sampled
+
+Per mode: p50 at one connection (median over rounds) and each Envoy's CPU per request
+(utime + stime from /proc/PID/stat over the run, divided by the requests).
+
+The lab's figures carry the Python app and both hops' TLS; on a busy machine their noise can
+exceed what is measured. So a second part isolates the golden-metrics logger: one Envoy on
+loopback answering every request itself (``direct_response``), with and without the stats
+logger the control plane compiles for an HTTP chain, same rounds. Root, Envoy and wrk
+required; ``BENCH_SECONDS`` (default 5) per run, ``BENCH_ROUNDS`` (default 3) per mode.
+
+    .venv/bin/python tests/bench/bench_telemetry.py   # table on stdout,
+                                                      # JSON in bench-results/telemetry.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.bench.bench_dataplane import cpu_seconds, wrk  # noqa: E402
+from tests.conftest import envoy_binary  # noqa: E402
+from tests.support.meshlab import app, envoy_pids  # noqa: E402
+from tests.support.netns import NetnsLab  # noqa: E402
+from tests.support.telemetrylab import OTLP_PORT, WEB, start  # noqa: E402
+from webhook.telemetry.metrics import HTTP_LABELS, stats_logger  # noqa: E402
+
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+GOALS = {"added_cpu_per_request": 0.10, "added_p50_ms": 0.05}
+
+
+def modes(collector: str) -> dict[str, dict[str, Any]]:
+    return {
+        "off": {"metrics": False, "access_log": "off"},
+        "on": {},
+        "on+tracing": {"tracing_collector": collector, "tracing_sampling": 1.0},
+    }
+
+
+def run() -> dict[str, Any]:
+    lab = NetnsLab("smtelb")
+    try:
+        m = start(lab, {"metrics": False, "access_log": "off"}, pod_annotations=False)
+        client = m.pod("client").ns
+        envoys = {w: envoy_pids(m.pod(w).ns)[0] for w in ("client", "web")}
+        url = f"http://{WEB}:80/"
+        assert app(client, "hits", WEB, "80", "/", "1")["codes"] == {"200": 1}
+        configs = modes(f"{m.cp.ip}:{OTLP_PORT}")
+        runs: dict[str, list[dict[str, Any]]] = {name: [] for name in configs}
+        current = "off"
+        for _ in range(ROUNDS):
+            for name, telemetry in configs.items():
+                if name != current:
+                    m.restart_discovery(telemetry)
+                    current = name
+                wrk(client, url, 1, 1)  # warm-up after the listener change
+                before = {w: cpu_seconds(p) for w, p in envoys.items()}
+                r = wrk(client, url, 1, SECONDS)
+                for w, p in envoys.items():
+                    r[f"cpu_us_per_req_{w}"] = (cpu_seconds(p) - before[w]) / r["requests"] * 1e6
+                runs[name].append(r)
+        return {"seconds_per_run": SECONDS, "rounds": ROUNDS, "runs": runs}
+    finally:
+        lab.close(raise_errors=False)
+
+
+def _alone_config(port: int, admin: int, loggers: list[Any]) -> dict[str, Any]:
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
+        ".v3.HttpConnectionManager",
+        "stat_prefix": "alone",
+        "access_log": loggers,
+        "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
+            {"match": {"prefix": "/"},
+             "direct_response": {"status": 200, "body": {"inline_string": "hello"}}}]}]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }  # fmt: skip
+    addr = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
+    return {
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
+        "static_resources": {"listeners": [{"name": "l", "address": addr, "filter_chains": [
+            {"filters": [{"name": "envoy.filters.network.http_connection_manager",
+                          "typed_config": hcm}]}]}]},
+    }  # fmt: skip
+
+
+def envoy_alone() -> dict[str, Any]:
+    """CPU per request of one Envoy with and without an HTTP chain's golden-metrics logger."""
+    # The labels as a server sidecar's mTLS chain has them: literals and per-request values.
+    labels = {name: f"x-{name}" for name in HTTP_LABELS}
+    labels["source_principal"] = "%DOWNSTREAM_PEER_URI_SAN%"
+    labels["source_workload"] = "%FILTER_STATE(sidemesh.peer.workload:PLAIN)%"
+    variants = {"off": [], "metrics": [stats_logger("http", labels)]}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(ROUNDS):
+            for name, loggers in variants.items():
+                path = Path(tmp) / "envoy.json"
+                path.write_text(json.dumps(_alone_config(19931, 19930, loggers)))
+                argv = [envoy_binary(), "-c", str(path), "--disable-hot-restart",
+                        "--concurrency", "1", "-l", "error"]  # fmt: skip
+                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                try:
+                    url = "http://127.0.0.1:19931/"
+                    deadline = time.monotonic() + 10
+                    while subprocess.run(["wrk", "-t1", "-c1", "-d1s", url],
+                                         capture_output=True).returncode != 0:  # fmt: skip
+                        assert time.monotonic() < deadline, "envoy never listened"
+                    before = cpu_seconds(proc.pid)
+                    out = subprocess.run(
+                        ["wrk", "-t1", "-c1", f"-d{SECONDS}s", "--latency", url],
+                        capture_output=True, text=True, check=True,
+                    ).stdout  # fmt: skip
+                    used = cpu_seconds(proc.pid) - before
+                finally:
+                    proc.terminate()
+                    proc.wait()
+                total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+                p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+                runs[name].append({"cpu_us_per_req": used / total * 1e6, "p50": p50})
+    return runs
+
+
+def report(results: dict[str, Any]) -> dict[str, Any]:
+    print(f"telemetry on vs off, wrk -c1 keep-alive, {results['seconds_per_run']} s x "
+          f"{results['rounds']} rounds per mode (shared 2-core box)")  # fmt: skip
+    print(f"{'mode':<12}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/req client|web':>24}")
+    summary: dict[str, Any] = {}
+    for name, runs in results["runs"].items():
+        med = {
+            k: statistics.median(r[k] for r in runs)
+            for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req_client", "cpu_us_per_req_web")
+        }
+        summary[name] = {k: round(v, 4) for k, v in med.items()}
+        cpu = f"{med['cpu_us_per_req_client']:.1f} | {med['cpu_us_per_req_web']:.1f}"
+        print(f"{name:<12}{med['rps']:>9.0f}{med['p50_ms']:>9.3f}{med['p99_ms']:>9.3f}{cpu:>24}")
+        assert all(r["non_2xx"] == 0 and r["socket_errors"] == 0 for r in runs), runs
+    off = summary["off"]
+    for name in ("on", "on+tracing"):
+        on = summary[name]
+        cpu_off = off["cpu_us_per_req_client"] + off["cpu_us_per_req_web"]
+        cpu_on = on["cpu_us_per_req_client"] + on["cpu_us_per_req_web"]
+        summary[f"{name}_added_p50_ms"] = round(on["p50_ms"] - off["p50_ms"], 4)
+        summary[f"{name}_added_cpu_per_request"] = round(cpu_on / cpu_off - 1, 4)
+        print(
+            f"{name}: added p50 {on['p50_ms'] - off['p50_ms']:+.3f} ms "
+            f"(goal <= {GOALS['added_p50_ms']}), proxy CPU per request (both Envoys) "
+            f"{100 * (cpu_on / cpu_off - 1):+.1f} % "
+            f"(goal <= {100 * GOALS['added_cpu_per_request']:.0f} %)"
+        )
+    alone = results["envoy_alone"]
+    med = {k: statistics.median(r["cpu_us_per_req"] for r in v) for k, v in alone.items()}
+    summary["envoy_alone_cpu_us_per_req"] = {k: round(v, 1) for k, v in med.items()}
+    print(
+        "one Envoy, direct response, wrk -c1: CPU per request "
+        + ", ".join(f"{k} {v:.1f} us" for k, v in med.items())
+        + f" (+{med['metrics'] - med['off']:.1f} us for the golden-metrics logger); p50s "
+        + ", ".join(f"{k} {[r['p50'] for r in v]}" for k, v in alone.items())
+    )
+    results["summary"] = summary
+    results["goals"] = GOALS
+    return results
+
+
+def main() -> int:
+    if os.geteuid() != 0 or shutil.which("wrk") is None:
+        print("bench_telemetry: needs root and wrk (apt-get install -y wrk); skipped")
+        return 0
+    started = time.monotonic()
+    measured = run()
+    measured["envoy_alone"] = envoy_alone()
+    results = report(measured)
+    results["wall_seconds"] = round(time.monotonic() - started, 1)
+    out = REPO / "bench-results" / "telemetry.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"written to {out.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
