@@ -250,6 +250,18 @@ def _check(parser: Callable[[Any], object], key: str, value: Any) -> None:
 
 
 def _validate(cfg: MeshConfig) -> None:
+    """Every field checked, section by section, in the order of the config file."""
+    _validate_mesh(cfg)
+    _validate_ports(cfg.ports)
+    _validate_proxy(cfg.proxy)
+    _validate_ca(cfg.ca, cfg.proxy)
+    _validate_limits(cfg.limits)
+    _validate_telemetry(cfg.telemetry)
+    if cfg.webhook.max_body_bytes < 1024:
+        raise _fail("webhook.max_body_bytes", cfg.webhook.max_body_bytes, "at least 1024")
+
+
+def _validate_mesh(cfg: MeshConfig) -> None:
     td = cfg.trust_domain
     if not names.is_trust_domain(td):
         raise _fail("trust_domain", td, "a lower-case DNS-like name without '/' or ':'")
@@ -263,13 +275,18 @@ def _validate(cfg: MeshConfig) -> None:
         _check(parse_cidr, "mesh_cidrs", cidr)
     for port in cfg.plaintext_ports:
         _check(check_port, "plaintext_ports", port)
-    ports = cfg.ports.all()
+
+
+def _validate_ports(cfg: Ports) -> None:
+    ports = cfg.all()
     port_keys = ("admin", "outbound", "inbound", "probes", "health", "stats")
     for name_, port in zip(port_keys, ports, strict=True):
         _check(check_port, f"ports.{name_}", port)
     if len(set(ports)) != len(ports):
         raise _fail("ports", ports, "the proxy's ports must be distinct")
-    px = cfg.proxy
+
+
+def _validate_proxy(px: ProxyConfig) -> None:
     for key in ("image", "init_image"):
         image = getattr(px, key)
         if not image or any(ch.isspace() for ch in image):
@@ -287,7 +304,9 @@ def _validate(cfg: MeshConfig) -> None:
             raise _fail(f"proxy.{key}", getattr(px, key), "must be a positive id, not root")
     if px.concurrency < 1:
         raise _fail("proxy.concurrency", px.concurrency, "must be at least 1")
-    ca = cfg.ca
+
+
+def _validate_ca(ca: CAConfig, px: ProxyConfig) -> None:
     if not 1 <= ca.min_ttl_seconds <= ca.default_ttl_seconds <= ca.max_ttl_seconds:
         raise _fail(
             "ca.default_ttl_seconds",
@@ -302,14 +321,19 @@ def _validate(cfg: MeshConfig) -> None:
     for key in ("unauthenticated_per_address_per_minute", "max_token_lifetime_seconds"):
         if getattr(ca, key) < 1:
             raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
-    for key, value in dataclasses.asdict(cfg.limits).items():
+
+
+def _validate_limits(limits: ClientLimits) -> None:
+    for key, value in dataclasses.asdict(limits).items():
         if not value > 0:
             raise _fail(f"limits.{key}", value, "must be positive")
-    if cfg.limits.max_header_bytes < cfg.limits.max_request_line_bytes:
+    if limits.max_header_bytes < limits.max_request_line_bytes:
         raise _fail(
-            "limits.max_header_bytes", cfg.limits.max_header_bytes, "below max_request_line_bytes"
+            "limits.max_header_bytes", limits.max_header_bytes, "below max_request_line_bytes"
         )
-    tm = cfg.telemetry
+
+
+def _validate_telemetry(tm: TelemetryConfig) -> None:
     _check(parse_access_log, "telemetry.access_log", tm.access_log)
     if tm.tracing_collector and not _is_host_port(tm.tracing_collector):
         raise _fail(
@@ -317,8 +341,6 @@ def _validate(cfg: MeshConfig) -> None:
         )
     if not 0 <= tm.tracing_sampling <= 100:
         raise _fail("telemetry.tracing_sampling", tm.tracing_sampling, "a percentage, 0-100")
-    if cfg.webhook.max_body_bytes < 1024:
-        raise _fail("webhook.max_body_bytes", cfg.webhook.max_body_bytes, "at least 1024")
 
 
 def _is_host_port(value: str) -> bool:

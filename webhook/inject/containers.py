@@ -200,6 +200,28 @@ def _health_probe(port: int, period: int, failures: int) -> dict[str, Any]:
     }
 
 
+def _proxy_env(
+    config: MeshConfig, ov: Overrides, s: _Strings, app_ports: str, app_probes: str
+) -> list[dict[str, Any]]:
+    """What the agent learns from its environment: the pod's own facts by the downward API,
+    then the mesh's settings and this pod's app ports and probes."""
+    return [
+        _field_env(names.ENV_POD_NAME, "metadata.name"),
+        _field_env(names.ENV_POD_NAMESPACE, "metadata.namespace"),
+        _field_env(names.ENV_POD_IP, "status.podIP"),
+        _field_env(names.ENV_POD_IPS, "status.podIPs"),
+        _field_env(names.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
+        {"name": names.ENV_TRUST_DOMAIN, "value": config.trust_domain},
+        {"name": names.ENV_DISCOVERY_ADDRESS, "value": config.discovery_address},
+        {"name": names.ENV_INBOUND_MTLS, "value": ov.inbound_mtls},
+        {"name": names.ENV_MESH_CIDRS, "value": s.mesh_cidrs},
+        {"name": names.ENV_PLAINTEXT_PORTS, "value": s.plaintext_ports},
+        {"name": names.ENV_APP_PORTS, "value": app_ports},
+        {"name": names.ENV_APP_PROBES, "value": app_probes},
+        {"name": names.ENV_CERT_TTL, "value": s.cert_ttl},
+    ]
+
+
 def proxy_container(
     config: MeshConfig,
     ov: Overrides,
@@ -222,7 +244,7 @@ def proxy_container(
     fails (the proxy not ready within its deadline) gets the container killed and restarted,
     as a failed startup probe would.
 
-    Written as one literal (every list and dict fresh for this pod) with the strings that
+    Written as literals (every list and dict fresh for this pod) with the strings that
     depend only on the config and overrides worked out once: it runs once per admitted pod.
     """
     px, s = config.proxy, _strings(config, ov)
@@ -233,21 +255,7 @@ def proxy_container(
         "imagePullPolicy": px.image_pull_policy,
         "command": ["sidemesh", "proxy"],
         "args": list(s.proxy_args),
-        "env": [
-            _field_env(names.ENV_POD_NAME, "metadata.name"),
-            _field_env(names.ENV_POD_NAMESPACE, "metadata.namespace"),
-            _field_env(names.ENV_POD_IP, "status.podIP"),
-            _field_env(names.ENV_POD_IPS, "status.podIPs"),
-            _field_env(names.ENV_SERVICE_ACCOUNT, "spec.serviceAccountName"),
-            {"name": names.ENV_TRUST_DOMAIN, "value": config.trust_domain},
-            {"name": names.ENV_DISCOVERY_ADDRESS, "value": config.discovery_address},
-            {"name": names.ENV_INBOUND_MTLS, "value": ov.inbound_mtls},
-            {"name": names.ENV_MESH_CIDRS, "value": s.mesh_cidrs},
-            {"name": names.ENV_PLAINTEXT_PORTS, "value": s.plaintext_ports},
-            {"name": names.ENV_APP_PORTS, "value": app_ports},
-            {"name": names.ENV_APP_PROBES, "value": app_probes},
-            {"name": names.ENV_CERT_TTL, "value": s.cert_ttl},
-        ],
+        "env": _proxy_env(config, ov, s, app_ports, app_probes),
         "ports": [
             {"containerPort": config.ports.stats, "name": METRICS_PORT_NAME, "protocol": "TCP"}
         ],

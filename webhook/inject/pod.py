@@ -1,8 +1,9 @@
 """The injection core: a pod in, the injected pod and its JSON patch out. Pure.
 
 ``inject_pod`` follows the decision (:mod:`webhook.inject.policy`), checks for conflicts
-(:mod:`webhook.inject.conflicts`), then runs the mutation steps in order; each step changes a copy of the pod *and* records the RFC 6902
-operation doing the same (:mod:`webhook.inject.patch`), so the patch is never computed by diffing:
+(:mod:`webhook.inject.conflicts`), then runs the mutation steps in order; each step changes a
+copy of the pod *and* records the RFC 6902 operation doing the same
+(:mod:`webhook.inject.patch`), so the patch is never computed by diffing:
 
 1. probes of app containers (and user init containers) rewritten to the probe port,
 2. ``sidemesh-init`` (and, native, ``sidemesh-proxy``) inserted first in ``initContainers``,
