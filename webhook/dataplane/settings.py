@@ -11,7 +11,7 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from webhook import names
 from webhook.config import DEFAULTS, INBOUND_MTLS_MODES, InboundMTLS, Ports
@@ -109,15 +109,18 @@ class AgentSettings:
         )
 
 
-def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSettings:
-    """Build the settings from parsed flags and the environment; errors name the variable."""
+class _MeshEnv(NamedTuple):
+    """The mesh settings the injector wrote into the proxy's environment, parsed."""
 
-    def need(var: str) -> str:
-        value = env.get(var, "").strip()
-        if not value:
-            raise ConfigError(f"environment variable {var} is required (downward API)")
-        return value
+    inbound_mtls: InboundMTLS
+    mesh_cidrs: tuple[str, ...]
+    plaintext_ports: tuple[int, ...]
+    app_probes: dict[str, dict[str, Any]]
+    cert_ttl_seconds: int | None
 
+
+def _mesh_env(env: Mapping[str, str]) -> _MeshEnv:
+    """Parse the injector's variables (defaults when absent); ConfigError names the variable."""
     mode = env.get(names.ENV_INBOUND_MTLS, "").strip().upper() or DEFAULTS.inbound_mtls
     if mode not in INBOUND_MTLS_MODES:
         raise ConfigError(f"{names.ENV_INBOUND_MTLS}={mode!r}: expected PERMISSIVE or STRICT")
@@ -140,6 +143,19 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
     raw_ttl = env.get(names.ENV_CERT_TTL, "").strip()
     if raw_ttl and not raw_ttl.isdigit():
         raise ConfigError(f"{names.ENV_CERT_TTL}={raw_ttl!r}: expected seconds")
+    return _MeshEnv(mode, tuple(cidrs), plaintext_ports, probes, int(raw_ttl) if raw_ttl else None)
+
+
+def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSettings:
+    """Build the settings from parsed flags and the environment; errors name the variable."""
+
+    def need(var: str) -> str:
+        value = env.get(var, "").strip()
+        if not value:
+            raise ConfigError(f"environment variable {var} is required (downward API)")
+        return value
+
+    mesh = _mesh_env(env)
     pod_ip = env.get(names.ENV_POD_IP, "").strip() or "127.0.0.1"
     try:
         parse_ca_address(str(flags["ca_address"]))
@@ -164,12 +180,12 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
         service_account=env.get(names.ENV_SERVICE_ACCOUNT, "").strip()
         or names.DEFAULT_SERVICE_ACCOUNT,
         trust_domain=env.get(names.ENV_TRUST_DOMAIN, "").strip() or DEFAULTS.trust_domain,
-        inbound_mtls=mode,
-        mesh_cidrs=tuple(cidrs),
-        plaintext_ports=plaintext_ports,
+        inbound_mtls=mesh.inbound_mtls,
+        mesh_cidrs=mesh.mesh_cidrs,
+        plaintext_ports=mesh.plaintext_ports,
         api_servers=api_server_destinations(env),
-        app_probes=probes,
-        cert_ttl_seconds=int(raw_ttl) if raw_ttl else None,
+        app_probes=mesh.app_probes,
+        cert_ttl_seconds=mesh.cert_ttl_seconds,
         discovery_address=env.get(names.ENV_DISCOVERY_ADDRESS, "").strip(),
     )
     if settings.discovery_address:
