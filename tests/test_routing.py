@@ -107,6 +107,41 @@ def test_redirect_and_rewrite_follow_the_gateway_api_by_path_element() -> None:
     assert [apply(rewrite, p) for p in ("/legacy", "/legacy/x", "/legacy//y")] == ["/", "/x", "/y"]
 
 
+def test_a_backend_in_another_namespace_needs_a_reference_grant() -> None:
+    objects = _objects("mesh.yaml")
+    objects["Service"].append(
+        {"kind": "Service", "metadata": {"name": "ledger", "namespace": "bank"},
+         "spec": {"clusterIP": "10.96.9.9", "ports": [{"name": "http", "port": 80}]}}
+    )  # fmt: skip
+    route = objects["HTTPRoute"][0]
+    route["spec"]["rules"][0]["backendRefs"] = [{"name": "ledger", "namespace": "bank", "port": 80}]
+    model = build_model(objects)
+    (problem,) = build_table(objects, model).problems
+    assert problem.field == "spec.rules[0].backendRefs[0]" and "ReferenceGrant" in problem.message
+    grant: dict[str, Any] = {
+        "kind": "ReferenceGrant",
+        "metadata": {"name": "shop-to-ledger", "namespace": "bank"},
+        "spec": {
+            "from": [
+                {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "shop"}
+            ],
+            "to": [{"group": "", "kind": "Service", "name": "ledger"}],
+        },
+    }
+    objects["ReferenceGrant"] = [grant]
+    table = build_table(objects, model)
+    assert table.problems == ()
+    first = next(e for e in table.routes[REVIEWS] if e.source.endswith("rules[0].matches[1]"))
+    assert [t.cluster for t in first.targets] == ["outbound|80||ledger.bank.svc.cluster.local"]
+    assert ("bank", "ledger") in table.backends[("shop", "reviews")]  # scoping follows
+    # A grant for GRPCRoutes, or for another Service, does not cover it.
+    grant["spec"]["from"][0]["kind"] = "GRPCRoute"
+    assert len(build_table(objects, model).problems) == 1
+    grant["spec"]["from"][0]["kind"] = "HTTPRoute"
+    grant["spec"]["to"][0]["name"] = "vault"
+    assert len(build_table(objects, model).problems) == 1
+
+
 def test_grpc_method_matches_become_paths() -> None:
     _, table = _shop()
     paths = [ev.entry_route(e, None)["match"] for e in table.routes[RATINGS]]

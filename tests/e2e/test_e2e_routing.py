@@ -170,6 +170,12 @@ def test_redirect_and_rewrite(mesh: RouteLab) -> None:
     assert rewritten["status"] == 200 and rewritten["answer"]["path"] == "/v2/item"
 
 
+def test_a_reference_grant_lets_a_route_reach_another_namespace(mesh: RouteLab) -> None:
+    result = mesh.load("teller", 20)
+    print(f"teller (demo) -> ledger (bank) by a ReferenceGrant: {result['pods']}")
+    assert result["pods"] == {"web-3": 20}  # ledger's replica, not teller's own (web-1)
+
+
 def test_proxy_config_shows_each_route_with_its_rule(mesh: RouteLab) -> None:
     done = mesh.cp.ns.run([*SIDEMESH, "proxy-config", "demo/client", "--routes"], timeout=20)
     print(done.stdout[:1500])

@@ -60,7 +60,11 @@ SERVICES: dict[str, tuple[str, list[str], int, int, str | None]] = {
     "grpc-a": ("10.96.0.23", ["web-1"], 9090, 9090, "grpc"),
     "grpc-b": ("10.96.0.24", ["web-3"], 9090, 9090, "grpc"),
     "mirrored": ("10.96.0.25", ["web-2"], 80, 8080, None),
+    "teller": ("10.96.0.26", ["web-1"], 80, 8080, None),
+    "ledger": ("10.96.0.27", ["web-3"], 80, 8080, None),
 }
+#: Services of another namespace than ``demo`` (routes reach them by a ReferenceGrant).
+NAMESPACE = {"ledger": "bank"}
 IPS = {name: ip for name, (ip, *_rest) in SERVICES.items()}
 
 
@@ -188,6 +192,20 @@ RULES: dict[str, dict[str, Any]] = {
             },
         ],
     ),
+    "route-teller": _route(
+        "teller", [{"backendRefs": [{"name": "ledger", "namespace": "bank", "port": 80}]}]
+    ),
+    "grant-bank": {
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": "demo-may-call-ledger", "namespace": "bank"},
+        "spec": {
+            "from": [
+                {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": "demo"}
+            ],
+            "to": [{"group": "", "kind": "Service", "name": "ledger"}],
+        },
+    },
     "route-grpc": _route(
         "grpc",
         [{"backendRefs": [_svc_ref("grpc-a", 9090, 80), _svc_ref("grpc-b", 9090, 20)]}],
@@ -239,7 +257,7 @@ def _service(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     svc = {
         "apiVersion": "v1",
         "kind": "Service",
-        "metadata": {"name": name, "namespace": "demo"},
+        "metadata": {"name": name, "namespace": NAMESPACE.get(name, "demo")},
         "spec": {"clusterIP": ip, "clusterIPs": [ip], "ports": [spec_port]},
     }
     return svc, spec_port
@@ -304,7 +322,7 @@ def _slice(name: str, lab: RouteLab) -> dict[str, Any]:
         "kind": "EndpointSlice",
         "metadata": {
             "name": f"{name}-1",
-            "namespace": "demo",
+            "namespace": NAMESPACE.get(name, "demo"),
             "labels": {"kubernetes.io/service-name": name},
         },
         "addressType": "IPv4",
@@ -369,7 +387,8 @@ def start_route_lab(lab: NetnsLab) -> RouteLab:
         ip = pods[name].ip
         record["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
         m.write(f"pod-{name}", record)
-    m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
+    for ns in ("demo", "bank"):
+        m.write(f"ns-{ns}", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}})
     for name in SERVICES:
         m.write(f"svc-{name}", _service(name)[0])
         m.write(f"slice-{name}", _slice(name, m))

@@ -62,13 +62,14 @@ RESOURCES = {
         Resource("HTTPRoute", "gateway.networking.k8s.io/v1", "httproutes", True),
         Resource("GRPCRoute", "gateway.networking.k8s.io/v1", "grpcroutes", True),
         Resource("TrafficPolicy", "sidemesh.io/v1alpha1", "trafficpolicies", True),
+        Resource("ReferenceGrant", "gateway.networking.k8s.io/v1beta1", "referencegrants", True),
         Resource("AccessPolicy", "sidemesh.io/v1alpha1", "accesspolicies", True),
         Resource("RateLimitPolicy", "sidemesh.io/v1alpha1", "ratelimitpolicies", True),
     )
 }
 _BY_KIND = {r.kind: r for r in RESOURCES.values()}
 _LIST_PATH = re.compile(
-    r"^/(?:api/v1|apis/discovery\.k8s\.io/v1|apis/gateway\.networking\.k8s\.io/v1"
+    r"^/(?:api/v1|apis/discovery\.k8s\.io/v1|apis/gateway\.networking\.k8s\.io/v1(?:beta1)?"
     r"|apis/sidemesh\.io/v1alpha1)(?:/namespaces/([^/]+))?/([a-z]+)$"
 )
 

@@ -88,6 +88,7 @@ KINDS: tuple[KindSpec, ...] = (
         for kind, group, version, plural in (
             ("HTTPRoute", "gateway.networking.k8s.io", "v1", "httproutes"),
             ("GRPCRoute", "gateway.networking.k8s.io", "v1", "grpcroutes"),
+            ("ReferenceGrant", "gateway.networking.k8s.io", "v1beta1", "referencegrants"),
             ("TrafficPolicy", "sidemesh.io", "v1alpha1", "trafficpolicies"),
             ("AccessPolicy", "sidemesh.io", "v1alpha1", "accesspolicies"),
             ("RateLimitPolicy", "sidemesh.io", "v1alpha1", "ratelimitpolicies"),

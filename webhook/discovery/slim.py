@@ -35,7 +35,7 @@ __all__ = ["KEEP_SPEC", "slim"]
 
 #: Rule kinds: kept whole (spec and creationTimestamp); they are small and all of them is read.
 KEEP_SPEC = frozenset(
-    {"HTTPRoute", "GRPCRoute", "TrafficPolicy", "AccessPolicy", "RateLimitPolicy"}
+    {"HTTPRoute", "GRPCRoute", "ReferenceGrant", "TrafficPolicy", "AccessPolicy", "RateLimitPolicy"}
 )
 
 _META = ("name", "namespace", "uid", "resourceVersion", "generation", "deletionTimestamp")

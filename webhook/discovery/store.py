@@ -27,6 +27,7 @@ KINDS = (
     "HTTPRoute",
     "GRPCRoute",
     "TrafficPolicy",
+    "ReferenceGrant",
     "AccessPolicy",
     "RateLimitPolicy",
 )

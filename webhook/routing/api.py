@@ -17,6 +17,7 @@ __all__ = [
     "GRPC_ROUTE",
     "HTTP_ROUTE",
     "KINDS",
+    "REFERENCE_GRANT",
     "SIDEMESH_GROUP",
     "SUBSET_KIND",
     "TRAFFIC_POLICY",
@@ -33,7 +34,10 @@ TRAFFIC_POLICY: Final = "TrafficPolicy"
 #: A backendRef kind (group ``sidemesh.io``) naming ``<service>.<subset>``.
 SUBSET_KIND: Final = "ServiceSubset"
 #: The kinds the control plane watches for traffic rules.
-KINDS: Final = (HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY)
+#: Lets routes in other namespaces send to a namespace's Services (``v1beta1``: served by
+#: every Gateway API release that has it).
+REFERENCE_GRANT: Final = "ReferenceGrant"
+KINDS: Final = (HTTP_ROUTE, GRPC_ROUTE, TRAFFIC_POLICY, REFERENCE_GRANT)
 
 Severity = Literal["error", "warning"]
 

@@ -390,11 +390,6 @@ def _backend(
         )
     if not invalid and port is None:
         invalid = "a Service backend needs a port"
-    if not invalid and namespace != ns:
-        invalid = (
-            "a backend in another namespace needs a ReferenceGrant, "
-            "which sidemesh does not read yet"
-        )
     if invalid:
         r.bad(where, f"{invalid}; its share of requests gets 500")
     return Backend(namespace, name, port, weight, subset, where, invalid)

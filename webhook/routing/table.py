@@ -23,7 +23,14 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from webhook.discovery.model import Memo, MeshModel, Service, ServicePort
-from webhook.routing.api import GRPC_ROUTE, HTTP_ROUTE, TRAFFIC_POLICY, Problem
+from webhook.routing.api import (
+    GATEWAY_GROUP,
+    GRPC_ROUTE,
+    HTTP_ROUTE,
+    REFERENCE_GRANT,
+    TRAFFIC_POLICY,
+    Problem,
+)
 from webhook.routing.policy import TrafficPolicy, parse_policy
 from webhook.routing.routes import Backend, Match, Route, Rule, parse_route
 
@@ -113,6 +120,7 @@ def build_table(
     policies = _policies(parsed, model, problems, applies)
     subsets = _subsets(policies, model, problems)
     routes = [get(o, parse_route) for k in (HTTP_ROUTE, GRPC_ROUTE) for o in objects.get(k, ())]
+    grants = reference_grants(objects.get(REFERENCE_GRANT, ()))
     by_port: dict[str, list[tuple[tuple[Any, ...], RouteEntry]]] = {}
     backends: dict[tuple[str, str], set[tuple[str, str]]] = {}
     for route in sorted(routes, key=lambda r: (r.created, r.namespace, r.name, r.kind)):
@@ -121,7 +129,7 @@ def build_table(
         applies[route.ref] = [f"{s.namespace}/{s.name}:{p.port}" for s, p in ports]
         if not ports:
             continue
-        entries = _entries(route, model, policies, problems)
+        entries = _entries(route, model, (policies, grants), problems)
         for svc, port in ports:
             name = svc.cluster_name(port)
             by_port.setdefault(name, []).extend(entries)
@@ -314,16 +322,16 @@ def _attached_ports(
 def _entries(
     route: Route,
     model: MeshModel,
-    policies: Mapping[tuple[str, str], TrafficPolicy],
+    refs: tuple[Mapping[tuple[str, str], TrafficPolicy], frozenset[Grant]],
     problems: list[Problem],
 ) -> list[tuple[tuple[Any, ...], RouteEntry]]:
     out = []
     for rule in route.rules:
-        targets = tuple(_target(route, b, model, policies, problems) for b in rule.backends)
+        targets = tuple(_target(route, b, model, refs, problems) for b in rule.backends)
         targets = tuple(t for t in targets if t.weight > 0)
         mirrors = []
         for m in rule.mirrors:
-            t = _target(route, m.backend, model, policies, problems)
+            t = _target(route, m.backend, model, refs, problems)
             if t.cluster != INVALID_BACKEND:
                 mirrors.append((t.cluster, m.percent))
         for i, match in enumerate(rule.matches):
@@ -339,10 +347,23 @@ def _target(
     route: Route,
     b: Backend,
     model: MeshModel,
-    policies: Mapping[tuple[str, str], TrafficPolicy],
+    refs: tuple[Mapping[tuple[str, str], TrafficPolicy], frozenset[Grant]],
     problems: list[Problem],
 ) -> Target:
+    policies, grants = refs
     if b.invalid:
+        return Target(INVALID_BACKEND, b.weight, b.label)
+    if b.namespace != route.namespace and not granted(grants, route, b.namespace, b.service):
+        problems.append(
+            Problem(
+                route.kind,
+                route.namespace,
+                route.name,
+                b.field,
+                f"a backend in namespace {b.namespace} needs a ReferenceGrant there from "
+                f"{route.kind}s of namespace {route.namespace}: its share of requests gets 500",
+            )
+        )
         return Target(INVALID_BACKEND, b.weight, b.label)
     svc = model.services.get((b.namespace, b.service))
     if svc is None:
@@ -389,6 +410,37 @@ def _target(
         )
         return Target(INVALID_BACKEND, b.weight, b.label)
     return Target(subset_cluster_name(svc, port, b.subset), b.weight, b.label)
+
+
+#: ``(to namespace, from kind, from namespace, Service name or "" for all)``.
+Grant = tuple[str, str, str, str]
+
+
+def reference_grants(objs: Iterable[Mapping[str, Any]]) -> frozenset[Grant]:
+    """What the ReferenceGrants allow: routes of a kind and namespace to a namespace's Services
+    (all of them, or the named one). Entries for other kinds are not the mesh's."""
+    out: set[Grant] = set()
+    for obj in objs:
+        meta, spec = obj.get("metadata") or {}, obj.get("spec") or {}
+        to_ns = str(meta.get("namespace") or "")
+        froms = [
+            (str(f.get("kind")), str(f.get("namespace")))
+            for f in spec.get("from") or []
+            if isinstance(f, Mapping) and f.get("group") == GATEWAY_GROUP
+        ]
+        tos = [
+            str(t.get("name") or "")
+            for t in spec.get("to") or []
+            if isinstance(t, Mapping)
+            and (t.get("group") or "") == ""
+            and t.get("kind") == "Service"
+        ]
+        out.update((to_ns, kind, ns, name) for kind, ns in froms for name in tos)
+    return frozenset(out)
+
+
+def granted(grants: frozenset[Grant], route: Route, namespace: str, service: str) -> bool:
+    return any((namespace, route.kind, route.namespace, name) in grants for name in ("", service))
 
 
 def _precedence(match: Match, route: Route, rule: int, index: int) -> tuple[Any, ...]:
