@@ -17,6 +17,7 @@ WEBHOOK = Path(__file__).resolve().parent.parent / "webhook"
 PURE = (
     "inject",
     "admission.review",
+    "admission.wire",
     "dataplane.capture",
     "dataplane.bootstrap",
     "dataplane.parts",

@@ -5,11 +5,8 @@ holds the response review (a dict ready for ``orjson.dumps``) plus what logs and
 It is pure: the injector is a parameter (the server binds the mesh config and trust bundle
 into it), and there is no I/O, clock or randomness here.
 
-The body is parsed with orjson into plain dicts and checked by hand rather than through a
-validating model: the pod must round-trip untouched, and FastAPI's ``Body(dict)`` parsing
-cost a large share of the webhook's throughput. The TypedDicts below document (and
-type-check) the wire format of ``admission.k8s.io/v1`` and ``v1beta1``, which are identical
-in shape for everything this webhook reads and writes.
+The envelope (its wire types, :func:`parse_review` and the HTTP refusals) is
+:mod:`webhook.admission.wire`'s; its names are re-exported here.
 
 The answers, first match wins:
 
@@ -37,11 +34,22 @@ from __future__ import annotations
 import base64
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Literal, NotRequired, Protocol, TypedDict
+from typing import Any, NamedTuple, Protocol
 
 import orjson
 
-from webhook.errors import AnnotationError, ConflictError, InjectionError, ReviewError
+from webhook.admission.wire import (
+    API_VERSIONS,
+    AdmissionRequest,
+    AdmissionResponse,
+    AdmissionReview,
+    InvalidReview,
+    check_content_type,
+    parse_review,
+    show,
+    too_large,
+)
+from webhook.errors import AnnotationError, ConflictError, InjectionError
 
 __all__ = [
     "API_VERSIONS",
@@ -57,7 +65,6 @@ __all__ = [
     "too_large",
 ]
 
-API_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 #: The API server shows warnings to the user; longer than this they may be cut.
 MAX_WARNING = 120
 #: The deepest JSON orjson encodes; a patch that copies a deeper pod value is refused.
@@ -73,58 +80,6 @@ _TOO_DEEP = (
 _WARNINGS = {
     "host-network": "sidemesh: not injected because the pod uses hostNetwork (no sidecar, no mTLS)",
 }
-
-
-# --- the wire format ------------------------------------------------------------------------
-
-
-class GroupVersionKind(TypedDict):
-    group: str
-    version: str
-    kind: str
-
-
-class GroupVersionResource(TypedDict):
-    group: str
-    version: str
-    resource: str
-
-
-class AdmissionRequest(TypedDict):
-    uid: str
-    kind: GroupVersionKind
-    resource: GroupVersionResource
-    subResource: NotRequired[str]
-    name: NotRequired[str]
-    namespace: NotRequired[str]
-    operation: str  # CREATE | UPDATE | DELETE | CONNECT
-    object: NotRequired[dict[str, Any] | None]
-    oldObject: NotRequired[dict[str, Any] | None]
-    dryRun: NotRequired[bool]
-
-
-class Status(TypedDict):
-    status: Literal["Failure"]
-    code: int
-    reason: str
-    message: str
-
-
-class AdmissionResponse(TypedDict):
-    uid: str
-    allowed: bool
-    patchType: NotRequired[Literal["JSONPatch"]]
-    patch: NotRequired[str]  # base64 of the RFC 6902 JSON
-    status: NotRequired[Status]
-    auditAnnotations: NotRequired[dict[str, str]]
-    warnings: NotRequired[list[str]]
-
-
-class AdmissionReview(TypedDict):
-    apiVersion: str
-    kind: Literal["AdmissionReview"]
-    request: NotRequired[AdmissionRequest]
-    response: NotRequired[AdmissionResponse]
 
 
 # --- the injector seam ------------------------------------------------------------------------
@@ -167,77 +122,44 @@ class Outcome:
     """An unexpected exception from the injector (a bug): the server logs its traceback."""
 
 
-class InvalidReview(ReviewError):
-    """A request that is not an AdmissionReview: answered with HTTP ``status``, not a review.
-
-    ``reason`` is the metric label; ``uid`` is set when the request's uid could still be read,
-    so that even this answer names the review it refuses.
-    """
-
-    def __init__(self, status: int, reason: str, message: str, uid: str = "") -> None:
-        super().__init__(status, message)
-        self.reason = reason
-        self.uid = uid
-
-
-# --- parsing ------------------------------------------------------------------------------------
-
-
-def check_content_type(content_type: str | None) -> None:
-    """The API server sends ``application/json``; anything else is a 415."""
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    if media != "application/json":
-        shown = content_type or "none"
-        raise InvalidReview(
-            415, "content-type", f"Content-Type must be application/json, got {shown}"
-        )
-
-
-def parse_review(body: bytes) -> AdmissionReview:
-    """Check the envelope of a review: JSON object, apiVersion, kind, request, uid.
-
-    The body's size is the reader's business (:func:`webhook.admission.endpoint.read_body`).
-    """
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidReview(400, "not-json", f"body is not valid JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise InvalidReview(
-            400, "not-a-review", f"body must be a JSON object, got {type(doc).__name__}"
-        )
-    request = doc.get("request")
-    uid = request.get("uid") if isinstance(request, dict) else None
-    uid = uid if isinstance(uid, str) else ""
-    api_version = doc.get("apiVersion")
-    kind = doc.get("kind")
-    if kind != "AdmissionReview":
-        raise InvalidReview(
-            400, "not-a-review", f"kind must be AdmissionReview, got {_show(kind)}", uid
-        )
-    if api_version not in API_VERSIONS:
-        message = f"apiVersion must be one of {', '.join(API_VERSIONS)}, got {_show(api_version)}"
-        raise InvalidReview(400, "api-version", message, uid)
-    if not isinstance(request, dict):
-        why = "missing" if request is None else f"a {type(request).__name__}, not an object"
-        raise InvalidReview(400, "no-request", f"AdmissionReview.request is {why}")
-    if not uid:
-        raise InvalidReview(
-            400, "no-uid", "AdmissionReview.request.uid is missing or not a non-empty string"
-        )
-    return doc  # type: ignore[return-value]
-
-
-def too_large(size: int, limit: int) -> InvalidReview:
-    return InvalidReview(413, "too-large", f"AdmissionReview is {size} bytes, limit {limit}")
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 # --- answering ---------------------------------------------------------------------------------
+
+
+class _Envelope(NamedTuple):
+    """What every answer to one review repeats from its envelope."""
+
+    api_version: str
+    uid: str
+    operation: str
+    dry_run: bool
+
+    def answer(
+        self,
+        result: str,
+        reason: str,
+        response: AdmissionResponse,
+        *,
+        namespace: str = "",
+        pod: str = "",
+        patch_ops: int = 0,
+        error: BaseException | None = None,
+    ) -> Outcome:
+        return Outcome(
+            response={
+                "apiVersion": self.api_version,
+                "kind": "AdmissionReview",
+                "response": response,
+            },
+            uid=self.uid,
+            result=result,
+            reason=reason,
+            namespace=namespace,
+            pod=pod,
+            operation=self.operation,
+            dry_run=self.dry_run,
+            patch_ops=patch_ops,
+            error=error,
+        )
 
 
 def review(
@@ -249,55 +171,33 @@ def review(
     """Answer one AdmissionReview. Raises :class:`ReviewError` (HTTP 4xx) for a bad envelope."""
     check_content_type(content_type)
     doc = parse_review(body)
-    api_version = doc["apiVersion"]
     request = doc["request"]  # present: parse_review checked it
     uid = request["uid"]
     operation = request.get("operation") if isinstance(request.get("operation"), str) else ""
-    dry_run = request.get("dryRun") is True
-
-    def answer(
-        result: str,
-        reason: str,
-        response: AdmissionResponse,
-        *,
-        namespace: str = "",
-        pod: str = "",
-        patch_ops: int = 0,
-        error: BaseException | None = None,
-    ) -> Outcome:
-        return Outcome(
-            response={"apiVersion": api_version, "kind": "AdmissionReview", "response": response},
-            uid=uid,
-            result=result,
-            reason=reason,
-            namespace=namespace,
-            pod=pod,
-            operation=str(operation),
-            dry_run=dry_run,
-            patch_ops=patch_ops,
-            error=error,
-        )
+    env = _Envelope(doc["apiVersion"], uid, str(operation), request.get("dryRun") is True)
 
     skip = _not_for_us(request)
     if skip is not None:
-        return answer("skipped", skip, _allow(uid, "skip", skip))
+        return env.answer("skipped", skip, _allow(uid, "skip", skip))
 
     pod = request.get("object")
     req_namespace = request.get("namespace")
     req_namespace = req_namespace if isinstance(req_namespace, str) else ""
     if not isinstance(pod, dict):
-        return answer("denied", "invalid-object", _deny(uid, "request.object is not a Pod object"))
+        return env.answer(
+            "denied", "invalid-object", _deny(uid, "request.object is not a Pod object")
+        )
     meta = pod.get("metadata")
     if meta is None:
         meta = {}
     if not isinstance(meta, dict):
-        return answer(
+        return env.answer(
             "denied", "invalid-object", _deny(uid, "request.object.metadata is not an object")
         )
     namespace = meta.get("namespace") or req_namespace
     pod_name = _pod_name(meta, request)
     if not isinstance(namespace, str) or not namespace:
-        return answer(
+        return env.answer(
             "denied",
             "invalid-object",
             _deny(uid, "no namespace: neither request.namespace nor the pod's metadata has one"),
@@ -305,38 +205,41 @@ def review(
         )
     try:
         injection = injector(pod, namespace)
-    except AnnotationError as exc:
-        return answer(
-            "denied", "bad-annotation", _deny(uid, str(exc)), namespace=namespace, pod=pod_name
+    except Exception as exc:
+        reason, response = _refusal(exc, uid)
+        # Only a bug in the core carries its exception out: the server logs its traceback.
+        error = exc if reason == "internal-error" else None
+        return env.answer(
+            "denied", reason, response, namespace=namespace, pod=pod_name, error=error
         )
-    except ConflictError as exc:
-        return answer("denied", "conflict", _deny(uid, str(exc)), namespace=namespace, pod=pod_name)
-    except InjectionError as exc:
-        return answer(
-            "denied", "invalid-pod", _deny(uid, str(exc)), namespace=namespace, pod=pod_name
-        )
-    except RecursionError:
-        return answer(
-            "denied", "too-deep", _deny(uid, _TOO_DEEP), namespace=namespace, pod=pod_name
-        )
-    except (TypeError, AttributeError, KeyError, ValueError) as exc:
+    return _answer_injection(env, injection, namespace, pod_name)
+
+
+def _refusal(exc: Exception, uid: str) -> tuple[str, AdmissionResponse]:
+    """The reason and the denial for an injector that raised ``exc``."""
+    if isinstance(exc, AnnotationError):
+        return "bad-annotation", _deny(uid, str(exc))
+    if isinstance(exc, ConflictError):
+        return "conflict", _deny(uid, str(exc))
+    if isinstance(exc, InjectionError):
+        return "invalid-pod", _deny(uid, str(exc))
+    if isinstance(exc, RecursionError):
+        return "too-deep", _deny(uid, _TOO_DEEP)
+    if isinstance(exc, TypeError | AttributeError | KeyError | ValueError):
         # A pod whose fields have the wrong JSON types (a list where an object belongs) is not
         # a pod the API server would have sent; refuse it with the reason instead of a 500.
-        message = f"request.object is not a valid Pod: {type(exc).__name__}: {_show(str(exc))}"
-        return answer(
-            "denied", "invalid-object", _deny(uid, message), namespace=namespace, pod=pod_name
-        )
-    except Exception as exc:  # a bug in the core: refuse this pod, keep serving, log it
-        message = f"sidemesh could not inject this pod (internal error, review uid {uid})"
-        return answer(
-            "denied",
-            "internal-error",
-            _deny(uid, message, code=500),
-            namespace=namespace,
-            pod=pod_name,
-            error=exc,
-        )
+        message = f"request.object is not a valid Pod: {type(exc).__name__}: {show(str(exc))}"
+        return "invalid-object", _deny(uid, message)
+    # A bug in the core: refuse this pod, keep serving, log it.
+    message = f"sidemesh could not inject this pod (internal error, review uid {uid})"
+    return "internal-error", _deny(uid, message, code=500)
 
+
+def _answer_injection(
+    env: _Envelope, injection: _Injection, namespace: str, pod_name: str
+) -> Outcome:
+    """Allow the pod: unchanged, skipped (with a warning for some reasons) or patched."""
+    uid = env.uid
     decision = injection.decision
     ops = injection.patch
     if not decision.inject:
@@ -344,20 +247,20 @@ def review(
         warning = _WARNINGS.get(decision.reason)
         if warning:
             response["warnings"] = [warning[:MAX_WARNING]]
-        return answer("skipped", decision.reason, response, namespace=namespace, pod=pod_name)
+        return env.answer("skipped", decision.reason, response, namespace=namespace, pod=pod_name)
     if not ops:
         response = _allow(uid, "unchanged", decision.reason)
-        return answer("unchanged", decision.reason, response, namespace=namespace, pod=pod_name)
+        return env.answer("unchanged", decision.reason, response, namespace=namespace, pod=pod_name)
     try:
         encoded = orjson.dumps(ops)
     except orjson.JSONEncodeError:  # orjson stops at 255 levels; the pod's own values do not
-        return answer(
+        return env.answer(
             "denied", "too-deep", _deny(uid, _TOO_DEEP), namespace=namespace, pod=pod_name
         )
     response = _allow(uid, "inject", decision.reason)
     response["patchType"] = "JSONPatch"
     response["patch"] = base64.b64encode(encoded).decode("ascii")
-    return answer(
+    return env.answer(
         "injected",
         decision.reason,
         response,
