@@ -33,14 +33,12 @@ the SPIFFE id, serial and expiry of each certificate; never a token, a CSR or a 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypedDict
+from typing import TypedDict
 
 import orjson
 from cryptography import x509
@@ -53,10 +51,11 @@ from webhook.ca.authority import (
     CertificateAuthority,
     resolve_ttl,
 )
-from webhook.ca.tokens import JWKSVerifier, TokenReviewVerifier, TokenVerifier
+from webhook.ca.tokens import TokenVerifier
 from webhook.ca.trust import ReloadingTrust
+from webhook.ca.verifiers import VERIFIER_ENV, VerifierOptions
 from webhook.config import MeshConfig
-from webhook.errors import IdentityError, PKIError, SidemeshError
+from webhook.errors import IdentityError, PKIError
 from webhook.server.asgi import BodyTooLarge, read_body
 
 __all__ = [
@@ -190,39 +189,87 @@ def certificates_router(
     ``trust_bundle`` gives the roots answered as ``trustBundle`` (default: the signer's root
     alone); with a rotation under way that is the old and the new root.
     """
-    current_ca = ca if callable(ca) else (lambda: ca)
-    metrics = _metrics_for(registry)
-    limiter = RateLimiter(config.ca.rate_per_identity_per_minute, clock=rate_clock)
-    failures = RateLimiter(config.ca.unauthenticated_per_address_per_minute, clock=rate_clock)
-    limit = config.ca.max_body_bytes
+    endpoint = _CertificateEndpoint(
+        current_ca=ca if callable(ca) else (lambda: ca),
+        verifier=verifier,
+        config=config,
+        metrics=_metrics_for(registry),
+        clock=clock,
+        rate_clock=rate_clock,
+        trust_bundle=trust_bundle,
+        on_unexpected=on_unexpected,
+    )
     router = APIRouter()
+    # A plain Starlette route: the handler reads the raw request itself, so FastAPI's
+    # dependency and body machinery would only add per-request cost.
+    router.add_route(PATH, endpoint.issue, methods=["POST"], include_in_schema=False)
+    return router
 
-    def refuse(exc: IdentityError, who: str = "") -> Response:
-        metrics.refused.labels(exc.reason).inc()
+
+class _CertificateEndpoint:
+    """The steps of the module docstring's table, one method per group of them."""
+
+    def __init__(
+        self,
+        *,
+        current_ca: Callable[[], CertificateAuthority],
+        verifier: TokenVerifier,
+        config: MeshConfig,
+        metrics: CAMetrics,
+        clock: Callable[[], datetime],
+        rate_clock: Callable[[], float],
+        trust_bundle: Callable[[], str] | None,
+        on_unexpected: Callable[[], None],
+    ) -> None:
+        self.current_ca = current_ca
+        self.verifier = verifier
+        self.config = config
+        self.metrics = metrics
+        self.clock = clock
+        self.trust_bundle = trust_bundle
+        self.on_unexpected = on_unexpected
+        self.limiter = RateLimiter(config.ca.rate_per_identity_per_minute, clock=rate_clock)
+        self.failures = RateLimiter(
+            config.ca.unauthenticated_per_address_per_minute, clock=rate_clock
+        )
+        self.limit = config.ca.max_body_bytes
+
+    async def issue(self, request: Request) -> Response:
+        try:
+            return await self.answer(request)
+        except Exception:  # a bug: never a bare 500 page, never the exception's text
+            log.exception("unexpected error answering a certificate request")
+            self.metrics.refused.labels("internal").inc()
+            self.on_unexpected()
+            return _error(500, "internal", "the CA could not answer; see its log")
+
+    def refuse(self, exc: IdentityError, who: str = "") -> Response:
+        self.metrics.refused.labels(exc.reason).inc()
         log.info(
             "certificate request refused",
             extra={"event": "ca-refused", "reason": exc.reason, "status": exc.status, "id": who},
         )
         return _error(exc.status, exc.reason, str(exc))
 
-    async def issue(request: Request) -> Response:
-        try:
-            return await answer(request)
-        except Exception:  # a bug: never a bare 500 page, never the exception's text
-            log.exception("unexpected error answering a certificate request")
-            metrics.refused.labels("internal").inc()
-            on_unexpected()
-            return _error(500, "internal", "the CA could not answer; see its log")
+    def unauthenticated(self, exc: IdentityError, address: str) -> Response:
+        self.failures.allow(address)  # spends one of the address's budget
+        return self.refuse(exc)
 
-    def unauthenticated(exc: IdentityError, address: str) -> Response:
-        failures.allow(address)  # spends one of the address's budget
-        return refuse(exc)
-
-    async def answer(request: Request) -> Response:
+    async def answer(self, request: Request) -> Response:
         address = request.client.host if request.client is not None else ""
-        wait = failures.wait(address)
+        raw = await self.read(request, address)
+        if isinstance(raw, Response):
+            return raw
+        spiffe_id = await self.authenticate(request, address)
+        if isinstance(spiffe_id, Response):
+            return spiffe_id
+        return self.sign(raw, spiffe_id)
+
+    async def read(self, request: Request, address: str) -> bytes | Response:
+        """Steps 1-3: the address's budget, the media type, a bounded body."""
+        wait = self.failures.wait(address)
         if wait > 0:
-            metrics.refused.labels("rate-limited-address").inc()
+            self.metrics.refused.labels("rate-limited-address").inc()
             return _error(
                 429,
                 "rate-limited-address",
@@ -231,35 +278,38 @@ def certificates_router(
             )
         media = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if media != _JSON:
-            return refuse(IdentityError(415, "content-type", "Content-Type must be " + _JSON))
+            return self.refuse(IdentityError(415, "content-type", "Content-Type must be " + _JSON))
         try:
-            raw = await read_body(request.scope, request.receive, limit)
+            raw = await read_body(request.scope, request.receive, self.limit)
         except BodyTooLarge:
-            return refuse(IdentityError(413, "too-large", f"body above {limit} bytes"))
+            return self.refuse(IdentityError(413, "too-large", f"body above {self.limit} bytes"))
         if raw is None:  # the client went away
             return Response(status_code=400)
+        return raw
 
+    async def authenticate(self, request: Request, address: str) -> str | Response:
+        """Steps 4-6: the token, the SPIFFE id it proves, that id's rate limit."""
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
-            return unauthenticated(
+            return self.unauthenticated(
                 IdentityError(
                     401, "no-token", "send Authorization: Bearer <service-account token>"
                 ),
                 address,
             )
         try:
-            identity = await verifier.verify(token.strip())
-            spiffe_id = identity.spiffe_id(config.trust_domain)
+            identity = await self.verifier.verify(token.strip())
+            spiffe_id = identity.spiffe_id(self.config.trust_domain)
         except IdentityError as exc:
             if exc.status in (401, 403):
-                return unauthenticated(exc, address)
-            return refuse(exc)
+                return self.unauthenticated(exc, address)
+            return self.refuse(exc)
         except ValueError as exc:  # names the SPIFFE format cannot carry
-            return unauthenticated(IdentityError(403, "bad-identity", str(exc)), address)
+            return self.unauthenticated(IdentityError(403, "bad-identity", str(exc)), address)
 
-        wait = limiter.allow(spiffe_id)
+        wait = self.limiter.allow(spiffe_id)
         if wait > 0:
-            metrics.refused.labels("rate-limited").inc()
+            self.metrics.refused.labels("rate-limited").inc()
             log.info(
                 "certificate request refused",
                 extra={"event": "ca-refused", "reason": "rate-limited", "id": spiffe_id},
@@ -270,24 +320,27 @@ def certificates_router(
                 f"too many requests for {spiffe_id}; retry in {wait:.0f} s",
                 headers={"Retry-After": str(max(1, round(wait)))},
             )
+        return spiffe_id
 
+    def sign(self, raw: bytes, spiffe_id: str) -> Response:
+        """Steps 7-9: the body, the TTL, the CSR; then the certificate, logged and answered."""
         try:
             csr, ttl_seconds = _parse_body(raw)
-            ttl = resolve_ttl(ttl_seconds, config.ca)
-            authority = current_ca()
-            now = clock()
+            ttl = resolve_ttl(ttl_seconds, self.config.ca)
+            authority = self.current_ca()
+            now = self.clock()
             started = time.perf_counter()
             cert_pem = authority.sign_workload(csr, spiffe_id, now=now, ttl=ttl)
-            metrics.signing.observe(time.perf_counter() - started)
+            self.metrics.signing.observe(time.perf_counter() - started)
         except IdentityError as exc:
-            return refuse(exc, spiffe_id)
+            return self.refuse(exc, spiffe_id)
         except PKIError as exc:
             log.error("cannot sign", extra={"event": "ca-error", "error": str(exc)})
-            metrics.refused.labels("ca-unavailable").inc()
+            self.metrics.refused.labels("ca-unavailable").inc()
             return _error(503, "ca-unavailable", str(exc))
         # X.509 times have whole seconds: say exactly what the certificate says.
         expires_at = min(now + ttl, authority.not_after).strftime("%Y-%m-%dT%H:%M:%SZ")
-        metrics.issued.inc()
+        self.metrics.issued.inc()
         if log.isEnabledFor(logging.INFO):
             serial = x509.load_pem_x509_certificate(cert_pem.encode()).serial_number
             log.info(
@@ -299,18 +352,14 @@ def certificates_router(
                     "expires": expires_at,
                 },
             )
+        bundle = authority.root_pem if self.trust_bundle is None else self.trust_bundle()
         body: CertificateResponse = {
             "certificateChain": cert_pem,
-            "trustBundle": authority.root_pem if trust_bundle is None else trust_bundle(),
+            "trustBundle": bundle,
             "expiresAt": expires_at,
             "spiffeId": spiffe_id,
         }
         return Response(orjson.dumps(body), media_type=_JSON)
-
-    # A plain Starlette route: the handler reads the raw request itself, so FastAPI's
-    # dependency and body machinery would only add per-request cost.
-    router.add_route(PATH, issue, methods=["POST"], include_in_schema=False)
-    return router
 
 
 def _parse_body(raw: bytes) -> tuple[str, int | None]:
@@ -327,69 +376,6 @@ def _parse_body(raw: bytes) -> tuple[str, int | None]:
     if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, int)):
         raise IdentityError(400, "bad-ttl", "ttlSeconds must be an integer")
     return csr, ttl
-
-
-# --- choosing the token verifier -------------------------------------------------------------
-
-
-#: The environment variables behind each :class:`VerifierOptions` field.
-VERIFIER_ENV = {
-    "jwks_file": "SIDEMESH_JWKS_FILE",
-    "jwks_url": "SIDEMESH_JWKS_URL",
-    "jwks_issuer": "SIDEMESH_JWKS_ISSUER",
-    "jwks_ca_file": "SIDEMESH_JWKS_CA_FILE",
-    "token_review": "SIDEMESH_TOKEN_REVIEW",
-    "kubeconfig": "SIDEMESH_KUBECONFIG",
-}
-
-
-@dataclass(frozen=True)
-class VerifierOptions:
-    """How ``sidemesh serve`` authenticates tokens (picklable, so workers can rebuild it).
-
-    Precedence: a JWKS source (``jwks_file`` or ``jwks_url``, with ``jwks_issuer``) if given;
-    else TokenReview when ``token_review`` is set or when running in a cluster; else none (the
-    CA endpoint is then not served). Environment variables fill what flags leave unset.
-    """
-
-    jwks_file: str | None = None
-    jwks_url: str | None = None
-    jwks_issuer: str | None = None
-    jwks_ca_file: str | None = None
-    token_review: bool = False
-    kubeconfig: str | None = None
-
-    @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides: Any) -> VerifierOptions:
-        env = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for field_name, var in VERIFIER_ENV.items():
-            if overrides.get(field_name) not in (None, False):
-                values[field_name] = overrides[field_name]
-            elif env.get(var):
-                raw = env[var]
-                values[field_name] = (
-                    raw.lower() in {"1", "true", "yes"} if (field_name == "token_review") else raw
-                )
-        return cls(**values)
-
-    def build(self, *, max_token_lifetime_seconds: int = 86400) -> TokenVerifier | None:
-        if self.jwks_file or self.jwks_url:
-            if not self.jwks_issuer:
-                raise SidemeshError("--jwks-issuer is required with --jwks-file/--jwks-url")
-            return JWKSVerifier(
-                self.jwks_issuer,
-                jwks_file=self.jwks_file,
-                jwks_url=None if self.jwks_file else self.jwks_url,
-                url_ca_file=self.jwks_ca_file,
-                max_lifetime_seconds=max_token_lifetime_seconds,
-            )
-        from webhook.kube.client import KubeClient, in_cluster
-
-        if self.token_review or self.kubeconfig or in_cluster():
-            kube = KubeClient.connect(kubeconfig=self.kubeconfig)
-            return TokenReviewVerifier(kube.review_token)
-        return None
 
 
 def router_from_config(

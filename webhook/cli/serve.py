@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from webhook.ca.api import VerifierOptions
+    from webhook.ca.verifiers import VerifierOptions
 
 __all__ = ["LIMIT_FLAGS", "curl_example", "register"]
 
@@ -188,7 +188,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 
 def _verifier_options(args: argparse.Namespace) -> VerifierOptions:
-    from webhook.ca.api import VerifierOptions  # FastAPI: imported only when serving
+    from webhook.ca.verifiers import VerifierOptions
 
     return VerifierOptions.from_env(
         jwks_file=args.jwks_file,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from webhook.ca.api import VerifierOptions
+    from webhook.ca.verifiers import VerifierOptions
     from webhook.config import MeshConfig
 
 __all__ = ["ServeSettings", "Supervisor", "run_worker", "start_metrics_port"]
