@@ -30,7 +30,7 @@ import functools
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -81,19 +81,51 @@ def create_app(
     ``bundle`` is the trust bundle PEM, or a function that returns the current one (called
     once per review: :meth:`webhook.ca.trust.ReloadingTrust.bundle` follows ``ca.crt``).
     """
-    if injector is None:
-        from webhook.inject.pod import inject_pod
-
-        if callable(bundle):
-            current = bundle
-            injector = lambda pod, namespace: inject_pod(  # noqa: E731
-                pod, namespace=namespace, config=config, bundle=current()
-            )
-        else:
-            core = functools.partial(inject_pod, config=config, bundle=bundle)
-            injector = lambda pod, namespace: core(pod, namespace=namespace)  # noqa: E731
-    bound_injector: Injector = injector
+    bound_injector = injector if injector is not None else _core_injector(config, bundle)
     metrics = metrics if metrics is not None else Metrics()
+    app = FastAPI(
+        title="sidemesh",
+        version=__version__,
+        lifespan=_lifespan(services),
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.metrics = metrics
+    app.state.tls = tls
+    app.state.draining = False
+    app.add_exception_handler(Exception, _unexpected_handler(metrics))
+    _add_status_routes(app, metrics, tls)
+    for router in routers:
+        app.include_router(router)
+    # /mutate goes first, ahead of even Starlette's error middleware (it catches its own): the
+    # stack is built here once, as Starlette would on the first request, with it outermost.
+    app.middleware_stack = MutateEndpoint(
+        app.build_middleware_stack(),
+        injector=bound_injector,
+        max_body_bytes=config.webhook.max_body_bytes,
+        metrics=metrics,
+    )
+    return app
+
+
+def _core_injector(config: MeshConfig, bundle: str | Callable[[], str]) -> Injector:
+    """The injection core with the config and the (current) trust bundle bound."""
+    from webhook.inject.pod import inject_pod
+
+    if callable(bundle):
+        current = bundle
+        return lambda pod, namespace: inject_pod(
+            pod, namespace=namespace, config=config, bundle=current()
+        )
+    core = functools.partial(inject_pod, config=config, bundle=bundle)
+    return lambda pod, namespace: core(pod, namespace=namespace)
+
+
+def _lifespan(
+    services: Sequence[Service],
+) -> Callable[[FastAPI], contextlib.AbstractAsyncContextManager[None]]:
+    """Start the services in order with the app; stop the started ones in reverse."""
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -107,18 +139,10 @@ def create_app(
             for service in reversed(started):
                 await service.stop()
 
-    app = FastAPI(
-        title="sidemesh",
-        version=__version__,
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.state.metrics = metrics
-    app.state.tls = tls
-    app.state.draining = False
+    return lifespan
 
+
+def _unexpected_handler(metrics: Metrics) -> Callable[[Request, Exception], Awaitable[Response]]:
     async def unexpected(_request: Request, _exc: Exception) -> Response:
         # A bug in a route: Starlette re-raises it to uvicorn, which logs the traceback;
         # counted here and answered without the exception's text.
@@ -129,7 +153,11 @@ def create_app(
         headers = {"connection": "close"}
         return Response(body, status_code=500, media_type=_JSON, headers=headers)
 
-    app.add_exception_handler(Exception, unexpected)
+    return unexpected
+
+
+def _add_status_routes(app: FastAPI, metrics: Metrics, tls: ReloadingTLS | None) -> None:
+    """``/healthz``, ``/readyz`` and ``/metrics``."""
 
     @app.get("/healthz")
     async def healthz() -> Response:
@@ -153,18 +181,6 @@ def create_app(
     async def metrics_endpoint() -> Response:
         text, content_type = metrics.render()
         return Response(text, media_type=content_type)
-
-    for router in routers:
-        app.include_router(router)
-    # /mutate goes first, ahead of even Starlette's error middleware (it catches its own): the
-    # stack is built here once, as Starlette would on the first request, with it outermost.
-    app.middleware_stack = MutateEndpoint(
-        app.build_middleware_stack(),
-        injector=bound_injector,
-        max_body_bytes=config.webhook.max_body_bytes,
-        metrics=metrics,
-    )
-    return app
 
 
 # --- serving -------------------------------------------------------------------------------
