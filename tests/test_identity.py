@@ -11,11 +11,10 @@ import jwt
 import pytest
 
 from tests.support.jwks_issuer import Issuer
+from webhook.ca.tokenreview import ReviewResult, TokenReviewVerifier
 from webhook.ca.tokens import (
     Identity,
     JWKSVerifier,
-    ReviewResult,
-    TokenReviewVerifier,
     identity_from_username,
     parse_spiffe_id,
     spiffe_id,

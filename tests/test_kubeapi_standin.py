@@ -21,7 +21,8 @@ from tests.support.jwks_issuer import Issuer
 from tests.support.pki import make_csr, openssl_verify
 from webhook.ca.api import VerifierOptions
 from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
-from webhook.ca.tokens import Identity, JWKSVerifier, TokenReviewVerifier
+from webhook.ca.tokenreview import TokenReviewVerifier
+from webhook.ca.tokens import Identity, JWKSVerifier
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
 from webhook.kube.client import KubeAPIError, KubeClient

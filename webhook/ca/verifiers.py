@@ -11,7 +11,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from webhook.ca.tokens import JWKSVerifier, TokenReviewVerifier, TokenVerifier
+from webhook.ca.tokenreview import TokenReviewVerifier
+from webhook.ca.tokens import JWKSVerifier, TokenVerifier
 from webhook.errors import SidemeshError
 
 __all__ = ["VERIFIER_ENV", "VerifierOptions"]

@@ -5,7 +5,7 @@ reads the mesh's Secrets with it, the CA's upkeep patches the webhook's ``caBund
 the serving certificate with it, the certificates API reviews tokens with it, the CNI node agent
 looks pods up with it, and the discovery source lists and watches through its ``api_client``.
 The calls take and return plain Python values (``dict[str, bytes]`` for Secret data, PEM
-strings, a :class:`~webhook.ca.tokens.ReviewResult`); the ``kubernetes`` package and its models
+strings, a :class:`~webhook.ca.tokenreview.ReviewResult`); the ``kubernetes`` package and its models
 stay inside this module (the discovery list/watch aside, which keeps whole objects as JSON).
 
 * ``TokenReview`` (``authentication.k8s.io/v1``): is this bearer token valid for audience
@@ -38,7 +38,7 @@ from webhook.errors import SidemeshError
 if TYPE_CHECKING:
     from kubernetes.client import AdmissionregistrationV1Api, AuthenticationV1Api, CoreV1Api
 
-    from webhook.ca.tokens import ReviewResult
+    from webhook.ca.tokenreview import ReviewResult
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -176,10 +176,10 @@ class KubeClient:
         self, token: str, audiences: tuple[str, ...] = (names.TOKEN_AUDIENCE,)
     ) -> ReviewResult:
         """The API server's verdict on ``token`` (for
-        :class:`webhook.ca.tokens.TokenReviewVerifier`)."""
+        :class:`webhook.ca.tokenreview.TokenReviewVerifier`)."""
         from kubernetes import client
 
-        from webhook.ca.tokens import ReviewResult
+        from webhook.ca.tokenreview import ReviewResult
 
         body = client.V1TokenReview(
             api_version="authentication.k8s.io/v1",
