@@ -199,6 +199,20 @@ class Lab:
         assert done.returncode in (0, 3), done.stderr
         return done.stdout.strip()
 
+    def sidecar_log(self, pod: str) -> list[str]:
+        return "\n".join(p.output() for p in self.runners[pod].procs.values()).splitlines()
+
+    def wait_logged(self, pod: str, start: str) -> str:
+        """The first line of ``pod``'s output starting with ``start`` (Envoy writes its stdout
+        logs out every 10 s by default, so this waits up to 15)."""
+        deadline = time.monotonic() + 15
+        while True:
+            found = [line for line in self.sidecar_log(pod) if line.startswith(start)]
+            if found:
+                return found[0]
+            assert time.monotonic() < deadline, f"{pod} never logged {start!r}"
+            time.sleep(0.2)
+
     def tcp(self, caller: str, to: str = "web-1") -> bool:
         return bool(self.call(caller, "tcp", self.ip(to), "9000")["echoed"])
 
@@ -315,6 +329,8 @@ def test_allow_admits_exactly_the_listed_identity(clean: Lab) -> None:
     assert m.http("legacy")["status"] == 403  # plaintext: no identity at all
     assert m.tcp("client") and not m.tcp("other")  # network RBAC on the TCP chain
     assert not m.tcp("legacy")
+    tcp_denied = "sidemesh-authz denied tcp spiffe://cluster.local/ns/demo/sa/other port=9000 "
+    m.wait_logged("web-1", tcp_denied)
     report = m.debug("/debug/policies")["access"]
     assert report == [{"policy": "demo/allow-client", "action": "ALLOW", "unresolved": [],
                        "selects": ["demo/web-1", "demo/web-2", "demo/web-3"]}]  # fmt: skip
@@ -343,6 +359,12 @@ def test_deny_beats_allow_and_the_body_names_the_policy(clean: Lab) -> None:
     assert denied["status"] == 403
     assert "rbac_access_denied_matched_policy[demo/no-admin]" in denied["body"]
     assert m.predicted("client", "/admin/users") == "DENY  denied by DENY policy demo/no-admin"
+    # The server's sidecar logged the denial: caller, request, the deciding policy.
+    line = m.wait_logged(
+        "web-1",
+        "sidemesh-authz denied http spiffe://cluster.local/ns/demo/sa/client GET /admin/users",
+    )
+    assert line.endswith("port=8080 rbac_access_denied_matched_policy[demo/no-admin]")
     # On TCP a DENY rule keeps its sources and drops the HTTP fields: it denies more, not less.
     assert not m.tcp("client")
 
@@ -385,6 +407,10 @@ def test_audit_denies_nothing_but_counts(clean: Lab) -> None:
         assert m.http("other")["status"] == 200
     assert m.http("client")["status"] == 200
     assert stats(m.pods["web-1"].ns, name)[name] == before + 3
+    line = m.wait_logged(
+        "web-1", "sidemesh-authz audit http spiffe://cluster.local/ns/demo/sa/other"
+    )
+    assert line.endswith("port=8080 demo/watch-other")
 
 
 def test_policy_changes_fail_no_request_of_an_unaffected_caller(clean: Lab) -> None:
@@ -437,6 +463,9 @@ def test_global_limit_is_shared_by_three_replicas_per_caller(clean: Lab) -> None
     print("client:", burst)
     assert burst["statuses"] == {"200": 5, "429": 4}
     assert m.call("other", "burst", WEB_VIP, "80", "3")["statuses"] == {"200": 3}
+    # A plaintext caller has no identity: all of them share one budget of their own.
+    plain = m.call("legacy", "burst", m.ip("web-1"), "8080", "7")
+    assert plain["statuses"] == {"200": 5, "429": 2}
 
 
 def test_local_limit_is_a_token_bucket_per_sidecar(clean: Lab) -> None:

@@ -19,6 +19,7 @@ from envoy.config.listener.v3 import listener_pb2
 from envoy.config.rbac.v3 import rbac_pb2  # noqa: F401
 from envoy.config.route.v3 import route_pb2
 from envoy.config.trace.v3 import opentelemetry_pb2  # noqa: F401
+from envoy.extensions.access_loggers.filters.cel.v3 import cel_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stats.v3 import stats_pb2  # noqa: F401
 from envoy.extensions.access_loggers.stream.v3 import stream_pb2 as access_stream_pb2  # noqa: F401
 from envoy.extensions.filters.http.fault.v3 import fault_pb2  # noqa: F401

@@ -46,7 +46,6 @@ __all__ = [
 
 HTTP_RBAC: Final = "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC"
 TCP_RBAC: Final = "type.googleapis.com/envoy.extensions.filters.network.rbac.v3.RBAC"
-_STDOUT_AUDIT = "type.googleapis.com/envoy.extensions.rbac.audit_loggers.stream.v3.StdoutAuditLog"
 #: The ECDS resource names, in the order the filters run.
 ECDS_NAMES: Final = {
     "http": ("sidemesh.authz.http.deny", "sidemesh.authz.http.allow"),
@@ -123,23 +122,8 @@ def _rbac(
             compiled = _rule(rule, layer, action, trust_domain)
             if compiled is not None:
                 policies[rule_id] = compiled
-    # Log what this filter denies (or, for AUDIT shadow rules, would deny): Envoy's stdout
-    # audit logger writes one line per decision, naming the caller and the policy.
-    return {
-        "action": "ALLOW" if action == "ALLOW" else "DENY",
-        "policies": policies,
-        "audit_logging_options": {
-            "audit_condition": "ON_DENY",
-            "logger_configs": [
-                {
-                    "audit_logger": {
-                        "name": "envoy.rbac.audit_loggers.stream",
-                        "typed_config": {"@type": _STDOUT_AUDIT},
-                    }
-                }
-            ],
-        },
-    }
+    # Denials (and AUDIT matches) are logged by the chain's access log (webhook.policy.envoy).
+    return {"action": "ALLOW" if action == "ALLOW" else "DENY", "policies": policies}
 
 
 def _rule(rule: Rule, layer: Layer, action: str, trust_domain: str) -> dict[str, Any] | None:

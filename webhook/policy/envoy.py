@@ -9,7 +9,13 @@ first policy later changes nothing but those.
 
 HTTP chains (each connection manager) also get a local reply mapper so a denial is a 403 whose
 body names the deciding policy: ``access denied: rbac_access_denied_matched_policy[ns/name]``
-(``[none]`` when no ALLOW policy admitted the request).
+(``[none]`` when no ALLOW policy admitted the request). Every chain logs its denials to the
+sidecar's standard output, one line each (an access log whose filter keeps only what the RBAC
+filters refused)::
+
+    sidemesh-authz denied http spiffe://…/sa/other GET /admin port=8080 \
+        rbac_access_denied_matched_policy[demo/no-admin]
+    sidemesh-authz denied tcp spiffe://…/sa/other port=9000 rbac_access_denied_matched_policy[none]
 """
 
 from __future__ import annotations
@@ -27,6 +33,50 @@ DENIED_BODY: Final = "access denied: %RESPONSE_CODE_DETAILS%\n"
 _HCM: Final = "envoy.filters.network.http_connection_manager"
 _TCP_PROXY: Final = "envoy.filters.network.tcp_proxy"
 _ADS: Final = {"ads": {}, "resource_api_version": "V3"}
+_T_STDOUT: Final = "type.googleapis.com/envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
+_T_CEL: Final = (
+    "type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
+)
+_DENIED_HTTP: Final = (
+    "sidemesh-authz denied http %DOWNSTREAM_PEER_URI_SAN% %REQ(:METHOD)% %REQ(:PATH)% "
+    "port=%DOWNSTREAM_LOCAL_PORT% %RESPONSE_CODE_DETAILS%\n"
+)
+_AUDITED: Final = (
+    "sidemesh-authz audit http %DOWNSTREAM_PEER_URI_SAN% %REQ(:METHOD)% %REQ(:PATH)% "
+    "port=%DOWNSTREAM_LOCAL_PORT% "
+    "%DYNAMIC_METADATA(envoy.filters.http.rbac:audit.shadow_effective_policy_id)%\n"
+)
+_AUDIT_CEL: Final = (
+    "metadata.filter_metadata['envoy.filters.http.rbac']['audit.shadow_engine_result'] == 'denied'"
+)
+_DENIED_TCP: Final = (
+    "sidemesh-authz denied tcp %DOWNSTREAM_PEER_URI_SAN% port=%DOWNSTREAM_LOCAL_PORT% "
+    "%CONNECTION_TERMINATION_DETAILS%\n"
+)
+
+
+def _denial_log(layer: str, audit: bool = False) -> dict[str, Any]:
+    """A stdout access log of what the RBAC filters denied (``audit``: what AUDIT policies
+    matched), nothing else."""
+    attribute = "response.code_details" if layer == "http" else "connection.termination_details"
+    expression = _AUDIT_CEL if audit else f"{attribute}.startsWith('rbac_access_denied')"
+    line = _AUDITED if audit else _DENIED_HTTP if layer == "http" else _DENIED_TCP
+    return {
+        "name": "envoy.access_loggers.stdout",
+        "filter": {
+            "extension_filter": {
+                "name": "envoy.access_loggers.extension_filters.cel",
+                "typed_config": {
+                    "@type": _T_CEL,
+                    "expression": expression,
+                },
+            }
+        },
+        "typed_config": {
+            "@type": _T_STDOUT,
+            "log_format": {"text_format_source": {"inline_string": line}},
+        },
+    }
 
 
 def _ref(name: str, *type_urls: str) -> dict[str, Any]:
@@ -67,8 +117,12 @@ def with_authz(listener: dict[str, Any]) -> dict[str, Any]:
                 refs += [_ref(n, *types) for n, types in SLOTS.items()]
                 hcm["http_filters"] = refs + hcm.get("http_filters", [])
                 hcm["local_reply_config"] = _denied_reply()
+                logs = [_denial_log("http"), _denial_log("http", audit=True)]
+                hcm["access_log"] = [*hcm.get("access_log", []), *logs]
                 break
             if f.get("name") == _TCP_PROXY:
+                tcp = f["typed_config"]
+                tcp["access_log"] = [*tcp.get("access_log", []), _denial_log("tcp")]
                 filters[index:index] = [_ref(n, TCP_RBAC) for n in ECDS_NAMES["tcp"]]
                 break
     return out
