@@ -60,16 +60,16 @@ def test_header_match_sends_only_matching_requests_to_the_canary(mesh: RouteLab)
 def test_retries_turn_a_half_failing_backend_into_success(mesh: RouteLab) -> None:
     without = mesh.load("noretry", 200, "--path", "/flaky")
     before = mesh.stats("client", _cluster("flaky")).get("upstream_rq_retry", 0)
-    with_retries = mesh.load("flaky", 1000, "--path", "/flaky")
+    with_retries = mesh.load("flaky", 300, "--path", "/flaky")
     retried = mesh.stats("client", _cluster("flaky"))["upstream_rq_retry"] - before
     ok_without = without["statuses"].get("200", 0) / 200
-    ok_with = with_retries["statuses"].get("200", 0) / 1000
+    ok_with = with_retries["statuses"].get("200", 0) / 300
     print(
         f"/flaky: {ok_without:.1%} succeed without retries, {ok_with:.1%} with ({retried} retries)"
     )
     assert 0.4 <= ok_without <= 0.6
     assert ok_with >= 0.99
-    assert retried >= 400  # about one per request that failed first
+    assert retried >= 120  # about one per request that failed first
 
 
 def test_request_timeout_answers_504_at_the_configured_time(mesh: RouteLab) -> None:

@@ -284,7 +284,7 @@ class RouteLab:
 
         return self.cp.ns.in_namespace(call)
 
-    def client(self, *args: str, timeout: float = 60) -> dict[str, Any]:
+    def client(self, *args: str, timeout: float = 180) -> dict[str, Any]:
         """Run ``routeapp`` in the client pod (as the app's uid: its traffic is captured)."""
         done = self.pods["client"].ns.run(
             [VENV_PY, ROUTEAPP, *args], uid=APP_UID, gid=APP_UID, timeout=timeout
