@@ -49,8 +49,14 @@ def _listeners(pod_name: str, **telemetry: Any) -> dict[str, Any]:
 
 
 def _loggers(chain: dict[str, Any]) -> list[dict[str, Any]]:
+    """Telemetry's loggers of a chain (others, e.g. access policy's audit log, left out)."""
     proxy = chain["filters"][-1]["typed_config"]
-    return list(proxy.get("access_log", []))
+    return [
+        x
+        for x in proxy.get("access_log", [])
+        if x["name"] == "envoy.access_loggers.stats"
+        or "reporter" in x["typed_config"].get("log_format", {}).get("json_format", {})
+    ]
 
 
 def _tags(logger: dict[str, Any]) -> dict[str, str]:
