@@ -160,6 +160,19 @@ async def _proxy(stub: Any, pb: Any, node_id: str, ready: Any) -> None:
             ready.set()  # fmt: skip
 
 
+async def _reconnecting(stub: Any, pb: Any, node_id: str) -> None:
+    """Like Envoy: a stream that fails (a refused or timed-out connect when thousands start
+    at once) is opened again after a pause."""
+    import grpc
+
+    while True:
+        try:
+            await _proxy(stub, pb, node_id, asyncio.Event())
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(1.0)
+
+
 def client_process(address: str, cert_dir: str, first: int, count: int, hold: Any) -> None:
     import grpc
     from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2 as pb
@@ -176,8 +189,8 @@ def client_process(address: str, cert_dir: str, first: int, count: int, hold: An
                 ("grpc.max_receive_message_length", 256 << 20)])  # fmt: skip
             channels.append(ch)
             stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(ch)
-            tasks.append(asyncio.ensure_future(_proxy(stub, pb, f"sidecar~{client_pod(i)}.bench",
-                                                      asyncio.Event())))  # fmt: skip
+            node_id = f"sidecar~{client_pod(i)}.bench"
+            tasks.append(asyncio.ensure_future(_reconnecting(stub, pb, node_id)))
         while not hold.is_set():
             await asyncio.sleep(0.2)
         for t in tasks:
@@ -210,7 +223,10 @@ def _wait_acked(cp: Any, n: int) -> None:
     deadline = time.monotonic() + 600
     while not _all_acked(cp, (CLUSTER, ENDPOINTS, LISTENER), n):
         if time.monotonic() > deadline:
-            raise TimeoutError(f"the proxies never all ACKed their first config ({n})")
+            connected = cp.call(lambda: len(cp.discovery.proxies))
+            raise TimeoutError(
+                f"the proxies never all ACKed their first config ({n}; {connected} connected)"
+            )
         time.sleep(0.05)
 
 

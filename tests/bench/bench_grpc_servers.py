@@ -4,7 +4,8 @@ Each server runs alone in its own process and serves ``DeltaAggregatedResources`
 request on a stream (the first, then each ACK) it sends the next of ``--pushes`` pre-serialised
 ``DeltaDiscoveryResponse`` messages of ``--resources`` clusters each — bytes handed to the
 server as they are, as the control plane does. ``--streams`` streams come from ``--procs``
-grpcio client processes, ACK every response, then stay open. Figures per server:
+grpcio client processes, ACK every response, then stay open (a stream that fails is opened
+again after a second, as Envoy does). Figures per server:
 
 * server CPU (user + system, from /proc) per MB pushed, and per response;
 * wall time until every stream has ACKed every push;
@@ -157,6 +158,16 @@ def clients(port: int, count: int, pushes: int, done: Any, hold: Any) -> None:
             await queue.put(pb.DeltaDiscoveryRequest(type_url=CLUSTER, response_nonce=str(got)))
             if got == pushes:
                 done.put(1)
+                await asyncio.Event().wait()  # stay open
+
+    async def reconnecting(channel: Any) -> None:
+        """Like Envoy: a stream that fails (a connect refused or timed out while thousands
+        start at once) is opened again after a pause; each counts once, when complete."""
+        while True:
+            try:
+                await one(channel)
+            except grpc.aio.AioRpcError:
+                await asyncio.sleep(1.0)
 
     async def main() -> None:
         opts = [("grpc.max_receive_message_length", 256 << 20)]
@@ -165,7 +176,7 @@ def clients(port: int, count: int, pushes: int, done: Any, hold: Any) -> None:
             grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[*opts, ("x", i)])
             for i in range(-(-count // 100))
         ]
-        tasks = [asyncio.ensure_future(one(channels[i // 100])) for i in range(count)]
+        tasks = [asyncio.ensure_future(reconnecting(channels[i // 100])) for i in range(count)]
         while not hold.is_set():
             await asyncio.sleep(0.2)
         for t in tasks:
