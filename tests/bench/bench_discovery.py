@@ -10,7 +10,9 @@ Figures:
 
 * full push: control-plane CPU (process time) per proxy from its stream's start to its ACK of
   the initial clusters, endpoints and listeners — the first proxy alone (it also pays for the
-  resources every proxy shares: the encoded listener), then the rest together, per proxy;
+  resources every proxy shares: the encoded listener), then the rest together, per proxy
+  (gRPC, TLS and the stream included); and the push engine alone, in-process without a
+  network, per proxy (up to 100 proxies);
 * change → ACK: one EndpointSlice is edited (an endpoint added, then removed) ``--changes``
   times; each time, the span from the store edit to the last proxy's ACK of that endpoint set;
 * RSS of the control plane with every stream open.
@@ -284,6 +286,42 @@ def measure_changes(cp: Any, store: ObjectStore, changes: int, n: int) -> list[f
     return spans
 
 
+def engine_cpu_per_push(services: int, endpoints: int, proxies: int, scoped: bool) -> float:
+    """The push engine alone (no gRPC, no TLS): ms of CPU per proxy for a full first push of
+    clusters, listeners, endpoints and routes, after a first proxy paid for what they share."""
+    from envoy.service.discovery.v3 import discovery_pb2 as pb
+
+    from webhook.discovery.core import Discovery
+
+    async def run() -> float:
+        store = ObjectStore()
+        synthetic_mesh(store, services, endpoints, proxies)
+        d = Discovery(store, DiscoverySettings(scoped=scoped))
+        d.start(asyncio.get_running_loop())
+
+        def connect(i: int) -> None:
+            conn = d.connect("spiffe://cluster.local/ns/bench/sa/client", "bench",
+                             client_pod(i), "bench", "n")  # fmt: skip
+            d.on_request(conn, pb.DeltaDiscoveryRequest(type_url=CLUSTER))
+            d.on_request(conn, pb.DeltaDiscoveryRequest(type_url=LISTENER))
+            names = [n for n in conn.types[CLUSTER].sent if n.startswith("outbound|")]
+            for type_url in (ENDPOINTS, ROUTE):
+                d.on_request(
+                    conn,
+                    pb.DeltaDiscoveryRequest(type_url=type_url, resource_names_subscribe=names),
+                )
+            while not conn.queue.empty():
+                conn.queue.get_nowait()
+
+        connect(0)
+        start = time.process_time()
+        for i in range(1, proxies):
+            connect(i)
+        return (time.process_time() - start) * 1000 / max(1, proxies - 1)
+
+    return asyncio.run(run())
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--proxies", type=int, default=100)
@@ -295,6 +333,7 @@ def main() -> int:
         "--scoped", action="store_true", help="scope each sidecar (it declares 10 Services)"
     )
     args = parser.parse_args()
+    engine = engine_cpu_per_push(args.services, args.endpoints, min(args.proxies, 100), args.scoped)
     store = ObjectStore()
     t0 = time.perf_counter()
     synthetic_mesh(store, args.services, args.endpoints, args.proxies)
@@ -346,6 +385,7 @@ def main() -> int:
         "initial_build_s": round(build, 2),
         "first_proxy_cpu_ms": round(first_cpu * 1000, 1),
         "full_push_cpu_ms_per_proxy": round(full_cpu * 1000 / max(1, args.proxies - 1), 2),
+        "engine_only_full_push_cpu_ms_per_proxy": round(engine, 2),
         "change_to_all_acked_ms": {"p50": round(rank(0.5) * 1000, 1),
                                    "p99": round(rank(0.99) * 1000, 1),
                                    "max": round(spans[-1] * 1000, 1)},
