@@ -419,10 +419,13 @@ def build_listeners(
     Services outside a scoped sidecar's scope, whose ClusterIPs it learns on demand."""
     services = list(services)
     known = model.meshed_pod_ports() if meshed is None else meshed
-    inbound = with_authz(_inbound_listener(model, opts, pod))
+    inbound = _inbound_listener(model, opts, pod)
     out = [_outbound_listener(model, opts, services, known, learn), inbound]
     listeners = {listener["name"]: listener for listener in out}
     tm.instrument_listeners(listeners, proxy_facts(pod, opts, telemetry), telemetry=telemetry)
+    # Access policy last: its filters go before each chain's proxy, its denial logs after the
+    # telemetry loggers.
+    listeners[inbound["name"]] = with_authz(listeners[inbound["name"]])
     return listeners
 
 
