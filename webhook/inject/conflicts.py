@@ -47,8 +47,9 @@ def check_conflicts(pod: Mapping[str, Any], config: MeshConfig) -> str:
                     "its own"
                 )
             _check_ports(c, reserved, out)
-            # A run-to-completion init container may run as the proxy uid on purpose.
-            if field == "containers" or sidecar:
+            # A run-to-completion init container may run as the proxy uid on purpose; the
+            # common case has no ids on the container nor the pod, and needs no call.
+            if (field == "containers" or sidecar) and (pod_sc or c.get("securityContext")):
                 _check_ids(c, pod_sc, config.proxy)
     _check_volumes_and_annotations(pod)
     app_ports += [p for p in sidecar_ports if p not in app_ports]
@@ -79,8 +80,6 @@ def _check_ports(c: Mapping[str, Any], reserved: tuple[int, ...], out: list[int]
 def _check_ids(c: Mapping[str, Any], pod_sc: Mapping[str, Any], px: ProxyConfig) -> None:
     """Refuse a container running as the proxy's uid or gid (its own or the pod's setting)."""
     sc = _dict(c.get("securityContext"))
-    if not sc and not pod_sc:
-        return  # the common case: no ids on the container nor the pod
     for key, ours in (("runAsUser", px.uid), ("runAsGroup", px.gid)):
         value = sc.get(key, pod_sc.get(key))
         if value == ours and not isinstance(value, bool):
