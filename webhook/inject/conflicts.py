@@ -96,8 +96,9 @@ def _check_volumes_and_annotations(pod: Mapping[str, Any]) -> None:
                 f"spec.volumes already has a volume named {v['name']!r} but the pod has no "
                 f"{names.STATUS} annotation: rename it"
             )
+    annotations = annotations_of(pod)
     for key in (names.TRUST_BUNDLE_ANNOTATION, names.CNI_CAPTURE):
-        if key in annotations_of(pod):
+        if key in annotations:
             raise ConflictError(
                 f"the pod already has annotation {key} but no "
                 f"{names.STATUS} annotation: remove it, sidemesh sets it"

@@ -193,10 +193,13 @@ def _add_volumes(spec: dict[str, Any], created: dict[str, str], patch: Patch) ->
 
 
 def _added_annotations(
-    pod: Mapping[str, Any], config: MeshConfig, bundle: str, ov: Overrides
+    pod: Mapping[str, Any],
+    ann_in: Mapping[str, Any],
+    config: MeshConfig,
+    bundle: str,
+    ov: Overrides,
 ) -> dict[str, str]:
     """The annotations step 5 adds, before the status: a user's own value is kept."""
-    ann_in = annotations_of(pod)
     added: dict[str, str] = {names.TRUST_BUNDLE_ANNOTATION: bundle}
     if ov.cni:
         added[names.CNI_CAPTURE] = _to_json(init_args(config, ov))
@@ -210,7 +213,11 @@ def _added_annotations(
 
 
 def _annotate(
-    pod: Mapping[str, Any], added: dict[str, str], status: dict[str, Any], patch: Patch
+    pod: Mapping[str, Any],
+    ann_in: Mapping[str, Any],
+    added: dict[str, str],
+    status: dict[str, Any],
+    patch: Patch,
 ) -> dict[str, Any]:
     """Step 5: the new metadata, with ``added`` and last the status (which lists itself).
 
@@ -234,7 +241,7 @@ def _annotate(
         meta = {**(meta_in or {}), "annotations": added}
         patch.add("/metadata/annotations", added)
     else:
-        meta = {**(meta_in or {}), "annotations": {**annotations_of(pod), **added}}
+        meta = {**(meta_in or {}), "annotations": {**ann_in, **added}}
         for key, value in added.items():
             patch.add(ANNOTATION_PATHS[key], value)
     return meta
@@ -283,7 +290,8 @@ def _inject(
     _add_volumes(spec, created, patch)
 
     # 5. The status records what was added; _annotate completes "created" and writes it.
-    added = _added_annotations(pod, config, bundle, ov)
+    ann_in = annotations_of(pod)
+    added = _added_annotations(pod, ann_in, config, bundle, ov)
     status: dict[str, Any] = {
         "version": __version__,
         "initContainers": [c["name"] for c in ours],
@@ -293,7 +301,7 @@ def _inject(
         "created": created,
         "probes": probes_orig,
     }
-    new["metadata"] = _annotate(pod, added, status, patch)
+    new["metadata"] = _annotate(pod, ann_in, added, status, patch)
     return new
 
 
