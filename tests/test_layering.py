@@ -236,3 +236,30 @@ def test_every_module_that_says_pure_is_checked() -> None:
     assert "inject.pod" in claiming and "dataplane.capture" in claiming
     unchecked = sorted(set(claiming) - set(PURE_MODULES))
     assert not unchecked, f"say 'Pure' only of modules listed in PURE: {unchecked}"
+
+
+def _imports_of_test_modules(source: str) -> list[str]:
+    """The test modules (``tests.test_*``, ``tests.e2e.*``) a module's source imports."""
+    out = []
+    for node in ast.walk(ast.parse(source)):
+        names = []
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names = [node.module]
+        elif isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        out += [n for n in names if re.match(r"tests\.(test_|e2e\b)", n)]
+    return out
+
+
+def test_no_test_module_imports_another() -> None:
+    """Shared test code lives in ``tests/support``: a test module importing another runs that
+    module's tests' fixtures and state twice, and couples two suites."""
+    tests = Path(__file__).resolve().parent
+    offenders = {
+        str(path.relative_to(tests)): found
+        for path in sorted(tests.rglob("*.py"))
+        if (found := _imports_of_test_modules(path.read_text()))
+    }
+    assert offenders == {}
+    # … and the check would notice one.
+    assert _imports_of_test_modules("from tests.test_routing import x") == ["tests.test_routing"]

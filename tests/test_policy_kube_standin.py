@@ -13,7 +13,7 @@ import pytest
 
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from tests.test_routing_kube_standin import _source, _wait
+from tests.support.kube_sources import source_on as _source, wait_for_store as _wait
 from webhook.discovery.listwatch import KINDS
 from webhook.discovery.store import ObjectStore
 from webhook.policy.model import parse_policy

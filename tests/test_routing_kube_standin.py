@@ -6,47 +6,22 @@ how long a broken build hangs."""
 from __future__ import annotations
 
 import asyncio
-import random
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from webhook.discovery.backoff import Backoff
-from webhook.discovery.kubesource import KubeSource
+from tests.support.kube_sources import source_on as _source, wait_for_store as _wait
 from webhook.discovery.listwatch import KINDS, KindSpec
 from webhook.discovery.store import ObjectStore
-from webhook.kube.client import KubeClient
 
 
 @pytest.fixture
 def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
     with APIServerStandin(tmp_path / "standin", issuer) as api:
         yield api
-
-
-def _source(api: APIServerStandin, store: ObjectStore, kinds: tuple[KindSpec, ...]) -> KubeSource:
-    client = KubeClient.at(api.url, token=api.caller_token, ca_file=str(api.ca_file))
-    source = KubeSource(
-        client, store, kinds=kinds, backoff=Backoff(base=0.01, cap=0.04), rng=random.Random(3)
-    )
-    source.start()
-    return source
-
-
-def _wait(store: ObjectStore, check: Callable[[], bool]) -> bool:
-    changed = threading.Condition()
-
-    def poke(_keys: object) -> None:
-        with changed:
-            changed.notify_all()
-
-    store.subscribe(poke)
-    with changed:
-        return changed.wait_for(check, timeout=10)
 
 
 ROUTE = {

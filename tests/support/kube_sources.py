@@ -1,0 +1,40 @@
+"""The control plane's Kubernetes source against the API-server stand-in, for tests of the
+kinds it lists and watches (traffic rules, access policy …)."""
+
+from __future__ import annotations
+
+import random
+import threading
+from collections.abc import Callable
+
+from tests.support.apiserver_standin import APIServerStandin
+from webhook.discovery.backoff import Backoff
+from webhook.discovery.kubesource import KubeSource
+from webhook.discovery.listwatch import KindSpec
+from webhook.discovery.store import ObjectStore
+from webhook.kube.client import KubeClient
+
+__all__ = ["source_on", "wait_for_store"]
+
+
+def source_on(api: APIServerStandin, store: ObjectStore, kinds: tuple[KindSpec, ...]) -> KubeSource:
+    """A started source for ``kinds``, with fast, seeded backoff."""
+    client = KubeClient.at(api.url, token=api.caller_token, ca_file=str(api.ca_file))
+    source = KubeSource(
+        client, store, kinds=kinds, backoff=Backoff(base=0.01, cap=0.04), rng=random.Random(3)
+    )
+    source.start()
+    return source
+
+
+def wait_for_store(store: ObjectStore, check: Callable[[], bool]) -> bool:
+    """Wait (10 s at most) until ``check()`` holds, re-checking on every store change."""
+    changed = threading.Condition()
+
+    def poke(_keys: object) -> None:
+        with changed:
+            changed.notify_all()
+
+    store.subscribe(poke)
+    with changed:
+        return changed.wait_for(check, timeout=10)
