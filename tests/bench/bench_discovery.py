@@ -240,8 +240,11 @@ def _rss_mib() -> float:
     return 0.0
 
 
-def measure_changes(cp: Any, store: ObjectStore, changes: int, n: int) -> list[float]:
-    """Edit one EndpointSlice; the span to the moment every proxy has ACKed the new set."""
+def measure_changes(
+    cp: Any, store: ObjectStore, changes: int, n: int
+) -> tuple[list[float], list[float]]:
+    """Edit one EndpointSlice; the spans to the moment the control plane has handed the new set
+    to every proxy's stream, and to the moment every proxy has ACKed it."""
     name = "outbound|80||svc0.ns0.svc.cluster.local"
     base = store.get("EndpointSlice", "ns0", "svc0-1")
     assert base is not None
@@ -264,7 +267,18 @@ def measure_changes(cp: Any, store: ObjectStore, changes: int, n: int) -> list[f
                 state.pop("old")
                 done.set()
 
+    original_send = d._send
+    sent_spans: list[float] = []
+
+    def send(conn: Any, ts: Any, type_url: str, updates: Any, removed: Any) -> None:
+        original_send(conn, ts, type_url, updates, removed)
+        if state.get("old") is not None and type_url == ENDPOINTS and name in updates:
+            state["sent"].add(conn.conn_id)
+            if len(state["sent"]) == n:
+                sent_spans.append(time.perf_counter() - state["start"])
+
     d.on_request = on_request
+    d._send = send
     for i in range(changes):
         edited = copy.deepcopy(base)
         if i % 2 == 0:
@@ -273,6 +287,7 @@ def measure_changes(cp: Any, store: ObjectStore, changes: int, n: int) -> list[f
 
         def start(obj: Any = edited) -> None:
             state["acked"] = set()
+            state["sent"] = set()
             state["old"] = d.tables[ENDPOINTS].items[name].version
             state["start"] = time.perf_counter()
             store.upsert(obj)  # as a source would: the store tells the engine
@@ -283,7 +298,14 @@ def measure_changes(cp: Any, store: ObjectStore, changes: int, n: int) -> list[f
         spans.append(state["end"] - state["start"])
         time.sleep(0.05)
     d.on_request = original
-    return spans
+    d._send = original_send
+    return sent_spans, spans
+
+
+def percentile(values: list[float], p: float) -> float:
+    """Nearest rank."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(p * len(ordered)) - 1))]
 
 
 def engine_cpu_per_push(services: int, endpoints: int, proxies: int, scoped: bool) -> float:
@@ -368,7 +390,7 @@ def main() -> int:
             _wait_acked(cp, args.proxies)
             full_cpu = time.process_time() - cpu1
             rss = _rss_mib()
-            spans = measure_changes(cp, store, args.changes, args.proxies)
+            sent_spans, spans = measure_changes(cp, store, args.changes, args.proxies)
             hold.set()
             for p in procs:
                 p.join(30)
@@ -386,6 +408,8 @@ def main() -> int:
         "first_proxy_cpu_ms": round(first_cpu * 1000, 1),
         "full_push_cpu_ms_per_proxy": round(full_cpu * 1000 / max(1, args.proxies - 1), 2),
         "engine_only_full_push_cpu_ms_per_proxy": round(engine, 2),
+        "change_to_all_sent_ms": {"p50": round(percentile(sent_spans, 0.5) * 1000, 1),
+                                  "p99": round(percentile(sent_spans, 0.99) * 1000, 1)},
         "change_to_all_acked_ms": {"p50": round(rank(0.5) * 1000, 1),
                                    "p99": round(rank(0.99) * 1000, 1),
                                    "max": round(spans[-1] * 1000, 1)},
