@@ -178,44 +178,70 @@ def _mesh_chains(opts: BootstrapOptions, port: int | None = None) -> list[dict[s
     ]
 
 
-def _inbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
-    def tls(alpn: list[str]) -> dict[str, Any]:
-        return {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                _TYPE: _T_TLS_DOWN,
-                "require_client_certificate": True,
-                "common_tls_context": _common_tls(opts, alpn),
-            },
-        }
+def _inbound_tls(opts: BootstrapOptions, alpn: list[str]) -> dict[str, Any]:
+    """The inbound mTLS socket: a client certificate from the mesh is required."""
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            _TYPE: _T_TLS_DOWN,
+            "require_client_certificate": True,
+            "common_tls_context": _common_tls(opts, alpn),
+        },
+    }
 
-    # The mTLS chains carry no port match: they are the catch-all that keeps the listener from
-    # ever having zero chains, whatever ports the app has (iptables decides what reaches us).
+
+def _inbound_mtls_chains(opts: BootstrapOptions) -> list[dict[str, Any]]:
+    """HTTP/1, h2 (by the ALPN the caller's sidecar announced) and other TCP, over mTLS. They
+    carry no port match: they are the catch-all that keeps the listener from ever having zero
+    chains, whatever ports the app has (iptables decides what reaches us)."""
+
     def http(name: str, alpn: str, codec: Literal["HTTP1", "HTTP2"]) -> dict[str, Any]:
+        manager = _http_manager(
+            name.replace("-", "_"), "inbound_app", forward_client_cert="SANITIZE_SET", codec=codec
+        )
         return {
             "name": name,
             "filter_chain_match": {"transport_protocol": "tls", "application_protocols": [alpn]},
-            "transport_socket": tls([alpn]),
-            "filters": [
-                _http_manager(
-                    name.replace("-", "_"),
-                    "inbound_app",
-                    forward_client_cert="SANITIZE_SET",
-                    codec=codec,
-                )
-            ],
+            "transport_socket": _inbound_tls(opts, [alpn]),
+            "filters": [manager],
         }
 
-    chains: list[dict[str, Any]] = [
+    return [
         http("inbound-mtls-http", ALPN_HTTP, "HTTP1"),
         http("inbound-mtls-h2", ALPN_H2, "HTTP2"),
         {
             "name": "inbound-mtls-tcp",
             "filter_chain_match": {"transport_protocol": "tls"},
-            "transport_socket": tls([]),
+            "transport_socket": _inbound_tls(opts, []),
             "filters": [_tcp_proxy("inbound_mtls_tcp", "inbound_app")],
         },
     ]
+
+
+def _inbound_plain_chains() -> list[dict[str, Any]]:
+    """PERMISSIVE only: plaintext HTTP (a caller without identity: any header claiming one is
+    stripped) and other plaintext TCP."""
+    return [
+        {
+            "name": "inbound-plain-http",
+            "filter_chain_match": {
+                "transport_protocol": "raw_buffer",
+                "application_protocols": _HTTP_PROTOCOLS,
+            },
+            "filters": [
+                _http_manager("inbound_plain_http", "inbound_app", forward_client_cert="SANITIZE")
+            ],
+        },
+        {
+            "name": "inbound-plain-tcp",
+            "filter_chain_match": {"transport_protocol": "raw_buffer"},
+            "filters": [_tcp_proxy("inbound_plain_tcp", "inbound_app")],
+        },
+    ]
+
+
+def _inbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
+    chains = _inbound_mtls_chains(opts)
     listener_filters = [
         _listener_filter("envoy.filters.listener.original_dst", _T_ORIG_DST),
         _listener_filter("envoy.filters.listener.tls_inspector", _T_TLS_INSPECTOR),
@@ -224,26 +250,7 @@ def _inbound_listener(opts: BootstrapOptions) -> dict[str, Any]:
         listener_filters.append(
             _listener_filter("envoy.filters.listener.http_inspector", _T_HTTP_INSPECTOR)
         )
-        chains += [
-            {
-                "name": "inbound-plain-http",
-                "filter_chain_match": {
-                    "transport_protocol": "raw_buffer",
-                    "application_protocols": _HTTP_PROTOCOLS,
-                },
-                # A plaintext caller has no verified identity: strip any header claiming one.
-                "filters": [
-                    _http_manager(
-                        "inbound_plain_http", "inbound_app", forward_client_cert="SANITIZE"
-                    )
-                ],
-            },
-            {
-                "name": "inbound-plain-tcp",
-                "filter_chain_match": {"transport_protocol": "raw_buffer"},
-                "filters": [_tcp_proxy("inbound_plain_tcp", "inbound_app")],
-            },
-        ]
+        chains += _inbound_plain_chains()
     # STRICT: plaintext matches no chain and the connection is closed (no_filter_chain_match).
     return {
         "name": "inbound",
