@@ -16,16 +16,13 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from tests.conftest import envoy_binary, require_root, require_tools
-from tests.support.jwks_issuer import Issuer
 from tests.support.meshlab import (
     APP_UID,
     MESHAPP,
@@ -33,8 +30,11 @@ from tests.support.meshlab import (
     SIDEMESH,
     admit,
     checked_lab,
-    https_json,
+    debug_json,
+    start_control_plane,
+    start_discovery,
     stats,
+    write_manifest,
 )
 from tests.support.netns import NetnsLab, Pod
 from tests.support.podrunner import PodRunner
@@ -130,9 +130,7 @@ class Lab:
         return self.pods[name].ip
 
     def write(self, name: str, obj: Any) -> None:
-        tmp = self.mesh_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj))
-        tmp.rename(self.mesh_dir / f"{name}.json")
+        write_manifest(self.mesh_dir, name, obj)
 
     def start_redis(self) -> None:
         """redis-server in the cp namespace, on 127.0.0.1:6379 there (only the service uses it)."""
@@ -145,11 +143,7 @@ class Lab:
             (self.mesh_dir / f"{name}.json").unlink(missing_ok=True)
 
     def debug(self, path: str) -> Any:
-        def call() -> Any:
-            with urllib.request.urlopen(f"http://127.0.0.1:15014{path}", timeout=5) as resp:
-                return json.loads(resp.read())
-
-        return self.cp.ns.in_namespace(call)
+        return debug_json(self.cp, path)
 
     def enforced(self, pod: str) -> set[str]:
         """The policy names in the filter configs the pod's sidecar was sent (RBAC policies,
@@ -219,35 +213,8 @@ class Lab:
 
 def _start(lab: NetnsLab) -> Lab:
     m = Lab(lab)
-    pki = lab.tmpdir("pki")
-    subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
-    subprocess.run(
-        [*SIDEMESH, "ca", "serving-cert", "--dir", str(pki), "--ip", m.cp.ip], check=True,
-        capture_output=True,
-    )  # fmt: skip
-    issuer = Issuer.create()
-    jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
-    config = lab.tmpdir("config") / "mesh.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "ca_address": f"https://{m.cp.ip}:8443",
-                "discovery_address": f"{m.cp.ip}:15012",
-                "mesh_cidrs": [str(m.node.subnet)],
-            }
-        )
-    )
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDEMESH_JWKS_FILE": str(jwks),
-           "SIDEMESH_JWKS_ISSUER": issuer.issuer_url}  # fmt: skip
-    m.cp.ns.spawn(
-        [*SIDEMESH, "serve", "--host", "0.0.0.0", "--port", "8443", "--cert-dir", str(pki),
-         "--config", str(config), "--log-level", "warning"], env=env,
-    )  # fmt: skip
-    cp_url = f"https://{m.cp.ip}:8443"
-    deadline = time.monotonic() + 30
-    while https_json(m.node.ns, f"{cp_url}/readyz", pki / "ca.crt")[0] != 200:
-        assert time.monotonic() < deadline, "sidemesh serve never became ready"
-        time.sleep(0.1)
+    plane = start_control_plane(lab, m.node, m.cp, discovery_address=f"{m.cp.ip}:15012")
+    pki, issuer, cp_url = plane.pki, plane.issuer, plane.url
 
     admitted: dict[str, dict[str, Any]] = {}
     for name in MESHED:
@@ -266,13 +233,7 @@ def _start(lab: NetnsLab) -> Lab:
         [*SIDEMESH, "ratelimit", "--listen", "0.0.0.0:8081", "--redis", "redis://127.0.0.1:6379/0",
          "--log-level", "warning"], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )  # fmt: skip
-    m.cp.ns.spawn(
-        [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
-         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning",
-         "--ratelimit-address", f"{m.cp.ip}:8081"],
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-    )  # fmt: skip
-    m.cp.ns.wait_port(15014)
+    start_discovery(m.cp, pki, m.mesh_dir, "--ratelimit-address", f"{m.cp.ip}:8081")
     for name in MESHED:
         runner = PodRunner(
             lab=lab,

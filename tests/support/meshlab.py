@@ -35,7 +35,7 @@ from typing import Any
 import jsonpatch
 
 from tests.support.jwks_issuer import Issuer
-from tests.support.netns import PYTHON, Netns, NetnsLab, Node, Pod
+from tests.support.netns import PYTHON, Netns, NetnsLab, Node, Pod, Proc
 from tests.support.podrunner import PodRunner, sidemesh_argv
 from tests.support.programs import PROGRAMS
 
@@ -49,16 +49,19 @@ __all__ = [
     "admit",
     "app",
     "checked_lab",
+    "debug_json",
     "envoy_pids",
     "generation",
     "https_json",
     "is_direct",
     "pod_manifest",
     "start_control_plane",
+    "start_discovery",
     "start_mesh",
     "stats",
     "trouble",
     "with_pod_ips",
+    "write_manifest",
 ]
 
 MESHAPP = str(PROGRAMS / "meshapp.py")
@@ -278,6 +281,8 @@ class ControlPlane:
     pki: Path
     url: str
     issuer: Issuer
+    #: The mesh config ``sidemesh serve`` reads (``sidemesh discovery --config`` may too).
+    config: Path
 
     def token_for(self, namespace: str, sa: str, pod_name: str) -> str:
         return self.issuer.token(namespace, sa, pod_name)
@@ -293,8 +298,10 @@ def start_control_plane(
     *,
     cert_ttl: int | None = None,
     discovery_address: str = "",
+    extra_config: Mapping[str, Any] | None = None,
 ) -> ControlPlane:
-    """PKI, token issuer, mesh config (the node's subnets are the mesh), ``sidemesh serve``."""
+    """PKI, token issuer, mesh config (the node's subnets are the mesh, plus
+    ``extra_config``), ``sidemesh serve``."""
     pki = lab.tmpdir("pki")
     subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
     subprocess.run(
@@ -313,6 +320,7 @@ def start_control_plane(
     }
     if cert_ttl is not None:
         mesh_config["proxy"] = {"cert_ttl_seconds": cert_ttl}
+    mesh_config.update(extra_config or {})
     config = lab.tmpdir("config") / "mesh.yaml"
     config.write_text(json.dumps(mesh_config))
     serve_env = {
@@ -328,7 +336,37 @@ def start_control_plane(
         if time.monotonic() > deadline:
             raise TimeoutError("sidemesh serve never became ready")
         time.sleep(0.1)
-    return ControlPlane(node, cp, pki, cp_url, issuer)
+    return ControlPlane(node, cp, pki, cp_url, issuer, config)
+
+
+def start_discovery(cp: Pod, pki: Path, mesh_dir: Path, *extra: str) -> Proc:
+    """``sidemesh discovery`` in the ``cp`` pod on the manifests of ``mesh_dir`` (xDS on
+    :15012, debug on :15014 there), once its debug port answers."""
+    proc = cp.ns.spawn(
+        [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
+         "--mesh-dir", str(mesh_dir), "--poll-interval", "0.2", "--log-level", "warning",
+         *extra],
+        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
+    )  # fmt: skip
+    cp.ns.wait_port(15014)
+    return proc
+
+
+def write_manifest(mesh_dir: Path, name: str, obj: Any) -> None:
+    """``obj`` as ``<name>.json`` in the directory the control plane watches, in one rename."""
+    tmp = mesh_dir / f".{name}.tmp"
+    tmp.write_text(json.dumps(obj))
+    tmp.rename(mesh_dir / f"{name}.json")
+
+
+def debug_json(cp: Pod, path: str) -> Any:
+    """``GET http://127.0.0.1:15014<path>`` of the control plane in ``cp``, as JSON."""
+
+    def call() -> Any:
+        with urllib.request.urlopen(f"http://127.0.0.1:15014{path}", timeout=5) as resp:
+            return json.loads(resp.read())
+
+    return cp.ns.in_namespace(call)
 
 
 def start_mesh(

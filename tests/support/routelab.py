@@ -16,16 +16,21 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
-import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tests.support.jwks_issuer import Issuer
-from tests.support.meshlab import APP_UID, SIDEMESH, admit, https_json
+from tests.support.meshlab import (
+    APP_UID,
+    SIDEMESH,
+    admit,
+    debug_json,
+    start_control_plane,
+    start_discovery,
+    write_manifest,
+)
 from tests.support.netns import NetnsLab, Node, Pod
 from tests.support.podrunner import PodRunner
 from tests.support.programs import PROGRAMS
@@ -273,16 +278,10 @@ class RouteLab:
     runners: dict[str, PodRunner] = field(default_factory=dict)
 
     def write(self, name: str, obj: Any) -> None:
-        tmp = self.mesh_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj))
-        tmp.rename(self.mesh_dir / f"{name}.json")
+        write_manifest(self.mesh_dir, name, obj)
 
     def debug(self, path: str) -> Any:
-        def call() -> Any:
-            with urllib.request.urlopen(f"http://127.0.0.1:15014{path}", timeout=5) as resp:
-                return json.loads(resp.read())
-
-        return self.cp.ns.in_namespace(call)
+        return debug_json(self.cp, path)
 
     def client(self, *args: str, timeout: float = 180) -> dict[str, Any]:
         """Run ``routeapp`` in the client pod (as the app's uid: its traffic is captured)."""
@@ -345,35 +344,8 @@ def start_route_lab(lab: NetnsLab) -> RouteLab:
     for name in PODS:
         pods[name] = node.add_pod(name)
     m = RouteLab(lab, node, cp, pods, lab.tmpdir("mesh"))
-    pki = lab.tmpdir("pki")
-    subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
-    subprocess.run(
-        [*SIDEMESH, "ca", "serving-cert", "--dir", str(pki), "--ip", cp.ip], check=True,
-        capture_output=True,
-    )  # fmt: skip
-    issuer = Issuer.create()
-    jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
-    config = lab.tmpdir("config") / "mesh.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "ca_address": f"https://{cp.ip}:8443",
-                "discovery_address": f"{cp.ip}:15012",
-                "mesh_cidrs": [str(node.subnet)],
-            }
-        )
-    )
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDEMESH_JWKS_FILE": str(jwks),
-           "SIDEMESH_JWKS_ISSUER": issuer.issuer_url}  # fmt: skip
-    cp.ns.spawn(
-        [*SIDEMESH, "serve", "--host", "0.0.0.0", "--port", "8443", "--cert-dir", str(pki),
-         "--config", str(config), "--log-level", "warning"], env=env,
-    )  # fmt: skip
-    cp_url = f"https://{cp.ip}:8443"
-    deadline = time.monotonic() + 30
-    while https_json(node.ns, f"{cp_url}/readyz", pki / "ca.crt")[0] != 200:
-        assert time.monotonic() < deadline, "sidemesh serve never became ready"
-        time.sleep(0.1)
+    plane = start_control_plane(lab, node, cp, discovery_address=f"{cp.ip}:15012")
+    pki, issuer, cp_url = plane.pki, plane.issuer, plane.url
 
     manifests = {"client": _pod("client", "v1", False, {})}
     manifests["client"]["metadata"]["labels"] = {"app": "client"}
@@ -394,12 +366,7 @@ def start_route_lab(lab: NetnsLab) -> RouteLab:
         m.write(f"slice-{name}", _slice(name, m))
     for name, obj in RULES.items():
         m.write(name, obj)
-    cp.ns.spawn(
-        [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(pki),
-         "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2", "--log-level", "warning"],
-        env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-    )  # fmt: skip
-    cp.ns.wait_port(15014)
+    start_discovery(cp, pki, m.mesh_dir)
     for name in ("web-1", "web-2", "web-3", "bad", "client"):
         grpc = PODS.get(name, ("", False, {}))[1]
         commands = {"app": [VENV_PY, ROUTEAPP, "serve", "8080"]}

@@ -14,21 +14,21 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.support.jwks_issuer import Issuer
 from tests.support.meshlab import (
     APP_UID,
     MESHAPP,
     PYTHON,
     SIDEMESH,
     admit,
-    https_json,
+    start_control_plane,
+    start_discovery,
+    write_manifest,
 )
 from tests.support.netns import NetnsLab, Pod
 from tests.support.podrunner import PodRunner
@@ -113,8 +113,10 @@ class Lab:
         self.mesh_dir = lab.tmpdir("mesh")
         self.runners: dict[str, PodRunner] = {}
         self.spans = self.mesh_dir / "spans.jsonl"
-        self.config = lab.tmpdir("config") / "mesh.yaml"
-        self.pki = lab.tmpdir("pki")
+        # Set by start(): the control plane's mesh config (rewritten to restart discovery with
+        # other telemetry settings) and PKI.
+        self.config = Path()
+        self.pki = Path()
         self.discovery: Any = None
 
     def traces(self) -> dict[str, list[dict[str, Any]]]:
@@ -141,13 +143,9 @@ class Lab:
         }))  # fmt: skip
 
     def start_discovery(self) -> None:
-        self.discovery = self.cp.ns.spawn(
-            [*SIDEMESH, "discovery", "--listen", "0.0.0.0:15012", "--cert-dir", str(self.pki),
-             "--mesh-dir", str(self.mesh_dir), "--poll-interval", "0.2", "--config",
-             str(self.config), "--log-level", "warning"],
-            env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
-        )  # fmt: skip
-        self.cp.ns.wait_port(15014)
+        self.discovery = start_discovery(
+            self.cp, self.pki, self.mesh_dir, "--config", str(self.config)
+        )
 
     def restart_discovery(self, telemetry: dict[str, Any]) -> None:
         """The control plane again with another telemetry config; returns once every sidecar
@@ -172,9 +170,7 @@ class Lab:
         return len(proxies) == len(PODS) and all(p["synced"] for p in proxies)
 
     def write(self, name: str, obj: Any) -> None:
-        tmp = self.mesh_dir / f".{name}.tmp"
-        tmp.write_text(json.dumps(obj))
-        tmp.rename(self.mesh_dir / f"{name}.json")
+        write_manifest(self.mesh_dir, name, obj)
 
     def scrape(self, workload: str) -> list[Sample]:
         """The pod's metrics, from the node, as Prometheus scrapes them."""
@@ -194,31 +190,19 @@ def start(
     tracing to the lab's collector, every trace sampled); ``pod_annotations`` False: no pod
     overrides the mesh's access-log setting (web logs every request otherwise)."""
     m = Lab(lab)
-    pki = m.pki
-    subprocess.run([*SIDEMESH, "ca", "init", "--dir", str(pki)], check=True, capture_output=True)
-    subprocess.run(
-        [*SIDEMESH, "ca", "serving-cert", "--dir", str(pki), "--ip", m.cp.ip], check=True,
-        capture_output=True,
-    )  # fmt: skip
-    issuer = Issuer.create()
-    jwks = issuer.write_jwks(lab.tmpdir("jwks") / "jwks.json")
     if telemetry is None:
         telemetry = {"tracing_collector": f"{m.cp.ip}:{OTLP_PORT}", "tracing_sampling": 100}
-    m.write_config(telemetry)
-    config = m.config
     m.spans = lab.tmpdir("otlp") / "spans.jsonl"
     m.cp.ns.spawn([sys.executable, str(RECEIVER), str(OTLP_PORT), str(m.spans)]).expect("listening")
-    env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "SIDEMESH_JWKS_FILE": str(jwks),
-           "SIDEMESH_JWKS_ISSUER": issuer.issuer_url}  # fmt: skip
-    m.cp.ns.spawn(
-        [*SIDEMESH, "serve", "--host", "0.0.0.0", "--port", "8443", "--cert-dir", str(pki),
-         "--config", str(config), "--log-level", "warning"], env=env,
-    )  # fmt: skip
-    cp_url = f"https://{m.cp.ip}:8443"
-    deadline = time.monotonic() + 30
-    while https_json(m.node.ns, f"{cp_url}/readyz", pki / "ca.crt")[0] != 200:
-        assert time.monotonic() < deadline, "sidemesh serve never became ready"
-        time.sleep(0.1)
+    plane = start_control_plane(
+        lab,
+        m.node,
+        m.cp,
+        discovery_address=f"{m.cp.ip}:15012",
+        extra_config={"telemetry": telemetry},
+    )
+    m.pki, m.config = plane.pki, plane.config
+    pki, issuer, cp_url = plane.pki, plane.issuer, plane.url
     admitted = {}
     for name in PODS:
         pod = admit(m.node.ns, cp_url, pki / "ca.crt", _manifest(name, pod_annotations))
