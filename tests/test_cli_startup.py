@@ -2,12 +2,15 @@
 cluster client stacks (FastAPI, uvicorn, kubernetes, cryptography …), which would multiply the
 start-up time of a command a user runs in a shell loop or a CI step. Each case runs the real
 entry point (``python -X importtime -m webhook …``) in a fresh interpreter and reads the
-interpreter's own list of what it imported."""
+interpreter's own list of what it imported. They run in an empty directory: where a development
+CA exists (``certs/`` after ``make run``), ``sidemesh inject`` reads its trust bundle from there,
+and checking that certificate does need cryptography."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -33,19 +36,20 @@ def heavy(modules: set[str]) -> list[str]:
     return sorted(m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY))
 
 
-DEMO = "webhook/samples/demo-app.yaml"
+DEMO = str(REPO / "webhook/samples/demo-app.yaml")
 
 
 def imported(*argv: str) -> set[str]:
     """Every module ``python ARGV`` imported (``-X importtime`` prints one line per module)."""
-    proc = subprocess.run(
-        [sys.executable, "-X", "importtime", *argv],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    with tempfile.TemporaryDirectory() as empty:
+        proc = subprocess.run(
+            [sys.executable, "-X", "importtime", *argv],
+            cwd=empty,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     assert proc.returncode == 0, proc.stderr[-2000:]
     modules = set()
     for line in proc.stderr.splitlines():

@@ -30,9 +30,10 @@ from webhook.routing.api import (
     REFERENCE_GRANT,
     TRAFFIC_POLICY,
     Problem,
+    Severity,
 )
 from webhook.routing.policy import TrafficPolicy, parse_policy
-from webhook.routing.routes import Backend, Match, Route, Rule, parse_route
+from webhook.routing.routes import Backend, Match, Parent, Route, Rule, parse_route
 
 __all__ = [
     "INVALID_BACKEND",
@@ -236,87 +237,97 @@ def subset_endpoints(
     return tuple(out)
 
 
+def _about(route: Route, field: str, message: str, severity: Severity = "error") -> Problem:
+    """A problem of ``route`` at ``field``."""
+    return Problem(route.kind, route.namespace, route.name, field, message, severity)
+
+
 def _attached_ports(
     route: Route, model: MeshModel, problems: list[Problem]
 ) -> list[tuple[Service, ServicePort]]:
     out: list[tuple[Service, ServicePort]] = []
     if not route.parents:
         problems.append(
-            Problem(
-                route.kind,
-                route.namespace,
-                route.name,
+            _about(
+                route,
                 "spec.parentRefs",
                 "no Service parentRef: not a mesh route (Gateway parents are not sidemesh's)",
                 "warning",
             )
         )
     for parent in route.parents:
-        svc = model.services.get((parent.namespace, parent.service))
+        svc = _parent_service(route, parent, model, problems)
         if svc is None:
-            problems.append(
-                Problem(
-                    route.kind,
-                    route.namespace,
-                    route.name,
-                    parent.field,
-                    f"no Service {parent.namespace}/{parent.service}: the route applies to nothing",
-                )
-            )
             continue
-        if parent.namespace != route.namespace:
-            problems.append(
-                Problem(
-                    route.kind,
-                    route.namespace,
-                    route.name,
-                    parent.field,
-                    "a consumer route (parent Service in another namespace) "
-                    "is not supported yet; left out",
-                )
-            )
-            continue
-        if parent.port is not None:
-            ports = [p for p in svc.ports if p.port == parent.port]
-            if not ports:
-                have = ", ".join(str(p.port) for p in svc.ports)
-                problems.append(
-                    Problem(
-                        route.kind,
-                        route.namespace,
-                        route.name,
-                        f"{parent.field}.port",
-                        f"Service {svc.name} has no port {parent.port} (it has {have})",
-                    )
-                )
-        else:
-            ports = [p for p in svc.ports if p.protocol != "tcp"]
-            if not ports:
-                problems.append(
-                    Problem(
-                        route.kind,
-                        route.namespace,
-                        route.name,
-                        parent.field,
-                        f"Service {svc.name} has only declared-TCP ports: no HTTP to route",
-                    )
-                )
-        for port in ports:
-            if port.protocol == "tcp":
-                problems.append(
-                    Problem(
-                        route.kind,
-                        route.namespace,
-                        route.name,
-                        parent.field,
-                        f"port {port.port} of {svc.name} is declared TCP ({port.name}): "
-                        "HTTP routes do not apply",
-                    )
-                )
-                continue
+        for port in _parent_ports(route, parent, svc, problems):
             if (svc, port) not in out:
                 out.append((svc, port))
     return out
+
+
+def _parent_service(
+    route: Route, parent: Parent, model: MeshModel, problems: list[Problem]
+) -> Service | None:
+    """The Service a parentRef names, when it exists and is in the route's namespace."""
+    svc = model.services.get((parent.namespace, parent.service))
+    if svc is None:
+        problems.append(
+            _about(
+                route,
+                parent.field,
+                f"no Service {parent.namespace}/{parent.service}: the route applies to nothing",
+            )
+        )
+        return None
+    if parent.namespace != route.namespace:
+        problems.append(
+            _about(
+                route,
+                parent.field,
+                "a consumer route (parent Service in another namespace) "
+                "is not supported yet; left out",
+            )
+        )
+        return None
+    return svc
+
+
+def _parent_ports(
+    route: Route, parent: Parent, svc: Service, problems: list[Problem]
+) -> list[ServicePort]:
+    """The HTTP ports of ``svc`` the parentRef attaches to (its port, else every HTTP one)."""
+    if parent.port is not None:
+        ports = [p for p in svc.ports if p.port == parent.port]
+        if not ports:
+            have = ", ".join(str(p.port) for p in svc.ports)
+            problems.append(
+                _about(
+                    route,
+                    f"{parent.field}.port",
+                    f"Service {svc.name} has no port {parent.port} (it has {have})",
+                )
+            )
+    else:
+        ports = [p for p in svc.ports if p.protocol != "tcp"]
+        if not ports:
+            problems.append(
+                _about(
+                    route,
+                    parent.field,
+                    f"Service {svc.name} has only declared-TCP ports: no HTTP to route",
+                )
+            )
+    for port in ports:
+        if port.protocol == "tcp":
+            problems.append(
+                _about(
+                    route,
+                    parent.field,
+                    f"port {port.port} of {svc.name} is declared TCP ({port.name}): "
+                    "HTTP routes do not apply",
+                )
+            )
+    return [p for p in ports if p.protocol != "tcp"]
 
 
 def _entries(
@@ -355,10 +366,8 @@ def _target(
         return Target(INVALID_BACKEND, b.weight, b.label)
     if b.namespace != route.namespace and not granted(grants, route, b.namespace, b.service):
         problems.append(
-            Problem(
-                route.kind,
-                route.namespace,
-                route.name,
+            _about(
+                route,
                 b.field,
                 f"a backend in namespace {b.namespace} needs a ReferenceGrant there from "
                 f"{route.kind}s of namespace {route.namespace}: its share of requests gets 500",
@@ -368,10 +377,8 @@ def _target(
     svc = model.services.get((b.namespace, b.service))
     if svc is None:
         problems.append(
-            Problem(
-                route.kind,
-                route.namespace,
-                route.name,
+            _about(
+                route,
                 b.field,
                 f"no Service {b.namespace}/{b.service}: its share of requests gets 500",
             )
@@ -380,10 +387,8 @@ def _target(
     port = next((p for p in svc.ports if p.port == b.port), None)
     if port is None:
         problems.append(
-            Problem(
-                route.kind,
-                route.namespace,
-                route.name,
+            _about(
+                route,
                 f"{b.field}.port",
                 f"Service {svc.name} has no port {b.port}: its share of requests gets 500",
             )
@@ -399,10 +404,8 @@ def _target(
             else "no TrafficPolicy targets it"
         )
         problems.append(
-            Problem(
-                route.kind,
-                route.namespace,
-                route.name,
+            _about(
+                route,
                 f"{b.field}.name",
                 f"Service {svc.name} has no subset {b.subset!r} ({where}): "
                 f"its share of requests gets 500",
