@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import queue
 from pathlib import Path
 from typing import Any
 
@@ -201,27 +202,33 @@ def test_a_client_without_a_mesh_certificate_is_refused(mesh: tuple[ObjectStore,
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the handshake fails
 
 
+CDS = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
+
+
+def _cds_stream(stub: Any, timeout: float) -> tuple[queue.Queue[Any], Any, Any]:
+    """An ADS stream of frontend-1 asking for clusters: the queue its requests are read from
+    (None ends it), the stream, and the first response."""
+    q: queue.Queue[Any] = queue.Queue()
+    first = discovery_pb2.DeltaDiscoveryRequest(type_url=CDS)
+    first.node.id = "sidecar~frontend-1.demo"
+    q.put(first)
+    stream = stub.DeltaAggregatedResources(iter(q.get, None), timeout=timeout)
+    return q, stream, next(stream)
+
+
 def test_nack_is_recorded_and_the_same_version_not_resent(mesh: tuple[ObjectStore, Path]) -> None:
     store, tmp = mesh
     with run_control_plane(store, DiscoverySettings(), tmp / "ca") as cp:
         channel, stub = _stub(cp.address, tmp / "frontend-certs")
-        cds = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-        import queue
-
-        q: queue.Queue[Any] = queue.Queue()
-        first = discovery_pb2.DeltaDiscoveryRequest(type_url=cds)
-        first.node.id = "sidecar~frontend-1.demo"
-        q.put(first)
         with channel:
-            stream = stub.DeltaAggregatedResources(iter(q.get, None), timeout=10)
-            resp = next(stream)
-            nack = discovery_pb2.DeltaDiscoveryRequest(type_url=cds, response_nonce=resp.nonce)
+            q, stream, resp = _cds_stream(stub, timeout=10)
+            nack = discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, response_nonce=resp.nonce)
             nack.error_detail.message = "test: rejected"
             q.put(nack)
 
             def nacked() -> Any:
                 conns = list(cp.discovery.proxies.values())
-                return conns[0].types[cds].last_nack if conns else None
+                return conns[0].types[CDS].last_nack if conns else None
 
             import time
 
@@ -263,7 +270,6 @@ def test_a_replaced_xds_certificate_is_served_from_the_next_handshake_without_cl
     """The mounted pair (``xds.crt``/``xds.key``, e.g. Secret sidemesh-discovery-tls) is
     followed: after it is replaced, new connections get the new certificate, and a stream
     opened before keeps working — it still gets pushes."""
-    import queue
     import time
     from datetime import UTC, datetime, timedelta
 
@@ -290,15 +296,9 @@ def test_a_replaced_xds_certificate_is_served_from_the_next_handshake_without_cl
     ) as cp:
         assert _served_serial(cp.address, tmp / "frontend-certs") == first_serial
         channel, stub = _stub(cp.address, tmp / "frontend-certs")
-        cds = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
-        q: queue.Queue[Any] = queue.Queue()
-        first = discovery_pb2.DeltaDiscoveryRequest(type_url=cds)
-        first.node.id = "sidecar~frontend-1.demo"
-        q.put(first)
         with channel:
-            stream = stub.DeltaAggregatedResources(iter(q.get, None), timeout=30)
-            resp = next(stream)
-            q.put(discovery_pb2.DeltaDiscoveryRequest(type_url=cds, response_nonce=resp.nonce))
+            q, stream, resp = _cds_stream(stub, timeout=30)
+            q.put(discovery_pb2.DeltaDiscoveryRequest(type_url=CDS, response_nonce=resp.nonce))
 
             second_serial = issue()
             deadline = time.monotonic() + 10

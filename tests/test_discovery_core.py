@@ -8,6 +8,7 @@ from typing import Any
 
 from envoy.service.discovery.v3 import discovery_pb2
 
+from tests.support.xds import delta_request as _request, drain as _drain
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER
 from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
 from webhook.discovery.filesource import FileSource
@@ -15,21 +16,6 @@ from webhook.discovery.store import ObjectStore
 
 BACKEND = "outbound|8080||backend.demo.svc.cluster.local"
 DB = "outbound|3306||db.demo.svc.cluster.local"
-
-
-def _drain(conn: ProxyConn) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-    out = []
-    while not conn.queue.empty():
-        item = conn.queue.get_nowait()
-        assert item is not None
-        out.append(discovery_pb2.DeltaDiscoveryResponse.FromString(item))
-    return out
-
-
-def _request(type_url: str, *names: str, nonce: str = "") -> Any:
-    return discovery_pb2.DeltaDiscoveryRequest(
-        type_url=type_url, resource_names_subscribe=list(names), response_nonce=nonce
-    )
 
 
 def _setup(**settings: Any) -> tuple[ObjectStore, Discovery, ProxyConn]:

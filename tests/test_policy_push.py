@@ -4,10 +4,8 @@ of the workloads it selects, as filter configs (ECDS), never as a new listener."
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
-from envoy.service.discovery.v3 import discovery_pb2
-
+from tests.support.xds import delta_request as _request, drain as _drain
 from webhook.discovery.compiler import CLUSTER, LISTENER
 from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
 from webhook.discovery.filesource import FileSource
@@ -17,21 +15,6 @@ from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.ratelimit.compiler import SLOTS
 
 ALL_SLOTS = [*ECDS_NAMES["http"], *ECDS_NAMES["tcp"], *SLOTS]
-
-
-def _drain(conn: ProxyConn) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-    out = []
-    while not conn.queue.empty():
-        item = conn.queue.get_nowait()
-        assert item is not None
-        out.append(discovery_pb2.DeltaDiscoveryResponse.FromString(item))
-    return out
-
-
-def _request(type_url: str, *names: str, nonce: str = "") -> Any:
-    return discovery_pb2.DeltaDiscoveryRequest(
-        type_url=type_url, resource_names_subscribe=list(names), response_nonce=nonce
-    )
 
 
 def _connect(d: Discovery, pod: str, sa: str) -> ProxyConn:

@@ -10,6 +10,7 @@ from typing import Any
 from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.conftest import TESTDATA
+from tests.support.xds import drain as _drain
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE
 from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
 from webhook.discovery.debug import rules_of
@@ -44,15 +45,6 @@ def _store() -> ObjectStore:
     for kind in KINDS:
         store.replace(kind, [o for o in objs if o["kind"] == kind])
     return store
-
-
-def _drain(conn: ProxyConn) -> list[discovery_pb2.DeltaDiscoveryResponse]:
-    out = []
-    while not conn.queue.empty():
-        item = conn.queue.get_nowait()
-        assert item is not None
-        out.append(discovery_pb2.DeltaDiscoveryResponse.FromString(item))
-    return out
 
 
 def _connect(d: Discovery, namespace: str, pod: str) -> ProxyConn:

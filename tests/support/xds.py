@@ -16,6 +16,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from envoy.service.discovery.v3 import discovery_pb2
+
 from tests.support.ports import free_port
 from webhook.ca.authority import CertificateAuthority
 from webhook.config import Ports
@@ -23,12 +25,14 @@ from webhook.dataplane.ads_bootstrap import XdsOptions, render_ads_bootstrap
 from webhook.dataplane.bootstrap import BootstrapOptions, render_sds
 from webhook.dataplane.identity import build_csr, key_pem, new_key
 from webhook.discovery.ads import serve_ads, server_credentials
-from webhook.discovery.core import Discovery, DiscoverySettings
+from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
 from webhook.discovery.run import xds_certificate
 from webhook.discovery.store import ObjectStore
 
 __all__ = [
     "ControlPlane",
+    "delta_request",
+    "drain",
     "free_ports",
     "make_ca",
     "run_control_plane",
@@ -201,3 +205,20 @@ def run_envoy(
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def drain(conn: ProxyConn) -> list[discovery_pb2.DeltaDiscoveryResponse]:
+    """Every response queued for ``conn`` so far (the push engine without a network)."""
+    out = []
+    while not conn.queue.empty():
+        item = conn.queue.get_nowait()
+        assert item is not None
+        out.append(discovery_pb2.DeltaDiscoveryResponse.FromString(item))
+    return out
+
+
+def delta_request(type_url: str, *names: str, nonce: str = "") -> Any:
+    """A DeltaDiscoveryRequest as a sidecar sends it: subscribe ``names``, ACK ``nonce``."""
+    return discovery_pb2.DeltaDiscoveryRequest(
+        type_url=type_url, resource_names_subscribe=list(names), response_nonce=nonce
+    )
