@@ -23,7 +23,7 @@ a client without credentials cannot make the CA check tokens at will. The SPIFFE
 the token alone (step 5); whatever names the CSR carries are ignored.
 Signing runs inline on the event loop: it is a short burst of CPU, cheaper than a thread hop.
 
-Metrics (``sidemesh_ca_`` prefix): ``certificates_issued_total``, ``refusals_total{reason}``,
+Metrics (:mod:`webhook.ca.metrics`): ``certificates_issued_total``, ``refusals_total{reason}``,
 ``signing_seconds`` (CSR parse + verify + sign + PEM). An exception that is none of the typed
 refusals is a bug: answered 500 ``internal`` with a fixed message, and reported to
 ``on_unexpected`` (the server counts it in ``sidemesh_unexpected_errors_total``). Logs name
@@ -33,7 +33,6 @@ the SPIFFE id, serial and expiry of each certificate; never a token, a CSR or a 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -44,13 +43,15 @@ import orjson
 from cryptography import x509
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry
 
 from webhook.ca.authority import (
     CA_KEY,
     CertificateAuthority,
     resolve_ttl,
 )
+from webhook.ca.limiter import RateLimiter
+from webhook.ca.metrics import CAMetrics, metrics_for
 from webhook.ca.tokens import TokenVerifier
 from webhook.ca.trust import ReloadingTrust
 from webhook.ca.verifiers import VERIFIER_ENV, VerifierOptions
@@ -60,10 +61,8 @@ from webhook.server.asgi import BodyTooLarge, read_body
 
 __all__ = [
     "VERIFIER_ENV",
-    "CAMetrics",
     "CertificateRequest",
     "CertificateResponse",
-    "RateLimiter",
     "VerifierOptions",
     "certificates_router",
     "router_from_config",
@@ -73,7 +72,6 @@ log = logging.getLogger("sidemesh.ca")
 
 PATH = "/v1/certificates"
 _JSON = "application/json"
-SIGNING_BUCKETS = (0.0001, 0.0002, 0.0003, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.05)
 
 
 class CertificateRequest(TypedDict, total=False):
@@ -88,82 +86,6 @@ class CertificateResponse(TypedDict):
     trustBundle: str  # the mesh root(s), PEM
     expiresAt: str  # RFC 3339, UTC
     spiffeId: str
-
-
-class CAMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.issued = Counter(
-            "sidemesh_ca_certificates_issued",
-            "Workload certificates issued.",
-            registry=registry,
-        )
-        self.refused = Counter(
-            "sidemesh_ca_refusals",
-            "Certificate requests refused, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.signing = Histogram(
-            "sidemesh_ca_signing_seconds",
-            "Time to sign one workload certificate (CSR parse, verify, sign, PEM).",
-            buckets=SIGNING_BUCKETS,
-            registry=registry,
-        )
-
-
-_default_metrics: CAMetrics | None = None
-_default_lock = threading.Lock()
-
-
-def _metrics_for(registry: CollectorRegistry | None) -> CAMetrics:
-    """One CAMetrics per registry; the process-wide default registry is shared."""
-    global _default_metrics
-    if registry is not None and registry is not REGISTRY:
-        return CAMetrics(registry)
-    with _default_lock:
-        if _default_metrics is None:
-            _default_metrics = CAMetrics(REGISTRY)
-        return _default_metrics
-
-
-class RateLimiter:
-    """A token bucket per key: ``per_minute`` requests, refilled continuously, burst the same."""
-
-    def __init__(
-        self,
-        per_minute: int,
-        *,
-        clock: Callable[[], float] = time.monotonic,
-        max_keys: int = 50_000,
-    ) -> None:
-        self.capacity = float(per_minute)
-        self.rate = per_minute / 60.0
-        self._clock = clock
-        self._max_keys = max_keys
-        self._buckets: dict[str, tuple[float, float]] = {}
-
-    def wait(self, key: str) -> float:
-        """Seconds until ``key`` may make a request (0 now), without spending anything."""
-        tokens, last = self._buckets.get(key, (self.capacity, 0.0))
-        tokens = min(self.capacity, tokens + (self._clock() - last) * self.rate)
-        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
-
-    def allow(self, key: str) -> float:
-        """0 when allowed (and counted), else the seconds until one request is allowed."""
-        now = self._clock()
-        tokens, last = self._buckets.get(key, (self.capacity, now))
-        tokens = min(self.capacity, tokens + (now - last) * self.rate)
-        if tokens < 1.0:
-            self._buckets[key] = (tokens, now)
-            return (1.0 - tokens) / self.rate
-        if len(self._buckets) >= self._max_keys and key not in self._buckets:
-            self._prune(now)
-        self._buckets[key] = (tokens - 1.0, now)
-        return 0.0
-
-    def _prune(self, now: float) -> None:
-        full = self.capacity / self.rate  # a bucket idle this long is full again: forget it
-        self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < full}
 
 
 def _error(
@@ -193,7 +115,7 @@ def certificates_router(
         current_ca=ca if callable(ca) else (lambda: ca),
         verifier=verifier,
         config=config,
-        metrics=_metrics_for(registry),
+        metrics=metrics_for(registry),
         clock=clock,
         rate_clock=rate_clock,
         trust_bundle=trust_bundle,
