@@ -37,14 +37,8 @@ from tests.support.wait import wait_for
 from tests.support.webhook_https import admission_review, client_ssl, simple_pod
 from webhook import names
 from webhook.ca.api import router_from_config
-from webhook.ca.authority import (
-    CA_CERT,
-    CA_KEY,
-    TLS_CERT,
-    TLS_KEY,
-    CertificateAuthority,
-    ensure_dev_pki,
-)
+from webhook.ca.authority import CA_CERT, CA_KEY, TLS_CERT, TLS_KEY, CertificateAuthority
+from webhook.ca.serving import ensure_dev_pki
 from webhook.ca.tokens import JWKSVerifier
 from webhook.ca.trust import ReloadingTrust
 from webhook.ca.upkeep import CAUpkeep

@@ -18,14 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.support.pki import make_csr, openssl_verify, rsa_key
-from webhook.ca.authority import (
-    CLOCK_SKEW,
-    DEFAULT_SERVING_DNS,
-    CertificateAuthority,
-    ensure_dev_pki,
-    resolve_ttl,
-    serving_cert_needs_renewal,
-)
+from webhook.ca.authority import CLOCK_SKEW, DEFAULT_SERVING_DNS, CertificateAuthority, resolve_ttl
+from webhook.ca.serving import ensure_dev_pki, serving_cert_needs_renewal
 from webhook.config import CAConfig
 from webhook.errors import IdentityError, PKIError
 

@@ -24,7 +24,8 @@ from tests.support.ca_server import CAServer, post, serve_ca
 from tests.support.jwks_issuer import Issuer
 from tests.support.pki import make_csr, openssl_verify, rsa_key
 from webhook.ca.api import VerifierOptions, router_from_config
-from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
+from webhook.ca.authority import CertificateAuthority
+from webhook.ca.serving import ensure_dev_pki
 from webhook.ca.tokens import JWKSVerifier
 from webhook.config import CAConfig, MeshConfig
 

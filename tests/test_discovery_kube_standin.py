@@ -18,7 +18,7 @@ from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
 from tests.support.ports import free_port
 from tests.support.shop_objects import cluster
-from webhook.ca.authority import ensure_dev_pki
+from webhook.ca.serving import ensure_dev_pki
 from webhook.discovery.core import DiscoverySettings
 from webhook.discovery.run import RunSettings, run_discovery
 

@@ -33,7 +33,8 @@ from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
 from tests.support.pki import openssl_verify_result
 from webhook import names
-from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
+from webhook.ca.authority import CertificateAuthority
+from webhook.ca.serving import ensure_dev_pki
 from webhook.errors import PKIError
 from webhook.install.cluster import SETTLE_SECONDS, Options, install, uninstall
 from webhook.install.pki import CA_SECRET, DISCOVERY_TLS_SECRET, REDACTED, TLS_SECRET

@@ -20,7 +20,8 @@ from tests.support.ca_server import post, serve_ca
 from tests.support.jwks_issuer import Issuer
 from tests.support.pki import make_csr, openssl_verify
 from webhook.ca.api import VerifierOptions
-from webhook.ca.authority import CertificateAuthority, ensure_dev_pki
+from webhook.ca.authority import CertificateAuthority
+from webhook.ca.serving import ensure_dev_pki
 from webhook.ca.tokenreview import TokenReviewVerifier
 from webhook.ca.tokens import Identity, JWKSVerifier
 from webhook.ca.upkeep import CAUpkeep

@@ -31,7 +31,8 @@ from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
 from tests.support.pki import openssl_verify
 from tests.support.programs import PROGRAMS
-from webhook.ca.authority import SERVICE_DNS_NAMES, CertificateAuthority, write_serving_pair
+from webhook.ca.authority import SERVICE_DNS_NAMES, CertificateAuthority
+from webhook.ca.serving import write_serving_pair
 from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
 from webhook.kube.client import KubeAPIError

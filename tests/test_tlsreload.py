@@ -30,13 +30,8 @@ from tests.support.webhook_https import (
     https_webhook,
     simple_pod,
 )
-from webhook.ca.authority import (
-    CA_CERT,
-    TLS_CERT,
-    TLS_KEY,
-    CertificateAuthority,
-    write_serving_pair,
-)
+from webhook.ca.authority import CA_CERT, TLS_CERT, TLS_KEY, CertificateAuthority
+from webhook.ca.serving import write_serving_pair
 from webhook.files import write_atomic
 
 
@@ -222,7 +217,7 @@ def test_connections_opened_before_a_rotation_keep_working(
 
 
 def test_the_check_interval_limits_how_often_files_are_looked_at(tmp_path: Path) -> None:
-    from webhook.ca.authority import ensure_dev_pki
+    from webhook.ca.serving import ensure_dev_pki
     from webhook.server.tlsreload import ReloadingTLS
 
     ensure_dev_pki(tmp_path, now=datetime.now(UTC))

@@ -42,7 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
 from tests.support.jwks_issuer import Issuer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
-from webhook.ca.authority import CertificateAuthority, ensure_dev_pki  # noqa: E402
+from webhook.ca.authority import CertificateAuthority  # noqa: E402
+from webhook.ca.serving import ensure_dev_pki  # noqa: E402
 from webhook.ca.tokens import JWKSVerifier  # noqa: E402
 
 SPIFFE = "spiffe://cluster.local/ns/bench/sa/load"

@@ -23,7 +23,8 @@ from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
 
 from webhook.ca.api import router_from_config
-from webhook.ca.authority import CA_CERT, CertificateAuthority, ensure_dev_pki
+from webhook.ca.authority import CA_CERT, CertificateAuthority
+from webhook.ca.serving import ensure_dev_pki
 from webhook.ca.tokens import TokenVerifier
 from webhook.config import MeshConfig
 

@@ -18,7 +18,8 @@ import httpx
 
 from tests.support.server_thread import ServerThread
 from webhook.admission.review import Injector
-from webhook.ca.authority import CA_CERT, TLS_CERT, TLS_KEY, ensure_dev_pki
+from webhook.ca.authority import CA_CERT, TLS_CERT, TLS_KEY
+from webhook.ca.serving import ensure_dev_pki
 from webhook.config import MeshConfig
 from webhook.server.app import create_app
 from webhook.server.metrics import Metrics

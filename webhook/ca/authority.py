@@ -47,13 +47,10 @@ __all__ = [
     "TLS_CERT",
     "TLS_KEY",
     "CertificateAuthority",
-    "ensure_dev_pki",
     "fingerprint_sha256",
     "load_roots",
     "private_dir",
     "resolve_ttl",
-    "serving_cert_needs_renewal",
-    "write_serving_pair",
 ]
 
 CA_CERT = "ca.crt"
@@ -70,9 +67,6 @@ SERVICE_DNS_NAMES = names.control_plane_dns_names(names.SERVICE_NAME)
 #: The Service's names plus a local one for ``make run`` on a laptop.
 DEFAULT_SERVING_DNS: tuple[str, ...] = (*SERVICE_DNS_NAMES, "localhost")
 DEFAULT_SERVING_IPS: tuple[str, ...] = ("127.0.0.1",)
-
-#: A serving certificate is renewed once less than this fraction of its lifetime is left.
-_RENEW_FRACTION = 1 / 3
 
 
 @dataclass(frozen=True)
@@ -313,22 +307,6 @@ def resolve_ttl(requested: int | None, config: CAConfig) -> timedelta:
     return timedelta(seconds=requested)
 
 
-def serving_cert_needs_renewal(
-    cert_pem: bytes | None, ca: CertificateAuthority, *, now: datetime
-) -> bool:
-    """True when the serving cert is missing, unreadable, not from ``ca``, or in its last third."""
-    if not cert_pem:
-        return True
-    try:
-        cert = x509.load_pem_x509_certificate(cert_pem)
-    except ValueError:
-        return True
-    if not ca.issued(cert):
-        return True
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return now >= end - (end - start) * _RENEW_FRACTION
-
-
 _PEM_BEGIN = b"-----BEGIN CERTIFICATE-----"
 
 
@@ -352,27 +330,7 @@ def fingerprint_sha256(cert: x509.Certificate) -> str:
     return cert.fingerprint(hashes.SHA256()).hex(":").upper()
 
 
-# --- the development PKI (files) ---------------------------------------------------------------
-
-
-def ensure_dev_pki(directory: str | Path, *, now: datetime) -> None:
-    """Make ``directory`` a working PKI: a root when none exists, and a serving certificate
-    (default names) when it is missing, not from this root, or in the last third of its life.
-    An existing root is never replaced."""
-    d = Path(directory)
-    private_dir(d)
-    if (d / CA_CERT).exists() or (d / CA_KEY).exists():
-        ca = CertificateAuthority.load(d)
-    else:
-        ca = CertificateAuthority.create(now=now)
-        ca.save(d)
-    try:
-        current: bytes | None = (d / TLS_CERT).read_bytes()
-    except OSError:
-        current = None
-    if serving_cert_needs_renewal(current, ca, now=now) or not (d / TLS_KEY).exists():
-        cert_pem, key_pem = ca.issue_serving(now=now)
-        write_serving_pair(d, cert_pem, key_pem)
+# --- the PKI directory ---------------------------------------------------------------------
 
 
 def private_dir(directory: Path) -> None:
@@ -385,15 +343,6 @@ def private_dir(directory: Path) -> None:
     except FileExistsError:
         return
     os.chmod(directory, 0o700)  # mkdir's mode is masked by the umask
-
-
-def write_serving_pair(directory: Path, cert_pem: str, key_pem: str) -> None:
-    """Write ``tls.key`` (0600) then ``tls.crt``, each atomically.
-
-    The key goes first: a reader that reloads on a change of ``tls.crt`` then finds the
-    matching key already in place."""
-    write_atomic(directory / TLS_KEY, key_pem.encode(), mode=0o600)
-    write_atomic(directory / TLS_CERT, cert_pem.encode(), mode=0o644)
 
 
 # --- internals -------------------------------------------------------------------------------

@@ -29,9 +29,8 @@ from webhook.ca.authority import (
     TLS_KEY,
     CertificateAuthority,
     load_roots,
-    serving_cert_needs_renewal,
-    write_serving_pair,
 )
+from webhook.ca.serving import serving_cert_needs_renewal, write_serving_pair
 from webhook.config import MeshConfig
 from webhook.errors import SidemeshError
 

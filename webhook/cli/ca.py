@@ -101,8 +101,8 @@ def _serving_cert(args: argparse.Namespace) -> int:
         DEFAULT_SERVING_IPS,
         TLS_CERT,
         CertificateAuthority,
-        write_serving_pair,
     )
+    from webhook.ca.serving import write_serving_pair
     from webhook.config import load_config_file
 
     d: Path = args.dir

@@ -153,12 +153,13 @@ def _ensure_pki(cert_dir: Path) -> None:
     from datetime import UTC, datetime
 
     from webhook.ca import authority as ca
+    from webhook.ca.serving import ensure_dev_pki
     from webhook.server.logs import LOGGER
 
     wanted = (ca.CA_CERT, ca.TLS_CERT, ca.TLS_KEY)
     if all((cert_dir / name).exists() for name in wanted):
         return
-    ca.ensure_dev_pki(cert_dir, now=datetime.now(UTC))
+    ensure_dev_pki(cert_dir, now=datetime.now(UTC))
     LOGGER.info("created a development PKI", extra={"event": "dev-pki", "dir": str(cert_dir)})
 
 

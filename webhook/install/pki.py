@@ -30,8 +30,8 @@ from webhook.ca.authority import (
     TLS_KEY,
     CertificateAuthority,
     fingerprint_sha256,
-    serving_cert_needs_renewal,
 )
+from webhook.ca.serving import serving_cert_needs_renewal
 from webhook.errors import PKIError
 from webhook.install.runner import InstallError
 from webhook.kube.client import TLS_SECRET
