@@ -54,6 +54,7 @@ PURE = (
     "ratelimit.window",
     "manifests",
     "config",
+    "config_rules",
     "values",
     "names",
     "errors",

@@ -1,24 +1,24 @@
 """The mesh config: frozen dataclasses, every default in this one file.
 
 A config file is YAML whose keys mirror the dataclass fields (``proxy.image``,
-``ca.max_ttl_seconds`` …). It is parsed once at start-up by :func:`load_config`; an unknown key
-or a bad value raises :class:`~webhook.errors.ConfigError` naming the dotted key and the value,
-so a typo never silently falls back to a default. Pure apart from :func:`load_config_file`.
+``ca.max_ttl_seconds`` …). It is parsed once at start-up by :func:`load_config`; an unknown key,
+or a value that breaks a rule of :mod:`webhook.config_rules`, raises
+:class:`~webhook.errors.ConfigError` naming the dotted key and the value, so a typo never
+silently falls back to a default. Pure apart from :func:`load_config_file`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import types
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, Union, get_args, get_origin, get_type_hints
 
 from webhook import names
+from webhook.config_rules import bad_value, validate
 from webhook.errors import ConfigError
-from webhook.telemetry.settings import parse_access_log
-from webhook.values import check_port, parse_cidr, parse_quantity
 
 __all__ = [
     "DEFAULTS",
@@ -233,125 +233,7 @@ class MeshConfig:
     """Metrics, access logs and traces the sidecars produce."""
 
     def __post_init__(self) -> None:
-        _validate(self)
-
-
-def _fail(key: str, value: object, why: str) -> ConfigError:
-    return ConfigError(f"config key {key!r} has bad value {value!r}: {why}")
-
-
-def _check(parser: Callable[[Any], object], key: str, value: Any) -> None:
-    """``value`` passes ``parser`` (one of :mod:`webhook.values`, the rules annotations and the
-    init container's flags follow too), or ConfigError naming the key, the value and why."""
-    try:
-        parser(value)
-    except ValueError as exc:
-        raise _fail(key, value, str(exc)) from None
-
-
-def _validate(cfg: MeshConfig) -> None:
-    """Every field checked, section by section, in the order of the config file."""
-    _validate_mesh(cfg)
-    _validate_ports(cfg.ports)
-    _validate_proxy(cfg.proxy)
-    _validate_ca(cfg.ca, cfg.proxy)
-    _validate_limits(cfg.limits)
-    _validate_telemetry(cfg.telemetry)
-    if cfg.webhook.max_body_bytes < 1024:
-        raise _fail("webhook.max_body_bytes", cfg.webhook.max_body_bytes, "at least 1024")
-
-
-def _validate_mesh(cfg: MeshConfig) -> None:
-    td = cfg.trust_domain
-    if not names.is_trust_domain(td):
-        raise _fail("trust_domain", td, "a lower-case DNS-like name without '/' or ':'")
-    if not cfg.ca_address.startswith("https://"):
-        raise _fail("ca_address", cfg.ca_address, "must be an https:// URL")
-    if cfg.discovery_address and not _is_host_port(cfg.discovery_address):
-        raise _fail(
-            "discovery_address", cfg.discovery_address, "expected host:port (or empty for none)"
-        )
-    for cidr in cfg.mesh_cidrs:
-        _check(parse_cidr, "mesh_cidrs", cidr)
-    for port in cfg.plaintext_ports:
-        _check(check_port, "plaintext_ports", port)
-
-
-def _validate_ports(cfg: Ports) -> None:
-    ports = cfg.all()
-    port_keys = ("admin", "outbound", "inbound", "probes", "health", "stats")
-    for name_, port in zip(port_keys, ports, strict=True):
-        _check(check_port, f"ports.{name_}", port)
-    if len(set(ports)) != len(ports):
-        raise _fail("ports", ports, "the proxy's ports must be distinct")
-
-
-def _validate_proxy(px: ProxyConfig) -> None:
-    for key in ("image", "init_image"):
-        image = getattr(px, key)
-        if not image or any(ch.isspace() for ch in image):
-            raise _fail(f"proxy.{key}", image, "an image reference without whitespace")
-    for key in ("cpu_request", "memory_request", "cpu_limit", "memory_limit"):
-        value = getattr(px, key)
-        if value == "" and key.endswith("_limit"):
-            continue
-        try:
-            parse_quantity(value)
-        except ValueError as exc:
-            raise _fail(f"proxy.{key}", value, str(exc)) from None
-    for key in ("uid", "gid"):
-        if not 1 <= getattr(px, key) < 2**31:
-            raise _fail(f"proxy.{key}", getattr(px, key), "must be a positive id, not root")
-    if px.concurrency < 1:
-        raise _fail("proxy.concurrency", px.concurrency, "must be at least 1")
-
-
-def _validate_ca(ca: CAConfig, px: ProxyConfig) -> None:
-    if not 1 <= ca.min_ttl_seconds <= ca.default_ttl_seconds <= ca.max_ttl_seconds:
-        raise _fail(
-            "ca.default_ttl_seconds",
-            ca.default_ttl_seconds,
-            "need 1 <= min_ttl_seconds <= default_ttl_seconds <= max_ttl_seconds",
-        )
-    if not ca.min_ttl_seconds <= px.cert_ttl_seconds <= ca.max_ttl_seconds:
-        raise _fail("proxy.cert_ttl_seconds", px.cert_ttl_seconds, "outside the CA's TTL range")
-    for key in ("rate_per_identity_per_minute", "max_body_bytes", "serving_cert_ttl_seconds"):
-        if getattr(ca, key) < 1:
-            raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
-    for key in ("unauthenticated_per_address_per_minute", "max_token_lifetime_seconds"):
-        if getattr(ca, key) < 1:
-            raise _fail(f"ca.{key}", getattr(ca, key), "must be positive")
-
-
-def _validate_limits(limits: ClientLimits) -> None:
-    for key, value in dataclasses.asdict(limits).items():
-        if not value > 0:
-            raise _fail(f"limits.{key}", value, "must be positive")
-    if limits.max_header_bytes < limits.max_request_line_bytes:
-        raise _fail(
-            "limits.max_header_bytes", limits.max_header_bytes, "below max_request_line_bytes"
-        )
-
-
-def _validate_telemetry(tm: TelemetryConfig) -> None:
-    _check(parse_access_log, "telemetry.access_log", tm.access_log)
-    if tm.tracing_collector and not _is_host_port(tm.tracing_collector):
-        raise _fail(
-            "telemetry.tracing_collector", tm.tracing_collector, "expected host:port (or empty)"
-        )
-    if not 0 <= tm.tracing_sampling <= 100:
-        raise _fail("telemetry.tracing_sampling", tm.tracing_sampling, "a percentage, 0-100")
-
-
-def _is_host_port(value: str) -> bool:
-    """``host:port`` with a port in 1-65535; an IPv6 host is written in brackets."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        return False
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-        return ":" in host and "/" not in host
-    return bool(host) and not any(ch in host for ch in ":/ ")
+        validate(self)
 
 
 #: The mesh's defaults as one value. The roles that run without a config file (the proxy
@@ -412,35 +294,35 @@ def _build(cls: type[Any], data: Mapping[str, Any], prefix: str) -> Any:
 def _coerce(hint: Any, raw: Any, key: str) -> Any:
     if dataclasses.is_dataclass(hint) and isinstance(hint, type):
         if not isinstance(raw, Mapping):
-            raise _fail(key, raw, "expected a mapping")
+            raise bad_value(key, raw, "expected a mapping")
         return _build(hint, raw, prefix=f"{key}.")
     origin = get_origin(hint)
     if origin is Literal:
         allowed = get_args(hint)
         if raw not in allowed:
-            raise _fail(key, raw, f"expected one of {', '.join(map(str, allowed))}")
+            raise bad_value(key, raw, f"expected one of {', '.join(map(str, allowed))}")
         return raw
     if origin is tuple:
         if isinstance(raw, str) or not isinstance(raw, list | tuple):
-            raise _fail(key, raw, "expected a list")
+            raise bad_value(key, raw, "expected a list")
         item_type = get_args(hint)[0]
         return tuple(_coerce(item_type, item, key) for item in raw)
     if origin in (Union, types.UnionType):  # pragma: no cover - no optional fields yet
-        raise _fail(key, raw, "unsupported type")
+        raise bad_value(key, raw, "unsupported type")
     if hint is bool:
         if not isinstance(raw, bool):
-            raise _fail(key, raw, "expected true or false")
+            raise bad_value(key, raw, "expected true or false")
         return raw
     if hint is int:
         if isinstance(raw, bool) or not isinstance(raw, int):
-            raise _fail(key, raw, "expected an integer")
+            raise bad_value(key, raw, "expected an integer")
         return raw
     if hint is float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise _fail(key, raw, "expected a number")
+            raise bad_value(key, raw, "expected a number")
         return float(raw)
     if hint is str:
         if not isinstance(raw, str):
-            raise _fail(key, raw, "expected a string")
+            raise bad_value(key, raw, "expected a string")
         return raw
-    raise _fail(key, raw, f"unsupported type {hint!r}")  # pragma: no cover
+    raise bad_value(key, raw, f"unsupported type {hint!r}")  # pragma: no cover
