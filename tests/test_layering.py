@@ -38,6 +38,8 @@ PURE = (
     "routing.routes",
     "routing.policy",
     "routing.table",
+    "routing.refs",
+    "routing.subsets",
     "routing.envoy",
     "routing.explain",
     "policy.model",

@@ -29,7 +29,8 @@ from webhook.discovery.slim import slim
 from webhook.discovery.store import KINDS
 from webhook.routing import envoy as ev
 from webhook.routing.api import envoy_duration, parse_duration
-from webhook.routing.table import RoutingTable, build_table, subset_endpoints
+from webhook.routing.subsets import subset_endpoints
+from webhook.routing.table import RoutingTable, build_table
 
 DATA = TESTDATA / "routing"
 REVIEWS = "outbound|9080||reviews.shop.svc.cluster.local"

@@ -14,7 +14,8 @@ from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery.compiler import build_cluster, build_endpoints
 from webhook.discovery.model import Endpoint, MeshModel, Service, ServicePort
 from webhook.routing import envoy as ev
-from webhook.routing.table import RoutingTable, SubsetCluster, subset_endpoints
+from webhook.routing.subsets import SubsetCluster, subset_endpoints
+from webhook.routing.table import RoutingTable
 
 __all__ = [
     "cluster_names",
