@@ -36,6 +36,7 @@ PURE = (
     "discovery.backoff",
     "routing.api",
     "routing.routes",
+    "routing.matches",
     "routing.policy",
     "routing.table",
     "routing.refs",

@@ -1,4 +1,5 @@
-"""What the traffic rules share: the kinds, where a problem is, and duration values.
+"""What the traffic rules share: the kinds, where a problem is, a reader that collects the
+problems of one object as its fields are read, and duration values.
 
 A :class:`Problem` names the object, the field (a JSON-path-like ``spec.rules[0].matches[1]``)
 and what is wrong. Problems never stop the mesh from being programmed: a rule that cannot be
@@ -9,8 +10,9 @@ the control plane's log and ``/debug/rules``.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import Any, Final, Literal
 
 __all__ = [
     "GATEWAY_GROUP",
@@ -22,6 +24,8 @@ __all__ = [
     "SUBSET_KIND",
     "TRAFFIC_POLICY",
     "Problem",
+    "Reader",
+    "as_map",
     "envoy_duration",
     "parse_duration",
 ]
@@ -59,6 +63,39 @@ class Problem:
 
     def __str__(self) -> str:
         return f"{self.object}: {self.field}: {self.message}"
+
+
+class Reader:
+    """Collects problems about one object while its fields are read."""
+
+    def __init__(self, kind: str, namespace: str, name: str) -> None:
+        self.kind, self.namespace, self.name = kind, namespace, name
+        self.problems: list[Problem] = []
+
+    def bad(self, where: str, message: str, severity: Severity = "error") -> None:
+        self.problems.append(
+            Problem(self.kind, self.namespace, self.name, where, message, severity)
+        )
+
+    def items(self, obj: Mapping[str, Any], key: str, where: str) -> list[tuple[str, Any]]:
+        value = obj.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.bad(f"{where}.{key}", "must be a list")
+            return []
+        out = []
+        for i, item in enumerate(value):
+            if isinstance(item, Mapping):
+                out.append((f"{where}.{key}[{i}]", item))
+            else:
+                self.bad(f"{where}.{key}[{i}]", "must be a map")
+        return out
+
+
+def as_map(value: Any) -> Mapping[str, Any]:
+    """``value`` when it is a map, else an empty one (a wrong type is reported where read)."""
+    return value if isinstance(value, Mapping) else {}
 
 
 # Gateway API's Duration: up to four <number><unit> parts, e.g. "1h30m", "250ms".

@@ -13,10 +13,11 @@ from typing import Any, Final
 
 from webhook.discovery.l7 import DEFAULT_RETRY
 from webhook.routing.api import envoy_duration
+from webhook.routing.matches import Match
 from webhook.routing.policy import Fault, HashOn, Retries, TrafficPolicy
 from webhook.routing.refs import Target
 from webhook.routing.rewrite import redirect_action, rewrite_fields
-from webhook.routing.routes import HeaderOps, Match
+from webhook.routing.routes import HeaderOps
 from webhook.routing.table import RouteEntry
 
 __all__ = [

@@ -9,8 +9,9 @@ from __future__ import annotations
 from typing import Any
 
 from webhook.routing.api import envoy_duration
+from webhook.routing.matches import Match
 from webhook.routing.policy import TrafficPolicy
-from webhook.routing.routes import Match, Route, Rule
+from webhook.routing.routes import Route, Rule
 from webhook.routing.table import RoutingTable
 
 __all__ = ["describe_policy", "describe_route"]

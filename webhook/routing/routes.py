@@ -8,16 +8,14 @@ a :class:`~webhook.routing.api.Problem` naming the field, and the part it concer
 (an unusable match) or answers an error (an unusable backend gets its share of 500s, as the
 Gateway API asks).
 
-A GRPCRoute's method match becomes a path match (gRPC calls are ``POST /<service>/<method>``),
-so both kinds compile the same way.
+The matches of a rule are read by :mod:`webhook.routing.matches`.
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any
 
 from webhook.routing.api import (
     GATEWAY_GROUP,
@@ -26,8 +24,11 @@ from webhook.routing.api import (
     SIDEMESH_GROUP,
     SUBSET_KIND,
     Problem,
+    Reader,
+    as_map,
     parse_duration,
 )
+from webhook.routing.matches import HEADER_NAME, Match, PathMatch, grpc_match, http_match
 from webhook.routing.rewrite import (
     Redirect,
     Rewrite,
@@ -39,44 +40,12 @@ from webhook.routing.rewrite import (
 __all__ = [
     "Backend",
     "HeaderOps",
-    "Match",
     "Mirror",
     "Parent",
-    "PathMatch",
     "Route",
     "Rule",
-    "ValueMatch",
     "parse_route",
 ]
-
-_METHODS: Final = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"}
-)
-_HEADER_NAME: Final = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`|~]+$")
-
-
-@dataclass(frozen=True)
-class PathMatch:
-    type: str  # Exact | PathPrefix | RegularExpression
-    value: str
-
-
-@dataclass(frozen=True)
-class ValueMatch:
-    """A header or query parameter match."""
-
-    name: str
-    type: str  # Exact | RegularExpression
-    value: str
-
-
-@dataclass(frozen=True)
-class Match:
-    path: PathMatch
-    headers: tuple[ValueMatch, ...] = ()
-    query: tuple[ValueMatch, ...] = ()
-    method: str | None = None
-    field: str = ""
 
 
 @dataclass(frozen=True)
@@ -151,45 +120,13 @@ class Route:
         return f"{self.kind} {self.namespace}/{self.name}"
 
 
-class _Reader:
-    """Collects problems about one object while its fields are read."""
-
-    def __init__(self, kind: str, namespace: str, name: str) -> None:
-        self.kind, self.namespace, self.name = kind, namespace, name
-        self.problems: list[Problem] = []
-
-    def bad(self, where: str, message: str, severity: str = "error") -> None:
-        self.problems.append(
-            Problem(self.kind, self.namespace, self.name, where, message, severity)  # type: ignore[arg-type]
-        )
-
-    def items(self, obj: Mapping[str, Any], key: str, where: str) -> list[tuple[str, Any]]:
-        value = obj.get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.bad(f"{where}.{key}", "must be a list")
-            return []
-        out = []
-        for i, item in enumerate(value):
-            if isinstance(item, Mapping):
-                out.append((f"{where}.{key}[{i}]", item))
-            else:
-                self.bad(f"{where}.{key}[{i}]", "must be a map")
-        return out
-
-
-def _map(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
 def parse_route(obj: Mapping[str, Any]) -> Route:
     """The route in ``obj`` (an HTTPRoute or GRPCRoute as the API server stores it)."""
-    meta = _map(obj.get("metadata"))
+    meta = as_map(obj.get("metadata"))
     kind = str(obj.get("kind") or HTTP_ROUTE)
     namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
-    r = _Reader(kind, namespace, name)
-    spec = _map(obj.get("spec"))
+    r = Reader(kind, namespace, name)
+    spec = as_map(obj.get("spec"))
     parents = tuple(
         p for w, raw in r.items(spec, "parentRefs", "spec") if (p := _parent(r, w, raw, namespace))
     )
@@ -202,7 +139,7 @@ def parse_route(obj: Mapping[str, Any]) -> Route:
                  tuple(r.problems))  # fmt: skip
 
 
-def _parent(r: _Reader, where: str, raw: Mapping[str, Any], namespace: str) -> Parent | None:
+def _parent(r: Reader, where: str, raw: Mapping[str, Any], namespace: str) -> Parent | None:
     group, kind = raw.get("group", GATEWAY_GROUP), raw.get("kind", "Gateway")
     if (group or "") != "" or kind != "Service":
         return None  # a Gateway (or another parent): not the mesh's business
@@ -217,11 +154,11 @@ def _is_port(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
 
 
-def _rule(r: _Reader, where: str, raw: Mapping[str, Any], index: int, ns: str) -> Rule:
+def _rule(r: Reader, where: str, raw: Mapping[str, Any], index: int, ns: str) -> Rule:
     if r.kind == GRPC_ROUTE:
-        matches = [x for w, m in r.items(raw, "matches", where) if (x := _grpc_match(r, w, m))]
+        matches = [x for w, m in r.items(raw, "matches", where) if (x := grpc_match(r, w, m))]
     else:
-        matches = [x for w, m in r.items(raw, "matches", where) if (x := _http_match(r, w, m))]
+        matches = [x for w, m in r.items(raw, "matches", where) if (x := http_match(r, w, m))]
     if "matches" not in raw or raw.get("matches") == []:
         matches = [Match(PathMatch("PathPrefix", "/"), field=f"{where}.matches")]
     elif not matches:
@@ -236,22 +173,26 @@ def _rule(r: _Reader, where: str, raw: Mapping[str, Any], index: int, ns: str) -
     for w, f in r.items(raw, "filters", where):
         ftype = f.get("type")
         if ftype == "RequestHeaderModifier":
-            req = _header_ops(r, f"{w}.requestHeaderModifier", _map(f.get("requestHeaderModifier")))
+            req = _header_ops(
+                r, f"{w}.requestHeaderModifier", as_map(f.get("requestHeaderModifier"))
+            )
         elif ftype == "ResponseHeaderModifier":
             resp = _header_ops(
-                r, f"{w}.responseHeaderModifier", _map(f.get("responseHeaderModifier"))
+                r, f"{w}.responseHeaderModifier", as_map(f.get("responseHeaderModifier"))
             )
         elif ftype == "RequestMirror":
-            mirror = _mirror(r, f"{w}.requestMirror", _map(f.get("requestMirror")), ns)
+            mirror = _mirror(r, f"{w}.requestMirror", as_map(f.get("requestMirror")), ns)
             if mirror is not None:
                 mirrors.append(mirror)
         elif ftype == "RequestRedirect" and r.kind == HTTP_ROUTE:
-            redirect = parse_redirect(r.bad, f"{w}.requestRedirect", _map(f.get("requestRedirect")))
+            redirect = parse_redirect(
+                r.bad, f"{w}.requestRedirect", as_map(f.get("requestRedirect"))
+            )
         elif ftype == "URLRewrite" and r.kind == HTTP_ROUTE:
-            rewrite = parse_rewrite(r.bad, f"{w}.urlRewrite", _map(f.get("urlRewrite")))
+            rewrite = parse_rewrite(r.bad, f"{w}.urlRewrite", as_map(f.get("urlRewrite")))
         else:
             r.bad(f"{w}.type", f"filter {ftype!r} is not supported by sidemesh yet; ignored")
-    timeouts = _map(raw.get("timeouts"))
+    timeouts = as_map(raw.get("timeouts"))
     timeout = _seconds(r, f"{where}.timeouts.request", timeouts.get("request"))
     per_try = _seconds(r, f"{where}.timeouts.backendRequest", timeouts.get("backendRequest"))
     if timeout and per_try and per_try > timeout:
@@ -263,7 +204,7 @@ def _rule(r: _Reader, where: str, raw: Mapping[str, Any], index: int, ns: str) -
                 str(raw.get("name") or ""), redirect, rewrite)  # fmt: skip
 
 
-def _seconds(r: _Reader, where: str, raw: Any) -> float | None:
+def _seconds(r: Reader, where: str, raw: Any) -> float | None:
     if raw is None:
         return None
     try:
@@ -273,99 +214,8 @@ def _seconds(r: _Reader, where: str, raw: Any) -> float | None:
         return None
 
 
-def _regex_ok(r: _Reader, where: str, value: str) -> bool:
-    # Envoy uses RE2; Python's re accepts a superset of its syntax, so this catches typos,
-    # not every construct RE2 refuses (backreferences and lookarounds are checked below).
-    try:
-        re.compile(value)
-    except re.error as exc:
-        r.bad(where, f"not a regular expression: {exc}")
-        return False
-    if re.search(r"\(\?[=!<]|\\[1-9]", value):
-        r.bad(where, "lookarounds and backreferences are not RE2 (Envoy's regex engine)")
-        return False
-    return True
-
-
-def _values(
-    r: _Reader, raw: Mapping[str, Any], key: str, where: str
-) -> tuple[ValueMatch, ...] | None:
-    out = []
-    for w, item in r.items(raw, key, where):
-        name, mtype, value = item.get("name"), item.get("type", "Exact"), item.get("value")
-        if not isinstance(name, str) or (key == "headers" and not _HEADER_NAME.match(name)):
-            r.bad(
-                f"{w}.name",
-                f"{name!r} is not a valid {key[:-1] if key == 'headers' else 'parameter'} name",
-            )
-            return None
-        if not isinstance(value, str):
-            r.bad(f"{w}.value", "must be a string")
-            return None
-        if mtype not in ("Exact", "RegularExpression"):
-            r.bad(f"{w}.type", f"{mtype!r}: want Exact or RegularExpression")
-            return None
-        if mtype == "RegularExpression" and not _regex_ok(r, f"{w}.value", value):
-            return None
-        out.append(ValueMatch(name.lower() if key == "headers" else name, mtype, value))
-    return tuple(out)
-
-
-def _http_match(r: _Reader, where: str, raw: Mapping[str, Any]) -> Match | None:
-    path_raw = _map(raw.get("path"))
-    ptype, pvalue = path_raw.get("type", "PathPrefix"), path_raw.get("value", "/")
-    if ptype not in ("Exact", "PathPrefix", "RegularExpression"):
-        r.bad(f"{where}.path.type", f"{ptype!r}: want Exact, PathPrefix or RegularExpression")
-        return None
-    if not isinstance(pvalue, str) or (ptype != "RegularExpression" and not pvalue.startswith("/")):
-        r.bad(f"{where}.path.value", f"{pvalue!r} must be a path starting with /")
-        return None
-    if ptype == "RegularExpression" and not _regex_ok(r, f"{where}.path.value", pvalue):
-        return None
-    headers = _values(r, raw, "headers", where)
-    query = _values(r, raw, "queryParams", where)
-    method = raw.get("method")
-    if method is not None and method not in _METHODS:
-        r.bad(f"{where}.method", f"{method!r} is not an HTTP method")
-        return None
-    if headers is None or query is None:
-        return None
-    return Match(PathMatch(ptype, pvalue), headers, query, method, where)
-
-
-def _grpc_match(r: _Reader, where: str, raw: Mapping[str, Any]) -> Match | None:
-    m = _map(raw.get("method"))
-    mtype, service, method = m.get("type", "Exact"), m.get("service"), m.get("method")
-    if mtype not in ("Exact", "RegularExpression"):
-        r.bad(f"{where}.method.type", f"{mtype!r}: want Exact or RegularExpression")
-        return None
-    headers = _values(r, raw, "headers", where)
-    if headers is None:
-        return None
-    if mtype == "Exact":
-        for part, value in (("service", service), ("method", method)):
-            if value is not None and (not isinstance(value, str) or "/" in value or not value):
-                r.bad(f"{where}.method.{part}", f"{value!r} is not a gRPC {part} name")
-                return None
-        if service and method:
-            path = PathMatch("Exact", f"/{service}/{method}")
-        elif service:
-            path = PathMatch("PathPrefix", f"/{service}/")
-        elif method:
-            path = PathMatch("RegularExpression", f"/[^/]+/{re.escape(method)}")
-        else:
-            path = PathMatch("PathPrefix", "/")
-    else:
-        svc_re, method_re = service or "[^/]+", method or "[^/]+"
-        for part, value in (("service", svc_re), ("method", method_re)):
-            if not _regex_ok(r, f"{where}.method.{part}", str(value)):
-                return None
-        path = PathMatch("RegularExpression", f"/{svc_re}/{method_re}")
-    return Match(path, headers, (), None, where)
-
-
 def _backend(
-    r: _Reader, where: str, raw: Mapping[str, Any], ns: str, default_weight: int
+    r: Reader, where: str, raw: Mapping[str, Any], ns: str, default_weight: int
 ) -> Backend:
     group, kind = raw.get("group") or "", raw.get("kind", "Service")
     name, port = str(raw.get("name") or ""), raw.get("port")
@@ -395,14 +245,14 @@ def _backend(
     return Backend(namespace, name, port, weight, subset, where, invalid)
 
 
-def _header_ops(r: _Reader, where: str, raw: Mapping[str, Any]) -> HeaderOps:
+def _header_ops(r: Reader, where: str, raw: Mapping[str, Any]) -> HeaderOps:
     def pairs(key: str) -> tuple[tuple[str, str], ...]:
         out = []
         for w, item in r.items(raw, key, where):
             name, value = item.get("name"), item.get("value")
             if (
                 not isinstance(name, str)
-                or not _HEADER_NAME.match(name)
+                or not HEADER_NAME.match(name)
                 or not isinstance(value, str)
             ):
                 r.bad(w, "needs a header name and a string value")
@@ -417,8 +267,8 @@ def _header_ops(r: _Reader, where: str, raw: Mapping[str, Any]) -> HeaderOps:
     return HeaderOps(pairs("set"), pairs("add"), tuple(x.lower() for x in remove))
 
 
-def _mirror(r: _Reader, where: str, raw: Mapping[str, Any], ns: str) -> Mirror | None:
-    ref = _map(raw.get("backendRef"))
+def _mirror(r: Reader, where: str, raw: Mapping[str, Any], ns: str) -> Mirror | None:
+    ref = as_map(raw.get("backendRef"))
     if not ref:
         r.bad(f"{where}.backendRef", "is required")
         return None
@@ -429,7 +279,7 @@ def _mirror(r: _Reader, where: str, raw: Mapping[str, Any], ns: str) -> Mirror |
     if "percent" in raw:
         percent = float(raw["percent"]) if isinstance(raw["percent"], int) else -1.0
     elif "fraction" in raw:
-        frac = _map(raw["fraction"])
+        frac = as_map(raw["fraction"])
         num, den = frac.get("numerator"), frac.get("denominator", 100)
         if isinstance(num, int) and isinstance(den, int) and den > 0:
             percent = 100.0 * num / den

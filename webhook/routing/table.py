@@ -33,6 +33,7 @@ from webhook.routing.api import (
     TRAFFIC_POLICY,
     Problem,
 )
+from webhook.routing.matches import Match
 from webhook.routing.policy import TrafficPolicy, parse_policy
 from webhook.routing.refs import (
     INVALID_BACKEND,
@@ -42,7 +43,7 @@ from webhook.routing.refs import (
     backend_target,
     reference_grants,
 )
-from webhook.routing.routes import Backend, Match, Route, Rule, parse_route
+from webhook.routing.routes import Backend, Route, Rule, parse_route
 from webhook.routing.subsets import SubsetCluster, resolve_policies, subset_clusters
 
 __all__ = [
