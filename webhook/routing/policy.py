@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from webhook.routing.api import TRAFFIC_POLICY, Problem, parse_duration
+from webhook.routing.api import TRAFFIC_POLICY, Problem, Reader, as_map, parse_duration
 
 __all__ = [
     "RETRY_ON",
@@ -147,17 +147,11 @@ class TrafficPolicy:
         return None
 
 
-def _map(value: Any) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
+class _Reader(Reader):
+    """The routes' reader, with the value checks a TrafficPolicy's fields need."""
 
-
-class _Reader:
     def __init__(self, namespace: str, name: str) -> None:
-        self.namespace, self.name = namespace, name
-        self.problems: list[Problem] = []
-
-    def bad(self, where: str, message: str) -> None:
-        self.problems.append(Problem(TRAFFIC_POLICY, self.namespace, self.name, where, message))
+        super().__init__(TRAFFIC_POLICY, namespace, name)
 
     def int_(self, raw: Mapping[str, Any], key: str, where: str, lo: int, hi: int) -> int | None:
         value = raw.get(key)
@@ -186,29 +180,29 @@ class _Reader:
 
 
 def parse_policy(obj: Mapping[str, Any]) -> TrafficPolicy:
-    meta, spec = _map(obj.get("metadata")), _map(obj.get("spec"))
+    meta, spec = as_map(obj.get("metadata")), as_map(obj.get("spec"))
     namespace, name = str(meta.get("namespace") or "default"), str(meta.get("name") or "")
     r = _Reader(namespace, name)
-    target = _map(spec.get("targetRef"))
+    target = as_map(spec.get("targetRef"))
     service = str(target.get("name") or "")
     if (target.get("group") or "") != "" or target.get("kind", "Service") != "Service":
         r.bad("spec.targetRef", 'must name a Service (group "", kind Service)')
         service = ""
     elif not service:
         r.bad("spec.targetRef.name", "is required")
-    lb_policy, hash_on = _load_balancer(r, _map(spec.get("loadBalancer")))
+    lb_policy, hash_on = _load_balancer(r, as_map(spec.get("loadBalancer")))
     policy = TrafficPolicy(
         namespace=namespace,
         name=name,
         service=service,
         created=str(meta.get("creationTimestamp") or ""),
         subsets=_subsets(r, spec.get("subsets")),
-        retries=_retries(r, _map(spec.get("retries"))) if "retries" in spec else None,
-        fault=_fault(r, _map(spec.get("fault"))) if "fault" in spec else None,
-        circuit_breaker=_pool(r, _map(spec.get("connectionPool")))
+        retries=_retries(r, as_map(spec.get("retries"))) if "retries" in spec else None,
+        fault=_fault(r, as_map(spec.get("fault"))) if "fault" in spec else None,
+        circuit_breaker=_pool(r, as_map(spec.get("connectionPool")))
         if "connectionPool" in spec
         else None,
-        outlier=_outlier(r, _map(spec.get("outlierDetection")))
+        outlier=_outlier(r, as_map(spec.get("outlierDetection")))
         if "outlierDetection" in spec
         else None,
         lb_policy=lb_policy,
@@ -238,8 +232,8 @@ def _subsets(r: _Reader, raw: Any) -> tuple[tuple[str, tuple[tuple[str, str], ..
     out: list[tuple[str, tuple[tuple[str, str], ...]]] = []
     for i, item in enumerate(raw):
         where = f"spec.subsets[{i}]"
-        item = _map(item)
-        name, labels = item.get("name"), _map(item.get("labels"))
+        item = as_map(item)
+        name, labels = item.get("name"), as_map(item.get("labels"))
         if not isinstance(name, str) or not _DNS_LABEL.match(name):
             r.bad(f"{where}.name", f"{name!r} must be a DNS label (a-z, 0-9, -)")
             continue
@@ -279,7 +273,7 @@ def _retries(r: _Reader, raw: Mapping[str, Any]) -> Retries | None:
         codes = []
     if codes and "retriable-status-codes" not in retry_on:
         retry_on = [*retry_on, "retriable-status-codes"]
-    budget = _map(raw.get("budget"))
+    budget = as_map(raw.get("budget"))
     percent = None
     if budget:
         value = budget.get("percent")
@@ -300,7 +294,7 @@ def _retries(r: _Reader, raw: Mapping[str, Any]) -> Retries | None:
 
 def _fault(r: _Reader, raw: Mapping[str, Any]) -> Fault | None:
     delay = abort = None
-    d = _map(raw.get("delay"))
+    d = as_map(raw.get("delay"))
     if d:
         seconds = r.duration(d, "fixedDelay", "spec.fault.delay")
         percent = r.percent(d, "spec.fault.delay")
@@ -308,7 +302,7 @@ def _fault(r: _Reader, raw: Mapping[str, Any]) -> Fault | None:
             r.bad("spec.fault.delay.fixedDelay", "is required")
         if seconds is not None and percent is not None:
             delay = Delay(seconds, percent)
-    a = _map(raw.get("abort"))
+    a = as_map(raw.get("abort"))
     if a:
         percent = r.percent(a, "spec.fault.abort")
         http = r.int_(a, "httpStatus", "spec.fault.abort", 200, 599)
@@ -364,12 +358,12 @@ def _load_balancer(r: _Reader, raw: Mapping[str, Any]) -> tuple[str | None, Hash
     if policy not in _LB:
         r.bad("spec.loadBalancer.policy", f"{policy!r}: want one of {', '.join(_LB)}")
         return None, None
-    hashing = _map(raw.get("consistentHash"))
+    hashing = as_map(raw.get("consistentHash"))
     if policy != "ConsistentHash":
         if hashing:
             r.bad("spec.loadBalancer.consistentHash", "only with policy ConsistentHash")
         return _LB[policy], None
-    header, cookie = hashing.get("header"), _map(hashing.get("cookie"))
+    header, cookie = hashing.get("header"), as_map(hashing.get("cookie"))
     source_ip = hashing.get("sourceIP") is True
     if sum(1 for x in (header, cookie, source_ip) if x) != 1:
         r.bad("spec.loadBalancer.consistentHash", "set exactly one of header, cookie, sourceIP")
