@@ -147,8 +147,20 @@ def backend_target(
     """The cluster a backendRef sends to (:data:`INVALID_BACKEND` when unusable), with its
     weight; ``refs`` are the resolved policies (for subsets) and the ReferenceGrants."""
     policies, grants = refs
-    if b.invalid:
+    found = None if b.invalid else _service_port(route, b, model, grants, problems)
+    if found is None:
         return Target(INVALID_BACKEND, b.weight, b.label)
+    svc, port = found
+    if b.subset is None:
+        return Target(svc.cluster_name(port), b.weight, b.label)
+    cluster = _subset_cluster(route, b, b.subset, (svc, port), policies, problems)
+    return Target(cluster or INVALID_BACKEND, b.weight, b.label)
+
+
+def _service_port(
+    route: Route, b: Backend, model: MeshModel, grants: frozenset[Grant], problems: list[Problem]
+) -> tuple[Service, ServicePort] | None:
+    """The Service port a backendRef names, when the route may send there and it exists."""
     if b.namespace != route.namespace and not granted(grants, route, b.namespace, b.service):
         problems.append(
             _about(
@@ -158,7 +170,7 @@ def backend_target(
                 f"{route.kind}s of namespace {route.namespace}: its share of requests gets 500",
             )
         )
-        return Target(INVALID_BACKEND, b.weight, b.label)
+        return None
     svc = model.services.get((b.namespace, b.service))
     if svc is None:
         problems.append(
@@ -168,7 +180,7 @@ def backend_target(
                 f"no Service {b.namespace}/{b.service}: its share of requests gets 500",
             )
         )
-        return Target(INVALID_BACKEND, b.weight, b.label)
+        return None
     port = next((p for p in svc.ports if p.port == b.port), None)
     if port is None:
         problems.append(
@@ -178,13 +190,25 @@ def backend_target(
                 f"Service {svc.name} has no port {b.port}: its share of requests gets 500",
             )
         )
-        return Target(INVALID_BACKEND, b.weight, b.label)
-    if b.subset is None:
-        return Target(svc.cluster_name(port), b.weight, b.label)
+        return None
+    return svc, port
+
+
+def _subset_cluster(
+    route: Route,
+    b: Backend,
+    subset: str,
+    target: tuple[Service, ServicePort],
+    policies: Mapping[tuple[str, str], TrafficPolicy],
+    problems: list[Problem],
+) -> str | None:
+    """The cluster of ``subset`` of the Service port a backendRef names, when a policy of that
+    Service defines it."""
+    svc, port = target
     policy = policies.get((svc.namespace, svc.name))
-    if policy is None or policy.subset_labels(b.subset) is None:
+    if policy is None or policy.subset_labels(subset) is None:
         where = (
-            f"{policy.ref} defines none named {b.subset!r}"
+            f"{policy.ref} defines none named {subset!r}"
             if policy
             else "no TrafficPolicy targets it"
         )
@@ -192,12 +216,12 @@ def backend_target(
             _about(
                 route,
                 f"{b.field}.name",
-                f"Service {svc.name} has no subset {b.subset!r} ({where}): "
+                f"Service {svc.name} has no subset {subset!r} ({where}): "
                 f"its share of requests gets 500",
             )
         )
-        return Target(INVALID_BACKEND, b.weight, b.label)
-    return Target(subset_cluster_name(svc, port, b.subset), b.weight, b.label)
+        return None
+    return subset_cluster_name(svc, port, subset)
 
 
 #: ``(to namespace, from kind, from namespace, Service name or "" for all)``.
