@@ -37,7 +37,13 @@ from webhook.ca.authority import CertificateAuthority
 from webhook.ca.serving import ensure_dev_pki
 from webhook.errors import PKIError
 from webhook.install.cluster import SETTLE_SECONDS, Options, install, uninstall
-from webhook.install.pki import CA_SECRET, DISCOVERY_TLS_SECRET, REDACTED, TLS_SECRET
+from webhook.install.pki import (
+    CA_SECRET,
+    DISCOVERY_TLS_SECRET,
+    RATELIMIT_TLS_SECRET,
+    REDACTED,
+    TLS_SECRET,
+)
 from webhook.install.render import render
 from webhook.install.runner import Completed, InstallError
 
@@ -60,6 +66,7 @@ def cluster(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
         (names.CONTROL_PLANE_NAMESPACE, CA_SECRET),
         (names.CONTROL_PLANE_NAMESPACE, TLS_SECRET),
         (names.CONTROL_PLANE_NAMESPACE, DISCOVERY_TLS_SECRET),
+        (names.CONTROL_PLANE_NAMESPACE, RATELIMIT_TLS_SECRET),
     )
     with APIServerStandin(tmp_path / "standin", issuer, allowed_secrets=allowed) as api:
         yield api
@@ -159,9 +166,10 @@ def test_install_applies_the_control_plane_waits_then_applies_the_webhook(
         ("GET", CA_SECRET),
         ("GET", TLS_SECRET),
         ("GET", DISCOVERY_TLS_SECRET),
+        ("GET", RATELIMIT_TLS_SECRET),
     ]
     control_plane, hooks = fake.applied()
-    assert [o["kind"] for o in control_plane][:4] == ["Namespace", "Secret", "Secret", "Secret"]
+    assert [o["kind"] for o in control_plane][:5] == ["Namespace", *["Secret"] * 4]
     assert "MutatingWebhookConfiguration" not in [o["kind"] for o in control_plane]
     assert [o["kind"] for o in hooks] == ["MutatingWebhookConfiguration"]
     # Server-side apply: no last-applied-configuration annotation copying the keys.
@@ -202,6 +210,19 @@ def test_install_creates_the_root_once_and_ships_it_in_the_secret(
     assert san.get_values_for_type(x509.UniformResourceIdentifier) == [
         "spiffe://cluster.local/ns/sidemesh-system/sa/sidemesh-discovery"
     ]
+    # The rate-limit service's: its Service's names and its service account's SPIFFE id.
+    rls = secret_data(control_plane, RATELIMIT_TLS_SECRET)
+    rls_host = "sidemesh-ratelimit.sidemesh-system.svc"
+    done = openssl_verify(tmp_path, ca_bundle(hooks), rls["tls.crt"], rls_host)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rls_san = (
+        x509.load_pem_x509_certificate(rls["tls.crt"])
+        .extensions.get_extension_for_class(x509.SubjectAlternativeName)
+        .value
+    )
+    assert rls_san.get_values_for_type(x509.UniformResourceIdentifier) == [
+        "spiffe://cluster.local/ns/sidemesh-system/sa/sidemesh-ratelimit"
+    ]
 
 
 def test_no_private_key_is_ever_printed(
@@ -214,6 +235,7 @@ def test_no_private_key_is_ever_printed(
         secret_data(control_plane, CA_SECRET)["ca.key"],
         secret_data(control_plane, TLS_SECRET)["tls.key"],
         secret_data(control_plane, DISCOVERY_TLS_SECRET)["tls.key"],
+        secret_data(control_plane, RATELIMIT_TLS_SECRET)["tls.key"],
     ]
     captured = capsys.readouterr()
     for text in (out, err, captured.out, captured.err):
@@ -238,7 +260,7 @@ def test_reinstall_reuses_the_clusters_root_and_serving_cert(
     assert code == 0
     assert not elsewhere.exists(), "the cluster's root key is not copied to the laptop"
     assert ca_bundle(second.applied()[1]) == ca_bundle(first.applied()[1])
-    for name in (CA_SECRET, TLS_SECRET, DISCOVERY_TLS_SECRET):
+    for name in (CA_SECRET, TLS_SECRET, DISCOVERY_TLS_SECRET, RATELIMIT_TLS_SECRET):
         assert secret_data(second.applied()[0], name) == secret_data(first.applied()[0], name)
     assert "reusing the cluster's" in err
 
@@ -417,7 +439,7 @@ def test_standin_install_through_the_real_runner_and_kubeconfig(
         "--context", "c1", kubectl=kubectl,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert [r.method for r in cluster.requests] == ["GET"] * 3  # the Secrets: not found
+    assert [r.method for r in cluster.requests] == ["GET"] * 4  # the Secrets: not found
     log = (tmp_path / "kubectl.log").read_text().splitlines()
     assert all(
         line.split()[1:5] == ["--kubeconfig", str(kubeconfig), "--context", "c1"] for line in log

@@ -56,7 +56,7 @@ def installed_objects(cert_dir: Path) -> list[Obj]:
     out = err = open(os.devnull, "w")  # noqa: SIM115 - closed below
     readable = tuple(
         (names.CONTROL_PLANE_NAMESPACE, s)
-        for s in ("sidemesh-ca", "sidemesh-tls", "sidemesh-discovery-tls")
+        for s in ("sidemesh-ca", "sidemesh-tls", "sidemesh-discovery-tls", "sidemesh-ratelimit-tls")
     )
     standin = APIServerStandin(
         cert_dir.parent / "standin", Issuer.create(algorithm="ES256"), allowed_secrets=readable

@@ -55,6 +55,7 @@ PURE = (
     "ratelimit.model",
     "ratelimit.compiler",
     "ratelimit.window",
+    "ratelimit.table",
     "manifests",
     "config",
     "config_rules",

@@ -17,8 +17,10 @@ from tests.conftest import REPO, require_tools
 from tests.support.kube_objects import one
 from tests.support.pod_security import restricted_violations
 from webhook.cli.main import build_parser
+from webhook.install.pki import CA_SECRET, RATELIMIT_TLS_SECRET
 from webhook.install.render import kustomize_build
 from webhook.policy.model import parse_policy
+from webhook.ratelimit.compiler import SERVICE_ACCOUNT
 from webhook.ratelimit.model import parse_limit_policy
 
 MANIFESTS = REPO / "manifests"
@@ -136,19 +138,31 @@ def test_component_adds_the_service_and_redis_and_tells_discovery(
     rls = one(with_ratelimit, "Deployment", "sidemesh-ratelimit")
     redis = one(with_ratelimit, "StatefulSet", "sidemesh-redis")
     for workload in (rls, redis):
-        spec = workload["spec"]["template"]["spec"]
-        assert restricted_violations(spec) == []
-        assert spec["automountServiceAccountToken"] is False  # no API access at all
-    args = rls["spec"]["template"]["spec"]["containers"][0]["args"]
-    parsed = build_parser().parse_args(args)
+        assert restricted_violations(workload["spec"]["template"]["spec"]) == []
+    assert redis["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    pod = rls["spec"]["template"]["spec"]
+    parsed = build_parser().parse_args(pod["containers"][0]["args"])
     assert parsed.redis == "redis://sidemesh-redis.sidemesh-system.svc:6379/0"
+    # It reads the limits itself, through the API server, and serves mTLS with the certificate
+    # `sidemesh install` issues for its service account (under the names --cert-dir reads).
+    assert parsed.kubernetes and parsed.cert_dir == "/etc/sidemesh/certs"
+    sources = pod["volumes"][0]["projected"]["sources"]
+    mounted = {i["path"]: (src["secret"]["name"], i["key"]) for src in sources
+               for i in src["secret"]["items"]}  # fmt: skip
+    assert mounted == {
+        "ca.crt": (CA_SECRET, "ca.crt"),
+        "ratelimit.crt": (RATELIMIT_TLS_SECRET, "tls.crt"),
+        "ratelimit.key": (RATELIMIT_TLS_SECRET, "tls.key"),
+    }
+    assert pod["serviceAccountName"] == SERVICE_ACCOUNT
     disc = one(with_ratelimit, "Deployment", "sidemesh-discovery")
     dargs = build_parser().parse_args(disc["spec"]["template"]["spec"]["containers"][0]["args"])
     assert dargs.ratelimit_address == "sidemesh-ratelimit.sidemesh-system.svc:8081"
     svc = one(with_ratelimit, "Service", "sidemesh-ratelimit")
     assert svc["spec"]["ports"][0]["port"] == 8081
-    # Nothing in the component can talk to the API server: no Role, no binding.
-    rbac = ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding")
-    assert not [
-        o for o in with_ratelimit if "ratelimit" in o["metadata"]["name"] and o["kind"] in rbac
-    ]
+    # Its API access: list+watch of Pods and RateLimitPolicies, nothing else.
+    role = one(with_ratelimit, "ClusterRole", "sidemesh-ratelimit")
+    granted = {(g, r, v) for rule in role["rules"] for g in rule["apiGroups"]
+               for r in rule["resources"] for v in rule["verbs"]}  # fmt: skip
+    assert granted == {(g, r, v) for g, r in (("", "pods"), ("sidemesh.io", "ratelimitpolicies"))
+                       for v in ("list", "watch")}  # fmt: skip

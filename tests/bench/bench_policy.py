@@ -7,8 +7,9 @@ sidecars (inline here instead of over ECDS: the same filter code runs per reques
 
 RBAC cases: no filters at all; the four pass-through filters every sidecar carries; 10 and 100
 DENY rules, none matching (every rule is evaluated for every request: the worst case).
-Rate-limit cases: no filter; a Global limit asked of ``sidemesh ratelimit`` (a subprocess) with
-its counters in a real ``redis-server``. Then the service alone: decisions per second with
+Rate-limit cases: no filter; a Global limit asked of ``sidemesh ratelimit`` (a subprocess, over
+mTLS with a workload certificate, as a sidecar asks) with its counters in a real
+``redis-server``. Then the service alone: decisions per second with
 32 concurrent gRPC callers from this process.
 
     .venv/bin/python tests/bench/bench_policy.py     # table on stdout,
@@ -39,9 +40,16 @@ from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.podrunner import sidemesh_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from tests.support.redis_server import redis_server  # noqa: E402
+from tests.support.xds import make_ca, workload_cert  # noqa: E402
+from webhook.dataplane.bootstrap import BootstrapOptions, render_sds, sds_dir  # noqa: E402
 from webhook.policy.compiler import compile_workload  # noqa: E402
 from webhook.policy.model import parse_policy  # noqa: E402
-from webhook.ratelimit.compiler import CLUSTER, compile_limits, service_cluster  # noqa: E402
+from webhook.ratelimit.compiler import (  # noqa: E402
+    CLUSTER,
+    compile_limits,
+    service_cluster,
+    service_identity,
+)
 from webhook.ratelimit.model import parse_limit_policy  # noqa: E402
 
 PER_CALLER = os.environ.get("PER_CALLER", "1") == "1"
@@ -82,17 +90,16 @@ def rbac_filters(rules: int | None) -> list[dict[str, Any]]:
     return out
 
 
+LIMIT_POLICY: dict[str, Any] = {
+    "metadata": {"name": "bench", "namespace": "bench"},
+    "spec": {"limits": [{"requests": 1_000_000_000, "per": "minute", "perCaller": PER_CALLER}]},
+}
+
+
 def limit_filters(on: bool) -> list[dict[str, Any]]:
     if not on:
         return []
-    policy = parse_limit_policy(
-        {
-            "metadata": {"name": "bench", "namespace": "bench"},
-            "spec": {
-                "limits": [{"requests": 1_000_000_000, "per": "minute", "perCaller": PER_CALLER}]
-            },
-        }
-    )
+    policy = parse_limit_policy(LIMIT_POLICY)
     cfg = compile_limits([policy], service=True)["sidemesh.ratelimit.global"]
     return [{"name": "sidemesh.ratelimit.global", "typed_config": cfg}]
 
@@ -118,7 +125,9 @@ def _listener(name: str, port: int, route: dict[str, Any], filters: list[Any]) -
     }  # fmt: skip
 
 
-def bootstrap(port: int, admin: int, filters: list[dict[str, Any]], rls: str) -> dict[str, Any]:
+def bootstrap(
+    port: int, admin: int, filters: list[dict[str, Any]], rls: dict[str, Any] | None
+) -> dict[str, Any]:
     """The measured listener routes to an app (a second listener answering 200 itself), as a
     sidecar's inbound side routes to its app: filters that act on routed requests (the rate
     limit) see the same route they see in a sidecar."""
@@ -136,7 +145,7 @@ def bootstrap(port: int, admin: int, filters: list[dict[str, Any]], rls: str) ->
         }
     ]  # fmt: skip
     if rls:
-        clusters.append(service_cluster(rls))
+        clusters.append(rls)
     ok = {"direct_response": {"status": 200, "body": {"inline_string": "ok"}}}
     return {
         "node": {"id": "bench", "cluster": "bench"},
@@ -163,7 +172,7 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_case(filters: list[dict[str, Any]], rls: str = "") -> dict[str, float]:
+def run_case(filters: list[dict[str, Any]], rls: dict[str, Any] | None = None) -> dict[str, float]:
     port, admin = free_port(), free_port()
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "envoy.json"
@@ -188,6 +197,11 @@ def run_case(filters: list[dict[str, Any]], rls: str = "") -> dict[str, float]:
                 capture_output=True, text=True, check=True,
             ).stdout  # fmt: skip
             cpu = _cpu_seconds(proc.pid) - before
+            if rls:  # the service answered (a failed call would pass too: fail open)
+                stats_url = f"http://127.0.0.1:{admin}/stats?filter=ratelimit.ok$"
+                with urllib.request.urlopen(stats_url, timeout=5) as r:
+                    ok = r.read().decode()
+                assert re.search(r"ratelimit\.ok: [1-9]", ok), ok
         finally:
             proc.terminate()
             proc.wait(10)
@@ -203,14 +217,20 @@ def run_case(filters: list[dict[str, Any]], rls: str = "") -> dict[str, float]:
     }
 
 
-async def _hammer(address: str, seconds: float, concurrency: int) -> dict[str, float]:
+async def _hammer(address: str, seconds: float, concurrency: int, certs: Path) -> dict[str, float]:
     import grpc
     from envoy.extensions.common.ratelimit.v3 import ratelimit_pb2
     from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 
-    entries = [("policy", "bench/b"), ("limit", "1000000000/minute")]
+    entries = [("policy", "bench/bench")]
     latencies: list[float] = []
-    async with grpc.aio.insecure_channel(address) as channel:
+    creds = grpc.ssl_channel_credentials(
+        (certs / "ca.crt").read_bytes(),
+        (certs / "key.pem").read_bytes(),
+        (certs / "cert.pem").read_bytes(),
+    )
+    options = [("grpc.ssl_target_name_override", "localhost")]
+    async with grpc.aio.secure_channel(address, creds, options) as channel:
         stub = rls_pb2_grpc.RateLimitServiceStub(channel)
         deadline = time.monotonic() + seconds
 
@@ -237,6 +257,48 @@ async def _hammer(address: str, seconds: float, concurrency: int) -> dict[str, f
     }
 
 
+def _wait_port(port: int, proc: subprocess.Popen[bytes]) -> None:
+    import socket
+
+    deadline = time.monotonic() + 30
+    while True:
+        assert proc.poll() is None, "sidemesh ratelimit exited"
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "sidemesh ratelimit did not listen"
+            time.sleep(0.1)
+
+
+def _mesh_identities(tmp: Path, rls: str) -> tuple[dict[str, Any], Path, Path, Path]:
+    """What the mTLS hop to the service needs: a mesh CA (the service issues its certificate
+    from it), the bench workload's certificate and SDS files (as the agent lays them out), the
+    limit and the Pod it selects in a manifest directory, and the sidecar's cluster to the
+    service: ``(cluster, ca dir, mesh dir, workload cert dir)``."""
+    ca = make_ca(tmp / "ca")
+    opts = BootstrapOptions(
+        pod_name="bench-1", pod_namespace="bench", service_account="bench",
+        cert_dir=str(tmp / "certs"), work_dir=str(tmp / "work"),
+    )  # fmt: skip
+    workload_cert(ca, opts.spiffe_id, tmp / "certs")
+    Path(sds_dir(opts.work_dir)).mkdir(parents=True)
+    for name, content in render_sds(opts).items():
+        (Path(sds_dir(opts.work_dir)) / name).write_text(json.dumps(content))
+    (tmp / "mesh").mkdir()
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "bench-1", "namespace": "bench"},
+        "spec": {"serviceAccountName": "bench", "containers": [{"name": "a", "image": "a"}]},
+    }
+    policy = {"apiVersion": "sidemesh.io/v1alpha1", "kind": "RateLimitPolicy", **LIMIT_POLICY}
+    (tmp / "mesh" / "pod.json").write_text(json.dumps(pod))
+    (tmp / "mesh" / "limit.json").write_text(json.dumps(policy))
+    cluster = service_cluster(rls, opts, service_identity(opts.trust_domain))
+    return cluster, tmp / "ca", tmp / "mesh", tmp / "certs"
+
+
 def _median(runs: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(r[k] for r in runs) for k in runs[0]}
 
@@ -252,23 +314,25 @@ def main() -> int:
     for label in rbac_cases:
         results[f"rbac: {label}"] = _median(runs[label])
         print(f"rbac: {label}", results[f"rbac: {label}"], flush=True)
-    with redis_server() as redis:
+    with redis_server() as redis, tempfile.TemporaryDirectory() as tmp:
         port = free_port()
+        cluster, ca_dir, mesh_dir, certs = _mesh_identities(Path(tmp), f"127.0.0.1:{port}")
         rls = subprocess.Popen(
             [*sidemesh_argv(), "ratelimit", "--listen", f"127.0.0.1:{port}", "--redis", redis.url,
+             "--cert-dir", str(ca_dir), "--mesh-dir", str(mesh_dir),
              "--metrics-port", str(free_port()), "--log-level", "warning"],
         )  # fmt: skip
         try:
-            time.sleep(1.5)
+            _wait_port(port, rls)
             rl_cases = {"no rate-limit filter": False, "global limit": True}
             rl_runs: dict[str, list[dict[str, float]]] = {k: [] for k in rl_cases}
             for _ in range(ROUNDS):
                 for label, on in rl_cases.items():
-                    rl_runs[label].append(run_case(limit_filters(on), f"127.0.0.1:{port}"))
+                    rl_runs[label].append(run_case(limit_filters(on), cluster))
             for label in rl_cases:
                 results[f"ratelimit: {label}"] = _median(rl_runs[label])
                 print(f"ratelimit: {label}", results[f"ratelimit: {label}"], flush=True)
-            service = asyncio.run(_hammer(f"127.0.0.1:{port}", SECONDS, 32))
+            service = asyncio.run(_hammer(f"127.0.0.1:{port}", SECONDS, 32, certs))
             results["ratelimit service"] = service
             print("ratelimit service", service, flush=True)
         finally:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
@@ -159,15 +160,34 @@ class Lab:
                 out.add(f"{ext['name'].rsplit('.', 1)[-1]}:{key['descriptor_value']}")
         return out
 
+    def service_limits(self) -> set[str]:
+        """The Global limits the rate-limit service enforces now (from its /metrics)."""
+
+        def scrape() -> str:
+            with urllib.request.urlopen("http://127.0.0.1:15016/metrics", timeout=5) as resp:
+                return str(resp.read().decode())
+
+        lines = self.cp.ns.in_namespace(scrape).splitlines()
+        prefix = 'sidemesh_ratelimit_limit{limit="'
+        return {
+            "global:" + ln[len(prefix) :].split('"')[0] for ln in lines if ln.startswith(prefix)
+        }
+
     def converge(self, expected: dict[str, set[str]], timeout: float = 15) -> None:
-        """Wait until each pod's sidecar was sent ``expected`` and every proxy ACKed."""
+        """Wait until each pod's sidecar was sent ``expected``, every proxy ACKed and the
+        rate-limit service knows the Global limits among them."""
         deadline = time.monotonic() + timeout
         while True:
             got = {pod: self.enforced(pod) for pod in expected}
             proxies = self.debug("/debug/proxies")["proxies"]
             nacks = [p["types"].get("extensions", {}).get("last_nack") for p in proxies]
             assert not any(nacks), nacks
-            if got == expected and all(p["synced"] for p in proxies):
+            wanted = {x for names in expected.values() for x in names if x.startswith("global:")}
+            if (
+                got == expected
+                and all(p["synced"] for p in proxies)
+                and wanted <= self.service_limits()
+            ):
                 return
             assert time.monotonic() < deadline, f"never converged: {got} != {expected}"
             time.sleep(0.1)
@@ -229,10 +249,14 @@ def _start(lab: NetnsLab) -> Lab:
     m.write("svc-web", _service("web", WEB_VIP, 80, 8080))
     m.write("slice-web", _slice("web", 8080, webs))
     m.start_redis()
+    # mTLS with a certificate of sidemesh-ratelimit issued from the CA; the limits it reads
+    # from the same directory as discovery.
     m.cp.ns.spawn(
         [*SIDEMESH, "ratelimit", "--listen", "0.0.0.0:8081", "--redis", "redis://127.0.0.1:6379/0",
+         "--cert-dir", str(pki), "--mesh-dir", str(m.mesh_dir), "--poll-interval", "0.2",
          "--log-level", "warning"], env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"},
     )  # fmt: skip
+    m.cp.ns.wait_port(8081)
     start_discovery(m.cp, pki, m.mesh_dir, "--ratelimit-address", f"{m.cp.ip}:8081")
     for name in MESHED:
         runner = PodRunner(

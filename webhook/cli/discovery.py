@@ -48,6 +48,12 @@ def register(subparsers: Any) -> None:
         help="HOST:PORT of the rate-limit service (sidemesh ratelimit) the sidecars ask about "
         "Global limits; default: none (Global limits are reported, not enforced)",
     )
+    p.add_argument(
+        "--ratelimit-identity",
+        default="",
+        help="the SPIFFE id sidecars require of the rate-limit service (default: "
+        "spiffe://<trust domain>/ns/sidemesh-system/sa/sidemesh-ratelimit)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=_discovery)
 
@@ -103,6 +109,7 @@ def _discovery(args: argparse.Namespace) -> int:
             scoped=args.scoped,
             telemetry=cfg.telemetry,
             ratelimit_address=args.ratelimit_address,
+            ratelimit_identity=args.ratelimit_identity,
         ),
     )
     asyncio.run(run_discovery(settings))

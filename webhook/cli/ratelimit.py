@@ -12,10 +12,28 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "ratelimit",
         help="the global rate-limit service the sidecars ask about Global limits (Redis)",
-        description="Serve envoy.service.ratelimit.v3.RateLimitService over gRPC; count in "
-        "Redis, shared by every replica (fixed windows).",
+        description="Serve envoy.service.ratelimit.v3.RateLimitService over gRPC with mTLS "
+        "(sidecars of the mesh only); read the RateLimitPolicy objects as discovery does; count "
+        "in Redis, shared by every replica (fixed windows).",
     )
     p.add_argument("--listen", default="0.0.0.0:8081", help="gRPC address (default :8081)")
+    p.add_argument(
+        "--cert-dir",
+        default="certs",
+        help="ca.crt (+ ratelimit.crt/ratelimit.key, or ca.key to issue them in memory)",
+    )
+    source = p.add_mutually_exclusive_group()
+    source.add_argument(
+        "--mesh-dir", default=None, help="directory of manifests (policies, Pods), watched"
+    )
+    source.add_argument(
+        "--kubernetes",
+        action="store_true",
+        help="list+watch RateLimitPolicies and Pods through the API server",
+    )
+    p.add_argument("--kubeconfig", default=None, help="with --kubernetes: kubeconfig file")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="seconds between checks")
+    p.add_argument("--config", default=None, help="mesh config file (YAML): the trust domain")
     p.add_argument("--redis", default="redis://127.0.0.1:6379/0", help="Redis URL")
     p.add_argument(
         "--on-store-error",
@@ -45,15 +63,24 @@ def _ratelimit(args: argparse.Namespace) -> int:
 
 
 async def _run(args: argparse.Namespace) -> None:
-    import asyncio
-    import logging
-    import signal
+    from pathlib import Path
 
     from prometheus_client import CollectorRegistry, start_http_server
     from redis.asyncio import Redis
 
-    from webhook.ratelimit.service import RateLimitService, serve
+    from webhook.config import load_config_file
+    from webhook.ratelimit.run import ServiceSettings, run_service
+    from webhook.ratelimit.service import RateLimitService
 
+    settings = ServiceSettings(
+        listen=args.listen,
+        cert_dir=Path(args.cert_dir),
+        trust_domain=load_config_file(args.config).trust_domain,
+        mesh_dir=Path(args.mesh_dir) if args.mesh_dir else None,
+        kubernetes=args.kubernetes,
+        kubeconfig=args.kubeconfig,
+        poll_interval=args.poll_interval,
+    )
     registry = CollectorRegistry()
     redis = Redis.from_url(
         args.redis,
@@ -61,16 +88,13 @@ async def _run(args: argparse.Namespace) -> None:
         socket_timeout=args.store_timeout,
         retry_on_timeout=False,
     )
-    service = RateLimitService(redis, on_store_error=args.on_store_error, registry=registry)
     start_http_server(args.metrics_port, args.metrics_host, registry=registry)
-    server = await serve(service, args.listen)
-    logging.getLogger("sidemesh.ratelimit").info(
-        "rate-limit service on %s, counters in %s", args.listen, args.redis
-    )
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
-    await server.stop(grace=1.0)
-    await redis.aclose()
+    try:
+        await run_service(
+            settings,
+            lambda table: RateLimitService(
+                redis, table, on_store_error=args.on_store_error, registry=registry
+            ),
+        )
+    finally:
+        await redis.aclose()

@@ -15,14 +15,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
-from cryptography import x509
 from envoy.service.discovery.v3 import ads_pb2_grpc, discovery_pb2
 
 from webhook.discovery.core import Discovery
+from webhook.discovery.servingcert import (
+    peer_spiffe_id,
+    reloading_credentials,
+    server_credentials,
+)
 
 __all__ = [
     "AdsService",
@@ -37,25 +41,6 @@ LOG = logging.getLogger("sidemesh.discovery")
 
 #: How long a stream waits for its pod to appear in the model (a watch may lag the pod's start).
 POD_WAIT_SECONDS = 30.0
-
-
-def peer_spiffe_id(context: Any) -> str | None:
-    """The URI SAN of the verified client certificate of this call, if any."""
-    auth = context.auth_context()
-    pems = auth.get("x509_pem_cert") or []
-    if not pems:
-        return None
-    try:
-        cert = x509.load_pem_x509_certificate(pems[0])
-        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except (ValueError, x509.ExtensionNotFound):
-        return None
-    uris = [
-        u
-        for u in sans.get_values_for_type(x509.UniformResourceIdentifier)
-        if u.startswith("spiffe://")
-    ]
-    return uris[0] if len(uris) == 1 else None
 
 
 def parse_node_id(node_id: str) -> tuple[str, str] | None:
@@ -146,36 +131,6 @@ class AdsService(ads_pb2_grpc.AggregatedDiscoveryServiceServicer):  # type: igno
                 LOG.exception("ADS stream of %s/%s failed", conn.namespace, conn.pod_name)
         finally:
             conn.queue.put_nowait(None)
-
-
-def server_credentials(cert_pem: bytes, key_pem: bytes, root_pem: bytes) -> Any:
-    """TLS with a client certificate from the mesh CA required."""
-    return grpc.ssl_server_credentials(
-        [(key_pem, cert_pem)], root_certificates=root_pem, require_client_auth=True
-    )
-
-
-def reloading_credentials(current: Callable[[], tuple[bytes, bytes, bytes] | None]) -> Any:
-    """Like :func:`server_credentials`, for a certificate that is replaced while we serve.
-
-    gRPC asks ``current`` at each new TLS handshake: ``None`` keeps what it has, a new
-    ``(cert, key, root)`` is used from this handshake on. Streams already open keep theirs, so
-    a rotated certificate (or root) costs no sidecar its connection."""
-    first = current()
-    if first is None:
-        raise ValueError("no xDS certificate to start with")
-
-    def config(pems: tuple[bytes, bytes, bytes]) -> Any:
-        cert, key, root = pems
-        return grpc.ssl_server_certificate_configuration([(key, cert)], root_certificates=root)
-
-    def fetch() -> Any:
-        pems = current()
-        return None if pems is None else config(pems)
-
-    return grpc.dynamic_ssl_server_credentials(
-        config(first), fetch, require_client_authentication=True
-    )
 
 
 async def serve_ads(discovery: Discovery, address: str, credentials: Any) -> grpc.aio.Server:

@@ -41,7 +41,7 @@ from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
 from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.policy.model import KIND as ACCESS_POLICY
 from webhook.policy.state import AuthzState
-from webhook.ratelimit.compiler import service_cluster
+from webhook.ratelimit.compiler import service_cluster, service_identity
 from webhook.ratelimit.model import KIND as RATE_LIMIT_POLICY
 from webhook.routing import xds as routing
 from webhook.routing.table import EMPTY, RoutingTable, build_table
@@ -75,6 +75,8 @@ class DiscoverySettings:
     #: The rate-limit service (``host:port``, gRPC) every sidecar asks about Global limits;
     #: empty: none (Global limits are reported, not enforced).
     ratelimit_address: str = ""
+    #: The SPIFFE id sidecars require of the rate-limit service (default: its service account).
+    ratelimit_identity: str = ""
 
 
 @dataclass
@@ -474,7 +476,12 @@ class Discovery:
         if clusters is None:
             built = cc.local_clusters(opts, self.settings.telemetry)
             if self.settings.ratelimit_address:
-                rls = service_cluster(self.settings.ratelimit_address)
+                rls = service_cluster(
+                    self.settings.ratelimit_address,
+                    opts,
+                    self.settings.ratelimit_identity
+                    or service_identity(self.settings.trust_domain),
+                )
                 built[rls["name"]] = rls
             clusters = {n: encode(cc.CLUSTER, c) for n, c in built.items()}
             self._listener_cache[key] = clusters

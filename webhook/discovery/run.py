@@ -6,24 +6,18 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-
 from webhook import names
-from webhook.ca import authority as ca
 from webhook.dataplane.ads_bootstrap import control_plane_id
-from webhook.discovery.ads import reloading_credentials, serve_ads, server_credentials
+from webhook.discovery.ads import serve_ads
 from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.debug import DebugServer
 from webhook.discovery.filesource import FileSource
 from webhook.discovery.kubesource import KubeSource
+from webhook.discovery.servingcert import ServingName, serving_certificate, serving_credentials
 from webhook.discovery.store import ObjectStore
-from webhook.errors import ConfigError
-from webhook.files import Reloading
 from webhook.kube.client import KubeClient
 
 __all__ = [
@@ -63,44 +57,18 @@ class RunSettings:
     write_status: bool = True
 
 
+def _xds_name(trust_domain: str) -> ServingName:
+    return ServingName(
+        XDS_CERT, XDS_KEY, control_plane_id(trust_domain), XDS_DNS, "the xDS certificate"
+    )
+
+
 def xds_certificate(
     cert_dir: Path, trust_domain: str, extra_ips: tuple[str, ...] = ()
 ) -> tuple[bytes, bytes, bytes]:
     """``(cert, key, root)`` for the ADS server: ``xds.crt``/``xds.key`` from the directory when
     present (a mounted Secret), else issued now by the CA there (its ``ca.key``), in memory."""
-    root = cert_dir / ca.CA_CERT
-    if not root.exists():
-        raise ConfigError(f"{root} is missing: the xDS server trusts proxies of this root")
-    cert, key = cert_dir / XDS_CERT, cert_dir / XDS_KEY
-    if cert.exists() and key.exists():
-        return cert.read_bytes(), key.read_bytes(), root.read_bytes()
-    if not (cert_dir / ca.CA_KEY).exists():
-        raise ConfigError(f"neither {cert} nor {cert_dir / ca.CA_KEY} to issue it from")
-    authority = ca.CertificateAuthority.load(cert_dir)
-    pem, key_pem = authority.issue_serving(
-        XDS_DNS,
-        ("127.0.0.1", "::1", *extra_ips),
-        now=datetime.now(UTC),
-        ttl=timedelta(days=30),
-        uris=(control_plane_id(trust_domain),),
-    )
-    return pem.encode(), key_pem.encode(), root.read_bytes()
-
-
-def _mounted_pair(cert_dir: Path) -> tuple[bytes, bytes, bytes]:
-    """``xds.crt``, ``xds.key`` and ``ca.crt`` as they are now; ValueError when the key is not
-    the certificate's (a writer half-way through replacing the pair)."""
-    cert = (cert_dir / XDS_CERT).read_bytes()
-    key = (cert_dir / XDS_KEY).read_bytes()
-    root = (cert_dir / ca.CA_CERT).read_bytes()
-    public = x509.load_pem_x509_certificate(cert).public_key().public_bytes(*_SPKI)
-    private = serialization.load_pem_private_key(key, password=None)
-    if private.public_key().public_bytes(*_SPKI) != public:
-        raise ValueError(f"{cert_dir / XDS_KEY} is not the key of {cert_dir / XDS_CERT}")
-    return cert, key, root
-
-
-_SPKI = (serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return serving_certificate(cert_dir, _xds_name(trust_domain), extra_ips)
 
 
 def xds_credentials(s: RunSettings, ips: tuple[str, ...] = ()) -> Any:
@@ -108,27 +76,7 @@ def xds_credentials(s: RunSettings, ips: tuple[str, ...] = ()) -> Any:
     ``sidemesh install`` writes) is followed: a replaced certificate or root is used from the
     next handshake on, without a restart and without closing a stream. Otherwise one is issued
     in memory from the CA in the directory, for the life of the process."""
-    if not ((s.cert_dir / XDS_CERT).exists() and (s.cert_dir / XDS_KEY).exists()):
-        return server_credentials(*xds_certificate(s.cert_dir, s.discovery.trust_domain, ips))
-    paths = (s.cert_dir / XDS_CERT, s.cert_dir / XDS_KEY, s.cert_dir / ca.CA_CERT)
-    watched = Reloading(
-        paths,
-        lambda: _mounted_pair(s.cert_dir),
-        refuse=(ValueError, OSError),
-        retry_refused=True,
-        on_reload=lambda _: LOG.info("discovery: the xDS certificate changed; serving the new one"),
-        on_refused=lambda exc: LOG.warning("discovery: keeping the xDS certificate: %s", exc),
-    )
-    handed = {"reloads": -1}
-
-    def current() -> tuple[bytes, bytes, bytes] | None:
-        watched.poll()
-        if watched.reloads == handed["reloads"]:
-            return None
-        handed["reloads"] = watched.reloads
-        return watched.value
-
-    return reloading_credentials(current)
+    return serving_credentials(s.cert_dir, _xds_name(s.discovery.trust_domain), LOG, ips)
 
 
 async def run_discovery(s: RunSettings, stop: asyncio.Event | None = None) -> None:

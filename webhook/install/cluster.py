@@ -47,6 +47,7 @@ from webhook.install.pki import (
     CA_SECRET,
     DISCOVERY_TLS_SECRET,
     FIELD_MANAGER,
+    RATELIMIT_TLS_SECRET,
     REDACTED,
     TLS_SECRET,
     Pki,
@@ -100,7 +101,7 @@ def cluster_secrets(kube: KubeClient) -> dict[str, dict[str, bytes]]:
     """The install's Secrets as they are in the cluster now (decoded; never printed);
     a Secret that does not exist is left out."""
     found = {}
-    for name in (CA_SECRET, TLS_SECRET, DISCOVERY_TLS_SECRET):
+    for name in (CA_SECRET, TLS_SECRET, DISCOVERY_TLS_SECRET, RATELIMIT_TLS_SECRET):
         try:
             found[name] = kube.read_secret(name, NAMESPACE)
         except KubeAPIError as exc:

@@ -35,12 +35,17 @@ from webhook.ca.serving import serving_cert_needs_renewal
 from webhook.errors import PKIError
 from webhook.install.runner import InstallError
 from webhook.kube.client import TLS_SECRET
+from webhook.ratelimit.compiler import (
+    SERVICE_ACCOUNT as RATELIMIT_SERVICE_ACCOUNT,
+    service_identity,
+)
 
 __all__ = [
     "CA_SECRET",
     "DISCOVERY_DNS_NAMES",
     "DISCOVERY_TLS_SECRET",
     "LABELS",
+    "RATELIMIT_TLS_SECRET",
     "REDACTED",
     "TLS_SECRET",
     "Pki",
@@ -52,6 +57,9 @@ __all__ = [
 CA_SECRET = "sidemesh-ca"
 #: The xDS server's certificate and key (``tls.crt``/``tls.key``), mounted as xds.crt/xds.key.
 DISCOVERY_TLS_SECRET = f"{names.DISCOVERY_NAME}-tls"
+#: The rate-limit service's certificate and key, mounted as ratelimit.crt/ratelimit.key (its
+#: optional component mounts it; the certificate names its Service and service account).
+RATELIMIT_TLS_SECRET = f"{RATELIMIT_SERVICE_ACCOUNT}-tls"
 NAMESPACE = names.CONTROL_PLANE_NAMESPACE
 FIELD_MANAGER = "sidemesh-install"
 #: Replaces private keys in ``--dry-run`` output. Not base64, so the output cannot be applied.
@@ -76,6 +84,8 @@ class Pki:
     serving_key_pem: str
     xds_cert_pem: str = ""
     xds_key_pem: str = ""
+    ratelimit_cert_pem: str = ""
+    ratelimit_key_pem: str = ""
     notes: tuple[str, ...] = field(default=())
 
 
@@ -117,7 +127,19 @@ def plan_pki(
         serving_ttl,
         notes,
     )
-    return Pki(ca, root_key_pem, cert_pem, key_pem, xds_cert, xds_key, tuple(notes))
+    rls_cert, rls_key = _plan_serving(
+        ca,
+        cluster.get(RATELIMIT_TLS_SECRET) or {},
+        RATELIMIT_TLS_SECRET,
+        names.control_plane_dns_names(RATELIMIT_SERVICE_ACCOUNT),
+        (service_identity(trust_domain),),
+        now,
+        serving_ttl,
+        notes,
+    )
+    return Pki(
+        ca, root_key_pem, cert_pem, key_pem, xds_cert, xds_key, rls_cert, rls_key, tuple(notes)
+    )
 
 
 def _plan_root(
@@ -245,6 +267,17 @@ def secrets(pki: Pki) -> list[dict[str, Any]]:
                 )
             ]
             if pki.xds_cert_pem
+            else []
+        ),
+        *(
+            [
+                secret(
+                    RATELIMIT_TLS_SECRET,
+                    "kubernetes.io/tls",
+                    {TLS_CERT: b64(pki.ratelimit_cert_pem), TLS_KEY: b64(pki.ratelimit_key_pem)},
+                )
+            ]
+            if pki.ratelimit_cert_pem
             else []
         ),
     ]

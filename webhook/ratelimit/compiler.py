@@ -12,18 +12,21 @@ fixed names, after the RBAC filters (a denied request spends no budget):
 ===============================  ==================================================================
 
 Descriptors. Each limit makes one descriptor, built by the sidecar per request:
-``("policy", "ns/name")``, for Global limits ``("limit", "100/minute")`` (the service needs no
-configuration of its own: the limit travels with the question), ``("caller", <SPIFFE id>)``
-when ``perCaller`` (the verified peer certificate's URI SAN, ``plaintext`` without one), and
-``("match", "yes")`` when the limit matches paths or methods (no match: no descriptor, no limit).
+``("policy", "ns/name")`` (the limit's name: the service reads the policy itself and takes
+its size from there), ``("caller", <SPIFFE id>)`` when ``perCaller`` (the verified peer
+certificate's URI SAN, ``plaintext`` without one), and ``("match", "yes")`` when the limit
+matches paths or methods (no match: no descriptor, no limit).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
 
+from webhook import names
+from webhook.dataplane import bootstrap as bs
 from webhook.ratelimit.model import UNITS, Limit, RateLimitPolicy
 
 __all__ = [
@@ -35,6 +38,7 @@ __all__ = [
     "compile_limits",
     "limits_for",
     "service_cluster",
+    "service_identity",
 ]
 
 LOCAL_RL: Final = (
@@ -51,6 +55,8 @@ SLOTS: Final = {
 #: The rate-limit service's cluster in every sidecar (when discovery knows its address).
 CLUSTER: Final = "sidemesh_ratelimit"
 DOMAIN: Final = "sidemesh"
+#: The rate-limit service's service account (its SPIFFE id names it).
+SERVICE_ACCOUNT: Final = "sidemesh-ratelimit"
 #: The caller: the verified certificate's URI SAN; one shared budget for plaintext callers.
 _CALLER_CEL: Final = "connection.mtls ? connection.uri_san_peer_certificate : 'plaintext'"
 _MAX: Final = 4294967295
@@ -84,12 +90,29 @@ def compile_limits(
     return out
 
 
-def service_cluster(address: str) -> dict[str, Any]:
-    """The cluster every sidecar reaches the rate-limit service by (``host:port``, gRPC)."""
+def service_identity(trust_domain: str) -> str:
+    """The SPIFFE id the service's certificate carries (and sidecars verify): its service
+    account in the control-plane namespace."""
+    return names.spiffe_id(trust_domain, names.CONTROL_PLANE_NAMESPACE, SERVICE_ACCOUNT)
+
+
+def service_cluster(address: str, opts: bs.BootstrapOptions, identity: str) -> dict[str, Any]:
+    """The cluster every sidecar reaches the rate-limit service by (``host:port``, gRPC over
+    mTLS): the workload's own certificate (SDS, as on every mesh cluster), and a server that
+    must chain to the mesh root *and* be exactly ``identity`` (the service's SPIFFE id), so
+    nothing else in the mesh can pose as it."""
     host, sep, port = address.rpartition(":")
     if not sep or not host or not port.isdigit():
         raise ValueError(f"rate-limit service address {address!r}: want HOST:PORT")
+    ctx = bs._common_tls(opts, ["h2"])
+    ctx["combined_validation_context"]["default_validation_context"] = {
+        "match_typed_subject_alt_names": [{"san_type": "URI", "matcher": {"exact": identity}}]
+    }
+    tls: dict[str, Any] = {bs._TYPE: bs._T_TLS_UP, "common_tls_context": ctx}
+    if not _is_ip(host.strip("[]")):
+        tls["sni"] = host
     return {
+        "transport_socket": {"name": "envoy.transport_sockets.tls", "typed_config": tls},
         "name": CLUSTER,
         "type": "STRICT_DNS",
         "connect_timeout": "1s",
@@ -119,6 +142,14 @@ def service_cluster(address: str) -> dict[str, Any]:
             }
         },
     }
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _disabled(prefix: str) -> dict[str, Any]:
@@ -186,7 +217,7 @@ def _local(limits: list[tuple[str, Limit]]) -> dict[str, Any]:
 def _global(limits: list[tuple[str, Limit]], fail_open: bool, timeout: str) -> dict[str, Any]:
     rate_limits = []
     for limit_id, limit in limits:
-        actions = [_key("policy", limit_id), _key("limit", f"{limit.requests}/{limit.per}")]
+        actions = [_key("policy", limit_id)]
         if limit.per_caller:
             actions.append(
                 {

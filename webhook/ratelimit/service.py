@@ -1,11 +1,13 @@
 """The global rate-limit service: Envoy's ``envoy.service.ratelimit.v3.RateLimitService`` over
-gRPC (grpcio asyncio), counters in Redis.
+gRPC with mTLS (grpcio asyncio), counters in Redis.
 
 Every sidecar with a Global limit asks ``ShouldRateLimit`` once per request it covers; the
 answer is OK or OVER_LIMIT per descriptor (:mod:`webhook.ratelimit.window` does the arithmetic,
-one pipelined ``INCRBY`` + ``EXPIRE`` per descriptor here). The descriptors carry their limit, so
-the service reads no policy and any number of replicas behind one Service share the counts
-through Redis.
+one pipelined ``INCRBY`` + ``EXPIRE`` per descriptor here). The callers are sidecars: their
+client certificate from the mesh CA is required, and its SPIFFE id decides which limits they
+may spend. The limits themselves come from the policies the service reads
+(:mod:`webhook.ratelimit.table`), never from the request; any number of replicas share the
+counts through Redis.
 
 When Redis cannot be reached (``--on-store-error``):
 
@@ -26,10 +28,15 @@ from typing import Any, Literal
 import grpc
 from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from webhook.ratelimit.window import Budget, LimitSyntaxError, budget_of
+from webhook.discovery.servingcert import peer_spiffe_id
+from webhook.ratelimit.compiler import DOMAIN
+from webhook.ratelimit.table import UNKNOWN, LimitTable, judge
+from webhook.ratelimit.window import Budget, budget_of
 
 __all__ = ["OnStoreError", "RateLimitService", "serve"]
 
@@ -40,8 +47,27 @@ _UNITS = {"second": _R.RateLimit.SECOND, "minute": _R.RateLimit.MINUTE,
           "hour": _R.RateLimit.HOUR, "day": _R.RateLimit.DAY}  # fmt: skip
 
 
+class _Limits(Collector):
+    """``sidemesh_ratelimit_limit{limit,per}``: each Global limit the service enforces now,
+    read from its table at scrape time (what it knows, not what the sidecars were sent)."""
+
+    def __init__(self, table: Callable[[], LimitTable]) -> None:
+        self.table = table
+
+    def collect(self) -> Any:
+        family = GaugeMetricFamily(
+            "sidemesh_ratelimit_limit",
+            "Requests per unit of each Global limit the service knows, by limit and unit",
+            labels=["limit", "per"],
+        )
+        for known in self.table().limits.values():
+            family.add_metric([known.limit_id, known.per], known.requests)
+        yield family
+
+
 class Metrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, table: Callable[[], LimitTable]) -> None:
+        registry.register(_Limits(table))
         self.decisions = Counter(
             "sidemesh_ratelimit_decisions",
             "Descriptors answered, by policy and code (OK, OVER_LIMIT)",
@@ -50,6 +76,14 @@ class Metrics:
         )
         self.store_errors = Counter(
             "sidemesh_ratelimit_store_errors", "Requests Redis could not count", registry=registry
+        )
+        self.ignored = Counter(
+            "sidemesh_ratelimit_ignored_descriptors",
+            "Descriptors answered OK without counting, by reason (unknown_limit: no Global "
+            "limit of that name; not_the_callers_workload: the policy does not select the "
+            "calling sidecar's workload)",
+            ["reason"],
+            registry=registry,
         )
         self.seconds = Histogram(
             "sidemesh_ratelimit_request_seconds",
@@ -60,34 +94,29 @@ class Metrics:
 
 
 class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[misc]
+    """``table`` returns the limits as the service knows them now (called per request)."""
+
     def __init__(
         self,
         redis: Redis,
+        table: Callable[[], LimitTable],
         *,
         on_store_error: OnStoreError = "error",
         registry: CollectorRegistry | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.redis = redis
+        self.table = table
         self.on_store_error = on_store_error
-        self.metrics = Metrics(registry or CollectorRegistry())
+        self.metrics = Metrics(registry or CollectorRegistry(), table)
         self.clock = clock
 
     async def ShouldRateLimit(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         started = time.perf_counter()
-        now = self.clock()
-        hits = request.hits_addend or 1
-        budgets: list[Budget | None] = []
-        try:
-            for d in request.descriptors:
-                budgets.append(
-                    budget_of(request.domain, [(e.key, e.value) for e in d.entries], now)
-                )
-        except LimitSyntaxError as exc:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        budgets = self._budgets(request, peer_spiffe_id(context))
         counted = [b for b in budgets if b is not None]
         try:
-            counts = await self._count(counted, hits)
+            counts = await self._count(counted, request.hits_addend or 1)
         except (RedisError, OSError) as exc:
             self.metrics.store_errors.inc()
             LOG.warning("cannot count in Redis (%s): answering per --on-store-error=%s",
@@ -99,6 +128,23 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         response = self._answer(budgets, dict(zip((b.key for b in counted), counts, strict=True)))
         self.metrics.seconds.observe(time.perf_counter() - started)
         return response
+
+    def _budgets(self, request: Any, caller: str | None) -> list[Budget | None]:
+        """One budget per descriptor to count; None for one that is not counted."""
+        table = self.table()
+        now = self.clock()
+        out: list[Budget | None] = []
+        for d in request.descriptors:
+            entries = [(e.key, e.value) for e in d.entries]
+            known, counted, why = judge(table, caller, entries)
+            if known is None or request.domain != DOMAIN:
+                why = why or UNKNOWN
+                self.metrics.ignored.labels(why).inc()
+                LOG.debug("not counted (%s): %s from %s", why, entries, caller)
+                out.append(None)
+                continue
+            out.append(budget_of(DOMAIN, counted, known.requests, known.per, now, known.limit_id))
+        return out
 
     async def _count(self, budgets: list[Budget], hits: int) -> list[int]:
         if not budgets:
@@ -133,11 +179,12 @@ class RateLimitService(rls_pb2_grpc.RateLimitServiceServicer):  # type: ignore[m
         return _R(overall_code=overall, statuses=statuses)
 
 
-async def serve(service: RateLimitService, address: str) -> grpc.aio.Server:
-    """Start serving ``service`` on ``address`` (plaintext gRPC); the caller stops it."""
+async def serve(service: RateLimitService, address: str, credentials: Any) -> grpc.aio.Server:
+    """Start serving ``service`` on ``address`` with ``credentials`` (mTLS, a client
+    certificate of the mesh required); the caller stops it."""
     server = grpc.aio.server()
     rls_pb2_grpc.add_RateLimitServiceServicer_to_server(service, server)
-    if server.add_insecure_port(address) == 0:
+    if server.add_secure_port(address, credentials) == 0:
         raise OSError(f"cannot listen on {address}")
     await server.start()
     return server

@@ -1,10 +1,11 @@
 """Fixed-window counting, the arithmetic of the rate-limit service. Pure.
 
-A descriptor such as ``(policy=shop/orders, limit=100/minute, caller=spiffe://…/sa/web)``
-names one budget. Its counter for the current window lives under
-``sidemesh:rl:<hash of domain + entries>:<window number>`` and expires shortly after the
-window ends, so Redis never keeps more than two windows of each budget. Every replica of the
-service computes the same key for the same budget and window: the count is shared.
+A descriptor such as ``(policy=shop/orders, caller=spiffe://…/sa/web)`` names one budget (its
+size comes from the policy, :mod:`webhook.ratelimit.table`). Its counter for the current
+window lives under ``sidemesh:rl:<hash of domain + entries>:<window number>`` and expires
+shortly after the window ends, so Redis never keeps more than two windows of each budget.
+Every replica of the service computes the same key for the same budget and window: the count
+is shared.
 
 Fixed windows are what real deployments of Envoy's rate-limit service use: one INCRBY per
 descriptor and request, no per-request state besides the counter. The price is the window
@@ -18,13 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["Budget", "LimitSyntaxError", "budget_of", "counter_key", "parse_limit"]
+__all__ = ["Budget", "budget_of", "counter_key"]
 
 UNIT_SECONDS: Final = {"second": 1, "minute": 60, "hour": 3600, "day": 86400}
-
-
-class LimitSyntaxError(ValueError):
-    """A ``limit`` descriptor entry that is not ``N/unit``."""
 
 
 @dataclass(frozen=True)
@@ -39,14 +36,6 @@ class Budget:
     policy: str
 
 
-def parse_limit(value: str) -> tuple[int, str]:
-    """``"100/minute"`` → ``(100, "minute")``."""
-    count, sep, unit = value.partition("/")
-    if not sep or not count.isdigit() or int(count) < 1 or unit not in UNIT_SECONDS:
-        raise LimitSyntaxError(f"limit {value!r}: want N/second, N/minute, N/hour or N/day")
-    return int(count), unit
-
-
 def counter_key(domain: str, entries: Sequence[tuple[str, str]], window: int) -> str:
     digest = hashlib.blake2b(digest_size=12)
     for part in (domain, *(f"{k}={v}" for k, v in entries)):
@@ -55,22 +44,16 @@ def counter_key(domain: str, entries: Sequence[tuple[str, str]], window: int) ->
     return f"sidemesh:rl:{digest.hexdigest()}:{window}"
 
 
-def budget_of(domain: str, entries: Sequence[tuple[str, str]], now: float) -> Budget | None:
-    """The budget a descriptor names at time ``now``; None when it carries no ``limit``
-    (nothing to count: the service answers OK)."""
-    values = dict(entries)
-    raw = values.get("limit")
-    if raw is None:
-        return None
-    limit, unit = parse_limit(raw)
+def budget_of(
+    domain: str,
+    entries: Sequence[tuple[str, str]],
+    limit: int,
+    unit: str,
+    now: float,
+    policy: str = "",
+) -> Budget:
+    """The budget of ``limit`` per ``unit`` that the descriptor ``entries`` name, at ``now``."""
     seconds = UNIT_SECONDS[unit]
     window = int(now // seconds)
     reset_in = (window + 1) * seconds - now
-    return Budget(
-        counter_key(domain, entries, window),
-        limit,
-        unit,
-        reset_in,
-        seconds + 5,
-        values.get("policy", ""),
-    )
+    return Budget(counter_key(domain, entries, window), limit, unit, reset_in, seconds + 5, policy)
