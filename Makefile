@@ -25,7 +25,7 @@ $(VENV)/.installed: pyproject.toml
 ## run: the webhook (and CA) on https://$(HOST):$(PORT) and the control plane (discovery: xDS
 ## on $(HOST):$(XDS_PORT), debug on 127.0.0.1:15014) on its embedded demo mesh, certs in certs/
 run: install certs
-	$(SIDEMESH) discovery --listen $(HOST):$(XDS_PORT) --cert-dir $(CERTS) $(MESH_DIR_FLAG) & \
+	$(SIDEMESH) discovery --scoped --listen $(HOST):$(XDS_PORT) --cert-dir $(CERTS) $(MESH_DIR_FLAG) & \
 	  pid=$$!; trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT INT TERM; \
 	  $(SIDEMESH) serve --host $(HOST) --port $(PORT) --cert-dir $(CERTS)
 

@@ -13,6 +13,8 @@ Figures:
   resources every proxy shares: the encoded listener), then the rest together, per proxy
   (gRPC, TLS and the stream included); and the push engine alone, in-process without a
   network, per proxy (up to 100 proxies);
+* full re-push: control-plane CPU per proxy to send every open stream its whole config again
+  and read the ACKs (gRPC and TLS included, the stream's set-up not);
 * change → ACK: one EndpointSlice is edited (an endpoint added, then removed) ``--changes``
   times; each time, the span from the store edit to the last proxy's ACK of that endpoint set;
 * RSS of the control plane with every stream open.
@@ -221,9 +223,9 @@ def _all_acked(cp: Any, type_urls: tuple[str, ...], n: int) -> bool:
     return bool(cp.call(check, timeout=300))
 
 
-def _wait_acked(cp: Any, n: int) -> None:
+def _wait_acked(cp: Any, n: int, types: tuple[str, ...] = (CLUSTER, ENDPOINTS, LISTENER)) -> None:
     deadline = time.monotonic() + 600
-    while not _all_acked(cp, (CLUSTER, ENDPOINTS, LISTENER), n):
+    while not _all_acked(cp, types, n):
         if time.monotonic() > deadline:
             connected = cp.call(lambda: len(cp.discovery.proxies))
             raise TimeoutError(
@@ -300,6 +302,22 @@ def measure_changes(
     d.on_request = original
     d._send = original_send
     return sent_spans, spans
+
+
+def full_repush_cpu_ms(cp: Any, n: int) -> float:
+    """Control-plane CPU (ms per proxy) to send every connected proxy its whole config again
+    and read its ACKs: the push itself with gRPC and TLS, without the stream's set-up."""
+
+    def repush() -> None:
+        for conn in cp.discovery.proxies.values():
+            for ts in conn.types.values():
+                ts.sent = dict.fromkeys(ts.sent, "")  # stale: every resource goes again
+            cp.discovery.push(conn, full=True)
+
+    start = time.process_time()
+    cp.call(repush, timeout=300)
+    _wait_acked(cp, n, (CLUSTER, ENDPOINTS, LISTENER, ROUTE))
+    return (time.process_time() - start) * 1000 / n
 
 
 def percentile(values: list[float], p: float) -> float:
@@ -390,6 +408,7 @@ def main() -> int:
             _wait_acked(cp, args.proxies)
             full_cpu = time.process_time() - cpu1
             rss = _rss_mib()
+            repush = full_repush_cpu_ms(cp, args.proxies)
             sent_spans, spans = measure_changes(cp, store, args.changes, args.proxies)
             hold.set()
             for p in procs:
@@ -408,6 +427,7 @@ def main() -> int:
         "first_proxy_cpu_ms": round(first_cpu * 1000, 1),
         "full_push_cpu_ms_per_proxy": round(full_cpu * 1000 / max(1, args.proxies - 1), 2),
         "engine_only_full_push_cpu_ms_per_proxy": round(engine, 2),
+        "full_repush_cpu_ms_per_proxy": round(repush, 2),
         "change_to_all_sent_ms": {"p50": round(percentile(sent_spans, 0.5) * 1000, 1),
                                   "p99": round(percentile(sent_spans, 0.99) * 1000, 1)},
         "change_to_all_acked_ms": {"p50": round(rank(0.5) * 1000, 1),

@@ -31,6 +31,7 @@ from webhook.discovery.store import ObjectStore
 
 __all__ = [
     "ControlPlane",
+    "Envoy",
     "delta_request",
     "drain",
     "free_ports",

@@ -7,7 +7,8 @@ rollout of a hundred pods costs a handful of pushes, not a hundred.
 
 Per push, a proxy gets — in the order Envoy needs to never route to a missing cluster — CDS,
 then EDS, then LDS, each only with what changed for it: the shared tables' change logs, the
-change of its scope, and its own few per-proxy resources.
+change of its scope, and its own few per-proxy resources. The shared tables are
+:mod:`webhook.discovery.shared`; a proxy's scope and own resources, :mod:`webhook.discovery.views`.
 """
 
 from __future__ import annotations
@@ -24,26 +25,24 @@ from envoy.service.discovery.v3 import discovery_pb2
 from webhook import names
 from webhook.config import DEFAULTS, Ports, TelemetryConfig
 from webhook.dataplane.bootstrap import BootstrapOptions
-from webhook.discovery import compiler as cc, l7, metrics
-from webhook.discovery.learn import LEARN_PREFIX, alias_cluster, parse_learn_name
+from webhook.discovery import compiler as cc, metrics
+from webhook.discovery.learn import LEARN_PREFIX
 from webhook.discovery.model import (
     SLICE_SERVICE_LABEL,
     PodInfo,
-    Service,
     build_model,
     update_endpoints,
 )
 from webhook.discovery.parsecache import ParseCache
-from webhook.discovery.resources import Encoded, decode, delta_response, encode
-from webhook.discovery.scope import services_in_scope
+from webhook.discovery.resources import Encoded, delta_response
+from webhook.discovery.shared import SharedResources
 from webhook.discovery.store import KINDS, Key, ObjectStore, key_of
-from webhook.discovery.tables import NackRecord, ResourceTable, TypeState
+from webhook.discovery.tables import NackRecord, TypeState
+from webhook.discovery.views import ProxyViews, proxy_options
 from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.policy.model import KIND as ACCESS_POLICY
 from webhook.policy.state import AuthzState
-from webhook.ratelimit.compiler import service_cluster, service_identity
 from webhook.ratelimit.model import KIND as RATE_LIMIT_POLICY
-from webhook.routing import xds as routing
 from webhook.routing.table import EMPTY, RoutingTable, build_table
 
 __all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings", "ProxyConn"]
@@ -54,7 +53,6 @@ LOG = logging.getLogger("sidemesh.discovery")
 #: the routes those listeners ask for (Envoy's own order); access-policy filter configs (ECDS)
 #: last: the listeners name them and Envoy asks for them.
 PUSH_ORDER = (cc.CLUSTER, cc.ENDPOINTS, cc.LISTENER, cc.ROUTE, EXTENSION_CONFIG)
-_SHARED = (cc.CLUSTER, cc.ENDPOINTS, cc.ROUTE)
 
 
 @dataclass(frozen=True)
@@ -114,23 +112,18 @@ class Discovery:
         #: Traffic rules resolved against the model (rebuilt with it).
         self.routing: RoutingTable = EMPTY
         self._logged_problems: frozenset[str] = frozenset()
-        self.tables = {t: ResourceTable(t) for t in _SHARED}
         self.proxies: dict[int, ProxyConn] = {}
         self.authz = AuthzState(
             settings.trust_domain, ratelimit_service=bool(settings.ratelimit_address)
         )
+        self.shared = SharedResources()
+        #: The shared tables by type (CDS, EDS, RDS).
+        self.tables = self.shared.tables
+        self.views = ProxyViews(settings, self.shared, self.authz, self.model)
         self.generation = 0
         self._parse_cache = ParseCache()
         self._pending: set[Key] = set()
         self._slice_service: dict[Key, tuple[str, str]] = {}
-        self._cluster_inputs: dict[str, Any] = {}
-        self._cla_inputs: dict[str, Any] = {}
-        self._alias_cache: dict[tuple[str, str], Encoded] = {}
-        self._scope_cache: dict[Any, frozenset[str]] = {}
-        self._route_inputs: dict[str, Any] = {}
-        self._listener_inputs: Any = None
-        self._listener_cache: dict[Any, dict[str, Encoded]] = {}
-        self._all_clusters: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._first_event: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -219,10 +212,11 @@ class Discovery:
                 return False
             model = updated
         self.model = model
-        self._scope_cache.clear()
+        self.views.on_endpoints(model)
         self.generation += 1
         metrics.FLUSHES.labels("endpoints").inc()
-        self._update_shared([self.model.services[s] for s in services if s in model.services])
+        changed = [model.services[s] for s in services if s in model.services]
+        self.shared.update(model, self.routing, self._template_options(), only=changed)
         for conn in list(self.proxies.values()):
             self.push(conn)
         metrics.REBUILD.labels("endpoints").observe(self._clock() - started)
@@ -241,7 +235,7 @@ class Discovery:
         self.authz.update(objects.get(ACCESS_POLICY, ()), objects.get(RATE_LIMIT_POLICY, ()))
         self.authz.check_references(self.model)
         self.routing = build_table(objects, self.model, self._parse_cache)
-        self._scope_cache.clear()
+        self.views.on_model(self.model, self.routing)
         self._log_problems()
         self.generation += 1
         self._slice_service = {
@@ -249,25 +243,13 @@ class Discovery:
             for o in objects["EndpointSlice"]
             if (label := _service_label(o)) is not None
         }
-        self._update_shared()
-        inputs = (
-            {k: (s.cluster_ips, s.ports) for k, s in self.model.services.items()},
-            self.model.meshed_pod_ports(),
-            self.model.server_first,
-        )
-        if inputs != self._listener_inputs:
-            self._listener_inputs = inputs
-            self._listener_cache.clear()
+        self.shared.update(self.model, self.routing, self._template_options())
         for conn in list(self.proxies.values()):
             self.push(conn)
         self._model_changed.set()
         self._model_changed = asyncio.Event()
         metrics.REBUILD.labels(cause).observe(self._clock() - started)
-        for table in self.tables.values():
-            oldest = min(
-                (c.state(table.type_url).seq for c in self.proxies.values()), default=table.seq
-            )
-            table.compact(oldest)
+        self.shared.compact(self.proxies.values())
 
     def _log_problems(self) -> None:
         """Log each problem of the traffic rules once, when it appears (not every rebuild)."""
@@ -276,81 +258,10 @@ class Discovery:
             LOG.warning("traffic rule: %s", text)
         self._logged_problems = now
 
-    def _update_shared(self, only: Iterable[Service] | None = None) -> None:
-        """Encode what changed; ``only`` these Services (endpoint fast path), else all."""
-        opts = self._template_options()
-        seen: set[str] = set()
-        for svc in self.model.services.values() if only is None else only:
-            for port in svc.ports:
-                name = svc.cluster_name(port)
-                seen.add(name)
-                eps = self.model.endpoints_of(svc, port)
-                ids = tuple(sorted({e.mtls_identity for e in eps if e.mtls_identity}))
-                policy = self.routing.policy_for(svc)
-                if self._cluster_inputs.get(name) != (svc.cluster_ips, port, ids, policy):
-                    self._cluster_inputs[name] = (svc.cluster_ips, port, ids, policy)
-                    cluster = routing.service_cluster(self.routing, svc, port, eps, opts)
-                    self.tables[cc.CLUSTER].put(name, encode(cc.CLUSTER, cluster))
-                if self._cla_inputs.get(name) != eps:
-                    self._cla_inputs[name] = eps
-                    self.tables[cc.ENDPOINTS].put(
-                        name, encode(cc.ENDPOINTS, cc.build_endpoints(name, eps))
-                    )
-            for sub, eps in routing.subset_inputs(self.routing, self.model, svc):
-                seen.add(sub.name)  # a subset's cluster: built only when what it reads changed
-                inputs = (svc.cluster_ips, sub, eps, self.routing.policy_for(svc))
-                if (self._cluster_inputs.get(sub.name), self._cla_inputs.get(sub.name)) != (
-                    inputs,
-                    eps,
-                ):
-                    cluster, cla = routing.subset_cluster(self.routing, svc, sub, eps, opts)
-                    self._cluster_inputs[sub.name], self._cla_inputs[sub.name] = inputs, eps
-                    self.tables[cc.CLUSTER].put(sub.name, encode(cc.CLUSTER, cluster))
-                    self.tables[cc.ENDPOINTS].put(sub.name, encode(cc.ENDPOINTS, cla))
-        if only is not None:
-            return
-        self._update_routes()
-        for name in set(self._cluster_inputs) - seen:
-            del self._cluster_inputs[name]
-            self._cla_inputs.pop(name, None)
-            for table in self.tables.values():
-                table.remove(name)
-        self._all_clusters = frozenset(seen)
-
-    def _update_routes(self) -> None:
-        """Each HTTP-capable Service port's RouteConfiguration (a config change: endpoint
-        changes never touch routes)."""
-        table = self.tables[cc.ROUTE]
-        wanted: dict[str, Any] = {}
-        for svc in self.model.services.values():
-            if not svc.cluster_ips:
-                continue
-            for port in svc.ports:
-                if l7.is_http(port):
-                    wanted[svc.cluster_name(port)] = (svc, port)
-        for name, (svc, port) in wanted.items():
-            inputs = (svc, port, routing.route_inputs(self.routing, svc, port))
-            if self._route_inputs.get(name) != inputs:
-                self._route_inputs[name] = inputs
-                routes = routing.port_routes(self.routing, svc, port)  # None: the default
-                table.put(name, encode(cc.ROUTE, l7.route_config(svc, port, routes)))
-        for name in set(table.items) - set(wanted):
-            self._route_inputs.pop(name, None)
-            table.remove(name)
-
     def _template_options(self) -> BootstrapOptions:
         """Options for resources shared by every proxy (nothing pod-specific in them)."""
         pod = PodInfo("default", "shared", (), "default", True, "PERMISSIVE")
-        return self.options_for(pod)
-
-    def options_for(self, pod: PodInfo) -> BootstrapOptions:
-        return cc.proxy_options(
-            pod,
-            trust_domain=self.settings.trust_domain,
-            plaintext_ports=self.settings.plaintext_ports,
-            ports=self.settings.ports,
-            work_dir=self.settings.work_dir,
-        )
+        return proxy_options(self.settings, pod)
 
     # --- proxies ---------------------------------------------------------------------------
 
@@ -388,127 +299,6 @@ class Discovery:
     def pod_of(self, conn: ProxyConn) -> PodInfo | None:
         return self.model.pods.get((conn.namespace, conn.pod_name))
 
-    def _scope(self, conn: ProxyConn, pod: PodInfo) -> frozenset[str]:
-        if not self.settings.scoped:
-            return self._all_clusters
-        # Replicas of a workload share a scope: computed once per model, not once per push.
-        key = (pod.namespace, pod.dependencies, frozenset(conn.learned))
-        scope = self._scope_cache.get(key)
-        if scope is None:
-            services = services_in_scope(self.model, pod, conn.learned)
-            services = routing.scope_services(self.routing, self.model, services)
-            scope = frozenset(routing.cluster_names(self.routing, services))
-            self._scope_cache[key] = scope
-        return scope
-
-    def _services(self, scope: frozenset[str]) -> list[Service]:
-        if scope is self._all_clusters:
-            return list(self.model.services.values())
-        return [
-            s
-            for s in self.model.services.values()
-            if any(s.cluster_name(p) in scope for p in s.ports)
-        ]
-
-    def _outside(self, services: list[Service]) -> list[Service]:
-        """The Services with a ClusterIP that are not in ``services`` (a scoped sidecar's)."""
-        inside = {(s.namespace, s.name) for s in services}
-        return [
-            s
-            for key, s in sorted(self.model.services.items())
-            if s.cluster_ips and key not in inside
-        ]
-
-    def _aliases(self, conn: ProxyConn) -> dict[str, Encoded]:
-        """The on-demand clusters this sidecar asked for, as aliases of the Service clusters."""
-        table = self.tables[cc.CLUSTER]
-        out: dict[str, Encoded] = {}
-        for alias, real in conn.ondemand.items():
-            enc = table.items.get(real)
-            if enc is None:
-                continue  # the Service is gone; the alias goes with it
-            key = (alias, enc.version)
-            cached = self._alias_cache.get(key)
-            if cached is None:
-                real_dict = decode(cc.CLUSTER, enc)
-                cached = encode(cc.CLUSTER, alias_cluster(alias, real_dict))
-                self._alias_cache[key] = cached
-            out[alias] = cached
-        return out
-
-    def _learn(self, conn: ProxyConn, names: Iterable[str]) -> list[str]:
-        """Resolve on-demand cluster names to Service ports; widen the scope with what they
-        name. Returns the names that resolve to nothing."""
-        unknown = []
-        for name in names:
-            address = parse_learn_name(name)
-            found = None
-            if address is not None:
-                ip, port_number = address
-                found = next(
-                    (
-                        (svc, port)
-                        for svc in self.model.services.values()
-                        if ip in svc.cluster_ips
-                        for port in svc.ports
-                        if port.port == port_number
-                    ),
-                    None,
-                )
-            if found is None:
-                unknown.append(name)
-                continue
-            svc, port = found
-            conn.learned.add((svc.namespace, svc.name))
-            conn.ondemand[name] = svc.cluster_name(port)
-            metrics.LEARNED.inc()
-            LOG.info(
-                "%s/%s learned %s.%s (first connection to %s)",
-                conn.namespace, conn.pod_name, svc.name, svc.namespace, name[len(LEARN_PREFIX):],
-            )  # fmt: skip
-        return unknown
-
-    def _local(self, conn: ProxyConn, pod: PodInfo) -> dict[str, dict[str, Encoded]]:
-        opts = self.options_for(pod)
-        ipv6 = opts.ipv6
-        key = ("local", ipv6)
-        clusters = self._listener_cache.get(key)
-        if clusters is None:
-            built = cc.local_clusters(opts, self.settings.telemetry)
-            if self.settings.ratelimit_address:
-                rls = service_cluster(
-                    self.settings.ratelimit_address,
-                    opts,
-                    self.settings.ratelimit_identity
-                    or service_identity(self.settings.trust_domain),
-                )
-                built[rls["name"]] = rls
-            clusters = {n: encode(cc.CLUSTER, c) for n, c in built.items()}
-            self._listener_cache[key] = clusters
-        server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
-        own = pod.namespace if self.settings.scoped else ""
-        facts = cc.proxy_facts(pod, opts, self.settings.telemetry)
-        lkey = ("listeners", conn.scope, own, ipv6, pod.inbound_mtls, server_first, facts)
-        listeners = self._listener_cache.get(lkey)
-        if listeners is None:
-            services = self._services(conn.scope)
-            meshed = (
-                cc.scoped_meshed_pods(self.model, pod, services) if self.settings.scoped else None
-            )
-            learn = self._outside(services) if self.settings.scoped else []
-            built = cc.build_listeners(
-                self.model, opts, pod, services, meshed, learn, telemetry=self.settings.telemetry
-            )
-            listeners = {n: encode(cc.LISTENER, v) for n, v in built.items()}
-            self._listener_cache[lkey] = listeners
-        if conn.ondemand:
-            clusters = {**clusters, **self._aliases(conn)}
-        return {
-            cc.CLUSTER: clusters,
-            cc.LISTENER: listeners,
-            EXTENSION_CONFIG: self.authz.resources(pod),
-        }
-
     def push(
         self,
         conn: ProxyConn,
@@ -521,9 +311,9 @@ class Discovery:
         if pod is None:
             return  # the pod is gone; its stream is closed by the handler
         old_scope = conn.scope
-        conn.scope = self._scope(conn, pod)
+        conn.scope = self.views.scope(conn, pod)
         scope_delta = old_scope ^ conn.scope
-        conn.local = self._local(conn, pod)
+        conn.local = self.views.local(conn, pod)
         for type_url in PUSH_ORDER:
             if only is not None and type_url != only:
                 continue
@@ -606,7 +396,7 @@ class Discovery:
             wanted = [n for n in subscribe if n.startswith(LEARN_PREFIX)]
             if wanted:
                 ts.subscribe(subscribe, dict(req.initial_resource_versions))
-                unknown = self._learn(conn, wanted)
+                unknown = self.views.learn(conn, wanted)
                 if unknown:  # answered as removed: Envoy closes at once instead of waiting
                     self._send(conn, ts, cc.CLUSTER, {}, unknown)
                 self.push(conn, candidates=subscribe)  # every type: the scope grew
