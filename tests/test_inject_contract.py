@@ -119,6 +119,13 @@ def test_proxy_environment() -> None:
         "POD_IP": "status.podIP",
         "POD_IPS": "status.podIPs",
         "SERVICE_ACCOUNT": "spec.serviceAccountName",
+        # The labels the workload's name comes from: the sidecar's metrics name it.
+        "SIDEMESH_LABEL_POD_TEMPLATE_HASH": "metadata.labels['pod-template-hash']",
+        "SIDEMESH_LABEL_STATEFULSET_POD_NAME": (
+            "metadata.labels['statefulset.kubernetes.io/pod-name']"
+        ),
+        "SIDEMESH_LABEL_APP_NAME": "metadata.labels['app.kubernetes.io/name']",
+        "SIDEMESH_LABEL_APP": "metadata.labels['app']",
     }
     values = {k: v["value"] for k, v in env.items() if "value" in v}
     assert values.pop(names.ENV_APP_PROBES) == json.dumps(

@@ -5,6 +5,7 @@ uses. The real Envoy accepts all of it: the discovery goldens carry it and are v
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import re
@@ -18,9 +19,10 @@ from tests.conftest import envoy_binary
 from tests.support.xds import make_ca, workload_cert
 from webhook.config import load_config
 from webhook.dataplane.bootstrap import render_sds
-from webhook.discovery.compiler import proxy_options, proxy_resources
+from webhook.discovery.compiler import LISTENER, proxy_options, proxy_resources
 from webhook.discovery.filesource import FileSource
 from webhook.discovery.model import MeshModel, build_model
+from webhook.discovery.resources import encode
 from webhook.discovery.store import KINDS, ObjectStore
 from webhook.errors import ConfigError
 from webhook.telemetry import promtext
@@ -28,7 +30,14 @@ from webhook.telemetry.metrics import HTTP_LABELS, PROMETHEUS_NAMES, TCP_LABELS,
 from webhook.telemetry.promtext import Sample
 from webhook.telemetry.settings import AccessLogPolicy, ProxyFacts, parse_access_log
 from webhook.telemetry.top import quantile, render, rows
-from webhook.telemetry.workload import workload_name
+from webhook.telemetry.workload import (
+    LABEL_ENV,
+    OWN_PRINCIPAL,
+    OWN_WORKLOAD,
+    labels_from_env,
+    proxy_environment,
+    workload_name,
+)
 
 PEER = "sidemesh.io/peer"
 DURATION_NAME = "envoy_sidemesh_request_duration_milliseconds"
@@ -79,6 +88,19 @@ def test_workload_is_the_owner_not_the_pod(name: str, labels: dict[str, str], wa
     assert workload_name(name, labels) == want
 
 
+def test_the_sidecar_names_itself_from_the_labels_the_injector_hands_it() -> None:
+    env = {LABEL_ENV["pod-template-hash"]: "7c9f8d6b5", LABEL_ENV["app"]: "x", "OTHER": "1"}
+    labels = labels_from_env(env)
+    assert labels == {"pod-template-hash": "7c9f8d6b5", "app": "x"}
+    got = proxy_environment("web-7c9f8d6b5-q4zlm", "demo", "spiffe://td/ns/demo/sa/web", labels)
+    assert got == {
+        "SIDEMESH_WORKLOAD": "web",
+        "SIDEMESH_NAMESPACE": "demo",
+        "SIDEMESH_PRINCIPAL": "spiffe://td/ns/demo/sa/web",
+        "OTEL_RESOURCE_ATTRIBUTES": "service.name=web.demo",
+    }
+
+
 def test_access_log_policy_syntax() -> None:
     assert parse_access_log("off") == AccessLogPolicy(False)
     assert parse_access_log("errors") == AccessLogPolicy(True, 0.0)
@@ -110,8 +132,8 @@ def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() ->
     backend = "outbound|8080||backend.demo.svc.cluster.local"
     tags = _tags(_loggers(chains[f"{backend}|http"])[0])
     assert tags["reporter"] == "source"
-    assert tags["source_workload"] == "frontend"
-    assert tags["source_principal"] == "spiffe://cluster.local/ns/demo/sa/frontend"
+    assert tags["source_workload"] == OWN_WORKLOAD == "%ENVIRONMENT(SIDEMESH_WORKLOAD)%"
+    assert tags["source_principal"] == OWN_PRINCIPAL
     assert tags["destination_service"] == "backend.demo.svc.cluster.local"
     assert tags["destination_workload"] == f"%METADATA(UPSTREAM_HOST:{PEER}:workload)%"
     assert tags["destination_principal"] == "%UPSTREAM_PEER_URI_SAN%"
@@ -120,11 +142,26 @@ def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() ->
     sni = {
         s["object_key"]: s["format_string"]["text_format_source"]["inline_string"] for s in states
     }
-    assert (
-        sni["envoy.network.upstream_server_name"] == "frontend.demo.backend.demo.svc.cluster.local"
+    assert sni["envoy.network.upstream_server_name"] == (
+        "%ENVIRONMENT(SIDEMESH_WORKLOAD)%.%ENVIRONMENT(SIDEMESH_NAMESPACE)%"
+        ".backend.demo.svc.cluster.local"
     )
     # Scrapes of other pods' :15090 are not app traffic.
     assert _loggers(chains["outbound-plain-15090"]) == []
+
+
+def test_listeners_do_not_name_the_workload_so_one_build_serves_every_sidecar() -> None:
+    # Two workloads with other names and service accounts: the same listeners, byte for byte.
+    assert json.dumps(_listeners("frontend-1")) == json.dumps(_listeners("backend-1"))
+    text = json.dumps(_listeners("frontend-1"))
+    assert '"frontend' not in text and "sa/frontend" not in text
+    # ... while a pod that asks for another access-log policy gets its own.
+    model = _demo()
+    pod = model.pods[("demo", "frontend-1")]
+    pod = dataclasses.replace(pod, telemetry={"telemetry.sidemesh.io/access-log": "off"})
+    opts = proxy_options(pod, trust_domain="cluster.local", plaintext_ports=(53,))
+    off = proxy_resources(model, opts, pod, model.services.values()).listeners
+    assert json.dumps(off) != text
 
 
 def test_endpoints_say_which_workload_they_are() -> None:
@@ -142,7 +179,7 @@ def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown(
     inbound = {c["name"]: c for c in _listeners("frontend-1")["inbound"]["filter_chains"]}
     mtls = _tags(_loggers(inbound["inbound-mtls-http"])[0])
     assert mtls["reporter"] == "destination"
-    assert mtls["destination_workload"] == "frontend"
+    assert mtls["destination_workload"] == OWN_WORKLOAD
     assert mtls["source_principal"] == "%DOWNSTREAM_PEER_URI_SAN%"
     assert mtls["source_namespace"] == "%FILTER_STATE(sidemesh.peer.namespace:PLAIN)%"
     claim = inbound["inbound-mtls-http"]["filters"][0]["typed_config"]["on_new_connection"]
@@ -214,7 +251,11 @@ def test_tracing_is_off_by_default_and_on_with_a_collector() -> None:
     ]
     assert hcms and all(h["tracing"]["random_sampling"] == {"value": 1.0} for h in hcms)
     provider = hcms[0]["tracing"]["provider"]["typed_config"]
-    assert provider["service_name"] == "frontend.demo"
+    # The sidecar names itself (OTEL_RESOURCE_ATTRIBUTES, set by the agent).
+    [detector] = provider["resource_detectors"]
+    assert detector["name"].endswith("resource_detectors.environment")
+    for listener in on.listeners.values():  # what the control plane sends encodes
+        encode(LISTENER, listener)
     assert on.listeners["outbound"]["traffic_direction"] == "OUTBOUND"
 
 

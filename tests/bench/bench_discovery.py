@@ -20,9 +20,11 @@ Figures:
 * RSS of the control plane with every stream open.
 
 Each simulated sidecar also asks for its routes (RDS), and declares 10 Services it calls:
-with ``--scoped`` that is all it gets besides its own namespace.
+with ``--scoped`` that is all it gets besides its own namespace. The sidecars are replicas of
+one Deployment, or of ``--workloads`` different workloads.
 
     .venv/bin/python tests/bench/bench_discovery.py [--proxies 100] [--services 1000] [--scoped]
+                                                    [--workloads 1]
 """
 
 from __future__ import annotations
@@ -54,9 +56,15 @@ STATUS = {"sidemesh.io/status": '{"version":"bench"}'}
 
 
 def synthetic_mesh(
-    store: ObjectStore, services: int, endpoints: int, proxies: int, depends: int = 10
+    store: ObjectStore,
+    services: int,
+    endpoints: int,
+    proxies: int,
+    depends: int = 10,
+    workloads: int = 1,
 ) -> None:
-    """Each client pod declares the first ``depends`` Services (what it gets when scoped)."""
+    """Each client pod declares the first ``depends`` Services (what it gets when scoped);
+    the client pods belong to ``workloads`` workloads (round robin)."""
     deps = ",".join(f"ns{s % 20}/svc{s}" for s in range(min(depends, services)))
     pods, slices, svcs = [], [], []
     for s in range(services):
@@ -104,14 +112,17 @@ def synthetic_mesh(
             }
         )
     for p in range(proxies):
+        # Replicas of one Deployment, or each pod in one of ``workloads`` apps.
+        labels = {"app": "client", "pod-template-hash": "5d4f7"}
+        if workloads > 1:
+            labels = {"app": f"client-{p % workloads}"}
         pods.append(
             {
                 "kind": "Pod",
-                # Replicas of one Deployment: one workload, so they share their listeners.
                 "metadata": {
                     "name": client_pod(p),
                     "namespace": "bench",
-                    "labels": {"app": "client", "pod-template-hash": "5d4f7"},
+                    "labels": labels,
                     "annotations": {**STATUS, "sidemesh.io/dependencies": deps},
                 },
                 "spec": {"serviceAccountName": "client"},
@@ -326,7 +337,9 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(p * len(ordered)) - 1))]
 
 
-def engine_cpu_per_push(services: int, endpoints: int, proxies: int, scoped: bool) -> float:
+def engine_cpu_per_push(
+    services: int, endpoints: int, proxies: int, scoped: bool, workloads: int = 1
+) -> float:
     """The push engine alone (no gRPC, no TLS): ms of CPU per proxy for a full first push of
     clusters, listeners, endpoints and routes, after a first proxy paid for what they share."""
     from envoy.service.discovery.v3 import discovery_pb2 as pb
@@ -335,7 +348,7 @@ def engine_cpu_per_push(services: int, endpoints: int, proxies: int, scoped: boo
 
     async def run() -> float:
         store = ObjectStore()
-        synthetic_mesh(store, services, endpoints, proxies)
+        synthetic_mesh(store, services, endpoints, proxies, workloads=workloads)
         d = Discovery(store, DiscoverySettings(scoped=scoped))
         d.start(asyncio.get_running_loop())
 
@@ -372,11 +385,14 @@ def main() -> int:
     parser.add_argument(
         "--scoped", action="store_true", help="scope each sidecar (it declares 10 Services)"
     )
+    parser.add_argument("--workloads", type=int, default=1, help="workloads of the sidecars")
     args = parser.parse_args()
-    engine = engine_cpu_per_push(args.services, args.endpoints, min(args.proxies, 100), args.scoped)
+    engine = engine_cpu_per_push(
+        args.services, args.endpoints, min(args.proxies, 100), args.scoped, args.workloads
+    )
     store = ObjectStore()
     t0 = time.perf_counter()
-    synthetic_mesh(store, args.services, args.endpoints, args.proxies)
+    synthetic_mesh(store, args.services, args.endpoints, args.proxies, workloads=args.workloads)
     with tempfile.TemporaryDirectory() as tmp:
         ca = make_ca(Path(tmp) / "ca")
         workload_cert(ca, "spiffe://cluster.local/ns/bench/sa/client", Path(tmp) / "client")
@@ -421,6 +437,7 @@ def main() -> int:
     result = {
         "scoped": args.scoped,
         "proxies": args.proxies,
+        "workloads": args.workloads,
         "services": args.services,
         "endpoints_per_service": args.endpoints,
         "initial_build_s": round(build, 2),

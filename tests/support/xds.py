@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -28,6 +29,7 @@ from webhook.discovery.ads import serve_ads, server_credentials
 from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
 from webhook.discovery.run import xds_certificate
 from webhook.discovery.store import ObjectStore
+from webhook.telemetry.workload import proxy_environment
 
 __all__ = [
     "ControlPlane",
@@ -38,6 +40,7 @@ __all__ = [
     "make_ca",
     "run_control_plane",
     "run_envoy",
+    "sidecar_env",
     "workload_cert",
 ]
 
@@ -159,6 +162,13 @@ class Envoy:
         raise AssertionError(f"timed out waiting for {what}: {self.log.read_text()[-3000:]}")
 
 
+def sidecar_env(opts: BootstrapOptions, labels: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Envoy's environment as the agent starts it: who the sidecar is (``labels``: the pod's),
+    which the telemetry in its listeners reads. For every test that starts Envoy itself."""
+    own = proxy_environment(opts.pod_name, opts.pod_namespace, opts.spiffe_id, labels or {})
+    return {**os.environ, **own}
+
+
 @contextmanager
 def run_envoy(
     binary: str,
@@ -167,8 +177,10 @@ def run_envoy(
     work: Path,
     *,
     node_id: str | None = None,
+    labels: Mapping[str, str] | None = None,
 ) -> Iterator[Envoy]:
-    """A real Envoy with the ADS bootstrap of ``opts`` (its cert_dir must hold a workload cert)."""
+    """A real Envoy with the ADS bootstrap of ``opts`` (its cert_dir must hold a workload cert),
+    in the environment the agent would give it (``labels``: the pod's)."""
     opts = replace(opts, work_dir=str(work))
     (work / "sds").mkdir(parents=True, exist_ok=True)
     for name, content in render_sds(opts).items():
@@ -195,6 +207,7 @@ def run_envoy(
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env=sidecar_env(opts, labels),
         )
     envoy = Envoy(proc, opts.ports.admin, log)
     try:

@@ -223,10 +223,11 @@ def _write_json(path: Path, content: object, owner: tuple[int, int] | None) -> N
 
 def _start_envoy(s: AgentSettings, bootstrap: Path) -> subprocess.Popen[bytes]:
     cmd = envoy_command(s, bootstrap)
+    env = {**os.environ, **s.envoy_environment()}
     if os.geteuid() == 0 and s.proxy_uid != 0:
         # Envoy's own connections are exempt from capture only because they belong to 1337.
-        return subprocess.Popen(cmd, user=s.proxy_uid, group=s.proxy_gid, extra_groups=[])
-    return subprocess.Popen(cmd)
+        return subprocess.Popen(cmd, user=s.proxy_uid, group=s.proxy_gid, extra_groups=[], env=env)
+    return subprocess.Popen(cmd, env=env)
 
 
 class _Keeper:

@@ -20,6 +20,7 @@ from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.dataplane.cacall import parse_ca_address
 from webhook.dataplane.probes import parse_probes
 from webhook.errors import ConfigError
+from webhook.telemetry.workload import labels_from_env, proxy_environment
 from webhook.values import parse_cidr_list, parse_port, parse_port_list
 
 __all__ = [
@@ -74,6 +75,8 @@ class AgentSettings:
     discovery_address: str = ""
     #: How long Envoy's readiness waits for the first config from the control plane.
     initial_fetch_timeout_s: float = 10.0
+    #: The pod labels its workload's name comes from (telemetry), by the downward API.
+    workload_labels: dict[str, str] = field(default_factory=dict)
 
     def xds_options(self) -> XdsOptions | None:
         if not self.discovery_address:
@@ -83,6 +86,13 @@ class AgentSettings:
     @property
     def spiffe_id(self) -> str:
         return names.spiffe_id(self.trust_domain, self.pod_namespace, self.service_account)
+
+    def envoy_environment(self) -> dict[str, str]:
+        """What Envoy's environment adds to the agent's: who this sidecar is, for the
+        telemetry its listeners compile (``%ENVIRONMENT(…)%``)."""
+        return proxy_environment(
+            self.pod_name, self.pod_namespace, self.spiffe_id, self.workload_labels
+        )
 
     @property
     def ip_families(self) -> set[int]:
@@ -187,6 +197,7 @@ def settings_from(flags: Mapping[str, Any], env: Mapping[str, str]) -> AgentSett
         app_probes=mesh.app_probes,
         cert_ttl_seconds=mesh.cert_ttl_seconds,
         discovery_address=env.get(names.ENV_DISCOVERY_ADDRESS, "").strip(),
+        workload_labels=labels_from_env(env),
     )
     if settings.discovery_address:
         try:

@@ -422,7 +422,8 @@ def build_listeners(
     inbound = _inbound_listener(model, opts, pod)
     out = [_outbound_listener(model, opts, services, known, learn), inbound]
     listeners = {listener["name"]: listener for listener in out}
-    tm.instrument_listeners(listeners, proxy_facts(pod, opts, telemetry), telemetry=telemetry)
+    access_log = proxy_facts(pod, opts, telemetry).access_log
+    tm.instrument_listeners(listeners, access_log, telemetry=telemetry)
     # Access policy last: its filters go before each chain's proxy, its denial logs after the
     # telemetry loggers.
     listeners[inbound["name"]] = with_authz(listeners[inbound["name"]])
@@ -430,7 +431,9 @@ def build_listeners(
 
 
 def proxy_facts(pod: PodInfo, opts: bs.BootstrapOptions, telemetry: TelemetryConfig) -> ProxyFacts:
-    """Who ``pod``'s sidecar is in its metrics and logs (also a key of the listener cache)."""
+    """Who ``pod``'s sidecar is in its metrics and logs. Only its access-log policy goes into
+    the listeners (and the listener cache's key): the sidecar names itself from its
+    environment."""
     return ProxyFacts.of(
         workload=workload_name(pod.name, pod.labels),
         namespace=pod.namespace,

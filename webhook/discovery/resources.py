@@ -41,6 +41,9 @@ from envoy.extensions.filters.network.tcp_proxy.v3 import tcp_proxy_pb2  # noqa:
 from envoy.extensions.rate_limit_descriptors.expr.v3 import expr_pb2  # noqa: F401
 from envoy.extensions.rbac.audit_loggers.stream.v3 import stream_pb2  # noqa: F401
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2  # noqa: F401
+from envoy.extensions.tracers.opentelemetry.resource_detectors.v3 import (  # noqa: F401
+    environment_resource_detector_pb2,
+)
 from envoy.extensions.transport_sockets.raw_buffer.v3 import raw_buffer_pb2  # noqa: F401
 from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa: F401

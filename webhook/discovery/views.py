@@ -202,8 +202,9 @@ class ProxyViews:
     ) -> dict[str, Encoded]:
         server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
         own = pod.namespace if self.settings.scoped else ""
-        facts = cc.proxy_facts(pod, opts, self.settings.telemetry)
-        key = ("listeners", conn.scope, own, opts.ipv6, pod.inbound_mtls, server_first, facts)
+        # Not the workload: the listeners name it from the sidecar's environment.
+        access_log = cc.proxy_facts(pod, opts, self.settings.telemetry).access_log
+        key = ("listeners", conn.scope, own, opts.ipv6, pod.inbound_mtls, server_first, access_log)
         listeners = self._listener_cache.get(key)
         if listeners is None:
             scoped = self.settings.scoped

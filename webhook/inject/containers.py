@@ -14,6 +14,7 @@ from webhook import names
 from webhook.config import MeshConfig
 from webhook.inject import memo
 from webhook.inject.annotations import Overrides
+from webhook.telemetry.workload import LABEL_ENV
 
 __all__ = [
     "METRICS_PORT_NAME",
@@ -219,6 +220,8 @@ def _proxy_env(
         {"name": names.ENV_APP_PORTS, "value": app_ports},
         {"name": names.ENV_APP_PROBES, "value": app_probes},
         {"name": names.ENV_CERT_TTL, "value": s.cert_ttl},
+        # The labels the sidecar's workload name comes from (its metrics name it).
+        *(_field_env(var, f"metadata.labels['{label}']") for label, var in LABEL_ENV.items()),
     ]
 
 

@@ -9,7 +9,7 @@ identity label from the most trustworthy source that side has:
 label                      client's sidecar (outbound,  server's sidecar (inbound,
                            ``reporter=source``)         ``reporter=destination``)
 =========================  ===========================  ====================================
-source_workload            itself (compiled in)         the caller's sidecar's claim (SNI)
+source_workload            itself (its environment)     the caller's sidecar's claim (SNI)
 source_namespace           itself                       the caller's sidecar's claim (SNI)
 source_principal           itself                       the caller's verified certificate
 destination_workload       endpoint metadata            itself
@@ -25,6 +25,10 @@ sidecar splits it once per connection (CEL ``re.extract`` into filter state, rea
 labels). It is only as honest as the calling sidecar, which is why the principal comes from
 the certificate (and it names the namespace too); a plaintext caller has no claim and no
 certificate: ``unknown``.
+
+What a sidecar says about itself comes from Envoy's environment (``%ENVIRONMENT(…)%``, see
+:mod:`webhook.telemetry.workload`), never from a literal: the listeners are the same for every
+workload with the same access-log policy, so the control plane builds them once for all.
 """
 
 from __future__ import annotations
@@ -35,9 +39,9 @@ from typing import Any, Final
 from webhook.config import TelemetryConfig
 from webhook.telemetry.accesslog import json_logger
 from webhook.telemetry.metrics import stats_logger
-from webhook.telemetry.settings import ProxyFacts
+from webhook.telemetry.settings import AccessLogPolicy
 from webhook.telemetry.tracing import http_tracing
-from webhook.telemetry.workload import UNKNOWN
+from webhook.telemetry.workload import OWN_NAMESPACE, OWN_PRINCIPAL, OWN_WORKLOAD, UNKNOWN
 
 __all__ = ["ENDPOINT_METADATA", "endpoint_metadata", "instrument_listeners"]
 
@@ -80,6 +84,8 @@ _NOT_INSPECTED: Final = "inbound-declared-tcp-"
 #: Chains that carry no app traffic worth counting: other pods' probe, health and stats ports,
 #: DNS, the API server.
 _SKIPPED_PREFIXES: Final = ("outbound-plain-", "outbound-apiserver-")
+#: The claim's first two parts: this sidecar's workload and namespace.
+_OWN_CLAIM: Final = f"{OWN_WORKLOAD}.{OWN_NAMESPACE}"
 
 
 def endpoint_metadata(workload: str | None, namespace: str, mtls: bool) -> dict[str, str]:
@@ -92,10 +98,14 @@ def endpoint_metadata(workload: str | None, namespace: str, mtls: bool) -> dict[
 
 
 def instrument_listeners(
-    listeners: Mapping[str, dict[str, Any]], facts: ProxyFacts, *, telemetry: TelemetryConfig
+    listeners: Mapping[str, dict[str, Any]],
+    access_log: AccessLogPolicy,
+    *,
+    telemetry: TelemetryConfig,
 ) -> None:
     """Add the loggers to every counted chain of ``listeners`` (modified in place: they are
-    the compiler's fresh dicts)."""
+    the compiler's fresh dicts). Nothing here depends on which workload the sidecar is but
+    ``access_log``, its access-log policy."""
     for name, listener in listeners.items():
         if name not in ("inbound", "outbound"):
             continue
@@ -104,20 +114,20 @@ def instrument_listeners(
         for chain in listener.get("filter_chains", ()):
             if str(chain.get("name", "")).startswith(_SKIPPED_PREFIXES):
                 continue
-            labels, sni = _chain_identity(name, chain, facts)
+            labels, sni = _chain_identity(name, chain)
             if labels is None:
                 continue
             if sni is not None:
                 _send_sni(chain["filters"], sni)
             if labels.get("source_workload") == _INBOUND_MTLS["source_workload"]:
                 chain["filters"] = [_read_claim(), *chain["filters"]]
-            _add_loggers(chain["filters"], labels, facts, telemetry)
+            _add_loggers(chain["filters"], labels, access_log, telemetry)
 
 
 def _add_loggers(
     filters: Iterable[dict[str, Any]],
     labels: dict[str, str],
-    facts: ProxyFacts,
+    access_log: AccessLogPolicy,
     telemetry: TelemetryConfig,
 ) -> None:
     for f in filters:
@@ -128,11 +138,10 @@ def _add_loggers(
         else:
             continue
         if protocol == "http":
-            service = f"{facts.workload}.{facts.namespace}"
             inbound = labels["reporter"] == "destination"
-            http_tracing(telemetry, service, f["typed_config"], inbound=inbound)
+            http_tracing(telemetry, f["typed_config"], inbound=inbound)
         loggers = [stats_logger(protocol, labels)] if telemetry.metrics else []
-        logged = json_logger(protocol, labels, facts.access_log)
+        logged = json_logger(protocol, labels, access_log)
         if logged is not None:
             loggers.append(logged)
         if loggers:
@@ -141,15 +150,15 @@ def _add_loggers(
 
 
 def _chain_identity(
-    side: str, chain: Mapping[str, Any], facts: ProxyFacts
+    side: str, chain: Mapping[str, Any]
 ) -> tuple[dict[str, str] | None, str | None]:
     """The chain's identity labels (None: not counted) and the SNI claim to send (None: none)."""
     if side == "inbound":
         own = {
             "reporter": "destination",
-            "destination_workload": facts.workload,
-            "destination_namespace": facts.namespace,
-            "destination_principal": facts.principal,
+            "destination_workload": OWN_WORKLOAD,
+            "destination_namespace": OWN_NAMESPACE,
+            "destination_principal": OWN_PRINCIPAL,
         }
         peer = _INBOUND_MTLS if "transport_socket" in chain else _INBOUND_PLAIN
         if str(chain.get("name", "")).startswith(_NOT_INSPECTED):
@@ -168,9 +177,9 @@ def _chain_identity(
         return None, None
     own = {
         "reporter": "source",
-        "source_workload": facts.workload,
-        "source_namespace": facts.namespace,
-        "source_principal": facts.principal,
+        "source_workload": OWN_WORKLOAD,
+        "source_namespace": OWN_NAMESPACE,
+        "source_principal": OWN_PRINCIPAL,
         "destination_principal": "%UPSTREAM_PEER_URI_SAN%",
     }
     if cluster.startswith("outbound|"):
@@ -182,7 +191,7 @@ def _chain_identity(
             "destination_service": host,
             "connection_security_policy": meta.format("security"),
         }
-        return {**own, **dest}, f"{facts.workload}.{facts.namespace}.{host}"
+        return {**own, **dest}, f"{_OWN_CLAIM}.{host}"
     meshed = cluster.startswith("outbound_mesh")
     dest = {
         "destination_workload": UNKNOWN,
@@ -190,7 +199,7 @@ def _chain_identity(
         "destination_service": UNKNOWN if meshed else "passthrough",
         "connection_security_policy": "mutual_tls" if meshed else "none",
     }
-    return {**own, **dest}, f"{facts.workload}.{facts.namespace}" if meshed else None
+    return {**own, **dest}, _OWN_CLAIM if meshed else None
 
 
 def _upstream_cluster(chain: Mapping[str, Any]) -> str | None:

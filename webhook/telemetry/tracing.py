@@ -6,7 +6,9 @@ the request carries no ``traceparent`` (``tracing_sampling`` percent of them) or
 it carries, and sends the request on with its own span as the parent; the server's sidecar
 (inbound) joins that trace and hands the app a ``traceparent`` naming its span. When the app
 copies that header onto the calls it makes, the next hop joins the same trace. Each sidecar
-reports itself as service ``<workload>.<namespace>``.
+reports itself as service ``<workload>.<namespace>``: Envoy's environment resource detector
+reads it from ``OTEL_RESOURCE_ATTRIBUTES``, which the agent sets (so the listeners do not name
+the workload).
 
 Sampling is decided once, by whoever starts the trace, and travels with it: Envoy keeps its
 decision in the request id (``x-request-id``), so tracing turns on request ids, and the server
@@ -23,6 +25,12 @@ __all__ = ["COLLECTOR_CLUSTER", "collector_cluster", "http_tracing"]
 
 _TYPE = "@type"
 _T_OTEL = "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig"
+_T_ENV_DETECTOR = (
+    "type.googleapis.com/envoy.extensions.tracers.opentelemetry.resource_detectors.v3"
+    ".EnvironmentResourceDetectorConfig"
+)
+#: The service name of spans from a sidecar started without the agent's environment.
+_FALLBACK_SERVICE: Final = "sidemesh-proxy"
 _T_HTTP_OPTIONS = "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 #: The cluster of the OTLP collector, in every sidecar when tracing is on.
 COLLECTOR_CLUSTER: Final = "sidemesh_otlp"
@@ -63,9 +71,7 @@ def collector_cluster(telemetry: TelemetryConfig) -> dict[str, Any] | None:
     }
 
 
-def http_tracing(
-    telemetry: TelemetryConfig, service_name: str, hcm: dict[str, Any], *, inbound: bool
-) -> None:
+def http_tracing(telemetry: TelemetryConfig, hcm: dict[str, Any], *, inbound: bool) -> None:
     """Turn tracing on in one connection manager's config (``hcm``, modified in place)."""
     if not telemetry.tracing_collector:
         return
@@ -78,7 +84,13 @@ def http_tracing(
                     "envoy_grpc": {"cluster_name": COLLECTOR_CLUSTER},
                     "timeout": "1s",
                 },
-                "service_name": service_name,
+                "service_name": _FALLBACK_SERVICE,
+                "resource_detectors": [
+                    {
+                        "name": "envoy.tracers.opentelemetry.resource_detectors.environment",
+                        "typed_config": {_TYPE: _T_ENV_DETECTOR},
+                    }
+                ],
             },
         },
         "random_sampling": {"value": telemetry.tracing_sampling},
