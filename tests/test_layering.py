@@ -34,6 +34,7 @@ PURE = (
     "discovery.resources",
     "discovery.slim",
     "discovery.backoff",
+    "discovery.protos",
     "routing.api",
     "routing.routes",
     "routing.matches",

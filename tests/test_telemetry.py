@@ -22,7 +22,7 @@ from webhook.dataplane.bootstrap import render_sds
 from webhook.discovery.compiler import LISTENER, proxy_options, proxy_resources
 from webhook.discovery.filesource import FileSource
 from webhook.discovery.model import MeshModel, build_model
-from webhook.discovery.resources import encode
+from webhook.discovery.resources import decode, encode
 from webhook.discovery.store import KINDS, ObjectStore
 from webhook.errors import ConfigError
 from webhook.telemetry import promtext
@@ -289,7 +289,9 @@ def test_real_envoy_accepts_tracing_and_every_logger(tmp_path: Path) -> None:
             c.pop("eds_cluster_config")
             c["load_assignment"] = res.endpoints[c["name"]]
         clusters.append(c)
-    listeners = copy.deepcopy(list(res.listeners.values()))
+    # The bytes the control plane sends, back in JSON: what Envoy reads from ADS.
+    listeners = [decode(LISTENER, encode(LISTENER, x)) for x in res.listeners.values()]
+    assert '"stats_scope": {"prefix": "sidemesh"}' in json.dumps(listeners)
     for listener in listeners:  # RDS inlined: the route configs the control plane sends
         for chain in listener["filter_chains"]:
             hcm = chain["filters"][-1]["typed_config"]
@@ -307,6 +309,8 @@ def test_real_envoy_accepts_tracing_and_every_logger(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout + out.stderr
+    # Nothing the control plane sends uses a field Envoy calls deprecated.
+    assert "Deprecated field" not in out.stdout + out.stderr, out.stdout + out.stderr
 
 
 def test_quantiles_like_prometheus_histogram_quantile() -> None:

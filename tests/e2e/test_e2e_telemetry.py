@@ -213,3 +213,11 @@ def test_dashboard_queries_name_metrics_the_sidecars_export(mesh: Lab) -> None:
     named = set(re.findall(r"envoy_sidemesh_[a-z_]+", dashboard))
     print(sorted(named))
     assert len(named) >= 5 and named <= exported, named - exported
+
+
+def test_sidecars_log_no_deprecation_warning(mesh: Lab) -> None:
+    # Envoy warns for every listener update that uses a deprecated field (the stats logger's
+    # stat_prefix did); the proxy's log is where users read their access logs.
+    for name, runner in mesh.runners.items():
+        log = runner.procs["sidemesh-proxy"].output()
+        assert "Deprecated field" not in log, f"{name}: {log[-2000:]}"

@@ -50,6 +50,7 @@ from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2  # noqa
 from google.protobuf import json_format
 
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE
+from webhook.discovery.protos import POOL
 from webhook.errors import SidemeshError
 from webhook.policy.envoy import EXTENSION_CONFIG
 
@@ -136,7 +137,7 @@ def version_of(body: bytes) -> str:
 def encode(type_url: str, resource: dict[str, Any]) -> Encoded:
     """Parse an Envoy JSON dict into its message and serialise it deterministically."""
     try:
-        message = json_format.ParseDict(resource, _MESSAGES[type_url]())
+        message = json_format.ParseDict(resource, _MESSAGES[type_url](), descriptor_pool=POOL)
     except json_format.ParseError as exc:
         # A compiler bug, never user input: say which resource.
         name = resource.get("name") or resource.get("cluster_name")
@@ -148,5 +149,7 @@ def decode(type_url: str, enc: Encoded) -> dict[str, Any]:
     """An encoded resource back to Envoy JSON (debug output, aliases)."""
     msg = _MESSAGES[type_url]()
     msg.ParseFromString(enc.body)
-    out: dict[str, Any] = json_format.MessageToDict(msg, preserving_proto_field_name=True)
+    out: dict[str, Any] = json_format.MessageToDict(
+        msg, preserving_proto_field_name=True, descriptor_pool=POOL
+    )
     return out

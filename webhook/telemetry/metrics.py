@@ -106,7 +106,12 @@ def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
             counters.append({"stat": stat, "value_fixed": 1})
         else:
             counters.append({"stat": stat, "value_format": value})
-    config: dict[str, Any] = {_TYPE: _T_STATS, "stat_prefix": METRIC_PREFIX, "counters": counters}
+    config: dict[str, Any] = {
+        _TYPE: _T_STATS,
+        # Envoy 1.40 calls stat_prefix deprecated; its successor is a stats scope.
+        "stats_scope": {"prefix": METRIC_PREFIX},
+        "counters": counters,
+    }
     if histograms:
         config["histograms"] = histograms
     return {"name": "envoy.access_loggers.stats", "typed_config": config}

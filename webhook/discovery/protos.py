@@ -1,0 +1,88 @@
+"""The protobuf descriptors the control plane encodes Envoy's config with: those of the pinned
+``xds-protos``, plus what Envoy 1.40 has and that release lacks.
+
+``xds-protos`` lags Envoy: its stats access logger config has only the deprecated
+``stat_prefix``, not ``stats_scope`` (an ``envoy.type.v3.Scope``), so Envoy logs a deprecation
+warning for every listener it is sent. :data:`POOL` serves every file of the default pool as
+it is, except that one, to which it adds the field and the ``Scope`` message as Envoy 1.40
+defines them (same names, field numbers and types: the wire format is Envoy's). ``json_format``
+resolves each ``@type`` in this pool, so the added field encodes like any other.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from google.protobuf import descriptor_database, descriptor_pool
+from google.protobuf.descriptor_pb2 import FieldDescriptorProto, FileDescriptorProto
+
+__all__ = ["POOL"]
+
+_STATS_FILE: Final = "envoy/extensions/access_loggers/stats/v3/stats.proto"
+_SCOPE_FILE: Final = "envoy/type/v3/scope.proto"
+_WRAPPERS: Final = "google/protobuf/wrappers.proto"
+_F = FieldDescriptorProto
+
+
+def _scope_file() -> FileDescriptorProto:
+    """``envoy.type.v3.Scope``: a stats scope's prefix (and limits sidemesh does not use)."""
+    fdp = FileDescriptorProto(
+        name=_SCOPE_FILE, package="envoy.type.v3", syntax="proto3", dependency=[_WRAPPERS]
+    )
+    scope = fdp.message_type.add(name="Scope")
+    for number, name in enumerate(("max_counters", "max_gauges", "max_histograms"), 1):
+        scope.field.add(
+            name=name,
+            number=number,
+            label=_F.LABEL_OPTIONAL,
+            type=_F.TYPE_MESSAGE,
+            type_name=".google.protobuf.UInt32Value",
+        )
+    scope.field.add(name="enable_eviction", number=4, label=_F.LABEL_OPTIONAL, type=_F.TYPE_BOOL)
+    scope.field.add(name="prefix", number=5, label=_F.LABEL_OPTIONAL, type=_F.TYPE_STRING)
+    scope.field.add(name="sharing_name", number=6, label=_F.LABEL_OPTIONAL, type=_F.TYPE_STRING)
+    return fdp
+
+
+def _with_stats_scope(fdp: FileDescriptorProto) -> FileDescriptorProto:
+    fdp.dependency.append(_SCOPE_FILE)
+    config = next(m for m in fdp.message_type if m.name == "Config")
+    config.field.add(
+        name="stats_scope",
+        json_name="statsScope",
+        number=6,
+        label=_F.LABEL_OPTIONAL,
+        type=_F.TYPE_MESSAGE,
+        type_name=".envoy.type.v3.Scope",
+    )
+    return fdp
+
+
+class _Database(descriptor_database.DescriptorDatabase):  # type: ignore[misc]
+    """The default pool's files, copied on demand; the stats logger's with ``stats_scope``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._default = descriptor_pool.Default()
+
+    def FindFileByName(self, name: str) -> FileDescriptorProto:  # (protobuf names them)
+        if name == _SCOPE_FILE:
+            return _scope_file()
+        fdp = FileDescriptorProto()
+        self._default.FindFileByName(name).CopyToProto(fdp)
+        return _with_stats_scope(fdp) if name == _STATS_FILE else fdp
+
+    def FindFileContainingSymbol(self, symbol: str) -> FileDescriptorProto:
+        if symbol.startswith("envoy.type.v3.Scope"):
+            return _scope_file()
+        return self.FindFileByName(self._default.FindFileContainingSymbol(symbol).name)
+
+    def FindFileContainingExtension(self, *args: object) -> FileDescriptorProto:
+        raise KeyError(args)
+
+    def FindAllExtensionNumbers(self, *args: object) -> list[int]:
+        return []
+
+
+#: Resolve ``@type`` in this pool (``json_format.ParseDict(…, descriptor_pool=POOL)``).
+POOL: Final = descriptor_pool.DescriptorPool(descriptor_db=_Database())
