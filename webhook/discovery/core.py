@@ -218,7 +218,7 @@ class Discovery:
         changed = [model.services[s] for s in services if s in model.services]
         self.shared.update(model, self.routing, self._template_options(), only=changed)
         for conn in list(self.proxies.values()):
-            self.push(conn)
+            self._push_shared(conn)
         metrics.REBUILD.labels("endpoints").observe(self._clock() - started)
         return True
 
@@ -322,6 +322,19 @@ class Discovery:
                 continue
             self._push_type(conn, ts, type_url, scope_delta, candidates, full)
 
+    def _push_shared(self, conn: ProxyConn) -> None:
+        """Only shared clusters and endpoints changed (the endpoint fast path): when the
+        proxy's scope stayed and it has no on-demand aliases (they copy a shared cluster), its
+        own resources are what they were, so only CDS and EDS are looked at."""
+        pod = self.pod_of(conn)
+        if pod is None or conn.ondemand or self.views.scope(conn, pod) != conn.scope:
+            self.push(conn)
+            return
+        for type_url in (cc.CLUSTER, cc.ENDPOINTS):
+            ts = conn.types.get(type_url)
+            if ts is not None and ts.requested:
+                self._push_type(conn, ts, type_url, frozenset(), None, False, local_changed=False)
+
     def _push_type(
         self,
         conn: ProxyConn,
@@ -330,11 +343,14 @@ class Discovery:
         scope_delta: frozenset[str],
         extra: Iterable[str] | None,
         full: bool,
+        local_changed: bool = True,
     ) -> None:
         local = conn.local.get(type_url, {})
         table = self.tables.get(type_url)
         desired = _Desired(local, table.items if table else {}, conn.scope)
-        names: set[str] = set(local) | set(scope_delta)
+        names: set[str] = set(scope_delta)
+        if local_changed:
+            names.update(local)
         if extra is not None:
             names.update(extra)
         if full:
@@ -364,8 +380,8 @@ class Discovery:
         resp = delta_response(type_url, nonce, str(self.generation), wrapped, sorted(removed))
         size = len(resp)
         ts.record_sent(nonce, updates, removed, self._clock())
-        metrics.PUSHES.labels(_short(type_url)).inc()
-        metrics.PUSH_BYTES.labels(_short(type_url)).inc(size)
+        metrics.by_type(metrics.PUSHES, type_url).inc()
+        metrics.by_type(metrics.PUSH_BYTES, type_url).inc(size)
         conn.queue.put_nowait(resp)
 
     def on_request(self, conn: ProxyConn, req: discovery_pb2.DeltaDiscoveryRequest) -> None:
@@ -389,7 +405,9 @@ class Discovery:
                 )
             elif pending is not None:
                 ts.last_acked_nonce = req.response_nonce
-                metrics.CONVERGENCE.labels(_short(req.type_url)).observe(self._clock() - pending[1])
+                metrics.by_type(metrics.CONVERGENCE, req.type_url).observe(
+                    self._clock() - pending[1]
+                )
         first = not ts.requested
         subscribe = list(req.resource_names_subscribe)
         if req.type_url == cc.CLUSTER and not first:

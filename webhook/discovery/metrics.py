@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 __all__ = [
@@ -15,6 +18,7 @@ __all__ = [
     "PUSH_BYTES",
     "REBUILD",
     "REGISTRY",
+    "by_type",
 ]
 
 REGISTRY = CollectorRegistry()
@@ -51,3 +55,10 @@ LEARNED = Counter(
     "Services a scoped sidecar called without declaring them (on-demand cluster requests)",
     registry=REGISTRY,
 )
+
+
+@cache
+def by_type(metric: Any, type_url: str) -> Any:
+    """``metric``'s child for one resource type (label ``type``: the message name). Looked up
+    once: a label lookup takes a lock, and pushes and ACKs come once per proxy."""
+    return metric.labels(type_url.rsplit(".", 1)[-1])

@@ -8,6 +8,7 @@ order, the hash changes with nothing changed, and every proxy gets a spurious pu
 from __future__ import annotations
 
 import hashlib
+from functools import cache
 from typing import Any, Final
 
 # The typed_config messages our resources name must be in the default pool for
@@ -124,10 +125,15 @@ def delta_response(
     :meth:`Encoded.wrapped` frames them (protobuf messages concatenate: a repeated field is its
     elements one after another)."""
     parts = [_field(1, system_version.encode()), *resources]
-    parts.append(_field(4, type_url.encode()))
+    parts.append(_type_field(type_url))
     parts.append(_field(5, nonce.encode()))
     parts += [_field(6, n.encode()) for n in removed]
     return b"".join(parts)
+
+
+@cache
+def _type_field(type_url: str) -> bytes:
+    return _field(4, type_url.encode())
 
 
 def version_of(body: bytes) -> str:
