@@ -18,9 +18,11 @@ from tests.conftest import TESTDATA, UPDATE_GOLDEN, envoy_binary
 from tests.support.xds import make_ca, workload_cert
 from webhook.dataplane.ads_bootstrap import XdsOptions, render_ads_bootstrap
 from webhook.dataplane.bootstrap import BootstrapOptions, render_sds
+from webhook.discovery.build import build_model
 from webhook.discovery.compiler import proxy_options, proxy_resources
 from webhook.discovery.filesource import FileSource, parse_documents
-from webhook.discovery.model import MeshModel, build_model, protocol_of
+from webhook.discovery.model import MeshModel
+from webhook.discovery.objects import protocol_of
 from webhook.discovery.resources import encode
 from webhook.discovery.store import KINDS, ObjectStore
 from webhook.errors import ConfigError

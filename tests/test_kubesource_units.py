@@ -9,8 +9,8 @@ import pytest
 
 from webhook.config import MeshConfig
 from webhook.discovery.backoff import Backoff
+from webhook.discovery.build import build_model
 from webhook.discovery.filesource import DEFAULT_MESH, parse_documents
-from webhook.discovery.model import build_model
 from webhook.discovery.slim import slim
 from webhook.inject.pod import inject_pod
 

@@ -26,6 +26,8 @@ PURE = (
     "cni.conflist",
     "dataplane.ads_bootstrap",
     "discovery.model",
+    "discovery.objects",
+    "discovery.build",
     "discovery.compiler",
     "discovery.l7",
     "discovery.learn",

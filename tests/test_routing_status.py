@@ -18,10 +18,10 @@ from tests.conftest import TESTDATA
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
 from webhook.discovery.backoff import Backoff
+from webhook.discovery.build import build_model
 from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.filesource import parse_documents
 from webhook.discovery.kubesource import KubeSource
-from webhook.discovery.model import build_model
 from webhook.discovery.store import KINDS, ObjectStore
 from webhook.kube.client import KubeClient
 from webhook.routing.status import CONTROLLER, status_update

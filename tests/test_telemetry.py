@@ -19,9 +19,10 @@ from tests.conftest import envoy_binary
 from tests.support.xds import make_ca, workload_cert
 from webhook.config import load_config
 from webhook.dataplane.bootstrap import render_sds
+from webhook.discovery.build import build_model
 from webhook.discovery.compiler import LISTENER, proxy_options, proxy_resources
 from webhook.discovery.filesource import FileSource
-from webhook.discovery.model import MeshModel, build_model
+from webhook.discovery.model import MeshModel
 from webhook.discovery.resources import decode, encode
 from webhook.discovery.store import KINDS, ObjectStore
 from webhook.errors import ConfigError

@@ -27,8 +27,8 @@ sys.path.insert(0, str(REPO))
 
 from webhook.dataplane.bootstrap import BootstrapOptions  # noqa: E402
 from webhook.discovery import compiler as cc  # noqa: E402
+from webhook.discovery.build import build_model  # noqa: E402
 from webhook.discovery.l7 import route_config  # noqa: E402
-from webhook.discovery.model import build_model  # noqa: E402
 from webhook.discovery.parsecache import ParseCache  # noqa: E402
 from webhook.discovery.resources import encode  # noqa: E402
 from webhook.routing import xds  # noqa: E402

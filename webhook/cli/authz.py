@@ -50,8 +50,8 @@ def register(subparsers: Any) -> None:
 
 def _filters_offline(directory: Path, pod_ref: str, config: str | None) -> Any:
     from webhook.config import load_config_file
+    from webhook.discovery.build import build_model
     from webhook.discovery.filesource import FileSource
-    from webhook.discovery.model import build_model
     from webhook.discovery.store import KINDS, ObjectStore
     from webhook.policy.state import AuthzState
 

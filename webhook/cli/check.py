@@ -149,7 +149,7 @@ def _name(obj: Mapping[str, Any]) -> tuple[str, str]:
 
 def check_documents(docs: list[Any], args: argparse.Namespace) -> list[dict[str, Any]]:
     """One entry per rule document: where it is, what it does, what is wrong."""
-    from webhook.discovery.model import build_model
+    from webhook.discovery.build import build_model
 
     objects = _objects(docs, args)
     ctx = CheckContext(objects, build_model(objects))

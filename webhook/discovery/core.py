@@ -26,13 +26,10 @@ from webhook import names
 from webhook.config import DEFAULTS, Ports, TelemetryConfig
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc, metrics
+from webhook.discovery.build import build_model, update_endpoints
 from webhook.discovery.learn import LEARN_PREFIX
-from webhook.discovery.model import (
-    SLICE_SERVICE_LABEL,
-    PodInfo,
-    build_model,
-    update_endpoints,
-)
+from webhook.discovery.model import PodInfo
+from webhook.discovery.objects import SLICE_SERVICE_LABEL
 from webhook.discovery.parsecache import ParseCache
 from webhook.discovery.resources import Encoded, delta_response
 from webhook.discovery.shared import SharedResources

@@ -25,7 +25,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from webhook.discovery.model import Memo, MeshModel, Service
+from webhook.discovery.build import Memo
+from webhook.discovery.model import MeshModel, Service
 from webhook.routing.api import (
     GRPC_ROUTE,
     HTTP_ROUTE,
