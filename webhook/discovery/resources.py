@@ -8,7 +8,7 @@ order, the hash changes with nothing changed, and every proxy gets a spurious pu
 from __future__ import annotations
 
 import hashlib
-from functools import cache
+from functools import lru_cache
 from typing import Any, Final
 
 # The typed_config messages our resources name must be in the default pool for
@@ -131,7 +131,8 @@ def delta_response(
     return b"".join(parts)
 
 
-@cache
+# Keyed by value; one entry per xDS type the control plane serves.
+@lru_cache(maxsize=16)
 def _type_field(type_url: str) -> bytes:
     return _field(4, type_url.encode())
 
