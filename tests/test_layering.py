@@ -29,6 +29,8 @@ PURE = (
     "discovery.objects",
     "discovery.build",
     "discovery.compiler",
+    "discovery.clusters",
+    "discovery.listeners",
     "discovery.l7",
     "discovery.learn",
     "discovery.scope",

@@ -23,7 +23,7 @@ from tests.conftest import REPO, TESTDATA, UPDATE_GOLDEN, envoy_binary
 from webhook.cli.main import main
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery.build import build_model
-from webhook.discovery.compiler import build_cluster, build_endpoints
+from webhook.discovery.clusters import build_cluster, build_endpoints
 from webhook.discovery.filesource import parse_documents
 from webhook.discovery.model import MeshModel
 from webhook.discovery.slim import slim

@@ -40,7 +40,7 @@ CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 def payload(resources: int) -> bytes:
     """One response of ``resources`` real, encoded clusters (as the compiler makes them)."""
     from webhook.dataplane.bootstrap import BootstrapOptions
-    from webhook.discovery.compiler import build_cluster
+    from webhook.discovery.clusters import build_cluster
     from webhook.discovery.model import Endpoint, Service, ServicePort
     from webhook.discovery.resources import delta_response, encode
 

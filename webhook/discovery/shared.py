@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc, l7
+from webhook.discovery.clusters import build_endpoints
 from webhook.discovery.model import MeshModel, Service, ServicePort
 from webhook.discovery.resources import encode
 from webhook.discovery.tables import ResourceTable, TypeState
@@ -91,7 +92,7 @@ class SharedResources:
             self.tables[cc.CLUSTER].put(name, encode(cc.CLUSTER, cluster))
         if self._cla_inputs.get(name) != eps:
             self._cla_inputs[name] = eps
-            self.tables[cc.ENDPOINTS].put(name, encode(cc.ENDPOINTS, cc.build_endpoints(name, eps)))
+            self.tables[cc.ENDPOINTS].put(name, encode(cc.ENDPOINTS, build_endpoints(name, eps)))
 
     def _update_routes(self, model: MeshModel, rules: RoutingTable) -> None:
         """Each HTTP-capable Service port's RouteConfiguration (a config change: endpoint

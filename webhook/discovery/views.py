@@ -14,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc, metrics
+from webhook.discovery.clusters import local_clusters
 from webhook.discovery.learn import LEARN_PREFIX, alias_cluster, parse_learn_name
+from webhook.discovery.listeners import build_listeners, proxy_facts, scoped_meshed_pods
 from webhook.discovery.model import MeshModel, PodInfo, Service, ServicePort
 from webhook.discovery.resources import Encoded, decode, encode
 from webhook.discovery.scope import services_in_scope
@@ -184,7 +186,7 @@ class ProxyViews:
         key = ("local", opts.ipv6)
         clusters = self._listener_cache.get(key)
         if clusters is None:
-            built = cc.local_clusters(opts, self.settings.telemetry)
+            built = local_clusters(opts, self.settings.telemetry)
             if self.settings.ratelimit_address:
                 rls = service_cluster(
                     self.settings.ratelimit_address,
@@ -203,15 +205,15 @@ class ProxyViews:
         server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
         own = pod.namespace if self.settings.scoped else ""
         # Not the workload: the listeners name it from the sidecar's environment.
-        access_log = cc.proxy_facts(pod, opts, self.settings.telemetry).access_log
+        access_log = proxy_facts(pod, opts, self.settings.telemetry).access_log
         key = ("listeners", conn.scope, own, opts.ipv6, pod.inbound_mtls, server_first, access_log)
         listeners = self._listener_cache.get(key)
         if listeners is None:
             scoped = self.settings.scoped
             services = self._services(conn.scope)
-            meshed = cc.scoped_meshed_pods(self.model, pod, services) if scoped else None
+            meshed = scoped_meshed_pods(self.model, pod, services) if scoped else None
             learn = self._outside(services) if scoped else []
-            built = cc.build_listeners(
+            built = build_listeners(
                 self.model, opts, pod, services, meshed, learn, telemetry=self.settings.telemetry
             )
             listeners = {n: encode(cc.LISTENER, v) for n, v in built.items()}

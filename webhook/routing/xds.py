@@ -11,7 +11,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from webhook.dataplane.bootstrap import BootstrapOptions
-from webhook.discovery.compiler import build_cluster, build_endpoints
+from webhook.discovery.clusters import build_cluster, build_endpoints
 from webhook.discovery.model import Endpoint, MeshModel, Service, ServicePort
 from webhook.routing import envoy as ev
 from webhook.routing.subsets import SubsetCluster, subset_endpoints
