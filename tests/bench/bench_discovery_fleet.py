@@ -176,7 +176,13 @@ def inotify_instances(envoys: int) -> Iterator[None]:
         yield
         return
     print(f"raising fs.inotify.max_user_instances {old} -> {wanted} for this run", flush=True)
-    INOTIFY.write_text(str(wanted))
+    try:
+        INOTIFY.write_text(str(wanted))
+    except OSError as exc:
+        raise SystemExit(
+            f"{envoys} Envoys need fs.inotify.max_user_instances >= {wanted} (it is {old}) and it "
+            f"cannot be raised here ({exc.strerror}): run as root, or raise it first"
+        ) from None
     try:
         yield
     finally:
