@@ -127,6 +127,56 @@ def test_pod_annotation_overrides_the_mesh_default_and_a_bad_one_is_ignored() ->
     assert policy({"telemetry.sidemesh.io/access-log": "often"}) == AccessLogPolicy(True, 1.0)
 
 
+def test_namespace_annotation_sets_its_pods_default_and_the_pod_one_wins() -> None:
+    def policy(pod: dict[str, str], namespace: dict[str, str]) -> AccessLogPolicy:
+        return ProxyFacts.of(
+            workload="w", namespace="n", principal="p", annotations=pod,
+            default_access_log="1%", namespace_annotations=namespace,
+        ).access_log  # fmt: skip
+
+    key = "telemetry.sidemesh.io/access-log"
+    assert policy({}, {key: "errors"}) == AccessLogPolicy(True, 0.0)
+    assert policy({key: "100%"}, {key: "off"}) == AccessLogPolicy(True, 100.0)
+    # A namespace value that does not parse: the mesh default.
+    assert policy({}, {key: "chatty"}) == AccessLogPolicy(True, 1.0)
+
+
+def _with_namespace(annotations: dict[str, str]) -> MeshModel:
+    store = ObjectStore()
+    FileSource(store, None).load()
+    objects = {k: store.list(k) for k in KINDS}
+    ns = {"kind": "Namespace", "metadata": {"name": "demo", "annotations": annotations}}
+    objects["Namespace"] = [
+        *[n for n in objects["Namespace"] if n["metadata"]["name"] != "demo"],
+        ns,
+    ]
+    return build_model(objects)
+
+
+def test_compiled_listeners_follow_the_namespace_access_log_setting() -> None:
+    key = "telemetry.sidemesh.io/access-log"
+
+    def json_logs(model: MeshModel, pod_name: str) -> list[Any]:
+        pod = model.pods[("demo", pod_name)]
+        opts = proxy_options(pod, trust_domain="cluster.local", plaintext_ports=(53,))
+        listeners = proxy_resources(model, opts, pod, model.services.values()).listeners
+        chain = next(
+            c for c in listeners["inbound"]["filter_chains"] if c["name"] == "inbound-mtls-http"
+        )
+        return _loggers(chain)[1:]
+
+    assert json_logs(_with_namespace({key: "off"}), "frontend-1") == []
+    [errors] = json_logs(_with_namespace({key: "errors"}), "frontend-1")
+    assert "runtime_filter" not in json.dumps(errors["filter"])  # failures only, no sampling
+    # A pod's own annotation wins over its namespace's.
+    model = _with_namespace({key: "off"})
+    pod = model.pods[("demo", "frontend-1")]
+    own = dataclasses.replace(pod, telemetry={key: "100%"})
+    model = dataclasses.replace(model, pods={**model.pods, ("demo", "frontend-1"): own})
+    [every] = json_logs(model, "frontend-1")
+    assert "filter" not in every
+
+
 def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() -> None:
     out = _listeners("frontend-1")["outbound"]
     chains = {c["name"]: c for c in out["filter_chains"]}

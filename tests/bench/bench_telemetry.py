@@ -24,6 +24,7 @@ required; ``BENCH_SECONDS`` (default 5) per run, ``BENCH_ROUNDS`` (default 3) pe
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -45,7 +46,12 @@ from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.meshlab import app, envoy_pids  # noqa: E402
 from tests.support.netns import NetnsLab  # noqa: E402
 from tests.support.telemetrylab import OTLP_PORT, WEB, start  # noqa: E402
+from webhook.config import TelemetryConfig  # noqa: E402
+from webhook.telemetry.accesslog import json_logger  # noqa: E402
 from webhook.telemetry.metrics import HTTP_LABELS, stats_logger  # noqa: E402
+from webhook.telemetry.settings import AccessLogPolicy  # noqa: E402
+from webhook.telemetry.tracing import collector_cluster, http_tracing  # noqa: E402
+from webhook.telemetry.workload import OWN_WORKLOAD  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
@@ -87,7 +93,9 @@ def run() -> dict[str, Any]:
         lab.close(raise_errors=False)
 
 
-def _alone_config(port: int, admin: int, loggers: list[Any]) -> dict[str, Any]:
+def _alone_config(
+    port: int, admin: int, loggers: list[Any], extra: dict[str, Any]
+) -> dict[str, Any]:
     hcm = {
         "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
         ".v3.HttpConnectionManager",
@@ -98,54 +106,101 @@ def _alone_config(port: int, admin: int, loggers: list[Any]) -> dict[str, Any]:
              "direct_response": {"status": 200, "body": {"inline_string": "hello"}}}]}]},
         "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+        **extra,
     }  # fmt: skip
     addr = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-    return {
+    config: dict[str, Any] = {
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
         "static_resources": {"listeners": [{"name": "l", "address": addr, "filter_chains": [
             {"filters": [{"name": "envoy.filters.network.http_connection_manager",
                           "typed_config": hcm}]}]}]},
     }  # fmt: skip
+    if "tracing" in extra:  # a collector nobody listens on: spans are dropped at export
+        collector = collector_cluster(TelemetryConfig(tracing_collector="127.0.0.1:19939"))
+        config["static_resources"]["clusters"] = [collector]
+    return config
+
+
+def alone_variants() -> dict[str, tuple[list[Any], dict[str, Any]]]:
+    """Each piece of the telemetry of a server sidecar's HTTP chain on its own: (access
+    loggers, connection manager settings)."""
+    labels = {name: f"x-{name}" for name in HTTP_LABELS}  # per-chain values: literals
+    labels["source_principal"] = "%DOWNSTREAM_PEER_URI_SAN%"
+    labels["source_workload"] = "%FILTER_STATE(sidemesh.peer.workload:PLAIN)%"
+    labels["destination_workload"] = OWN_WORKLOAD
+    stats = stats_logger("http", labels)
+    one_stat = copy.deepcopy(stats)
+    one_stat["typed_config"]["counters"] = one_stat["typed_config"]["counters"][:1]
+    one_stat["typed_config"].pop("histograms")
+    no_tags = copy.deepcopy(stats)
+    for stat in [*no_tags["typed_config"]["counters"], *no_tags["typed_config"]["histograms"]]:
+        (stat.get("stat") or stat)["tags"] = []
+    access = json_logger("http", labels, AccessLogPolicy(True, 1.0))
+    tracing: dict[str, Any] = {}
+    http_tracing(TelemetryConfig(tracing_collector="127.0.0.1:19939"), tracing, inbound=True)
+    return {
+        "off": ([], {}),
+        "metrics": ([stats], {}),
+        "metrics 1 counter": ([one_stat], {}),
+        "metrics no tags": ([no_tags], {}),
+        "access log 1%": ([access], {}),
+        "tracing 1%": ([], tracing),
+        "request id only": ([], {"generate_request_id": True}),
+    }
+
+
+def _alone_run(loggers: list[Any], extra: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    path = tmp / "envoy.json"
+    path.write_text(json.dumps(_alone_config(19931, 19930, loggers, extra)))
+    argv = [envoy_binary(), "-c", str(path), "--disable-hot-restart",
+            "--concurrency", "1", "-l", "error"]  # fmt: skip
+    env = {**os.environ, "SIDEMESH_WORKLOAD": "web"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        url = "http://127.0.0.1:19931/"
+        deadline = time.monotonic() + 10
+        while subprocess.run(["wrk", "-t1", "-c1", "-d1s", url],
+                             capture_output=True).returncode != 0:  # fmt: skip
+            assert time.monotonic() < deadline, "envoy never listened"
+        before = cpu_seconds(proc.pid)
+        out = subprocess.run(
+            ["wrk", "-t1", "-c1", f"-d{SECONDS}s", "--latency", url],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        used = cpu_seconds(proc.pid) - before
+    finally:
+        proc.terminate()
+        proc.wait()
+    total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
+    return {"cpu_us_per_req": used / total * 1e6, "p50": p50}
 
 
 def envoy_alone() -> dict[str, Any]:
-    """CPU per request of one Envoy with and without an HTTP chain's golden-metrics logger."""
-    # The labels as a server sidecar's mTLS chain has them: literals and per-request values.
-    labels = {name: f"x-{name}" for name in HTTP_LABELS}
-    labels["source_principal"] = "%DOWNSTREAM_PEER_URI_SAN%"
-    labels["source_workload"] = "%FILTER_STATE(sidemesh.peer.workload:PLAIN)%"
-    variants = {"off": [], "metrics": [stats_logger("http", labels)]}
+    """CPU per request of one Envoy with each piece of telemetry alone, rounds interleaved."""
+    variants = alone_variants()
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(ROUNDS):
-            for name, loggers in variants.items():
-                path = Path(tmp) / "envoy.json"
-                path.write_text(json.dumps(_alone_config(19931, 19930, loggers)))
-                argv = [envoy_binary(), "-c", str(path), "--disable-hot-restart",
-                        "--concurrency", "1", "-l", "error"]  # fmt: skip
-                proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-                try:
-                    url = "http://127.0.0.1:19931/"
-                    deadline = time.monotonic() + 10
-                    while subprocess.run(["wrk", "-t1", "-c1", "-d1s", url],
-                                         capture_output=True).returncode != 0:  # fmt: skip
-                        assert time.monotonic() < deadline, "envoy never listened"
-                    before = cpu_seconds(proc.pid)
-                    out = subprocess.run(
-                        ["wrk", "-t1", "-c1", f"-d{SECONDS}s", "--latency", url],
-                        capture_output=True, text=True, check=True,
-                    ).stdout  # fmt: skip
-                    used = cpu_seconds(proc.pid) - before
-                finally:
-                    proc.terminate()
-                    proc.wait()
-                total = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
-                p50 = re.search(r"50%\s+(\S+)", out).group(1)  # type: ignore[union-attr]
-                runs[name].append({"cpu_us_per_req": used / total * 1e6, "p50": p50})
+            for name, (loggers, extra) in variants.items():
+                runs[name].append(_alone_run(loggers, extra, Path(tmp)))
     return runs
 
 
 def report(results: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = _report_lab(results) if results["runs"] else {}
+    alone = results["envoy_alone"]
+    med = {k: statistics.median(r["cpu_us_per_req"] for r in v) for k, v in alone.items()}
+    summary["envoy_alone_cpu_us_per_req"] = {k: round(v, 1) for k, v in med.items()}
+    print("one Envoy, direct response, wrk -c1: CPU per request (median), added over off, p50s")
+    for k, v in med.items():
+        print(f"  {k:<20}{v:>7.1f} us {v - med['off']:>+7.1f} us  {[r['p50'] for r in alone[k]]}")
+    results["summary"] = summary
+    results["goals"] = GOALS
+    return results
+
+
+def _report_lab(results: dict[str, Any]) -> dict[str, Any]:
     print(f"telemetry on vs off, wrk -c1 keep-alive, {results['seconds_per_run']} s x "
           f"{results['rounds']} rounds per mode (shared 2-core box)")  # fmt: skip
     print(f"{'mode':<12}{'req/s':>9}{'p50 ms':>9}{'p99 ms':>9}{'cpu us/req client|web':>24}")
@@ -172,18 +227,7 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
             f"{100 * (cpu_on / cpu_off - 1):+.1f} % "
             f"(goal <= {100 * GOALS['added_cpu_per_request']:.0f} %)"
         )
-    alone = results["envoy_alone"]
-    med = {k: statistics.median(r["cpu_us_per_req"] for r in v) for k, v in alone.items()}
-    summary["envoy_alone_cpu_us_per_req"] = {k: round(v, 1) for k, v in med.items()}
-    print(
-        "one Envoy, direct response, wrk -c1: CPU per request "
-        + ", ".join(f"{k} {v:.1f} us" for k, v in med.items())
-        + f" (+{med['metrics'] - med['off']:.1f} us for the golden-metrics logger); p50s "
-        + ", ".join(f"{k} {[r['p50'] for r in v]}" for k, v in alone.items())
-    )
-    results["summary"] = summary
-    results["goals"] = GOALS
-    return results
+    return summary
 
 
 def main() -> int:
@@ -191,7 +235,8 @@ def main() -> int:
         print("bench_telemetry: needs root and wrk (apt-get install -y wrk); skipped")
         return 0
     started = time.monotonic()
-    measured = run()
+    # BENCH_PARTS=alone: only the one-Envoy pieces (quick, and less sensitive to load).
+    measured = {"runs": {}} if os.environ.get("BENCH_PARTS") == "alone" else run()
     measured["envoy_alone"] = envoy_alone()
     results = report(measured)
     results["wall_seconds"] = round(time.monotonic() - started, 1)

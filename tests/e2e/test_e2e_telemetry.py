@@ -215,6 +215,22 @@ def test_dashboard_queries_name_metrics_the_sidecars_export(mesh: Lab) -> None:
     assert len(named) >= 5 and named <= exported, named - exported
 
 
+def test_namespace_logs_failures_only_where_no_pod_says_otherwise(mesh: Lab) -> None:
+    # demo's annotation says "errors"; the client has no annotation of its own (web's says
+    # every request, checked above).
+    proxy = mesh.runner("client").procs["sidemesh-proxy"]
+    lines: list[dict[str, Any]] = []
+
+    def failures_logged() -> bool:
+        lines[:] = [json.loads(x) for x in proxy.output().splitlines() if x.startswith("{")]
+        return sum(x.get("path") == "/fail" for x in lines) == FAILED
+
+    _eventually(failures_logged, "every failed request in the client's access log", timeout=20)
+    sent = [x for x in lines if x.get("reporter") == "source"]
+    assert {x["response_code"] for x in sent} == {500}, sent
+    assert len(sent) == FAILED
+
+
 def test_sidecars_log_no_deprecation_warning(mesh: Lab) -> None:
     # Envoy warns for every listener update that uses a deprecated field (the stats logger's
     # stat_prefix did); the proxy's log is where users read their access logs.

@@ -187,8 +187,9 @@ def start(
     lab: NetnsLab, telemetry: dict[str, Any] | None = None, *, pod_annotations: bool = True
 ) -> Lab:
     """The lab with every pod running; ``telemetry``: the mesh config's section (default:
-    tracing to the lab's collector, every trace sampled); ``pod_annotations`` False: no pod
-    overrides the mesh's access-log setting (web logs every request otherwise)."""
+    tracing to the lab's collector, every trace sampled); ``pod_annotations`` False: neither
+    the namespace nor a pod overrides the mesh's access-log setting (otherwise the namespace
+    logs failures only and web every request)."""
     m = Lab(lab)
     if telemetry is None:
         telemetry = {"tracing_collector": f"{m.cp.ip}:{OTLP_PORT}", "tracing_sampling": 100}
@@ -211,7 +212,11 @@ def start(
         ip = m.pods[name].ip
         record["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
         m.write(f"pod-{name}", record)
-    m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "demo"}})
+    # The namespace logs failures only; web's own annotation (every request) wins over it.
+    ns_meta: dict[str, Any] = {"name": "demo"}
+    if pod_annotations:
+        ns_meta["annotations"] = {"telemetry.sidemesh.io/access-log": "errors"}
+    m.write("ns", {"apiVersion": "v1", "kind": "Namespace", "metadata": ns_meta})
     for svc, ip, port, target, proto in (("web", WEB, 80, 8080, None),
                                          ("db", DB, 3306, 3306, "mysql")):  # fmt: skip
         pod_name = next(n for n in PODS if n.startswith(svc))

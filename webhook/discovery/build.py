@@ -22,6 +22,7 @@ from typing import Any, Final, Literal
 from webhook.config import DEFAULTS
 from webhook.discovery.model import Endpoint, MeshModel, PodInfo, Service
 from webhook.discovery.objects import read_pod, read_service, slice_entries
+from webhook.telemetry.settings import namespace_settings
 from webhook.telemetry.workload import workload_name
 
 __all__ = [
@@ -112,7 +113,16 @@ def build_model(
         endpoints[key] = tuple(sorted(eps, key=lambda e: (e.ip, e.port)))
     if cache is not None:
         memo.sweep()
-    return MeshModel(trust_domain, services, endpoints, pods, sf, _meshed(pods, sf), by_ip)
+    return MeshModel(
+        trust_domain,
+        services,
+        endpoints,
+        pods,
+        sf,
+        _meshed(pods, sf),
+        by_ip,
+        namespace_settings(objects.get("Namespace", ())),
+    )
 
 
 def update_endpoints(

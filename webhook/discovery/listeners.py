@@ -268,7 +268,8 @@ def build_listeners(
     inbound = _inbound_listener(model, opts, pod)
     out = [_outbound_listener(model, opts, services, known, learn), inbound]
     listeners = {listener["name"]: listener for listener in out}
-    access_log = proxy_facts(pod, opts, telemetry).access_log
+    ns_settings = model.namespace_telemetry.get(pod.namespace)
+    access_log = proxy_facts(pod, opts, telemetry, ns_settings).access_log
     tm.instrument_listeners(listeners, access_log, telemetry=telemetry)
     # Access policy last: its filters go before each chain's proxy, its denial logs after the
     # telemetry loggers.
@@ -276,7 +277,12 @@ def build_listeners(
     return listeners
 
 
-def proxy_facts(pod: PodInfo, opts: bs.BootstrapOptions, telemetry: TelemetryConfig) -> ProxyFacts:
+def proxy_facts(
+    pod: PodInfo,
+    opts: bs.BootstrapOptions,
+    telemetry: TelemetryConfig,
+    namespace_settings: Mapping[str, str] | None = None,
+) -> ProxyFacts:
     """Who ``pod``'s sidecar is in its metrics and logs. Only its access-log policy goes into
     the listeners (and the listener cache's key): the sidecar names itself from its
     environment."""
@@ -286,4 +292,5 @@ def proxy_facts(pod: PodInfo, opts: bs.BootstrapOptions, telemetry: TelemetryCon
         principal=opts.spiffe_id,
         annotations=pod.telemetry,
         default_access_log=telemetry.access_log,
+        namespace_annotations=namespace_settings,
     )

@@ -92,6 +92,8 @@ class MeshModel:
     #: Each meshed pod IP → its inbound ports that are plaintext (see the module doc).
     meshed: Mapping[str, frozenset[int]] = field(default_factory=dict)
     by_ip: Mapping[str, PodInfo] = field(default_factory=dict)
+    #: Each namespace's ``telemetry.sidemesh.io/…`` annotations (defaults for its pods).
+    namespace_telemetry: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def endpoints_of(self, svc: Service, port: ServicePort) -> tuple[Endpoint, ...]:
         return self.endpoints.get((svc.namespace, svc.name, port.name), ())

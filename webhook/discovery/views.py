@@ -205,7 +205,8 @@ class ProxyViews:
         server_first = self.model.server_first.get((pod.namespace, pod.name), frozenset())
         own = pod.namespace if self.settings.scoped else ""
         # Not the workload: the listeners name it from the sidecar's environment.
-        access_log = proxy_facts(pod, opts, self.settings.telemetry).access_log
+        ns_settings = self.model.namespace_telemetry.get(pod.namespace)
+        access_log = proxy_facts(pod, opts, self.settings.telemetry, ns_settings).access_log
         key = ("listeners", conn.scope, own, opts.ipv6, pod.inbound_mtls, server_first, access_log)
         listeners = self._listener_cache.get(key)
         if listeners is None:

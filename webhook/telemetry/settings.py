@@ -2,8 +2,9 @@
 sidecar its telemetry is labelled with. Standard library only (the mesh config validates
 with :func:`parse_access_log`, and the CNI plugin imports the mesh config).
 
-Access-log policy, the same syntax in the mesh config (``telemetry.access_log``) and in the pod
-annotation ``telemetry.sidemesh.io/access-log`` (which wins):
+Access-log policy, the same syntax in the mesh config (``telemetry.access_log``), in the
+annotation ``telemetry.sidemesh.io/access-log`` of a Namespace (its pods' default) and of a pod
+(which wins over both):
 
 =========  ============================================================================
 value      what is written (one JSON line per request or connection, to the proxy's stdout)
@@ -18,15 +19,16 @@ value      what is written (one JSON line per request or connection, to the prox
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 __all__ = [
     "ACCESS_LOG_ANNOTATION",
     "ANNOTATION_PREFIX",
     "AccessLogPolicy",
     "ProxyFacts",
+    "namespace_settings",
     "parse_access_log",
 ]
 
@@ -77,12 +79,28 @@ class ProxyFacts:
         principal: str,
         annotations: Mapping[str, str],
         default_access_log: str,
+        namespace_annotations: Mapping[str, str] | None = None,
     ) -> ProxyFacts:
-        """The pod's annotation wins over the mesh default; an annotation that does not parse
-        keeps the mesh default (`sidemesh proxy-config` shows what a sidecar got)."""
+        """The pod's annotation wins over its namespace's, which wins over the mesh default;
+        an annotation that does not parse is skipped (the next one down applies; `sidemesh
+        proxy-config` shows what a sidecar got)."""
         policy = parse_access_log(default_access_log)
-        raw = annotations.get(ACCESS_LOG_ANNOTATION)
-        if raw is not None:
-            with contextlib.suppress(ValueError):
-                policy = parse_access_log(raw)
+        for source in (namespace_annotations or {}, annotations):
+            raw = source.get(ACCESS_LOG_ANNOTATION)
+            if raw is not None:
+                with contextlib.suppress(ValueError):
+                    policy = parse_access_log(raw)
         return cls(workload, namespace, principal, policy)
+
+
+def namespace_settings(namespaces: Iterable[Mapping[str, Any]]) -> dict[str, Mapping[str, str]]:
+    """Each Namespace object's ``telemetry.sidemesh.io/…`` annotations, by name (namespaces
+    without any left out)."""
+    out: dict[str, Mapping[str, str]] = {}
+    for obj in namespaces:
+        meta = obj.get("metadata") or {}
+        ann = meta.get("annotations") or {}
+        own = {str(k): str(v) for k, v in ann.items() if str(k).startswith(ANNOTATION_PREFIX)}
+        if own and isinstance(meta.get("name"), str):
+            out[meta["name"]] = own
+    return out
