@@ -223,7 +223,7 @@ def test_namespace_logs_failures_only_where_no_pod_says_otherwise(mesh: Lab) -> 
 
     def failures_logged() -> bool:
         lines[:] = [json.loads(x) for x in proxy.output().splitlines() if x.startswith("{")]
-        return sum(x.get("path") == "/fail" for x in lines) == FAILED
+        return bool(sum(x.get("path") == "/fail" for x in lines) == FAILED)
 
     _eventually(failures_logged, "every failed request in the client's access log", timeout=20)
     sent = [x for x in lines if x.get("reporter") == "source"]
