@@ -9,6 +9,7 @@ import pytest
 from webhook.discovery.resources import encode
 from webhook.policy.compiler import ECDS_NAMES, compile_workload, policies_for, rule_ids
 from webhook.policy.envoy import EXTENSION_CONFIG, with_authz
+from webhook.policy.gate import GATE
 from webhook.policy.model import PolicyError, Source, parse_policies, parse_policy
 
 TD = "cluster.local"
@@ -171,7 +172,9 @@ def test_every_inbound_chain_gets_the_filters_by_name() -> None:
     }
     out = with_authz(listener)
     tcp, http = (c["filters"] for c in out["filter_chains"])
-    assert [f["name"] for f in tcp] == [*ECDS_NAMES["tcp"], "envoy.filters.network.tcp_proxy"]
+    # The gate first: it decides at the handshake, before the app is connected.
+    assert [f["name"] for f in tcp] == [GATE, *ECDS_NAMES["tcp"], "envoy.filters.network.tcp_proxy"]
+    assert tcp[-1]["typed_config"]["upstream_connect_mode"] == "ON_DOWNSTREAM_TLS_HANDSHAKE"
     hcm = http[0]["typed_config"]
     assert [f["name"] for f in hcm["http_filters"]] == [
         *ECDS_NAMES["http"],  # access policy first: a denied request spends no budget

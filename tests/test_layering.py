@@ -50,6 +50,7 @@ PURE = (
     "routing.explain",
     "policy.model",
     "policy.compiler",
+    "policy.gate",
     "policy.envoy",
     "policy.evaluate",
     "policy.report",

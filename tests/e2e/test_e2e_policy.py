@@ -46,14 +46,23 @@ pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
 
 AUTHZAPP = str(PROGRAMS / "authzapp.py")
 WEB_VIP = "10.96.0.20"
+GREET_VIP = "10.96.0.21"
 MESHED = ("client", "other", "web-1", "web-2", "web-3")
 
 
 def _manifest(name: str, sa: str, ports: list[int]) -> dict[str, Any]:
+    # web-3 is STRICT: its declared server-first port is mTLS (on a PERMISSIVE pod such a
+    # port must take plaintext callers, who send nothing a TLS inspector could wait for).
+    strict = {"sidemesh.io/inbound-mtls": "STRICT"} if name == "web-3" else {}
     return {
         "apiVersion": "v1",
         "kind": "Pod",
-        "metadata": {"name": name, "namespace": "demo", "labels": {"app": name.split("-")[0]}},
+        "metadata": {
+            "name": name,
+            "namespace": "demo",
+            "labels": {"app": name.split("-")[0]},
+            "annotations": strict,
+        },
         "spec": {
             "serviceAccountName": sa,
             "securityContext": {"runAsUser": APP_UID, "runAsGroup": APP_UID},
@@ -68,8 +77,9 @@ def _manifest(name: str, sa: str, ports: list[int]) -> dict[str, Any]:
     }
 
 
-def _service(name: str, ip: str, port: int, target: int) -> Any:
-    spec_port = {"name": "http", "port": port, "targetPort": target, "protocol": "TCP"}
+def _service(name: str, ip: str, port: int, target: int, app_protocol: str = "http") -> Any:
+    spec_port = {"name": app_protocol, "port": port, "targetPort": target, "protocol": "TCP",
+                 "appProtocol": app_protocol}  # fmt: skip
     return {
         "apiVersion": "v1",
         "kind": "Service",
@@ -78,7 +88,7 @@ def _service(name: str, ip: str, port: int, target: int) -> Any:
     }
 
 
-def _slice(service: str, port: int, pods: list[tuple[str, str]]) -> Any:
+def _slice(service: str, port: int, pods: list[tuple[str, str]], name: str = "http") -> Any:
     return {
         "apiVersion": "discovery.k8s.io/v1",
         "kind": "EndpointSlice",
@@ -88,7 +98,7 @@ def _slice(service: str, port: int, pods: list[tuple[str, str]]) -> Any:
             "labels": {"kubernetes.io/service-name": service},
         },
         "addressType": "IPv4",
-        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "ports": [{"name": name, "port": port, "protocol": "TCP"}],
         "endpoints": [
             {
                 "addresses": [ip],
@@ -227,6 +237,14 @@ class Lab:
             assert time.monotonic() < deadline, f"{pod} never logged {start!r}"
             time.sleep(0.2)
 
+    def greeting(self, caller: str, host: str = GREET_VIP) -> dict[str, Any]:
+        """Connect to the server-first port and wait for it to speak: what arrived."""
+        done = self.pods[caller].ns.run(
+            [PYTHON, MESHAPP, "banner", host, "9000"], uid=APP_UID, gid=APP_UID, timeout=30
+        )
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        return result
+
     def tcp(self, caller: str, to: str = "web-1") -> bool:
         return bool(self.call(caller, "tcp", self.ip(to), "9000")["echoed"])
 
@@ -248,6 +266,10 @@ def _start(lab: NetnsLab) -> Lab:
     webs = [(n, m.ip(n)) for n in ("web-1", "web-2", "web-3")]
     m.write("svc-web", _service("web", WEB_VIP, 80, 8080))
     m.write("slice-web", _slice("web", 8080, webs))
+    # web-3's echo port as a declared TCP Service: a server-first protocol (a greeting on
+    # connect), so no sidecar waits to sniff the client's first bytes.
+    m.write("svc-greet", _service("greet", GREET_VIP, 9000, 9000, "tcp"))
+    m.write("slice-greet", _slice("greet", 9000, [("web-3", m.ip("web-3"))], "tcp"))
     m.start_redis()
     # mTLS with a certificate of sidemesh-ratelimit issued from the CA; the limits it reads
     # from the same directory as discovery.
@@ -420,6 +442,58 @@ def test_policy_changes_fail_no_request_of_an_unaffected_caller(clean: Lab) -> N
     assert summary["failures"] == [] and summary["ok"] > 50
     # One connection all along: a policy change drains nothing (the listener never changed).
     assert summary["connections"] == 1
+
+
+def test_a_denied_caller_of_a_server_first_port_gets_no_greeting(clean: Lab) -> None:
+    """The TCP gate decides when the caller's handshake completes, before the app is
+    connected: the greeting of a server-first app never reaches a denied caller."""
+    m = clean
+    assert m.greeting("other")["greeting"] == "220 web-3 ready"  # no policy: anyone
+    m.write("policy-allow", ALLOW_CLIENT)
+    m.converge({"web-1": {"demo/allow-client"}, "web-3": {"demo/allow-client"}})
+    allowed = m.greeting("client")
+    print("allowed:", allowed)
+    assert allowed["greeting"] == "220 web-3 ready"
+    denied = m.greeting("other")
+    print("denied:", denied)
+    assert denied.get("greeting", "") == ""  # not a byte of it
+    # A plaintext caller of a PERMISSIVE pod has no identity: refused before its greeting too.
+    name = "sidemesh_authz.tcp_denied.policy.none"
+    before = stats(m.pods["web-1"].ns, name)[name]
+    plain = m.greeting("legacy", m.ip("web-1"))
+    assert plain.get("greeting", "") == ""
+    # Counted per policy (none: no ALLOW policy admitted them), logged with the caller.
+    assert stats(m.pods["web-3"].ns, name)[name] == 1
+    assert stats(m.pods["web-1"].ns, name)[name] == before + 1
+    line = m.wait_logged(
+        "web-3", "sidemesh-authz denied tcp spiffe://cluster.local/ns/demo/sa/other port=9000"
+    )
+    assert line.endswith("rbac_access_denied_matched_policy[none]")
+
+
+def test_tcp_audit_and_deny_are_counted_per_policy(clean: Lab) -> None:
+    m = clean
+    audit = {"selector": WEB, "action": "AUDIT", "rules": [{"from": [{"serviceAccount": "other"}]}]}
+    deny = {"selector": WEB, "action": "DENY", "rules": [{"from": [{"serviceAccount": "client"}],
+                                                         "to": {"ports": [9000]}}]}  # fmt: skip
+    m.write("policy-audit", policy("watch-other", audit))
+    m.write("policy-deny", policy("no-client-tcp", deny))
+    m.converge({"web-3": {"demo/watch-other", "demo/no-client-tcp"}})
+    ns = m.pods["web-3"].ns
+    audited = "sidemesh_authz.tcp_audit.policy.demo/watch-other"
+    denied = "sidemesh_authz.tcp_denied.policy.demo/no-client-tcp"
+    before = stats(ns, audited, denied)
+    for _ in range(2):
+        assert m.greeting("other")["greeting"] == "220 web-3 ready"  # AUDIT denies nothing
+    assert m.greeting("client").get("greeting", "") == ""
+    assert m.http("client", "/", "web-3")["status"] == 200  # the DENY names port 9000 only
+    after = stats(ns, audited, denied)
+    assert after[audited] == before[audited] + 2
+    assert after[denied] == before[denied] + 1
+    line = m.wait_logged(
+        "web-3", "sidemesh-authz audit tcp spiffe://cluster.local/ns/demo/sa/other"
+    )
+    assert line.endswith("port=9000 demo/watch-other")
 
 
 # --- rate limits -------------------------------------------------------------------------

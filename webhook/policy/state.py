@@ -14,18 +14,47 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from envoy.config.core.v3 import extension_pb2
+from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
+from google.protobuf import any_pb2, json_format
+
 from webhook.discovery.model import MeshModel, PodInfo
 from webhook.discovery.resources import Encoded, encode
-from webhook.policy.compiler import WorkloadAuthz, compile_workload, policies_for
+from webhook.policy.compiler import ECDS_NAMES, WorkloadAuthz, compile_workload, policies_for
 from webhook.policy.envoy import EXTENSION_CONFIG
+from webhook.policy.gate import GATE, GATE_TYPE, gate_values
 from webhook.policy.model import ROOT_NAMESPACE, AccessPolicy, parse_policies
 from webhook.policy.report import summary, unresolved
 from webhook.ratelimit.compiler import compile_limits, limits_for
 from webhook.ratelimit.model import RateLimitPolicy, parse_limit_policies
 
-__all__ = ["AuthzState"]
+__all__ = ["AuthzState", "encode_gate"]
 
 LOG = logging.getLogger("sidemesh.policy")
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def encode_gate(values: list[dict[str, Any]]) -> Encoded:
+    """The gate's ``TypedExtensionConfig``, serialised by hand: its field
+    ``on_downstream_tls_handshake`` (number 2 of the set_filter_state network filter's Config,
+    in Envoy since 1.37) is newer than the Python protos we build messages with."""
+    body = b""
+    for value in values:
+        msg = json_format.ParseDict(value, value_pb2.FilterStateValue())
+        raw = msg.SerializeToString(deterministic=True)
+        body += b"\x12" + _varint(len(raw)) + raw
+    ext = extension_pb2.TypedExtensionConfig(
+        name=GATE, typed_config=any_pb2.Any(type_url=GATE_TYPE, value=body)
+    )
+    return Encoded(ext.SerializeToString(deterministic=True))
 
 
 class AuthzState:
@@ -113,5 +142,7 @@ class AuthzState:
                 name: encode(EXTENSION_CONFIG, {"name": name, "typed_config": dict(config)})
                 for name, config in configs.items()
             }
+            deny, allow = (authz.filters[n] for n in ECDS_NAMES["tcp"])
+            encoded[GATE] = encode_gate(gate_values(deny, allow))
             hit = self._cache[key] = (authz, encoded)
         return hit
