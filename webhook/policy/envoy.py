@@ -119,10 +119,9 @@ def _gate_logs() -> list[dict[str, Any]]:
             {
                 "name": "envoy.access_loggers.stats",
                 "filter": _when_set(key),
-                # stat_prefix: Envoy 1.40 needs it (its successor is not in our protos yet).
                 "typed_config": {
                     "@type": _T_STATS,
-                    "stat_prefix": "sidemesh_authz",
+                    "stats_scope": {"prefix": "sidemesh_authz"},
                     "counters": [counter],
                 },
             }
