@@ -51,6 +51,7 @@ PURE = (
     "policy.model",
     "policy.compiler",
     "policy.gate",
+    "policy.status",
     "policy.envoy",
     "policy.evaluate",
     "policy.report",

@@ -69,11 +69,13 @@ def test_rbac_is_list_and_watch_of_what_the_source_reads(base: list[Obj]) -> Non
         ("" if "/" not in k.api_version else k.api_version.split("/")[0], k.resource.split(".")[0])
         for k in KINDS
     }
-    # ... and the one write: the status of the traffic rules (the rule's spec never).
+    # ... and the one write: the status of the rules and policies (their spec never).
     status = {
         ("gateway.networking.k8s.io", "httproutes/status", "patch"),
         ("gateway.networking.k8s.io", "grpcroutes/status", "patch"),
         ("sidemesh.io", "trafficpolicies/status", "patch"),
+        ("sidemesh.io", "accesspolicies/status", "patch"),
+        ("sidemesh.io", "ratelimitpolicies/status", "patch"),
     }
     assert granted == {(g, r, v) for g, r in read for v in ("list", "watch")} | status
     assert not any("resourceNames" in rule for rule in role["rules"])

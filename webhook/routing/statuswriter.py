@@ -1,5 +1,6 @@
-"""Writes each traffic rule's status to the API server after every rebuild (the I/O edge of
-:mod:`webhook.routing.status`).
+"""Writes each traffic rule's (and access and rate-limit policy's) status to the API server
+after every rebuild (the I/O edge of :mod:`webhook.routing.status` and
+:mod:`webhook.policy.status`).
 
 Runs on the push engine's loop: after each rebuild it computes, from the store's objects and
 the routing table, the statuses that differ from what the objects carry, and sends them from a
@@ -20,16 +21,22 @@ from typing import Any
 
 from webhook.discovery.core import Discovery
 from webhook.kube.client import KubeAPIError, KubeClient
+from webhook.policy.model import AccessPolicy
+from webhook.policy.status import POLICY_STATUS_KINDS, policy_status_update
+from webhook.ratelimit.model import RateLimitPolicy
 from webhook.routing.status import STATUS_KINDS, status_update
 
 __all__ = ["StatusWriter"]
 
 LOG = logging.getLogger("sidemesh.discovery")
-_PLURAL = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes", "TrafficPolicy": "trafficpolicies"}
+_PLURAL = {"HTTPRoute": "httproutes", "GRPCRoute": "grpcroutes", "TrafficPolicy": "trafficpolicies",
+           "AccessPolicy": "accesspolicies", "RateLimitPolicy": "ratelimitpolicies"}  # fmt: skip
 _API = {
     "HTTPRoute": "gateway.networking.k8s.io/v1",
     "GRPCRoute": "gateway.networking.k8s.io/v1",
     "TrafficPolicy": "sidemesh.io/v1alpha1",
+    "AccessPolicy": "sidemesh.io/v1alpha1",
+    "RateLimitPolicy": "sidemesh.io/v1alpha1",
 }
 
 
@@ -56,6 +63,17 @@ class StatusWriter:
         for kind in STATUS_KINDS:
             for obj in self._d.store.list(kind):
                 status = status_update(obj, self._d.routing, now)
+                if status is not None:
+                    meta = obj.get("metadata") or {}
+                    out.append((kind, str(meta.get("namespace")), str(meta.get("name")), status))
+        # Access and rate-limit policies: Accepted, and references that resolve to nothing.
+        authz = self._d.authz
+        parsed: list[AccessPolicy | RateLimitPolicy] = [*authz.policies, *authz.limits]
+        for kind in POLICY_STATUS_KINDS:
+            for obj in self._d.store.list(kind):
+                status = policy_status_update(
+                    obj, parsed, authz.errors, self._d.model, authz.root_namespace, now
+                )
                 if status is not None:
                     meta = obj.get("metadata") or {}
                     out.append((kind, str(meta.get("namespace")), str(meta.get("name")), status))
