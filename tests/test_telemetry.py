@@ -27,6 +27,7 @@ from webhook.discovery.resources import decode, encode
 from webhook.discovery.store import KINDS, ObjectStore
 from webhook.errors import ConfigError
 from webhook.telemetry import promtext
+from webhook.telemetry.instrument import POD_DIRECTORY
 from webhook.telemetry.metrics import HTTP_LABELS, PROMETHEUS_NAMES, TCP_LABELS, stats_logger
 from webhook.telemetry.promtext import Sample
 from webhook.telemetry.settings import AccessLogPolicy, ProxyFacts, parse_access_log
@@ -204,8 +205,11 @@ def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() ->
 def test_listeners_do_not_name_the_workload_so_one_build_serves_every_sidecar() -> None:
     # Two workloads with other names and service accounts: the same listeners, byte for byte.
     assert json.dumps(_listeners("frontend-1")) == json.dumps(_listeners("backend-1"))
+    listeners = _listeners("frontend-1")
+    # Other pods are named (a call to a pod IP is labelled with its workload), itself never.
+    listeners["outbound"]["metadata"]["filter_metadata"].pop(POD_DIRECTORY)
+    assert '"frontend' not in json.dumps(listeners) and "sa/frontend" not in json.dumps(listeners)
     text = json.dumps(_listeners("frontend-1"))
-    assert '"frontend' not in text and "sa/frontend" not in text
     # ... while a pod that asks for another access-log policy gets its own.
     model = _demo()
     pod = model.pods[("demo", "frontend-1")]
@@ -213,6 +217,22 @@ def test_listeners_do_not_name_the_workload_so_one_build_serves_every_sidecar() 
     opts = proxy_options(pod, trust_domain="cluster.local", plaintext_ports=(53,))
     off = proxy_resources(model, opts, pod, model.services.values()).listeners
     assert json.dumps(off) != text
+
+
+def test_a_call_to_a_pod_ip_is_labelled_with_the_pods_workload() -> None:
+    out = _listeners("frontend-1")["outbound"]
+    directory = out["metadata"]["filter_metadata"][POD_DIRECTORY]
+    model = _demo()
+    backend = model.pods[("demo", "backend-1")]
+    assert directory[backend.ips[0]] == {"workload": "backend", "namespace": "demo"}
+    chain = next(c for c in out["filter_chains"] if c["name"] == "outbound-mesh-http-8080")
+    tags = _tags(_loggers(chain)[0])
+    assert tags["destination_workload"] == "%FILTER_STATE(sidemesh.dest.workload:PLAIN)%"
+    states = chain["filters"][0]["typed_config"]["on_new_connection"]
+    lookup = {
+        x["object_key"]: x["format_string"]["text_format_source"]["inline_string"] for x in states
+    }
+    assert POD_DIRECTORY in lookup["sidemesh.dest.workload"]
 
 
 def test_endpoints_say_which_workload_they_are() -> None:

@@ -237,3 +237,21 @@ def test_sidecars_log_no_deprecation_warning(mesh: Lab) -> None:
     for name, runner in mesh.runners.items():
         log = runner.procs["sidemesh-proxy"].output()
         assert "Deprecated field" not in log, f"{name}: {log[-2000:]}"
+
+
+def test_a_call_to_a_pod_ip_names_the_destination_workload(mesh: Lab) -> None:
+    # Last: its connections would change the counts the tests above check.
+    client = mesh.pod("client").ns
+    web_ip = mesh.pod("web").ip
+    assert app(client, "hits", web_ip, "8080", "/", "2")["codes"] == {"200": 2}
+
+    def by_pod_ip() -> list[Sample]:
+        return promtext.select(
+            mesh.scrape("client"), TCP_CLOSED, reporter="source", destination_service="unknown"
+        )
+
+    samples = _eventually(by_pod_ip, "the client's count of its connection to web's pod IP")
+    assert {
+        (s.labels["destination_workload"], s.labels["destination_namespace"]) for s in samples
+    } == {("web", "demo")}, samples
+    assert samples[0].labels["destination_principal"] == f"{TD}/web"

@@ -270,11 +270,19 @@ def build_listeners(
     listeners = {listener["name"]: listener for listener in out}
     ns_settings = model.namespace_telemetry.get(pod.namespace)
     access_log = proxy_facts(pod, opts, telemetry, ns_settings).access_log
-    tm.instrument_listeners(listeners, access_log, telemetry=telemetry)
+    pods = {ip: (workload_name(p.name, p.labels), p.namespace) for ip, p in _pods(model, known)}
+    tm.instrument_listeners(listeners, access_log, telemetry=telemetry, pods=pods)
     # Access policy last: its filters go before each chain's proxy, its denial logs after the
     # telemetry loggers.
     listeners[inbound["name"]] = with_authz(listeners[inbound["name"]])
     return listeners
+
+
+def _pods(model: MeshModel, ips: Iterable[str]) -> Iterable[tuple[str, PodInfo]]:
+    for ip in ips:
+        pod = model.by_ip.get(ip)
+        if pod is not None:
+            yield ip, pod
 
 
 def proxy_facts(

@@ -43,7 +43,7 @@ from webhook.telemetry.settings import AccessLogPolicy
 from webhook.telemetry.tracing import http_tracing
 from webhook.telemetry.workload import OWN_NAMESPACE, OWN_PRINCIPAL, OWN_WORKLOAD, UNKNOWN
 
-__all__ = ["ENDPOINT_METADATA", "endpoint_metadata", "instrument_listeners"]
+__all__ = ["ENDPOINT_METADATA", "POD_DIRECTORY", "endpoint_metadata", "instrument_listeners"]
 
 _TYPE = "@type"
 _TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -84,6 +84,17 @@ _NOT_INSPECTED: Final = "inbound-declared-tcp-"
 #: Chains that carry no app traffic worth counting: other pods' probe, health and stats ports,
 #: DNS, the API server.
 _SKIPPED_PREFIXES: Final = ("outbound-plain-", "outbound-apiserver-")
+#: Outbound listener metadata: each meshed pod IP the sidecar knows → its workload and
+#: namespace, for calls made to a pod IP (no Service, so no endpoint metadata).
+POD_DIRECTORY: Final = "sidemesh.io/pods"
+_DEST_IP: Final = 're.extract(destination.address, "^\\\\[?([^\\\\]]+?)\\\\]?:[0-9]+$", "\\\\1")'
+#: Where a pod-IP call's destination labels are kept, looked up once per connection.
+_POD_LOOKUP: Final = {
+    f"sidemesh.dest.{key}": (
+        f'%CEL(xds.listener_metadata.filter_metadata["{POD_DIRECTORY}"][{_DEST_IP}].{key})%'
+    )
+    for key in ("workload", "namespace")
+}
 #: The claim's first two parts: this sidecar's workload and namespace.
 _OWN_CLAIM: Final = f"{OWN_WORKLOAD}.{OWN_NAMESPACE}"
 
@@ -102,10 +113,17 @@ def instrument_listeners(
     access_log: AccessLogPolicy,
     *,
     telemetry: TelemetryConfig,
+    pods: Mapping[str, tuple[str, str]] | None = None,
 ) -> None:
     """Add the loggers to every counted chain of ``listeners`` (modified in place: they are
     the compiler's fresh dicts). Nothing here depends on which workload the sidecar is but
-    ``access_log``, its access-log policy."""
+    ``access_log``, its access-log policy. ``pods``: the meshed pod IPs the outbound listener
+    leads to, with their workload and namespace (what a call to a pod IP is labelled with)."""
+    if pods and "outbound" in listeners:
+        directory = {ip: {"workload": w, "namespace": ns} for ip, (w, ns) in pods.items()}
+        listeners["outbound"].setdefault("metadata", {}).setdefault("filter_metadata", {})[
+            POD_DIRECTORY
+        ] = directory
     for name, listener in listeners.items():
         if name not in ("inbound", "outbound"):
             continue
@@ -119,6 +137,8 @@ def instrument_listeners(
                 continue
             if sni is not None:
                 _send_sni(chain["filters"], sni)
+            if labels.get("destination_workload") == _POD_WORKLOAD:
+                _look_up_pod(chain["filters"])
             if labels.get("source_workload") == _INBOUND_MTLS["source_workload"]:
                 chain["filters"] = [_read_claim(), *chain["filters"]]
             _add_loggers(chain["filters"], labels, access_log, telemetry)
@@ -194,12 +214,39 @@ def _chain_identity(
         return {**own, **dest}, f"{_OWN_CLAIM}.{host}"
     meshed = cluster.startswith("outbound_mesh")
     dest = {
-        "destination_workload": UNKNOWN,
-        "destination_namespace": UNKNOWN,
+        # A meshed pod IP: looked up in the listener's pod directory, once per connection.
+        "destination_workload": _POD_WORKLOAD if meshed else UNKNOWN,
+        "destination_namespace": _POD_NAMESPACE if meshed else UNKNOWN,
         "destination_service": UNKNOWN if meshed else "passthrough",
         "connection_security_policy": "mutual_tls" if meshed else "none",
     }
     return {**own, **dest}, _OWN_CLAIM if meshed else None
+
+
+_POD_WORKLOAD: Final = "%FILTER_STATE(sidemesh.dest.workload:PLAIN)%"
+_POD_NAMESPACE: Final = "%FILTER_STATE(sidemesh.dest.namespace:PLAIN)%"
+
+
+def _look_up_pod(filters: list[dict[str, Any]]) -> None:
+    """Fill a pod-IP chain's destination workload and namespace into filter state, once per
+    connection, from the listener's pod directory."""
+    entries = [
+        {
+            "object_key": key,
+            "factory_key": "envoy.string",
+            "format_string": {"text_format_source": {"inline_string": value}},
+        }
+        for key, value in _POD_LOOKUP.items()
+    ]
+    for f in filters:
+        if f.get("typed_config", {}).get(_TYPE) == _SET_FILTER_STATE:
+            f["typed_config"]["on_new_connection"].extend(entries)
+            return
+    state = {
+        "name": "envoy.filters.network.set_filter_state",
+        "typed_config": {_TYPE: _SET_FILTER_STATE, "on_new_connection": entries},
+    }
+    filters.insert(len(filters) - 1, state)
 
 
 def _upstream_cluster(chain: Mapping[str, Any]) -> str | None:
