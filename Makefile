@@ -11,6 +11,11 @@ XDS_PORT ?= 15012
 # MESH_DIR=./mesh makes discovery read (and watch) that directory instead of its demo mesh
 MESH_DIR ?=
 MESH_DIR_FLAG := $(if $(MESH_DIR),--mesh-dir $(MESH_DIR))
+# RATELIMIT=1 (the default when MESH_DIR holds a RateLimitPolicy): `make run` also starts
+# redis-server on 127.0.0.1:$(REDIS_PORT) and `sidemesh ratelimit` (mTLS) on $(HOST):$(RLS_PORT)
+RATELIMIT ?= $(if $(MESH_DIR),$(shell grep -rqs RateLimitPolicy $(MESH_DIR) && echo 1))
+REDIS_PORT ?= 6379
+RLS_PORT ?= 8081
 
 .PHONY: install run certs test unit e2e golden lint bench deploy undeploy clean
 
@@ -25,8 +30,17 @@ $(VENV)/.installed: pyproject.toml
 ## run: the webhook (and CA) on https://$(HOST):$(PORT) and the control plane (discovery: xDS
 ## on $(HOST):$(XDS_PORT), debug on 127.0.0.1:15014) on its embedded demo mesh, certs in certs/
 run: install certs
-	$(SIDEMESH) discovery --scoped --listen $(HOST):$(XDS_PORT) --cert-dir $(CERTS) $(MESH_DIR_FLAG) & \
-	  pid=$$!; trap 'kill $$pid 2>/dev/null; wait $$pid' EXIT INT TERM; \
+	pids=""; rls=""; \
+	  trap 'kill $$pids 2>/dev/null; wait $$pids' EXIT INT TERM; \
+	  if [ -n "$(RATELIMIT)" ]; then \
+	    redis-server --port $(REDIS_PORT) --bind 127.0.0.1 --dir "$$(mktemp -d)" --save '' \
+	      --appendonly no & pids="$$pids $$!"; \
+	    $(SIDEMESH) ratelimit --listen $(HOST):$(RLS_PORT) --cert-dir $(CERTS) $(MESH_DIR_FLAG) \
+	      --redis redis://127.0.0.1:$(REDIS_PORT)/0 & pids="$$pids $$!"; \
+	    rls="--ratelimit-address $(HOST):$(RLS_PORT)"; \
+	  fi; \
+	  $(SIDEMESH) discovery --scoped --listen $(HOST):$(XDS_PORT) --cert-dir $(CERTS) $(MESH_DIR_FLAG) \
+	    $$rls & pids="$$pids $$!"; \
 	  $(SIDEMESH) serve --host $(HOST) --port $(PORT) --cert-dir $(CERTS)
 
 ## certs: create the development root if missing, then a fresh serving certificate
