@@ -197,7 +197,7 @@ def run_case(filters: list[dict[str, Any]], rls: dict[str, Any] | None = None) -
                 capture_output=True, text=True, check=True,
             ).stdout  # fmt: skip
             cpu = _cpu_seconds(proc.pid) - before
-            if rls:  # the service answered (a failed call would pass too: fail open)
+            if rls and filters:  # the service answered (a failed call passes too: fail open)
                 stats_url = f"http://127.0.0.1:{admin}/stats?filter=ratelimit.ok$"
                 with urllib.request.urlopen(stats_url, timeout=5) as r:
                     ok = r.read().decode()
