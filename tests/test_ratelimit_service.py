@@ -5,9 +5,12 @@ Redis is down."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import logging
 import socket
 import ssl
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,8 +23,12 @@ from envoy.service.ratelimit.v3 import rls_pb2, rls_pb2_grpc
 from prometheus_client import CollectorRegistry
 from redis.asyncio import Redis
 
+from tests.support.apiserver_standin import APIServerStandin
+from tests.support.jwks_issuer import Issuer
+from tests.support.podrunner import sidemesh_argv
 from tests.support.ports import free_port
 from tests.support.redis_server import RedisServer, redis_server
+from tests.support.wait import wait_for
 from tests.support.xds import make_ca, workload_cert
 from webhook.discovery.servingcert import serving_credentials
 from webhook.ratelimit.run import service_name
@@ -318,3 +325,46 @@ def test_sidecars_reach_the_service_with_their_own_certificate_and_check_its_ide
         {"san_type": "URI", "matcher": {"exact": service_name(TD).spiffe_id}}
     ]
     assert tls["sni"] == "sidemesh-ratelimit.sidemesh-system.svc"
+
+
+def test_standin_the_service_reads_limits_and_pods_by_list_and_watch(
+    pki: Path, redis: RedisServer, issuer: Issuer, tmp_path: Path
+) -> None:
+    """``sidemesh ratelimit --kubernetes`` against the API-server stand-in: the limit it
+    enforces is the policy's, and follows the policy when it changes."""
+    with APIServerStandin(tmp_path / "standin", issuer) as api:
+        api.objects.add(_pod("orders-1", "orders", "orders"))
+        policy = _policy("watched", [{"requests": 2, "per": "hour"}])
+        api.objects.add(copy.deepcopy(policy))
+        port, metrics = free_port(), free_port()
+        proc = subprocess.Popen(
+            [*sidemesh_argv(), "ratelimit", "--kubernetes",
+             "--kubeconfig", str(api.kubeconfig(tmp_path / "kubeconfig")),
+             "--listen", f"127.0.0.1:{port}", "--cert-dir", str(pki / "ca"),
+             "--redis", redis.url, "--metrics-port", str(metrics), "--log-level", "warning"],
+        )  # fmt: skip
+        try:
+            wait_for(lambda: _limit_on(metrics) == 2.0, timeout=30)
+            d = [descriptor(WEB, "shop/watched")]
+            got = asyncio.run(ask([f"127.0.0.1:{port}"], d, 3, pki / "orders", pki / "ca"))
+            assert got == [OK, OK, OVER]
+            policy["spec"]["limits"][0]["requests"] = 5
+            api.objects.modify(policy)
+            wait_for(lambda: _limit_on(metrics) == 5.0, timeout=30)
+            got = asyncio.run(ask([f"127.0.0.1:{port}"], d, 3, pki / "orders", pki / "ca"))
+            assert got == [OK, OK, OVER]  # the same hour's counter: 3, 4, 5 → the 6th is over
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+def _limit_on(metrics_port: int) -> float | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith('sidemesh_ratelimit_limit{limit="shop/watched"'):
+            return float(line.rsplit(" ", 1)[1])
+    return None
