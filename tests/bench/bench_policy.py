@@ -198,10 +198,10 @@ def run_case(filters: list[dict[str, Any]], rls: dict[str, Any] | None = None) -
             ).stdout  # fmt: skip
             cpu = _cpu_seconds(proc.pid) - before
             if rls and filters:  # the service answered (a failed call passes too: fail open)
-                stats_url = f"http://127.0.0.1:{admin}/stats?filter=ratelimit.ok$"
+                stats_url = f"http://127.0.0.1:{admin}/stats?filter=ratelimit"
                 with urllib.request.urlopen(stats_url, timeout=5) as r:
                     ok = r.read().decode()
-                assert re.search(r"ratelimit\.ok: [1-9]", ok), ok
+                assert re.search(r"ratelimit\.sidemesh_global\.ok: [1-9]", ok), ok
         finally:
             proc.terminate()
             proc.wait(10)
