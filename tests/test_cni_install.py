@@ -18,7 +18,9 @@ import pytest
 
 from tests.support.cni_lab import built_plugin
 from tests.support.podrunner import sidemesh_argv
+from webhook.cni.agentclient import read_annotations
 from webhook.cni.bundle import PAYLOAD
+from webhook.cni.spec import CNIError
 
 SIDEMESH = sidemesh_argv()
 PRIMARY = {
@@ -69,7 +71,9 @@ def node(tmp_path: Path, payload: Path) -> Node:
     return Node(tmp_path, payload)
 
 
-def wait_for(what: str, condition: Callable[[], bool], timeout: float = 30) -> None:
+def wait_for(what: str, condition: Callable[[], bool], timeout: float = 120) -> None:
+    # Generous: only a hung agent should run into it. Started under a load of a dozen runnable
+    # processes on two cores, an agent takes many times its usual start-up to get ready.
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
@@ -174,6 +178,35 @@ def test_watch_keeps_sidemesh_chained_and_removes_it_on_sigterm(node: Node) -> N
     assert list(node.bin.iterdir()) == []
     assert not node.ready.exists()
     assert "removed from 10-bridge.conflist" in err
+
+
+def test_agent_loads_the_api_client_before_it_chains_sidemesh_in(node: Node) -> None:
+    """The first sandbox after the agent starts must not wait for the official client's Python
+    imports (on a busy node they outlast the plugin's timeout): by the time sidemesh is in the
+    chain, a look-up imports nothing of the client. Read from the interpreter's own import log
+    (``-X importtime``); the look-up goes to a closed port, so it fails fast and clearly."""
+    (node.net / "10-bridge.conflist").write_text(json.dumps(PRIMARY))
+    argv = node.argv("--interval", "0.1", "--api-server", "https://127.0.0.1:1")
+    log = node.sa.parent / "agent.log"  # a file: the import log alone can fill a pipe's buffer
+    with log.open("w") as out:
+        agent = subprocess.Popen(
+            [argv[0], "-X", "importtime", *argv[1:]], stdout=subprocess.DEVNULL, stderr=out
+        )
+    try:
+        wait_for("chained", lambda: node.chain() == ["bridge", "sidemesh-cni"])
+        with pytest.raises(CNIError) as info:
+            read_annotations(str(node.net / "sidemesh-cni.sock"), "demo", "web", timeout=30)
+        assert "cannot reach the API server to look up pod demo/web" in info.value.msg
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(timeout=60)
+    err = log.read_text()
+    assert agent.returncode == 0, err
+    before, chained, after = err.partition("chained into 10-bridge.conflist")
+    assert chained, err
+    assert "kubernetes.client" in before, "the client was loaded at start-up"
+    late = [line for line in after.splitlines() if "| kubernetes" in line]
+    assert late == [], "the look-up imported part of the client"
 
 
 def test_uninstall_command_is_clean_when_there_is_nothing(node: Node) -> None:

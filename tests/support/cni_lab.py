@@ -100,7 +100,9 @@ class CniNode:
         ready = self.lab.tmpdir("agent") / "ready"
         argv = self.agent_argv(plugin, "--interval", "0.2", "--ready-file", str(ready))
         self.agent = self.ns.spawn(argv)
-        deadline = time.monotonic() + 60
+        # Only a hung agent should reach this: it loads the API client before it chains sidemesh
+        # in, which on a loaded two-core machine takes many times its quiet start-up.
+        deadline = time.monotonic() + 120
         while not ready.exists():
             if not self.agent.running() or time.monotonic() > deadline:
                 raise RuntimeError(f"the node agent did not get ready:\n{self.agent.output()}")

@@ -265,10 +265,12 @@ def watch(settings: Settings, *, interval: float = 2.0, ready_file: Path | None 
     """Serve look-ups and reconcile every ``interval`` seconds until SIGTERM/SIGINT, then
     uninstall (out of the chain first, so no ADD is sent to a socket about to close)."""
     stop = threading.Event()
+    lookup = lookups(settings)
     try:
-        server = serve(settings.net_dir / SOCKET_NAME, lookups(settings))
+        server = serve(settings.net_dir / SOCKET_NAME, lookup)
     except OSError as exc:
         raise InstallError(f"cannot serve on {settings.net_dir / SOCKET_NAME}: {exc}") from None
+    lookup.warm_up()  # before sidemesh is chained in, so no ADD waits for the client's imports
 
     def on_signal(signum: int, _frame: Any) -> None:
         stop.set()

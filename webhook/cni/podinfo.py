@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from webhook.cni.spec import ERR_TRY_AGAIN, CNIError
+from webhook.errors import SidemeshError
 
 __all__ = ["Credentials", "PodLookup"]
 
@@ -43,6 +44,18 @@ class PodLookup:
                     KubeClient.at(host, token=token, ca_file=ca_file, timeout=self._timeout),
                 )
             return self._current[1]
+
+    def warm_up(self) -> bool:
+        """Build the client and import what a look-up needs, before the first sandbox asks:
+        otherwise the first look-up after the agent starts pays the official client's imports
+        within the plugin's timeout, which a busy node can exceed. False when the credentials
+        cannot be read yet (the first look-up then reports why)."""
+        try:
+            client = self._client()
+        except SidemeshError:
+            return False
+        client.preload_pods()
+        return True
 
     def __call__(self, namespace: str, name: str) -> dict[str, str]:
         from webhook.kube.client import KubeAPIError

@@ -333,6 +333,15 @@ class KubeClient:
         annotations = (meta.annotations if meta is not None else None) or {}
         return {str(k): str(v) for k, v in annotations.items()}
 
+    def preload_pods(self) -> None:
+        """Import what :meth:`pod_annotations` needs (the core API group and ObjectMeta) now,
+        without a request. A caller with a deadline per call — the CNI node agent, whose
+        plugin gives up after its timeout — pays that import at start-up instead of in its
+        first call, where it costs more than the request itself."""
+        from kubernetes.client import V1ObjectMeta  # noqa: F401  (imported for later)
+
+        _ = self._core
+
     # --- calls -------------------------------------------------------------------------------
 
     def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
