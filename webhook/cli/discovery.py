@@ -15,6 +15,11 @@ DEFAULT_DEBUG = "http://127.0.0.1:15014"
 
 
 def register(subparsers: Any) -> None:
+    _register_discovery(subparsers)
+    _register_proxy_views(subparsers)
+
+
+def _register_discovery(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "discovery",
         help="the control plane: learn the mesh, program every sidecar over delta xDS (mTLS)",
@@ -57,6 +62,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.set_defaults(handler=_discovery)
 
+
+def _register_proxy_views(subparsers: Any) -> None:
+    """The two commands that read the control plane's debug endpoint."""
     st = subparsers.add_parser(
         "proxy-status", help="every connected sidecar: identity, ACKed vs sent, last NACK"
     )
