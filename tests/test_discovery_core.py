@@ -10,7 +10,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from tests.support.xds import delta_request as _request, drain as _drain
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER
-from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
+from webhook.discovery.conn import ProxyConn
+from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.filesource import FileSource
 from webhook.discovery.store import ObjectStore
 

@@ -7,7 +7,8 @@ import asyncio
 
 from tests.support.xds import delta_request as _request, drain as _drain
 from webhook.discovery.compiler import CLUSTER, LISTENER
-from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
+from webhook.discovery.conn import ProxyConn
+from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.filesource import FileSource
 from webhook.discovery.store import ObjectStore
 from webhook.policy.compiler import ECDS_NAMES

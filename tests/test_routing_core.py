@@ -12,7 +12,8 @@ from envoy.service.discovery.v3 import discovery_pb2
 from tests.conftest import TESTDATA
 from tests.support.xds import drain as _drain
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE
-from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
+from webhook.discovery.conn import ProxyConn
+from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.debug import rules_of
 from webhook.discovery.filesource import parse_documents
 from webhook.discovery.store import KINDS, ObjectStore

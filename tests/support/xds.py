@@ -26,7 +26,8 @@ from webhook.dataplane.ads_bootstrap import XdsOptions, render_ads_bootstrap
 from webhook.dataplane.bootstrap import BootstrapOptions, render_sds
 from webhook.dataplane.identity import build_csr, key_pem, new_key
 from webhook.discovery.ads import serve_ads, server_credentials
-from webhook.discovery.core import Discovery, DiscoverySettings, ProxyConn
+from webhook.discovery.conn import ProxyConn
+from webhook.discovery.core import Discovery, DiscoverySettings
 from webhook.discovery.run import xds_certificate
 from webhook.discovery.store import ObjectStore
 from webhook.telemetry.workload import proxy_environment

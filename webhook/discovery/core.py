@@ -8,7 +8,8 @@ rollout of a hundred pods costs a handful of pushes, not a hundred.
 Per push, a proxy gets — in the order Envoy needs to never route to a missing cluster — CDS,
 then EDS, then LDS, each only with what changed for it: the shared tables' change logs, the
 change of its scope, and its own few per-proxy resources. The shared tables are
-:mod:`webhook.discovery.shared`; a proxy's scope and own resources, :mod:`webhook.discovery.views`.
+:mod:`webhook.discovery.shared`; a proxy's scope and own resources, :mod:`webhook.discovery.views`;
+a stream's state and what one push of one type sends it, :mod:`webhook.discovery.conn`.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from webhook.config import DEFAULTS, Ports, TelemetryConfig
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc, metrics
 from webhook.discovery.build import build_model, update_endpoints
+from webhook.discovery.conn import ProxyConn, type_delta
 from webhook.discovery.learn import LEARN_PREFIX
 from webhook.discovery.model import PodInfo
 from webhook.discovery.objects import SLICE_SERVICE_LABEL
@@ -42,7 +44,7 @@ from webhook.policy.state import AuthzState
 from webhook.ratelimit.model import KIND as RATE_LIMIT_POLICY
 from webhook.routing.table import EMPTY, RoutingTable, build_table
 
-__all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings", "ProxyConn"]
+__all__ = ["PUSH_ORDER", "Discovery", "DiscoverySettings"]
 
 LOG = logging.getLogger("sidemesh.discovery")
 
@@ -72,31 +74,6 @@ class DiscoverySettings:
     ratelimit_address: str = ""
     #: The SPIFFE id sidecars require of the rate-limit service (default: its service account).
     ratelimit_identity: str = ""
-
-
-@dataclass
-class ProxyConn:
-    """One connected sidecar (one ADS stream)."""
-
-    conn_id: int
-    spiffe_id: str
-    namespace: str
-    pod_name: str
-    peer: str
-    node_id: str
-    connected_at: float
-    #: Serialised DeltaDiscoveryResponses (None ends the stream).
-    queue: asyncio.Queue[bytes | None]
-    types: dict[str, TypeState] = field(default_factory=dict)
-    scope: frozenset[str] = frozenset()
-    local: dict[str, dict[str, Encoded]] = field(default_factory=dict)
-    learned: set[tuple[str, str]] = field(default_factory=set)
-    #: On-demand cluster name (``learn|ip:port``) → the Service cluster it stands for.
-    ondemand: dict[str, str] = field(default_factory=dict)
-    nonce: int = 0
-
-    def state(self, type_url: str) -> TypeState:
-        return self.types.setdefault(type_url, TypeState())
 
 
 class Discovery:
@@ -342,23 +319,10 @@ class Discovery:
         full: bool,
         local_changed: bool = True,
     ) -> None:
-        local = conn.local.get(type_url, {})
         table = self.tables.get(type_url)
-        desired = _Desired(local, table.items if table else {}, conn.scope)
-        names: set[str] = set(scope_delta)
-        if local_changed:
-            names.update(local)
-        if extra is not None:
-            names.update(extra)
-        if full:
-            names.update(desired)
-            names.update(ts.sent)
-        if table is not None:
-            names.update(table.changed_since(ts.seq))
-            ts.seq = table.seq
-        updates, removed = ts.diff(desired, names)
-        if type_url == cc.LISTENER:
-            removed += [n for n in ts.sent if n not in local and n not in removed]
+        updates, removed = type_delta(
+            conn, ts, type_url, table, scope_delta, extra, full=full, local_changed=local_changed
+        )
         if updates or removed:
             self._send(conn, ts, type_url, updates, removed)
 
@@ -420,29 +384,6 @@ class Discovery:
             ts.subscribe(subscribe, dict(req.initial_resource_versions))
             ts.unsubscribe(req.resource_names_unsubscribe)
             self.push(conn, only=req.type_url, candidates=subscribe, full=first)
-
-
-class _Desired(Mapping[str, Encoded]):
-    """A proxy's desired resources of one type: its own, then the shared ones in its scope."""
-
-    def __init__(
-        self, local: Mapping[str, Encoded], shared: Mapping[str, Encoded], scope: frozenset[str]
-    ) -> None:
-        self._local, self._shared, self._scope = local, shared, scope
-
-    def __getitem__(self, name: str) -> Encoded:
-        if name in self._local:
-            return self._local[name]
-        if name in self._scope:
-            return self._shared[name]
-        raise KeyError(name)
-
-    def __iter__(self) -> Any:
-        yield from self._local
-        yield from (n for n in self._scope if n in self._shared)
-
-    def __len__(self) -> int:
-        return len(self._local) + len(self._scope)
 
 
 def _service_label(obj: Mapping[str, Any]) -> tuple[str, str] | None:

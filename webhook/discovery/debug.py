@@ -25,7 +25,8 @@ from urllib.parse import parse_qs, urlparse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from webhook.discovery import compiler as cc, metrics
-from webhook.discovery.core import PUSH_ORDER, Discovery, ProxyConn
+from webhook.discovery.conn import ProxyConn
+from webhook.discovery.core import PUSH_ORDER, Discovery
 from webhook.discovery.resources import decode
 from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.routing.xds import problems_text

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc, metrics
 from webhook.discovery.clusters import local_clusters
+from webhook.discovery.conn import ProxyConn
 from webhook.discovery.learn import LEARN_PREFIX, alias_cluster, parse_learn_name
 from webhook.discovery.listeners import build_listeners, proxy_facts, scoped_meshed_pods
 from webhook.discovery.model import MeshModel, PodInfo, Service, ServicePort
@@ -28,7 +29,7 @@ from webhook.routing import xds as routing
 from webhook.routing.table import EMPTY, RoutingTable
 
 if TYPE_CHECKING:
-    from webhook.discovery.core import DiscoverySettings, ProxyConn
+    from webhook.discovery.core import DiscoverySettings
 
 __all__ = ["ProxyViews", "proxy_options"]
 
