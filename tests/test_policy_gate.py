@@ -1,30 +1,33 @@
 """The TCP gate compiled from a workload's network RBAC configs: which policy decides, as the
-CEL Envoy evaluates at the handshake, and the hand-made encoding of the filter's config."""
+CEL Envoy evaluates at the handshake, and the filter's config as sent and as shown back."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from envoy.config.core.v3 import extension_pb2
-from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
-from google.protobuf import json_format
 
+from webhook.discovery.model import PodInfo
+from webhook.discovery.resources import decode
 from webhook.policy.compiler import ECDS_NAMES, compile_workload
+from webhook.policy.envoy import EXTENSION_CONFIG
 from webhook.policy.gate import AUDIT_KEY, DENIED_KEY, GATE, GATE_TYPE, REFUSED, gate_values
 from webhook.policy.model import parse_policy
-from webhook.policy.state import encode_gate
+from webhook.policy.state import AuthzState
 
 WEB = {"matchLabels": {"app": "web"}}
 
 
-def _policy(name: str, action: str, rules: list[dict[str, Any]] | None = None) -> Any:
+def _object(name: str, action: str, rules: list[dict[str, Any]] | None = None) -> Any:
     spec: dict[str, Any] = {"selector": WEB, "action": action}
     if rules is not None:
         spec["rules"] = rules
-    return parse_policy(
-        {"apiVersion": "sidemesh.io/v1alpha1", "kind": "AccessPolicy",
-         "metadata": {"name": name, "namespace": "demo"}, "spec": spec}
-    )  # fmt: skip
+    return {"apiVersion": "sidemesh.io/v1alpha1", "kind": "AccessPolicy",
+            "metadata": {"name": name, "namespace": "demo"}, "spec": spec}  # fmt: skip
+
+
+def _policy(name: str, action: str, rules: list[dict[str, Any]] | None = None) -> Any:
+    return parse_policy(_object(name, action, rules))
 
 
 def _gate(*policies: Any) -> dict[str, str]:
@@ -63,20 +66,23 @@ def test_an_allow_policy_without_rules_admits_nobody_and_audit_names_itself() ->
     assert gate[AUDIT_KEY] == "%CEL((true && !(connection.mtls)) ? 'demo/watch' : '')%"
 
 
-def test_the_encoding_carries_the_values_as_the_handshake_list() -> None:
-    """Field 2 of the set_filter_state Config (on_downstream_tls_handshake), each value a
-    FilterStateValue: what Envoy 1.40 reads."""
-    values = [{"object_key": DENIED_KEY, "format_string": {"text_format_source":
-               {"inline_string": "%CEL('none')%"}}}] * 2  # fmt: skip
+def test_the_gate_is_sent_as_envoy_reads_it_and_shown_back_whole() -> None:
+    """The gate goes through the same encoder as every resource: its values in field 2 of the
+    set_filter_state Config (on_downstream_tls_handshake, what Envoy 1.40 reads), and decoded
+    for /debug/config and proxy-config with every rule in it."""
+    deny = _object("no-other", "DENY", [{"from": [{"serviceAccount": "other"}]}])
+    audit = _object("watch", "AUDIT", [{"from": [{"unauthenticated": True}]}])
+    state = AuthzState("cluster.local")
+    state.update([deny, audit])
+    pod = PodInfo("demo", "web-1", ("10.244.0.9",), "web", True, "STRICT", labels={"app": "web"})
+    sent = state.resources(pod)[GATE]
     ext = extension_pb2.TypedExtensionConfig()
-    ext.ParseFromString(encode_gate(values).body)
+    ext.ParseFromString(sent.body)
     assert (ext.name, ext.typed_config.type_url) == (GATE, GATE_TYPE)
-    body, seen = ext.typed_config.value, []
-    while body:
-        assert body[0] == 0x12  # field 2, length-delimited
-        size, body = body[1], body[2:]  # each value is shorter than 128 bytes here
-        value = value_pb2.FilterStateValue()
-        value.ParseFromString(body[:size])
-        seen.append(json_format.MessageToDict(value, preserving_proto_field_name=True))
-        body = body[size:]
-    assert seen == values
+    assert ext.typed_config.value[0] == 0x12  # field 2, length-delimited
+    shown = decode(EXTENSION_CONFIG, sent)["typed_config"]["on_downstream_tls_handshake"]
+    expected = _gate(_policy("no-other", "DENY", deny["spec"]["rules"]),
+                     _policy("watch", "AUDIT", audit["spec"]["rules"]))  # fmt: skip
+    assert {v["object_key"]: v["format_string"]["text_format_source"]["inline_string"]
+            for v in shown} == expected  # fmt: skip
+    assert "'demo/no-other'" in expected[DENIED_KEY] and "'demo/watch'" in expected[AUDIT_KEY]

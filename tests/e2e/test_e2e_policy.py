@@ -479,6 +479,17 @@ def test_tcp_audit_and_deny_are_counted_per_policy(clean: Lab) -> None:
     m.write("policy-audit", policy("watch-other", audit))
     m.write("policy-deny", policy("no-client-tcp", deny))
     m.converge({"web-3": {"demo/watch-other", "demo/no-client-tcp"}})
+    # What the sidecar was sent, as an operator reads it: the gate's rules, by policy.
+    shown = m.cp.ns.run([*SIDEMESH, "proxy-config", "demo/web-3", "--type", "extensions"])
+    gate = shown.stdout.split("sidemesh.authz.tcp.gate", 1)[1].split("\n  sidemesh.", 1)[0]
+    print(gate)
+    assert "values set at the caller's TLS handshake" in gate
+    client = "connection.uri_san_peer_certificate == 'spiffe://cluster.local/ns/demo/sa/client'"
+    assert (
+        "sidemesh.authz.tcp.denied = %CEL((destination.port == 9000 && "
+        f"(connection.mtls && {client})) ? 'demo/no-client-tcp' : '')%"
+    ) in gate
+    assert "sidemesh.authz.tcp.audit = %CEL(" in gate and "'demo/watch-other'" in gate
     ns = m.pods["web-3"].ns
     audited = "sidemesh_authz.tcp_audit.policy.demo/watch-other"
     denied = "sidemesh_authz.tcp_denied.policy.demo/no-client-tcp"

@@ -73,11 +73,12 @@ def _register_proxy_views(subparsers: Any) -> None:
     st.set_defaults(handler=_status)
 
     pc = subparsers.add_parser(
-        "proxy-config", help="listeners, routes, clusters and endpoints one sidecar was sent"
+        "proxy-config",
+        help="listeners, routes, clusters, endpoints and filter configs one sidecar was sent",
     )
     pc.add_argument("pod", help="NAMESPACE/NAME")
     pc.add_argument("--url", default=DEFAULT_DEBUG, help=f"debug endpoint ({DEFAULT_DEBUG})")
-    kinds = ["clusters", "endpoints", "listeners", "routes"]
+    kinds = ["clusters", "endpoints", "listeners", "routes", "extensions"]
     pc.add_argument("--type", choices=kinds, default=None)
     pc.add_argument(
         "--routes",
@@ -236,9 +237,37 @@ def _route_lines(config: dict[str, Any]) -> str:
 _TLS_MATCH = "envoy.transport_socket_match"
 
 
+def _extension_lines(ext: dict[str, Any]) -> str:
+    """An ECDS filter config: the policies of an RBAC filter, each value a set_filter_state
+    filter (the TCP access gate) sets with the expression it is computed by."""
+    typed = ext.get("typed_config", {})
+    kind = str(typed.get("@type", "")).rsplit("/", 1)[-1]
+    head = f"{ext.get('name', '')}  {kind}"
+    if ".set_filter_state." in kind:
+        values = typed.get("on_downstream_tls_handshake", [])
+        when = "at the caller's TLS handshake" if values else "nothing"
+        lines = [f"{head}: {len(values)} values set {when}"]
+        lines += [
+            f"    {v.get('object_key')} = "
+            f"{v.get('format_string', {}).get('text_format_source', {}).get('inline_string')}"
+            for v in values
+        ]
+        return "\n".join(lines)
+    names = [
+        f"{key}: {', '.join(typed[key].get('policies', {})) or '(none)'}"
+        for key in ("rules", "shadow_rules")
+        if key in typed
+    ]
+    if "rate_limits" in typed:
+        names.append(f"{len(typed['rate_limits'])} limits")
+    return f"{head}  {'; '.join(names)}" if names else head
+
+
 def _summary(kind: str, item: dict[str, Any]) -> str:
     if kind == "routes":
         return _route_lines(item)
+    if kind == "extensions":
+        return _extension_lines(item)
     if kind == "clusters":
         tls = len(item.get("transport_socket_matches", []))
         mtls = f", mTLS identities: {tls}" if tls else ""

@@ -1,12 +1,19 @@
 """The protobuf descriptors the control plane encodes Envoy's config with: those of the pinned
 ``xds-protos``, plus what Envoy 1.40 has and that release lacks.
 
-``xds-protos`` lags Envoy: its stats access logger config has only the deprecated
-``stat_prefix``, not ``stats_scope`` (an ``envoy.type.v3.Scope``), so Envoy logs a deprecation
-warning for every listener it is sent. :data:`POOL` serves every file of the default pool as
-it is, except that one, to which it adds the field and the ``Scope`` message as Envoy 1.40
-defines them (same names, field numbers and types: the wire format is Envoy's). ``json_format``
-resolves each ``@type`` in this pool, so the added field encodes like any other.
+``xds-protos`` lags Envoy:
+
+- its stats access logger config has only the deprecated ``stat_prefix``, not ``stats_scope``
+  (an ``envoy.type.v3.Scope``), so Envoy logs a deprecation warning for every listener it is
+  sent;
+- its set_filter_state network filter config has only ``on_new_connection``, not
+  ``on_downstream_tls_handshake``, which the TCP access gate needs (it decides once the
+  caller's certificate is known).
+
+:data:`POOL` serves every file of the default pool as it is, except those two, to which it adds
+the fields (and the ``Scope`` message) as Envoy 1.40 defines them (same names, field numbers
+and types: the wire format is Envoy's). ``json_format`` resolves each ``@type`` in this pool,
+so an added field encodes and decodes (``/debug/config``) like any other.
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ __all__ = ["POOL"]
 _STATS_FILE: Final = "envoy/extensions/access_loggers/stats/v3/stats.proto"
 _SCOPE_FILE: Final = "envoy/type/v3/scope.proto"
 _WRAPPERS: Final = "google/protobuf/wrappers.proto"
+_SET_STATE_FILE: Final = (
+    "envoy/extensions/filters/network/set_filter_state/v3/set_filter_state.proto"
+)
 _F = FieldDescriptorProto
 
 
@@ -58,8 +68,24 @@ def _with_stats_scope(fdp: FileDescriptorProto) -> FileDescriptorProto:
     return fdp
 
 
+def _with_handshake_values(fdp: FileDescriptorProto) -> FileDescriptorProto:
+    config = next(m for m in fdp.message_type if m.name == "Config")
+    config.field.add(
+        name="on_downstream_tls_handshake",
+        json_name="onDownstreamTlsHandshake",
+        number=2,
+        label=_F.LABEL_REPEATED,
+        type=_F.TYPE_MESSAGE,
+        type_name=".envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue",
+    )
+    return fdp
+
+
+_AMEND: Final = {_STATS_FILE: _with_stats_scope, _SET_STATE_FILE: _with_handshake_values}
+
+
 class _Database(descriptor_database.DescriptorDatabase):  # type: ignore[misc]
-    """The default pool's files, copied on demand; the stats logger's with ``stats_scope``."""
+    """The default pool's files, copied on demand; those of :data:`_AMEND` amended."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -70,7 +96,8 @@ class _Database(descriptor_database.DescriptorDatabase):  # type: ignore[misc]
             return _scope_file()
         fdp = FileDescriptorProto()
         self._default.FindFileByName(name).CopyToProto(fdp)
-        return _with_stats_scope(fdp) if name == _STATS_FILE else fdp
+        amend = _AMEND.get(name)
+        return amend(fdp) if amend else fdp
 
     def FindFileContainingSymbol(self, symbol: str) -> FileDescriptorProto:
         if symbol.startswith("envoy.type.v3.Scope"):

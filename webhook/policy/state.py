@@ -14,10 +14,6 @@ import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from envoy.config.core.v3 import extension_pb2
-from envoy.extensions.filters.common.set_filter_state.v3 import value_pb2
-from google.protobuf import any_pb2, json_format
-
 from webhook.discovery.model import MeshModel, PodInfo
 from webhook.discovery.resources import Encoded, encode
 from webhook.policy.compiler import ECDS_NAMES, WorkloadAuthz, compile_workload, policies_for
@@ -28,33 +24,9 @@ from webhook.policy.report import summary, unresolved
 from webhook.ratelimit.compiler import compile_limits, limits_for
 from webhook.ratelimit.model import RateLimitPolicy, parse_limit_policies
 
-__all__ = ["AuthzState", "encode_gate"]
+__all__ = ["AuthzState"]
 
 LOG = logging.getLogger("sidemesh.policy")
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def encode_gate(values: list[dict[str, Any]]) -> Encoded:
-    """The gate's ``TypedExtensionConfig``, serialised by hand: its field
-    ``on_downstream_tls_handshake`` (number 2 of the set_filter_state network filter's Config,
-    in Envoy since 1.37) is newer than the Python protos we build messages with."""
-    body = b""
-    for value in values:
-        msg = json_format.ParseDict(value, value_pb2.FilterStateValue())
-        raw = msg.SerializeToString(deterministic=True)
-        body += b"\x12" + _varint(len(raw)) + raw
-    ext = extension_pb2.TypedExtensionConfig(
-        name=GATE, typed_config=any_pb2.Any(type_url=GATE_TYPE, value=body)
-    )
-    return Encoded(ext.SerializeToString(deterministic=True))
 
 
 class AuthzState:
@@ -134,15 +106,15 @@ class AuthzState:
             selected = policies_for(self.policies, pod.namespace, pod.labels, self.root_namespace)
             authz = compile_workload(selected, self.trust_domain)
             limits = limits_for(self.limits, pod.namespace, pod.labels)
+            deny, allow = (authz.filters[n] for n in ECDS_NAMES["tcp"])
             configs = {
                 **authz.filters,
+                GATE: {"@type": GATE_TYPE, "on_downstream_tls_handshake": gate_values(deny, allow)},
                 **compile_limits(limits, service=self.ratelimit_service),
             }
             encoded = {
                 name: encode(EXTENSION_CONFIG, {"name": name, "typed_config": dict(config)})
                 for name, config in configs.items()
             }
-            deny, allow = (authz.filters[n] for n in ECDS_NAMES["tcp"])
-            encoded[GATE] = encode_gate(gate_values(deny, allow))
             hit = self._cache[key] = (authz, encoded)
         return hit
