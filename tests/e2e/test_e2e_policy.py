@@ -41,6 +41,7 @@ from tests.support.netns import NetnsLab, Pod
 from tests.support.podrunner import PodRunner
 from tests.support.programs import PROGRAMS
 from tests.support.redis_server import redis_argv
+from webhook.dataplane.bootstrap import TCP_CONNECT_ATTEMPTS
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
 
@@ -493,14 +494,18 @@ def test_tcp_audit_and_deny_are_counted_per_policy(clean: Lab) -> None:
     ns = m.pods["web-3"].ns
     audited = "sidemesh_authz.tcp_audit.policy.demo/watch-other"
     denied = "sidemesh_authz.tcp_denied.policy.demo/no-client-tcp"
-    before = stats(ns, audited, denied)
+    # The documented price of refusing the app hop: a denial is a connect failure of inbound_app
+    # (each of the proxy's attempts).
+    app_fail = "cluster.inbound_app.upstream_cx_connect_fail"
+    before = stats(ns, audited, denied, app_fail)
     for _ in range(2):
         assert m.greeting("other")["greeting"] == "220 web-3 ready"  # AUDIT denies nothing
     assert m.greeting("client").get("greeting", "") == ""
     assert m.http("client", "/", "web-3")["status"] == 200  # the DENY names port 9000 only
-    after = stats(ns, audited, denied)
+    after = stats(ns, audited, denied, app_fail)
     assert after[audited] == before[audited] + 2
     assert after[denied] == before[denied] + 1
+    assert after[app_fail] == before[app_fail] + TCP_CONNECT_ATTEMPTS
     line = m.wait_logged(
         "web-3", "sidemesh-authz audit tcp spiffe://cluster.local/ns/demo/sa/other"
     )

@@ -43,7 +43,8 @@ DENIED_KEY: Final = "sidemesh.authz.tcp.denied"
 AUDIT_KEY: Final = "sidemesh.authz.tcp.audit"
 #: Where a denied connection's app hop goes: a loopback port nothing listens on, so the connect
 #: is refused at once (the inbound app cluster is an original-destination cluster, and this
-#: filter state overrides its destination).
+#: filter state overrides its destination). Not a cluster of its own for denials: the TCP proxy
+#: picks its cluster when the connection is accepted, before the gate has decided.
 REFUSED: Final = "127.0.0.1:1"
 _ORIGINAL_DST: Final = "envoy.network.transport_socket.original_dst_address"
 _PEER: Final = "connection.uri_san_peer_certificate"
