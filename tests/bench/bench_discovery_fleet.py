@@ -11,7 +11,9 @@ Once every Envoy has ACKed its first clusters, endpoints and listeners, one Endp
 Service every client calls is edited ``--changes`` times (an endpoint added, then removed); each
 time, the span from the store edit to the moment the control plane has handed the new set to
 every stream, and to the moment the last Envoy's ACK of it is read. Envoy's own ACK is what
-counts here, not a simulated client's. Before that, the control plane's CPU per proxy to
+counts here, not a simulated client's. Also the CPU one change costs the control plane and all
+the Envoys together (their idle timers subtracted): on two shared cores the wall time to the
+last ACK cannot be below about half their sum. Before that, the control plane's CPU per proxy to
 send every Envoy its whole config again (gRPC and TLS included, the stream's set-up not).
 
     .venv/bin/python tests/bench/bench_discovery_fleet.py [--envoys 100] [--scoped]
@@ -92,6 +94,16 @@ def _ready(envoy: Envoy) -> bool:
     return envoy.get("/ready")[0] == 200
 
 
+def _cpu_ms(pids: list[int]) -> float:
+    """utime + stime of ``pids``, in ms."""
+    ticks = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks += int(fields[11]) + int(fields[12])
+    return ticks * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 def _nacks(cp: Any) -> list[str]:
     return [f"{c.node_id}: {ts.last_nack}" for c in cp.discovery.proxies.values()
             for ts in c.types.values() if ts.nacks]  # fmt: skip
@@ -147,7 +159,15 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         nacks = cp.call(lambda: len(_nacks(cp)))
         rss = _envoy_rss_mib([e.proc.pid for e in envoys])
         repush = full_repush_cpu_ms(cp, args.envoys)
+        pids = [e.proc.pid for e in envoys]
+        idle = _cpu_ms(pids)
+        time.sleep(2.0)
+        idle_rate = (_cpu_ms(pids) - idle) / 2.0  # timers, stats flushes: not the changes
+        envoy0, cp0, t0 = _cpu_ms(pids), time.process_time(), time.perf_counter()
         sent, acked = measure_changes(cp, store, args.changes, args.envoys)
+        elapsed = time.perf_counter() - t0
+        envoy_cpu = (_cpu_ms(pids) - envoy0 - idle_rate * elapsed) / args.changes
+        cp_cpu = (time.process_time() - cp0) * 1000 / args.changes
     return {
         "envoys": args.envoys,
         "scoped": args.scoped,
@@ -157,6 +177,7 @@ def run(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
         "nacks": nacks,
         "envoy_rss_mib_total": round(rss),
         "full_repush_cpu_ms_per_proxy": round(repush, 2),
+        "per_change_cpu_ms": {"control_plane": round(cp_cpu, 1), "all_envoys": round(envoy_cpu, 1)},
         "change_to_all_sent_ms": _ms(sent),
         "change_to_all_acked_ms": _ms(acked),
         "load_average": os.getloadavg()[0],
