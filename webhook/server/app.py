@@ -90,6 +90,9 @@ def create_app(
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
+        # FastAPI's own OpenTelemetry hooks ask the global providers on every request; the
+        # webhook's metrics and logs are its own, so they are off.
+        telemetry={"tracing": False, "metrics": False, "logs": False},
     )
     app.state.metrics = metrics
     app.state.tls = tls
