@@ -5,9 +5,7 @@ Timeouts only bound how long a broken build hangs."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,17 +14,13 @@ import pytest
 
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from webhook.discovery.backoff import Backoff
+from tests.support.kube_sources import write_status_once
 from webhook.discovery.build import build_model
-from webhook.discovery.core import Discovery, DiscoverySettings
-from webhook.discovery.kubesource import KubeSource
-from webhook.discovery.store import ObjectStore
-from webhook.kube.client import KubeClient
+from webhook.discovery.core import DiscoverySettings
 from webhook.policy.model import AccessPolicy
 from webhook.policy.state import AuthzState
 from webhook.policy.status import policy_status_update
 from webhook.ratelimit.model import RateLimitPolicy
-from webhook.routing.statuswriter import StatusWriter
 
 NOW, LATER = "2026-11-28T10:00:00Z", "2026-11-28T11:00:00Z"
 WEB = {"matchLabels": {"app": "web"}}
@@ -128,28 +122,8 @@ def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
 def test_standin_gets_policy_status_from_the_control_plane(standin: APIServerStandin) -> None:
     for obj in (POD, FINE, TYPO, LIMIT):
         standin.objects.add(copy.deepcopy(obj))
-    kube = KubeClient.at(standin.url, token=standin.caller_token, ca_file=str(standin.ca_file))
-    store = ObjectStore()
-    source = KubeSource(kube, store, backoff=Backoff(base=0.01, cap=0.04), rng=random.Random(5))
-    source.start()
-
-    async def run() -> None:
-        assert await source.wait_synced(timeout=10)
-        d = Discovery(store, DiscoverySettings(quiet=0.01, ratelimit_address="rls:8081"))
-        d.start(asyncio.get_running_loop())
-        writer = StatusWriter(kube, d, clock=lambda: NOW)
-        assert await writer.write_once() == 3  # two access policies, one rate limit
-        # The writes come back as watch events; then there is nothing left to write.
-        for _ in range(100):
-            if not writer.pending():
-                break
-            await asyncio.sleep(0.05)
-        assert writer.pending() == []
-
-    try:
-        asyncio.run(run())
-    finally:
-        source.stop()
+    settings = DiscoverySettings(quiet=0.01, ratelimit_address="rls:8081")
+    assert write_status_once(standin, settings, NOW) == 3  # two access policies, one rate limit
     typo = standin.objects.get("AccessPolicy", "demo", "typo")
     assert typo is not None and typo["spec"] == TYPO["spec"]  # the spec is never written
     resolved = _conditions(typo["status"])["ResolvedRefs"]

@@ -5,9 +5,7 @@ Timeouts only bound how long a broken build hangs."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
-import random
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +15,12 @@ import pytest
 from tests.conftest import TESTDATA
 from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
-from webhook.discovery.backoff import Backoff
+from tests.support.kube_sources import write_status_once
 from webhook.discovery.build import build_model
-from webhook.discovery.core import Discovery, DiscoverySettings
+from webhook.discovery.core import DiscoverySettings
 from webhook.discovery.filesource import parse_documents
-from webhook.discovery.kubesource import KubeSource
-from webhook.discovery.store import KINDS, ObjectStore
-from webhook.kube.client import KubeClient
+from webhook.discovery.store import KINDS
 from webhook.routing.status import CONTROLLER, status_update
-from webhook.routing.statuswriter import StatusWriter
 from webhook.routing.table import RoutingTable, build_table
 
 NOW, LATER = "2026-11-28T10:00:00Z", "2026-11-28T11:00:00Z"
@@ -106,28 +101,8 @@ def test_the_control_plane_writes_rule_status_to_the_api_server(
     for kind in ("Service", "HTTPRoute", "TrafficPolicy"):
         for obj in objects[kind]:
             standin.objects.add({**obj, "metadata": {**obj["metadata"], "generation": 1}})
-    kube = KubeClient.at(standin.url, token=standin.caller_token, ca_file=str(standin.ca_file))
-    store = ObjectStore()
-    source = KubeSource(kube, store, backoff=Backoff(base=0.01, cap=0.04), rng=random.Random(5))
-    source.start()
-
-    async def run() -> None:
-        assert await source.wait_synced(timeout=10)
-        d = Discovery(store, DiscoverySettings(quiet=0.01))
-        d.start(asyncio.get_running_loop())
-        writer = StatusWriter(kube, d, clock=lambda: NOW)
-        assert await writer.write_once() == 4  # two routes, two policies
-        # The writes come back as watch events; then there is nothing left to write.
-        for _ in range(100):
-            if not writer.pending():
-                break
-            await asyncio.sleep(0.05)
-        assert writer.pending() == []
-
-    try:
-        asyncio.run(run())
-    finally:
-        source.stop()
+    # two routes, two policies
+    assert write_status_once(standin, DiscoverySettings(quiet=0.01), NOW) == 4
     route = standin.objects.get("HTTPRoute", "demo", "canary")
     assert route is not None
     (entry,) = route["status"]["parents"]
