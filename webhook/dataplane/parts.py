@@ -168,6 +168,9 @@ def _common_tls(opts: BootstrapOptions, alpn: list[str]) -> dict[str, Any]:
 #: app as a reset: a refused connection, or a TLS handshake cut while the peer's listener
 #: swaps its certificate, is tried again before the caller sees anything.
 TCP_CONNECT_ATTEMPTS: Final = 3
+#: Pause between those attempts (jittered, doubling up to the max): a peer swapping its
+#: certificate can fail handshakes for a few milliseconds, longer than three immediate tries.
+TCP_CONNECT_BACKOFF: Final = {"base_interval": "0.05s", "max_interval": "0.4s"}
 
 
 def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
@@ -178,6 +181,7 @@ def _tcp_proxy(stat_prefix: str, cluster: str) -> dict[str, Any]:
             "stat_prefix": stat_prefix,
             "cluster": cluster,
             "max_connect_attempts": TCP_CONNECT_ATTEMPTS,
+            "backoff_options": dict(TCP_CONNECT_BACKOFF),
         },
     }
 
