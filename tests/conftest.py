@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.apiserver_standin import APIServerStandin
 from tests.support.jwks_issuer import Issuer
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,3 +58,10 @@ def envoy_binary() -> str:
 def issuer() -> Issuer:
     """A service-account token issuer (RSA, RS256) with its JWKS, one per test module."""
     return Issuer.create()
+
+
+@pytest.fixture
+def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
+    """The API-server stand-in (HTTPS, list+watch, TokenReview), trusting ``issuer``'s tokens."""
+    with APIServerStandin(tmp_path / "standin", issuer) as api:
+        yield api

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,7 +14,6 @@ import pytest
 import yaml
 
 from tests.support.apiserver_standin import APIServerStandin
-from tests.support.jwks_issuer import Issuer
 from tests.support.ports import free_port
 from tests.support.shop_objects import cluster
 from webhook.ca.serving import ensure_dev_pki
@@ -67,12 +65,6 @@ def healthy(port: int) -> bool:
             return bool(resp.status == 200)
     except (urllib.error.URLError, OSError):
         return False
-
-
-@pytest.fixture
-def standin(tmp_path: Path) -> Iterator[APIServerStandin]:
-    with APIServerStandin(tmp_path / "standin", Issuer.create()) as api:
-        yield api
 
 
 def test_standin_discovery_lists_the_cluster_then_serves(

@@ -8,7 +8,6 @@ import asyncio
 import base64
 import io
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -28,13 +27,6 @@ from webhook.ca.upkeep import CAUpkeep
 from webhook.config import MeshConfig
 from webhook.kube.client import KubeAPIError, KubeClient
 from webhook.server.logs import configure_logging
-
-
-@pytest.fixture
-def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
-    with APIServerStandin(tmp_path / "standin", issuer) as api:
-        yield api
-
 
 # --- TokenReview ------------------------------------------------------------------------------
 

@@ -8,13 +8,11 @@ import asyncio
 import random
 import threading
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.support.apiserver_standin import APIServerStandin
-from tests.support.jwks_issuer import Issuer
 from tests.support.shop_objects import cluster, pod
 from webhook.discovery.backoff import Backoff
 from webhook.discovery.kubesource import KubeSource
@@ -24,12 +22,6 @@ from webhook.kube.client import KubeClient
 
 POD = next(k for k in KINDS if k.kind == "Pod")
 FAST = Backoff(base=0.01, cap=0.04)
-
-
-@pytest.fixture
-def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
-    with APIServerStandin(tmp_path / "standin", issuer) as api:
-        yield api
 
 
 def client_for(api: APIServerStandin) -> KubeClient:

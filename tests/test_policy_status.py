@@ -6,14 +6,9 @@ Timeouts only bound how long a broken build hangs."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-import pytest
-
 from tests.support.apiserver_standin import APIServerStandin
-from tests.support.jwks_issuer import Issuer
 from tests.support.kube_sources import write_status_once
 from webhook.discovery.build import build_model
 from webhook.discovery.core import DiscoverySettings
@@ -111,12 +106,6 @@ def test_nothing_to_write_when_the_status_is_current_and_times_are_kept() -> Non
     accepted, resolved = changed["conditions"]
     assert accepted["lastTransitionTime"] == NOW
     assert (resolved["status"], resolved["lastTransitionTime"]) == ("False", LATER)
-
-
-@pytest.fixture
-def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
-    with APIServerStandin(tmp_path / "standin", issuer) as api:
-        yield api
 
 
 def test_standin_gets_policy_status_from_the_control_plane(standin: APIServerStandin) -> None:

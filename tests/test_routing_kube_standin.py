@@ -6,23 +6,11 @@ how long a broken build hangs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
-from pathlib import Path
-
-import pytest
 
 from tests.support.apiserver_standin import APIServerStandin
-from tests.support.jwks_issuer import Issuer
 from tests.support.kube_sources import source_on as _source, wait_for_store as _wait
 from webhook.discovery.listwatch import KINDS, KindSpec
 from webhook.discovery.store import ObjectStore
-
-
-@pytest.fixture
-def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
-    with APIServerStandin(tmp_path / "standin", issuer) as api:
-        yield api
-
 
 ROUTE = {
     "apiVersion": "gateway.networking.k8s.io/v1",

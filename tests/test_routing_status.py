@@ -6,15 +6,10 @@ Timeouts only bound how long a broken build hangs."""
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
-
-import pytest
 
 from tests.conftest import TESTDATA
 from tests.support.apiserver_standin import APIServerStandin
-from tests.support.jwks_issuer import Issuer
 from tests.support.kube_sources import write_status_once
 from webhook.discovery.build import build_model
 from webhook.discovery.core import DiscoverySettings
@@ -86,12 +81,6 @@ def test_nothing_to_write_when_the_status_is_current_and_times_are_kept() -> Non
     accepted, resolved = changed["parents"][1]["conditions"]
     assert accepted["lastTransitionTime"] == NOW  # still True: the time it became so
     assert (resolved["status"], resolved["lastTransitionTime"]) == ("False", LATER)
-
-
-@pytest.fixture
-def standin(issuer: Issuer, tmp_path: Path) -> Iterator[APIServerStandin]:
-    with APIServerStandin(tmp_path / "standin", issuer) as api:
-        yield api
 
 
 def test_the_control_plane_writes_rule_status_to_the_api_server(
