@@ -28,7 +28,14 @@ from webhook.discovery.compiler import LISTENER, proxy_options, proxy_resources
 from webhook.discovery.resources import decode, encode
 from webhook.errors import ConfigError
 from webhook.telemetry import promtext
-from webhook.telemetry.metrics import HTTP_LABELS, PROMETHEUS_NAMES, TCP_LABELS, stats_logger
+from webhook.telemetry.metrics import (
+    EDGE_LABELS,
+    HTTP_LABELS,
+    PROMETHEUS_NAMES,
+    REQUESTS,
+    TCP_LABELS,
+    stats_logger,
+)
 from webhook.telemetry.promtext import Sample
 from webhook.telemetry.settings import AccessLogPolicy, ProxyFacts, parse_access_log
 from webhook.telemetry.top import quantile, render, rows
@@ -149,6 +156,22 @@ def test_switches_metrics_off_and_access_logs_by_policy() -> None:
     assert "filter" not in _loggers(_inbound_http(access_log="100%"))[1]
 
 
+def test_http_requests_are_the_histogram_count_and_bytes_are_counted_by_edge() -> None:
+    config = _loggers(_inbound_http())[0]["typed_config"]
+    (duration,) = config["histograms"]
+    assert duration["stat"]["name"] == "request_duration_milliseconds"
+    assert PROMETHEUS_NAMES["request_duration_milliseconds"] + "_count" == REQUESTS
+    assert [t["name"] for t in duration["stat"]["tags"]] == list(HTTP_LABELS)
+    counters = {
+        c["stat"]["name"]: [t["name"] for t in c["stat"]["tags"]] for c in config["counters"]
+    }
+    # No second count of the same requests: every label costs Envoy work on every request.
+    assert counters == {
+        "request_bytes_total": list(EDGE_LABELS),
+        "response_bytes_total": list(EDGE_LABELS),
+    }
+
+
 def test_stats_logger_refuses_a_label_without_a_value() -> None:
     with pytest.raises(ValueError, match=r"without a value: .*destination_service"):
         stats_logger("http", {k: "x" for k in HTTP_LABELS if k != "destination_service"})
@@ -267,10 +290,10 @@ def test_top_rows_count_what_each_workload_answered_between_two_scrapes() -> Non
         labels = {"reporter": "destination", "destination_namespace": "demo",
                   "destination_workload": "web"}  # fmt: skip
         return [
-            Sample("envoy_sidemesh_requests_total", {**labels, "response_code": "200"}, ok),
-            Sample("envoy_sidemesh_requests_total", {**labels, "response_code": "503"}, failed),
+            Sample(REQUESTS, {**labels, "response_code": "200"}, ok),
+            Sample(REQUESTS, {**labels, "response_code": "503"}, failed),
             Sample(
-                "envoy_sidemesh_requests_total",
+                REQUESTS,
                 {"reporter": "source", "destination_workload": "web", "response_code": "200"},
                 1000,
             ),

@@ -15,8 +15,11 @@ Per mode: p50 at one connection (median over rounds) and each Envoy's CPU per re
 The lab's figures carry the Python app and both hops' TLS; on a busy machine their noise can
 exceed what is measured. So a second part isolates the golden-metrics logger: one Envoy on
 loopback answering every request itself (``direct_response``), with and without the stats
-logger the control plane compiles for an HTTP chain, same rounds. Root, Envoy and wrk
-required; ``BENCH_SECONDS`` (default 5) per run, ``BENCH_ROUNDS`` (default 3) per mode.
+logger the control plane compiles for an HTTP chain, same rounds. A third counts the
+instructions that Envoy executes per request for each piece, under valgrind's callgrind: a
+figure that does not move with the machine's load. Root, Envoy and wrk required (valgrind for
+the third part); ``BENCH_SECONDS`` (default 5) per run, ``BENCH_ROUNDS`` (default 3) per mode,
+``BENCH_PARTS`` (default ``lab,alone,instructions``) what to run.
 
     .venv/bin/python tests/bench/bench_telemetry.py   # table on stdout,
                                                       # JSON in bench-results/telemetry.json
@@ -25,6 +28,7 @@ required; ``BENCH_SECONDS`` (default 5) per run, ``BENCH_ROUNDS`` (default 3) pe
 from __future__ import annotations
 
 import copy
+import http.client
 import json
 import os
 import re
@@ -55,6 +59,7 @@ from webhook.telemetry.workload import OWN_WORKLOAD  # noqa: E402
 
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
+INSTRUCTION_REQUESTS = int(os.environ.get("BENCH_INSTRUCTION_REQUESTS", "1000"))
 GOALS = {"added_cpu_per_request": 0.10, "added_p50_ms": 0.05}
 
 
@@ -129,20 +134,16 @@ def alone_variants() -> dict[str, tuple[list[Any], dict[str, Any]]]:
     labels["source_workload"] = "%FILTER_STATE(sidemesh.peer.workload:PLAIN)%"
     labels["destination_workload"] = OWN_WORKLOAD
     stats = stats_logger("http", labels)
-    one_stat = copy.deepcopy(stats)
-    one_stat["typed_config"]["counters"] = one_stat["typed_config"]["counters"][:1]
-    one_stat["typed_config"].pop("histograms")
     no_tags = copy.deepcopy(stats)
     for stat in [*no_tags["typed_config"]["counters"], *no_tags["typed_config"]["histograms"]]:
-        (stat.get("stat") or stat)["tags"] = []
+        stat["stat"]["tags"] = []
     access = json_logger("http", labels, AccessLogPolicy(True, 1.0))
     tracing: dict[str, Any] = {}
     http_tracing(TelemetryConfig(tracing_collector="127.0.0.1:19939"), tracing, inbound=True)
     return {
         "off": ([], {}),
         "metrics": ([stats], {}),
-        "metrics 1 counter": ([one_stat], {}),
-        "metrics no tags": ([no_tags], {}),
+        "metrics no labels": ([no_tags], {}),
         "access log 1%": ([access], {}),
         "tracing 1%": ([], tracing),
         "request id only": ([], {"generate_request_id": True}),
@@ -187,14 +188,79 @@ def envoy_alone() -> dict[str, Any]:
     return runs
 
 
+def _get(port: int, count: int) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        for _ in range(count):
+            conn.request("GET", "/")
+            response = conn.getresponse()
+            response.read()
+            assert response.status == 200, response.status
+    finally:
+        conn.close()
+
+
+def _instructions_run(loggers: list[Any], extra: dict[str, Any], tmp: Path, tag: str) -> float:
+    """Instructions one Envoy executes per request, counted by valgrind's callgrind over
+    ``INSTRUCTION_REQUESTS`` keep-alive requests after a warm-up (user space only: the
+    kernel's share is not in it). Unlike CPU time it does not move with the machine's load."""
+    path = tmp / f"envoy-{tag}.json"
+    path.write_text(json.dumps(_alone_config(19931, 19930, loggers, extra)))
+    out = tmp / f"callgrind-{tag}.out"
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}",
+            envoy_binary(), "-c", str(path), "--disable-hot-restart",
+            "--concurrency", "1", "-l", "error"]  # fmt: skip
+    env = {**os.environ, "SIDEMESH_WORKLOAD": "web"}
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    try:
+        deadline = time.monotonic() + 240  # Envoy starts slowly under valgrind
+        while True:
+            try:
+                _get(19931, 1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "envoy never listened under valgrind"
+                time.sleep(1)
+        _get(19931, 200)
+        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True,
+                       capture_output=True)  # fmt: skip
+        _get(19931, INSTRUCTION_REQUESTS)
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True,
+                       capture_output=True)  # fmt: skip
+    finally:
+        proc.terminate()
+        proc.wait(timeout=120)
+    (dump,) = tmp.glob(f"callgrind-{tag}.out.*")
+    found = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+    assert found, f"no instruction total in {dump}"
+    return int(found.group(1)) / INSTRUCTION_REQUESTS
+
+
+def envoy_instructions() -> dict[str, float]:
+    """Instructions per request of one Envoy with each piece of telemetry alone."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return {
+            name: round(_instructions_run(loggers, extra, Path(tmp), str(i)))
+            for i, (name, (loggers, extra)) in enumerate(alone_variants().items())
+        }
+
+
 def report(results: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = _report_lab(results) if results["runs"] else {}
     alone = results["envoy_alone"]
-    med = {k: statistics.median(r["cpu_us_per_req"] for r in v) for k, v in alone.items()}
-    summary["envoy_alone_cpu_us_per_req"] = {k: round(v, 1) for k, v in med.items()}
-    print("one Envoy, direct response, wrk -c1: CPU per request (median), added over off, p50s")
-    for k, v in med.items():
-        print(f"  {k:<20}{v:>7.1f} us {v - med['off']:>+7.1f} us  {[r['p50'] for r in alone[k]]}")
+    if alone:
+        med = {k: statistics.median(r["cpu_us_per_req"] for r in v) for k, v in alone.items()}
+        summary["envoy_alone_cpu_us_per_req"] = {k: round(v, 1) for k, v in med.items()}
+        print("one Envoy, direct response, wrk -c1: CPU per request (median), added over off")
+        for k, v in med.items():
+            p50s = [r["p50"] for r in alone[k]]
+            print(f"  {k:<20}{v:>7.1f} us {v - med['off']:>+7.1f} us  {p50s}")
+    counted = results.get("envoy_instructions")
+    if counted:
+        summary["envoy_instructions_per_req"] = counted
+        print("one Envoy under callgrind: instructions per request, added over off")
+        for k, v in counted.items():
+            print(f"  {k:<20}{v:>9,.0f} {v - counted['off']:>+9,.0f}")
     results["summary"] = summary
     results["goals"] = GOALS
     return results
@@ -235,9 +301,16 @@ def main() -> int:
         print("bench_telemetry: needs root and wrk (apt-get install -y wrk); skipped")
         return 0
     started = time.monotonic()
-    # BENCH_PARTS=alone: only the one-Envoy pieces (quick, and less sensitive to load).
-    measured = {"runs": {}} if os.environ.get("BENCH_PARTS") == "alone" else run()
-    measured["envoy_alone"] = envoy_alone()
+    # BENCH_PARTS: a comma-separated choice of lab, alone (one Envoy, CPU time), instructions
+    # (one Envoy under callgrind; needs valgrind). Default: all that can run here.
+    parts = set(os.environ.get("BENCH_PARTS", "lab,alone,instructions").split(","))
+    measured: dict[str, Any] = {"runs": run() if "lab" in parts else {}}
+    measured["envoy_alone"] = envoy_alone() if "alone" in parts else {}
+    if "instructions" in parts:
+        if shutil.which("callgrind_control"):
+            measured["envoy_instructions"] = envoy_instructions()
+        else:
+            print("no valgrind here (apt-get install -y valgrind): instructions not counted")
     results = report(measured)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
     out = REPO / "bench-results" / "telemetry.json"

@@ -26,6 +26,7 @@ from tests.conftest import envoy_binary, require_root, require_tools
 from tests.support.meshlab import SIDEMESH, app, checked_lab
 from tests.support.telemetrylab import DB, WEB, Lab, start
 from webhook.telemetry import promtext
+from webhook.telemetry.metrics import EDGE_LABELS, PROMETHEUS_NAMES, REQUESTS
 from webhook.telemetry.promtext import Sample
 
 pytestmark = [pytest.mark.root, pytest.mark.envoy, pytest.mark.e2e]
@@ -34,8 +35,6 @@ REPO = Path(__file__).resolve().parents[2]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 SERVER, CLIENT = 2, 3  # OTLP span kinds
 TD = "spiffe://cluster.local/ns/demo/sa"
-REQUESTS = "envoy_sidemesh_requests_total"
-DURATION = "envoy_sidemesh_request_duration_milliseconds_count"
 TCP_CLOSED = "envoy_sidemesh_tcp_connections_closed_total"
 OK, FAILED, CONNECTIONS = 14, 6, 3
 
@@ -84,28 +83,29 @@ WEB_PEER = {
 }
 
 
+def _requests(lab: Lab, workload: str, reporter: str) -> list[Sample]:
+    """The requests ``workload``'s sidecar counted as ``reporter``, once all of the fixture's
+    have reached its histogram (every 5 s)."""
+
+    def flushed() -> list[Sample]:
+        got = promtext.select(lab.scrape(workload), REQUESTS, reporter=reporter)
+        return got if _total(got) >= OK + FAILED else []
+
+    return list(_eventually(flushed, f"{OK + FAILED} requests at {workload} ({reporter})"))
+
+
 def test_server_sidecar_counts_each_request_by_caller_and_code(mesh: Lab) -> None:
-    samples = mesh.scrape("web")
-    mine = promtext.select(samples, REQUESTS, reporter="destination")
+    mine = _requests(mesh, "web", "destination")
     for s in mine:
         print(dict(s.labels), s.value)
     by_code = {s.labels["response_code"]: s.value for s in mine}
     assert by_code == {"200": OK, "500": FAILED}
     for s in mine:
         assert {k: s.labels[k] for k in WEB_PEER} == WEB_PEER
-    durations = _eventually(
-        lambda: (
-            _total(promtext.select(mesh.scrape("web"), DURATION, reporter="destination"))
-            == OK + FAILED
-        ),
-        "the duration histogram",
-    )
-    assert durations
 
 
 def test_client_sidecar_reports_the_same_calls_as_their_source(mesh: Lab) -> None:
-    samples = mesh.scrape("client")
-    http = promtext.select(samples, REQUESTS, reporter="source")
+    http = _requests(mesh, "client", "source")
     for s in http:
         print(s.name, dict(s.labels), s.value)
     # The outbound side runs an HTTP connection manager on a Service's HTTP port: per request.
@@ -113,6 +113,18 @@ def test_client_sidecar_reports_the_same_calls_as_their_source(mesh: Lab) -> Non
     assert by_code == {"200": OK, "500": FAILED}
     for s in http:
         assert {k: s.labels[k] for k in WEB_PEER} == WEB_PEER
+
+
+def test_byte_counters_name_the_edge_both_sidecars_saw(mesh: Lab) -> None:
+    edge = {k: v for k, v in WEB_PEER.items() if k in EDGE_LABELS}
+    for workload, reporter in (("web", "destination"), ("client", "source")):
+        samples = mesh.scrape(workload)
+        (sent,) = promtext.select(samples, PROMETHEUS_NAMES["response_bytes_total"],
+                                  reporter=reporter, **edge)  # fmt: skip
+        print(workload, dict(sent.labels), sent.value)
+        # One edge, one series: the answer's code does not split the byte counts.
+        assert set(sent.labels) == set(EDGE_LABELS)
+        assert sent.value > 0
 
 
 def test_tcp_service_shows_connections_and_bytes(mesh: Lab) -> None:
@@ -184,16 +196,10 @@ def test_both_sidecars_export_spans_of_one_trace(mesh: Lab) -> None:
 
 
 def test_sidemesh_top_shows_success_rate_and_latency_of_web(mesh: Lab) -> None:
-    served = promtext.select(mesh.scrape("web"), REQUESTS, reporter="destination")
+    served = _requests(mesh, "web", "destination")
     total = _total(served)
     failed = _total([s for s in served if s.labels["response_code"] == "500"])
     assert failed == FAILED and total >= OK + FAILED
-
-    def histogram_flushed() -> bool:
-        counts = promtext.select(mesh.scrape("web"), DURATION, reporter="destination")
-        return _total(counts) == total
-
-    _eventually(histogram_flushed, "every request in web's duration histogram")
     # From the control plane's list of connected sidecars, as an operator would run it.
     argv = [*SIDEMESH, "top", "--discovery", "http://127.0.0.1:15014", "--window", "0"]
     table = mesh.cp.ns.run(argv, timeout=30).stdout

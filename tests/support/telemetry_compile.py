@@ -42,7 +42,8 @@ def telemetry_loggers(chain: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def stat_tags(logger: dict[str, Any]) -> dict[str, str]:
-    """Label → value format of the first counter of a stats logger."""
-    return {
-        t["name"]: t["value_format"] for t in logger["typed_config"]["counters"][0]["stat"]["tags"]
-    }
+    """Label → value format of the stat with every label: the duration histogram of an HTTP
+    chain, the connection counter of a TCP one."""
+    config = logger["typed_config"]
+    stat = (config.get("histograms") or config["counters"])[0]["stat"]
+    return {t["name"]: t["value_format"] for t in stat["tags"]}

@@ -9,18 +9,28 @@ endpoint metadata the control plane attached to each endpoint (the destination's
 namespace), or the response code. Envoy's ``/stats/prometheus`` (15090) then serves them, with
 its ``envoy_`` prefix:
 
-==============================================  =========  ====================================
-metric                                          type       value
-==============================================  =========  ====================================
-``envoy_sidemesh_requests_total``               counter    HTTP/gRPC requests
-``envoy_sidemesh_request_duration_milliseconds`` histogram  first request byte to last response
-                                                           byte
-``envoy_sidemesh_request_bytes_total``          counter    request body bytes
-``envoy_sidemesh_response_bytes_total``         counter    response body bytes
-``envoy_sidemesh_tcp_connections_closed_total`` counter    TCP connections (counted at close)
-``envoy_sidemesh_tcp_received_bytes_total``     counter    bytes from the connection's opener
-``envoy_sidemesh_tcp_sent_bytes_total``         counter    bytes to the connection's opener
-==============================================  =========  ====================================
+=================================================  =========  =================================
+metric                                             type       value
+=================================================  =========  =================================
+``envoy_sidemesh_request_duration_milliseconds``   histogram  first request byte to last
+                                                              response byte; its ``_count`` is
+                                                              the number of requests
+``envoy_sidemesh_request_bytes_total``             counter    request body bytes
+``envoy_sidemesh_response_bytes_total``            counter    response body bytes
+``envoy_sidemesh_tcp_connections_closed_total``    counter    TCP connections (counted at close)
+``envoy_sidemesh_tcp_received_bytes_total``        counter    bytes from the connection's opener
+``envoy_sidemesh_tcp_sent_bytes_total``            counter    bytes to the connection's opener
+=================================================  =========  =================================
+
+What a request costs is set by how many (stat, label) pairs it records: Envoy formats every
+label of every stat on every request and builds a stat name from them. So requests are counted
+by the duration histogram (its ``_count``, complete with every label), not by a second counter
+with the same labels; and the byte counters carry only the edge (:data:`EDGE_LABELS`: who
+called whom, through which Service, over mTLS or not), not the answer's code, flags or the
+principals: 26 pairs per HTTP request, where a request counter and byte counters with every
+label would make 48. The price: a histogram reaches
+``/stats/prometheus`` at Envoy's stats flush (every 5 s), so a request shows up in the count
+up to 5 s after it ended.
 
 The labels, where each comes from, and why the cardinality stays bounded are in
 :data:`HTTP_LABELS`, :data:`TCP_LABELS` and ``docs/telemetry.md``.
@@ -32,9 +42,11 @@ from collections.abc import Mapping
 from typing import Any, Final
 
 __all__ = [
+    "EDGE_LABELS",
     "HTTP_LABELS",
     "METRIC_PREFIX",
     "PROMETHEUS_NAMES",
+    "REQUESTS",
     "TCP_LABELS",
     "stats_logger",
 ]
@@ -62,6 +74,17 @@ HTTP_LABELS: Final = (
 #: Labels of TCP metrics: the same without the HTTP-only ones.
 TCP_LABELS: Final = tuple(x for x in HTTP_LABELS if x not in ("response_code", "grpc_status"))
 
+#: Labels of the HTTP byte counters: the edge, without the answer and the principals.
+EDGE_LABELS: Final = (
+    "reporter",
+    "source_workload",
+    "source_namespace",
+    "destination_workload",
+    "destination_namespace",
+    "destination_service",
+    "connection_security_policy",
+)
+
 #: Per-request values (the rest of the labels are per chain).
 _PER_REQUEST: Final = {
     "response_code": "%RESPONSE_CODE%",
@@ -69,22 +92,23 @@ _PER_REQUEST: Final = {
     "response_flags": "%RESPONSE_FLAGS%",
 }
 
-#: (stat name, kind, value format) per protocol; the Prometheus names follow.
+#: (stat name, kind, value format, labels) per protocol; the Prometheus names follow.
 _HTTP_STATS: Final = (
-    ("requests_total", "counter", None),
-    ("request_duration_milliseconds", "histogram", "%DURATION%"),
-    ("request_bytes_total", "counter", "%BYTES_RECEIVED%"),
-    ("response_bytes_total", "counter", "%BYTES_SENT%"),
+    ("request_duration_milliseconds", "histogram", "%DURATION%", HTTP_LABELS),
+    ("request_bytes_total", "counter", "%BYTES_RECEIVED%", EDGE_LABELS),
+    ("response_bytes_total", "counter", "%BYTES_SENT%", EDGE_LABELS),
 )
 _TCP_STATS: Final = (
-    ("tcp_connections_closed_total", "counter", None),
-    ("tcp_received_bytes_total", "counter", "%BYTES_RECEIVED%"),
-    ("tcp_sent_bytes_total", "counter", "%BYTES_SENT%"),
+    ("tcp_connections_closed_total", "counter", None, TCP_LABELS),
+    ("tcp_received_bytes_total", "counter", "%BYTES_RECEIVED%", TCP_LABELS),
+    ("tcp_sent_bytes_total", "counter", "%BYTES_SENT%", TCP_LABELS),
 )
 #: What a sidecar's /stats/prometheus calls each metric (dashboards and `sidemesh top`).
 PROMETHEUS_NAMES: Final = {
-    name: f"envoy_{METRIC_PREFIX}_{name}" for name, _, _ in (*_HTTP_STATS, *_TCP_STATS)
+    name: f"envoy_{METRIC_PREFIX}_{name}" for name, _, _, _ in (*_HTTP_STATS, *_TCP_STATS)
 }
+#: HTTP/gRPC requests: the duration histogram's count.
+REQUESTS: Final = PROMETHEUS_NAMES["request_duration_milliseconds"] + "_count"
 
 
 def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
@@ -95,10 +119,10 @@ def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
     missing = [n for n in names if n not in values]
     if missing:
         raise ValueError(f"telemetry labels without a value: {', '.join(missing)}")
-    tags = [{"name": n, "value_format": _non_empty(values[n])} for n in names]
     counters: list[dict[str, Any]] = []
     histograms: list[dict[str, Any]] = []
-    for name, kind, value in _HTTP_STATS if protocol == "http" else _TCP_STATS:
+    for name, kind, value, labelled in _HTTP_STATS if protocol == "http" else _TCP_STATS:
+        tags = [{"name": n, "value_format": _non_empty(values[n])} for n in labelled]
         stat = {"name": name, "tags": tags}
         if kind == "histogram":
             histograms.append({"stat": stat, "unit": "Milliseconds", "value_format": value})

@@ -15,12 +15,11 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from webhook.telemetry.metrics import PROMETHEUS_NAMES
+from webhook.telemetry.metrics import PROMETHEUS_NAMES, REQUESTS
 from webhook.telemetry.promtext import Sample
 
 __all__ = ["Row", "quantile", "render", "rows"]
 
-_REQUESTS = PROMETHEUS_NAMES["requests_total"]
 _BUCKETS = PROMETHEUS_NAMES["request_duration_milliseconds"] + "_bucket"
 _TCP = PROMETHEUS_NAMES["tcp_connections_closed_total"]
 _UPTIME = "envoy_server_uptime"
@@ -135,7 +134,7 @@ def _accumulate(scrapes: Sequence[Sequence[Sample]]) -> dict[Key, _Acc]:
                 s.labels.get("destination_namespace", ""),
                 s.labels.get("destination_workload", ""),
             )
-            if s.name == _REQUESTS:
+            if s.name == REQUESTS:
                 acc = out.setdefault(key, _Acc())
                 acc.requests += s.value
                 if s.labels.get("response_code", "").startswith("5"):
