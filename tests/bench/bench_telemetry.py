@@ -304,7 +304,7 @@ def main() -> int:
     # BENCH_PARTS: a comma-separated choice of lab, alone (one Envoy, CPU time), instructions
     # (one Envoy under callgrind; needs valgrind). Default: all that can run here.
     parts = set(os.environ.get("BENCH_PARTS", "lab,alone,instructions").split(","))
-    measured: dict[str, Any] = {"runs": run() if "lab" in parts else {}}
+    measured: dict[str, Any] = run() if "lab" in parts else {"runs": {}}
     measured["envoy_alone"] = envoy_alone() if "alone" in parts else {}
     if "instructions" in parts:
         if shutil.which("callgrind_control"):
