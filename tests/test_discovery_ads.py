@@ -102,8 +102,11 @@ def test_envoy_gets_clusters_endpoints_listeners_and_follows_endpoint_changes(
             (vhost,) = _dynamic(dump, "routes")[BACKEND]["virtual_hosts"]
             assert [r["route"]["cluster"] for r in vhost["routes"]] == [BACKEND]
             # One meshed and one plain replica: one mTLS socket, for exactly backend's id.
-            matches = clusters[BACKEND]["transport_socket_matches"]
-            assert [m["match"]["identity"] for m in matches] == [
+            (match,) = clusters[BACKEND]["transport_socket_matches"]
+            assert match["match"] == {"tlsMode": "mutual_tls"}
+            context = match["transport_socket"]["typed_config"]["common_tls_context"]
+            sans = context["combined_validation_context"]["default_validation_context"]
+            assert [m["matcher"]["exact"] for m in sans["match_typed_subject_alt_names"]] == [
                 "spiffe://cluster.local/ns/demo/sa/backend"
             ]
             assert _addresses(_dynamic(dump, "endpoints")[BACKEND]) == {

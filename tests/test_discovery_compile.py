@@ -19,9 +19,10 @@ from tests.support.xds import make_ca, workload_cert
 from webhook.dataplane.ads_bootstrap import XdsOptions, render_ads_bootstrap
 from webhook.dataplane.bootstrap import BootstrapOptions, render_sds
 from webhook.discovery.build import build_model
+from webhook.discovery.clusters import build_endpoints
 from webhook.discovery.compiler import proxy_options, proxy_resources
 from webhook.discovery.filesource import FileSource, parse_documents
-from webhook.discovery.model import MeshModel
+from webhook.discovery.model import Endpoint, MeshModel
 from webhook.discovery.objects import protocol_of
 from webhook.discovery.resources import encode
 from webhook.discovery.store import KINDS, ObjectStore
@@ -150,9 +151,36 @@ def test_meshed_endpoints_get_mtls_with_their_identity_others_plaintext() -> Non
     cla = _resources(model, "frontend-1")["endpoints"][
         "outbound|8080||backend.demo.svc.cluster.local"
     ]
-    meta = [e.get("metadata") for e in cla["endpoints"][0]["lb_endpoints"]]
-    assert meta[0]["filter_metadata"]["envoy.transport_socket_match"]["tlsMode"] == "sidemesh"
-    assert "envoy.transport_socket_match" not in meta[1]["filter_metadata"]  # plaintext
+    meta = [e["metadata"]["filter_metadata"] for e in cla["endpoints"][0]["lb_endpoints"]]
+    labels = [m["envoy.transport_socket_match"] for m in meta]
+    # One server identity among the endpoints: the mode alone selects the mTLS socket.
+    assert labels[0] == {"tlsMode": "mutual_tls", "workload": "backend"}
+    assert labels[1]["tlsMode"] == "none"  # plaintext
+    cluster = _resources(model, "frontend-1")["clusters"][
+        "outbound|8080||backend.demo.svc.cluster.local"
+    ]
+    (match,) = cluster["transport_socket_matches"]
+    assert match["match"] == {"tlsMode": "mutual_tls"}
+    sans = match["transport_socket"]["typed_config"]["common_tls_context"][
+        "combined_validation_context"
+    ]["default_validation_context"]["match_typed_subject_alt_names"]
+    assert sans == [
+        {"san_type": "URI", "matcher": {"exact": "spiffe://cluster.local/ns/demo/sa/backend"}}
+    ]
+
+
+def test_endpoints_of_two_identities_name_theirs_for_the_socket_match() -> None:
+    eps = [
+        Endpoint("10.0.0.1", 80, "spiffe://cluster.local/ns/demo/sa/v1", "a", ("web-v1", "demo")),
+        Endpoint("10.0.0.2", 80, "spiffe://cluster.local/ns/demo/sa/v2", "b", ("web-v2", "demo")),
+    ]
+    cla = build_endpoints("c", eps)
+    labels = [
+        e["metadata"]["filter_metadata"]["envoy.transport_socket_match"]
+        for e in cla["endpoints"][0]["lb_endpoints"]
+    ]
+    assert [x["identity"] for x in labels] == [e.mtls_identity for e in eps]
+    assert {x["tlsMode"] for x in labels} == {"mutual_tls"}
 
 
 def test_declared_tcp_port_skips_sniffing_on_both_sides() -> None:

@@ -45,7 +45,7 @@ from webhook.telemetry.workload import (
     workload_name,
 )
 
-PEER = "sidemesh.io/peer"
+PEER = "envoy.transport_socket_match"
 DURATION_NAME = "envoy_sidemesh_request_duration_milliseconds"
 
 
@@ -98,6 +98,8 @@ def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() ->
     assert tags["source_principal"] == OWN_PRINCIPAL
     assert tags["destination_service"] == "backend.demo.svc.cluster.local"
     assert tags["destination_workload"] == f"%METADATA(UPSTREAM_HOST:{PEER}:workload)%"
+    assert tags["destination_namespace"] == "demo"  # the Service's
+    assert tags["connection_security_policy"] == f"%METADATA(UPSTREAM_HOST:{PEER}:tlsMode)%"
     assert tags["destination_principal"] == "%UPSTREAM_PEER_URI_SAN%"
     # ... and it tells the server who calls, in the TLS server name.
     states = chains[f"{backend}|http"]["filters"][0]["typed_config"]["on_new_connection"]
@@ -119,8 +121,8 @@ def test_endpoints_say_which_workload_they_are() -> None:
     res = proxy_resources(model, opts, pod, model.services.values())
     cla = res.endpoints["outbound|8080||backend.demo.svc.cluster.local"]
     metas = [e["metadata"]["filter_metadata"][PEER] for e in cla["endpoints"][0]["lb_endpoints"]]
-    assert [m["security"] for m in metas] == ["mutual_tls", "none"]
-    assert {m["namespace"] for m in metas} == {"demo"}
+    assert [m["tlsMode"] for m in metas] == ["mutual_tls", "none"]
+    assert [m["workload"] for m in metas] == ["backend", "backend"]
 
 
 def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown() -> None:

@@ -235,6 +235,7 @@ def _route_lines(config: dict[str, Any]) -> str:
 
 
 _TLS_MATCH = "envoy.transport_socket_match"
+_MUTUAL_TLS = "mutual_tls"
 
 
 def _extension_lines(ext: dict[str, Any]) -> str:
@@ -263,6 +264,11 @@ def _extension_lines(ext: dict[str, Any]) -> str:
     return f"{head}  {'; '.join(names)}" if names else head
 
 
+def _is_mtls(endpoint: dict[str, Any]) -> bool:
+    labels = endpoint.get("metadata", {}).get("filter_metadata", {}).get(_TLS_MATCH, {})
+    return bool(labels.get("tlsMode") == _MUTUAL_TLS)
+
+
 def _summary(kind: str, item: dict[str, Any]) -> str:
     if kind == "routes":
         return _route_lines(item)
@@ -276,7 +282,7 @@ def _summary(kind: str, item: dict[str, Any]) -> str:
         eps = [
             f"{e['endpoint']['address']['socket_address']['address']}:"
             f"{e['endpoint']['address']['socket_address'].get('port_value')}"
-            f"{' mTLS' if _TLS_MATCH in e.get('metadata', {}).get('filter_metadata', {}) else ''}"
+            f"{' mTLS' if _is_mtls(e) else ''}"
             for group in item.get("endpoints", [])
             for e in group.get("lb_endpoints", [])
         ]

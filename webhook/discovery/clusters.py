@@ -2,11 +2,14 @@
 
 Pure. One EDS cluster per Service port, ``outbound|<port>||<svc>.<ns>.svc.cluster.local``,
 round robin, the same for every proxy that sees the Service (the push engine encodes it once).
-Its endpoints carry ``envoy.transport_socket_match`` metadata: ``tlsMode: sidemesh`` plus the
-server's SPIFFE id for a meshed endpoint, nothing for the others. The cluster's
-``transport_socket_matches`` hold one mTLS socket per identity among its endpoints (verifying
-exactly that SPIFFE id); unmatched endpoints get the plaintext default. So a meshed client
-talks mTLS to meshed replicas and plaintext to the rest of the same Service.
+Its endpoints carry ``envoy.transport_socket_match`` metadata: ``tlsMode: mutual_tls`` for a
+meshed endpoint, ``none`` for the others, and the endpoint's workload (for the client's
+metrics). The cluster's ``transport_socket_matches`` hold one mTLS socket per server identity
+among its endpoints (verifying exactly that SPIFFE id); unmatched endpoints get the plaintext
+default. So a meshed client talks mTLS to meshed replicas and plaintext to the rest of the same
+Service. When all meshed endpoints share one identity (the usual case) the match is the
+``tlsMode`` alone and the endpoints do not repeat the identity: every metadata key an endpoint
+carries costs each sidecar work on every update of the Service's endpoints.
 """
 
 from __future__ import annotations
@@ -28,9 +31,8 @@ __all__ = [
     "local_clusters",
 ]
 
-#: Envoy's metadata namespace for ``transport_socket_matches``.
-TLS_MATCH_KEY: Final = "envoy.transport_socket_match"
-TLS_MODE: Final = "sidemesh"
+#: Envoy's metadata namespace for ``transport_socket_matches`` (telemetry's keys share it).
+TLS_MATCH_KEY: Final = tm.ENDPOINT_METADATA
 _ADS = {"ads": {}, "resource_api_version": "V3"}
 
 
@@ -41,7 +43,8 @@ def build_cluster(
     # The default; HTTP chains set the ALPN per connection (set_filter_state).
     alpn = bs.ALPN_TCP
     matches: list[dict[str, Any]] = []
-    for identity in sorted({e.mtls_identity for e in endpoints if e.mtls_identity}):
+    identities = _identities(endpoints)
+    for identity in identities:
         ctx = bs._common_tls(opts, [alpn])
         # Exactly the server's identity, not any id of the trust domain.
         ctx["combined_validation_context"]["default_validation_context"] = {
@@ -50,7 +53,7 @@ def build_cluster(
         matches.append(
             {
                 "name": f"mtls-{len(matches)}",
-                "match": {"tlsMode": TLS_MODE, "identity": identity},
+                "match": _tls_labels(identity, identities),
                 "transport_socket": {
                     "name": "envoy.transport_sockets.tls",
                     "typed_config": {bs._TYPE: bs._T_TLS_UP, "common_tls_context": ctx},
@@ -73,22 +76,33 @@ def build_cluster(
 
 
 def build_endpoints(name: str, endpoints: Iterable[Endpoint]) -> dict[str, Any]:
+    endpoints = list(endpoints)
+    identities = _identities(endpoints)
     lb = []
     for ep in endpoints:
-        entry: dict[str, Any] = {"endpoint": {"address": bs._addr(ep.ip, ep.port)}}
-        meta: dict[str, Any] = {}
+        workload = ep.workload[0] if ep.workload is not None else None
+        meta = tm.endpoint_metadata(workload, bool(ep.mtls_identity))
         if ep.mtls_identity:
-            meta[TLS_MATCH_KEY] = {"tlsMode": TLS_MODE, "identity": ep.mtls_identity}
-        if ep.workload is not None:
-            # Who the client's metrics say it called (telemetry reads it per request).
-            workload, namespace = ep.workload
-            meta[tm.ENDPOINT_METADATA] = tm.endpoint_metadata(
-                workload, namespace, bool(ep.mtls_identity)
-            )
-        if meta:
-            entry["metadata"] = {"filter_metadata": meta}
-        lb.append(entry)
+            meta.update(_tls_labels(ep.mtls_identity, identities))
+        lb.append(
+            {
+                "endpoint": {"address": bs._addr(ep.ip, ep.port)},
+                "metadata": {"filter_metadata": {TLS_MATCH_KEY: meta}},
+            }
+        )
     return {"cluster_name": name, "endpoints": [{"lb_endpoints": lb}] if lb else []}
+
+
+def _identities(endpoints: Iterable[Endpoint]) -> list[str]:
+    return sorted({e.mtls_identity for e in endpoints if e.mtls_identity})
+
+
+def _tls_labels(identity: str, identities: list[str]) -> dict[str, str]:
+    """What an mTLS socket matches (and a meshed endpoint carries): the identity only when
+    the cluster has more than one."""
+    if len(identities) == 1:
+        return {"tlsMode": tm.MUTUAL_TLS}
+    return {"tlsMode": tm.MUTUAL_TLS, "identity": identity}
 
 
 def local_clusters(

@@ -13,10 +13,11 @@ source_workload            itself (its environment)     the caller's sidecar's c
 source_namespace           itself                       the caller's sidecar's claim (SNI)
 source_principal           itself                       the caller's verified certificate
 destination_workload       endpoint metadata            itself
-destination_namespace      endpoint metadata            itself
+destination_namespace      the chain's Service          itself
 destination_principal      the server's verified cert   itself
 destination_service        the chain's Service          the caller's sidecar's claim (SNI)
-connection_security_policy endpoint metadata / chain    the chain (TLS or not)
+connection_security_policy endpoint metadata           the chain (TLS or not)
+                           (``tlsMode``) / chain
 =========================  ===========================  ====================================
 
 The claim: every outbound chain toward a meshed destination sets the TLS server name (SNI) to
@@ -43,7 +44,14 @@ from webhook.telemetry.settings import AccessLogPolicy
 from webhook.telemetry.tracing import http_tracing
 from webhook.telemetry.workload import OWN_NAMESPACE, OWN_PRINCIPAL, OWN_WORKLOAD, UNKNOWN
 
-__all__ = ["ENDPOINT_METADATA", "POD_DIRECTORY", "endpoint_metadata", "instrument_listeners"]
+__all__ = [
+    "ENDPOINT_METADATA",
+    "MUTUAL_TLS",
+    "PLAINTEXT",
+    "POD_DIRECTORY",
+    "endpoint_metadata",
+    "instrument_listeners",
+]
 
 _TYPE = "@type"
 _TCP_PROXY = "envoy.filters.network.tcp_proxy"
@@ -51,8 +59,15 @@ _HCM = "envoy.filters.network.http_connection_manager"
 _SET_FILTER_STATE = (
     "type.googleapis.com/envoy.extensions.filters.network.set_filter_state.v3.Config"
 )
-#: The endpoint metadata namespace the control plane fills (see :func:`endpoint_metadata`).
-ENDPOINT_METADATA: Final = "sidemesh.io/peer"
+#: The endpoint metadata namespace the control plane fills (see :func:`endpoint_metadata`): the
+#: one Envoy's transport socket matcher reads. The telemetry keys share it because every
+#: metadata namespace and key an endpoint carries costs each sidecar work on every update of
+#: the endpoints of that Service.
+ENDPOINT_METADATA: Final = "envoy.transport_socket_match"
+#: ``tlsMode`` of a meshed endpoint and of any other; also the ``connection_security_policy``
+#: values.
+MUTUAL_TLS: Final = "mutual_tls"
+PLAINTEXT: Final = "none"
 
 _SNI = "connection.requested_server_name"
 #: The caller's claim, ``<workload>.<namespace>[.<service host>]``, split once per connection
@@ -99,13 +114,11 @@ _POD_LOOKUP: Final = {
 _OWN_CLAIM: Final = f"{OWN_WORKLOAD}.{OWN_NAMESPACE}"
 
 
-def endpoint_metadata(workload: str | None, namespace: str, mtls: bool) -> dict[str, str]:
-    """What an endpoint tells the client's metrics about itself (None workload: no pod)."""
-    return {
-        "workload": workload or UNKNOWN,
-        "namespace": namespace if workload else UNKNOWN,
-        "security": "mutual_tls" if mtls else "none",
-    }
+def endpoint_metadata(workload: str | None, mtls: bool) -> dict[str, str]:
+    """What an endpoint tells its clients about itself: how to talk to it (``tlsMode``, what
+    the cluster's transport socket matches look at) and, for their metrics, its workload (None:
+    no pod). Its namespace is the Service's: the chain knows it."""
+    return {"tlsMode": MUTUAL_TLS if mtls else PLAINTEXT, "workload": workload or UNKNOWN}
 
 
 def instrument_listeners(
@@ -203,13 +216,13 @@ def _chain_identity(
         "destination_principal": "%UPSTREAM_PEER_URI_SAN%",
     }
     if cluster.startswith("outbound|"):
-        host = cluster.split("|")[-1]
+        host = cluster.split("|")[-1]  # <service>.<namespace>.svc.<domain>
         meta = f"%METADATA(UPSTREAM_HOST:{ENDPOINT_METADATA}:{{}})%"
         dest = {
             "destination_workload": meta.format("workload"),
-            "destination_namespace": meta.format("namespace"),
+            "destination_namespace": host.split(".")[1],
             "destination_service": host,
-            "connection_security_policy": meta.format("security"),
+            "connection_security_policy": meta.format("tlsMode"),
         }
         return {**own, **dest}, f"{_OWN_CLAIM}.{host}"
     meshed = cluster.startswith("outbound_mesh")
