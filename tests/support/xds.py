@@ -28,7 +28,7 @@ from webhook.dataplane.identity import build_csr, key_pem, new_key
 from webhook.discovery.ads import serve_ads, server_credentials
 from webhook.discovery.conn import ProxyConn
 from webhook.discovery.core import Discovery, DiscoverySettings
-from webhook.discovery.run import xds_certificate
+from webhook.discovery.run import new_event_loop, xds_certificate
 from webhook.discovery.store import ObjectStore
 from webhook.telemetry.workload import proxy_environment
 
@@ -101,7 +101,7 @@ def run_control_plane(
 ) -> Iterator[ControlPlane]:
     """``credentials``: makes the ADS server's TLS (default: a certificate issued in memory
     from the CA in ``cert_dir``)."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()  # the loop the control plane runs on
     ready = threading.Event()
     stop = asyncio.Event()
     holder: dict[str, Any] = {}

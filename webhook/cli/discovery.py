@@ -96,7 +96,7 @@ def _discovery(args: argparse.Namespace) -> int:
 
     from webhook.config import load_config_file
     from webhook.discovery.core import DiscoverySettings
-    from webhook.discovery.run import RunSettings, run_discovery
+    from webhook.discovery.run import RunSettings, new_event_loop, run_discovery
     from webhook.server.logs import configure_logging
 
     configure_logging(args.log_level)
@@ -121,7 +121,8 @@ def _discovery(args: argparse.Namespace) -> int:
             ratelimit_identity=args.ratelimit_identity,
         ),
     )
-    asyncio.run(run_discovery(settings))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(run_discovery(settings))
     return 0
 
 

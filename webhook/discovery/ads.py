@@ -143,6 +143,10 @@ async def serve_ads(discovery: Discovery, address: str, credentials: Any) -> grp
             ("grpc.max_concurrent_streams", 1 << 20),
             ("grpc.max_send_message_length", 64 << 20),
             ("grpc.max_receive_message_length", 16 << 20),
+            # No bandwidth-delay probing: it sizes the window for what the server receives, and
+            # a proxy only sends ACKs, but each probe is a PING out and a PING ACK back on every
+            # stream after each push (a TLS record each way, in Envoy and here).
+            ("grpc.http2.bdp_probe", 0),
         ]
     )
     service = AdsService(discovery)
