@@ -85,7 +85,7 @@ def xds_credentials(s: RunSettings, ips: tuple[str, ...] = ()) -> Any:
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """The control plane's loop: uvloop's. Every ADS message sent or ACK read is a few loop
     callbacks and a wake-up of the loop by grpcio's completion poller, per proxy per push;
-    uvloop runs those in C instead of asyncio's Python event loop."""
+    uvloop schedules them in Cython over libuv, asyncio's own loop in Python."""
     return uvloop.new_event_loop()
 
 
