@@ -117,20 +117,27 @@ def _ms(values: list[float]) -> dict[str, float]:
     }
 
 
-def run(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
-    store = ObjectStore()
-    synthetic_mesh(store, args.services, args.endpoints, args.envoys)
+def client_identity(tmp: Path, capture: Ports) -> tuple[Path, Path]:
+    """A mesh CA under ``tmp``, the client workload's certificate, and the SDS directory the
+    listeners name: every replica has the same identity, so they share it. Returns (the
+    certificate directory, the shared work directory)."""
     ca = make_ca(tmp / "ca")
     certs = workload_cert(ca, "spiffe://cluster.local/ns/bench/sa/client", tmp / "client")
-    ports_left = fixed_ports(2 + 4 * args.envoys)
-    capture = Ports(outbound=next(ports_left), inbound=next(ports_left))
-    # The listeners name one SDS directory; every replica has the same identity, so they share it.
     shared = tmp / "shared"
     (shared / "sds").mkdir(parents=True)
     sds_opts = BootstrapOptions("client", "bench", "client", cert_dir=str(certs), ports=capture,
                                 work_dir=str(shared))  # fmt: skip
     for name, content in render_sds(sds_opts).items():
         (shared / "sds" / name).write_text(json.dumps(content))
+    return certs, shared
+
+
+def run(args: argparse.Namespace, tmp: Path) -> dict[str, object]:
+    store = ObjectStore()
+    synthetic_mesh(store, args.services, args.endpoints, args.envoys)
+    ports_left = fixed_ports(2 + 4 * args.envoys)
+    capture = Ports(outbound=next(ports_left), inbound=next(ports_left))
+    certs, shared = client_identity(tmp, capture)
     settings = DiscoverySettings(ports=capture, scoped=args.scoped, work_dir=str(shared))
     with run_control_plane(store, settings, tmp / "ca", start_timeout=900) as cp, ExitStack() as st:
         xds = XdsOptions(cp.address, initial_fetch_timeout_s=120)

@@ -40,12 +40,12 @@ from tests.bench.bench_discovery import (  # noqa: E402
     measure_changes,
     synthetic_mesh,
 )
-from tests.bench.bench_discovery_fleet import fixed_ports  # noqa: E402
+from tests.bench.bench_discovery_fleet import client_identity, fixed_ports  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
-from tests.support.xds import make_ca, run_control_plane, run_envoy, workload_cert  # noqa: E402
+from tests.support.xds import run_control_plane, run_envoy  # noqa: E402
 from webhook.config import Ports  # noqa: E402
 from webhook.dataplane.ads_bootstrap import XdsOptions  # noqa: E402
-from webhook.dataplane.bootstrap import BootstrapOptions, render_sds  # noqa: E402
+from webhook.dataplane.bootstrap import BootstrapOptions  # noqa: E402
 from webhook.discovery import shared  # noqa: E402
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER  # noqa: E402
 from webhook.discovery.core import DiscoverySettings  # noqa: E402
@@ -91,16 +91,9 @@ def _callgrind(pid: int, *args: str) -> None:
 def measure(variant: str, services: int, changes: int, tmp: Path) -> dict[str, float]:
     store = ObjectStore()
     synthetic_mesh(store, services, 10, 1)
-    ca = make_ca(tmp / "ca")
-    certs = workload_cert(ca, "spiffe://cluster.local/ns/bench/sa/client", tmp / "client")
     ports_left = fixed_ports(6, start=21000)
     capture = Ports(outbound=next(ports_left), inbound=next(ports_left))
-    shared_dir = tmp / "shared"
-    (shared_dir / "sds").mkdir(parents=True)
-    sds_opts = BootstrapOptions("client", "bench", "client", cert_dir=str(certs), ports=capture,
-                                work_dir=str(shared_dir))  # fmt: skip
-    for name, content in render_sds(sds_opts).items():
-        (shared_dir / "sds" / name).write_text(json.dumps(content))
+    certs, shared_dir = client_identity(tmp, capture)
     out = tmp / "callgrind.out"
     wrapper = tmp / "envoy-under-callgrind"
     wrapper.write_text(f"#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file={out} "
