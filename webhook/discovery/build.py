@@ -147,7 +147,8 @@ def update_endpoints(
             pod = named if named is not None and ip in named.ips else model.by_ip.get(ip)
             ep = _endpoint(cache, ip, port, pod, model.server_first, model.trust_domain)
             raw.setdefault(key, []).append(ep)
-    endpoints = {k: v for k, v in model.endpoints.items() if (k[0], k[1]) != service}
+    namespace, name = service  # compared apart: no tuple per entry of the whole mesh
+    endpoints = {k: v for k, v in model.endpoints.items() if k[1] != name or k[0] != namespace}
     for key, eps in raw.items():
         endpoints[key] = tuple(sorted(set(eps), key=lambda e: (e.ip, e.port)))
     return dataclasses.replace(model, endpoints=endpoints)

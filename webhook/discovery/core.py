@@ -98,6 +98,8 @@ class Discovery:
         self._parse_cache = ParseCache()
         self._pending: set[Key] = set()
         self._slice_service: dict[Key, tuple[str, str]] = {}
+        #: The reverse: a Service's EndpointSlices (an endpoint change reads only its own).
+        self._service_slices: dict[tuple[str, str], set[Key]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._first_event: float | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -172,14 +174,16 @@ class Discovery:
             services.add(svc)
             if obj is None:
                 self._slice_service.pop(key, None)
+                self._service_slices.get(svc, set()).discard(key)
             else:
                 self._slice_service[key] = svc
+                self._service_slices.setdefault(svc, set()).add(key)
         model = self.model
         for svc in services:
             slices = [
                 o
-                for k, s in self._slice_service.items()
-                if s == svc and (o := self.store.get(k.kind, k.namespace, k.name)) is not None
+                for k in sorted(self._service_slices.get(svc, ()))
+                if (o := self.store.get(k.kind, k.namespace, k.name)) is not None
             ]
             updated = update_endpoints(model, svc, slices, self._parse_cache)
             if updated is None:
@@ -217,6 +221,9 @@ class Discovery:
             for o in objects["EndpointSlice"]
             if (label := _service_label(o)) is not None
         }
+        self._service_slices = {}
+        for key, label in self._slice_service.items():
+            self._service_slices.setdefault(label, set()).add(key)
         self.shared.update(self.model, self.routing, self._template_options())
         for conn in list(self.proxies.values()):
             self.push(conn)

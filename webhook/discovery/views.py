@@ -81,9 +81,10 @@ class ProxyViews:
             self._listener_cache.clear()
 
     def on_endpoints(self, model: MeshModel) -> None:
-        """Only endpoints changed: scopes are recomputed (they follow endpoints' pods)."""
+        """Only endpoints changed: scopes stay. They follow Services, traffic rules, a pod's
+        namespace and dependencies and what it learned, none of which an endpoint change
+        touches (recomputing them sorted every Service on every endpoint change)."""
         self.model = model
-        self._scope_cache.clear()
 
     # --- scope -------------------------------------------------------------------------------
 
