@@ -134,10 +134,10 @@ def test_scoped_sidecar_sees_its_namespace_and_declared_dependencies_only() -> N
 
 
 def _learn_ranges(listener: Any) -> set[str]:
-    """The ClusterIPs the outbound listener's learn chains cover."""
+    """The address blocks the outbound listener's learn chains cover."""
     assert listener is not None
     return {
-        r.address_prefix
+        f"{r.address_prefix}/{r.prefix_len.value}"
         for chain in listener.filter_chains
         if chain.name.startswith("outbound-learn")
         for r in chain.filter_chain_match.prefix_ranges
@@ -173,7 +173,9 @@ def test_scoped_sidecar_learns_an_undeclared_service_from_its_first_connection()
         ledger = "outbound|80||ledger.finance.svc.cluster.local"
         before = _drain(conn)
         assert ledger not in {r.name for resp in before for r in resp.resources}
-        assert _learn_ranges(_outbound(before)) == {"10.96.9.9"}
+        # The block that holds the ClusterIP, not the address: the listener does not grow
+        # with the number of Services.
+        assert _learn_ranges(_outbound(before)) == {"10.96.0.0/16"}
 
         d.on_request(conn, _request(CLUSTER, "learn|10.96.9.9:80", nonce="x"))
         after = _drain(conn)
@@ -191,9 +193,16 @@ def test_scoped_sidecar_learns_an_undeclared_service_from_its_first_connection()
         alias.resource.Unpack(cluster)
         assert cluster.eds_cluster_config.service_name == ledger  # the Service's endpoints
 
-        # An address that is no Service port is answered as removed at once.
+        # An address in the block that is no Service port is reached as before: passthrough.
         d.on_request(conn, _request(CLUSTER, "learn|10.96.9.9:81", nonce="y"))
+        sent = [x for r in _drain(conn) if r.type_url == CLUSTER for x in r.resources]
+        (other,) = [x for x in sent if x.name == "learn|10.96.9.9:81"]
+        passthrough = cluster_pb2.Cluster()
+        other.resource.Unpack(passthrough)
+        assert passthrough.type == cluster_pb2.Cluster.ORIGINAL_DST
+        # A name that is no address at all is answered as removed at once.
+        d.on_request(conn, _request(CLUSTER, "learn|nowhere", nonce="z"))
         (resp,) = _drain(conn)
-        assert list(resp.removed_resources) == ["learn|10.96.9.9:81"]
+        assert list(resp.removed_resources) == ["learn|nowhere"]
 
     asyncio.run(run())

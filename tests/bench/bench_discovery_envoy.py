@@ -20,7 +20,7 @@ TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
 sys.path.insert(0, str(REPO))
 
-from tests.bench.bench_discovery import synthetic_mesh  # noqa: E402
+from tests.bench.bench_discovery import client_pod, synthetic_mesh  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.xds import (  # noqa: E402
     free_ports,
@@ -39,18 +39,15 @@ def measure(size: int, scoped: bool, tmp: Path) -> dict[str, float]:
     store = ObjectStore()
     # Services spread over 20 namespaces; the client, alone in its namespace, declares the 10
     # it calls (sidemesh.io/dependencies).
-    synthetic_mesh(store, size, 10, 1)
-    client = dict(store.get("Pod", "bench", "client-0") or {})
-    deps = ",".join(f"ns{i % 20}/svc{i}" for i in range(10))
-    annotations = {**client["metadata"]["annotations"], "sidemesh.io/dependencies": deps}
-    client["metadata"] = {**client["metadata"], "annotations": annotations}
-    store.upsert(client)
+    synthetic_mesh(store, size, 10, 1, depends=10)
+    client = store.get("Pod", "bench", client_pod(0))
+    assert client is not None and "sidemesh.io/dependencies" in client["metadata"]["annotations"]
     ca = make_ca(tmp / "ca")
     certs = workload_cert(ca, "spiffe://cluster.local/ns/bench/sa/client", tmp / "certs")
     ports = free_ports()
     settings = DiscoverySettings(ports=ports, work_dir=str(tmp / "work"), scoped=scoped)
     with run_control_plane(store, settings, tmp / "ca", start_timeout=900) as cp:
-        opts = BootstrapOptions("client-0", "bench", "client", cert_dir=str(certs), ports=ports)
+        opts = BootstrapOptions(client_pod(0), "bench", "client", cert_dir=str(certs), ports=ports)
         xds = XdsOptions(cp.address, initial_fetch_timeout_s=120)
         with run_envoy(envoy_binary(), opts, xds, tmp / "work") as envoy:
             envoy.wait(lambda: envoy.get("/ready")[0] == 200, "Envoy ready", timeout=300)

@@ -1,17 +1,19 @@
 """Learning what a scoped sidecar calls, without the user declaring it. Pure.
 
 A scoped sidecar knows only the Services of its own namespace and its declared dependencies.
-Every other Service's ClusterIP gets a *learn* chain on the outbound listener: it names the
-connection's original destination as a cluster (``learn|<ip>:<port>``, through the
-``envoy.tcp_proxy.cluster`` filter state) and its ``tcp_proxy`` asks the control plane for that
-cluster on demand (ODCDS, on the same ADS stream). The control plane resolves the address to
-the Service port, answers with an alias of the Service's own cluster (same endpoints by EDS,
-same per-endpoint mTLS) and adds the Service to the sidecar's scope, so the next push gives
-the sidecar that Service's real chain, cluster and routes. The first connection waits for one
-round trip to the control plane and is relayed at L4; the ones after it take the real chain.
+The address blocks that hold other Services' ClusterIPs (each IPv4 /16 or IPv6 /112 with at
+least one) get a *learn* chain on the outbound listener: it names the connection's original
+destination as a cluster (``learn|<ip>:<port>``, through the ``envoy.tcp_proxy.cluster``
+filter state) and its ``tcp_proxy`` asks the control plane for that cluster on demand (ODCDS,
+on the same ADS stream). The control plane resolves the address to the Service port, answers
+with an alias of the Service's own cluster (same endpoints by EDS, same per-endpoint mTLS) and
+adds the Service to the sidecar's scope, so the next push gives the sidecar that Service's real
+chain, cluster and routes. The first connection waits for one round trip to the control plane
+and is relayed at L4; the ones after it take the real chain.
 
-An address that is no Service port (any more) is answered as removed: Envoy closes that
-connection at once instead of waiting for the on-demand timeout.
+Blocks, not addresses: listing every ClusterIP would make each sidecar's listener (and Envoy's
+memory) grow with the mesh. An address in a block that is no Service port is answered with a
+passthrough cluster of that name, so whatever else lives there is reached as before.
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ __all__ = [
     "LEARN_PREFIX",
     "ON_DEMAND_TIMEOUT",
     "alias_cluster",
+    "learn_blocks",
     "learn_chain",
     "parse_learn_name",
+    "passthrough_cluster",
 ]
 
 LEARN_PREFIX: Final = "learn|"
@@ -53,18 +57,28 @@ def parse_learn_name(name: str) -> tuple[str, int] | None:
     return str(ip), int(port)
 
 
+#: The block a ClusterIP is learned by, per IP version: as large as a /16 of IPv4.
+_BLOCK_BITS: Final = {4: 16, 6: 112}
+
+
+def learn_blocks(ips: Iterable[str]) -> list[tuple[str, int]]:
+    """The address blocks that hold ``ips``: (network address, prefix length), sorted."""
+    nets = {
+        ipaddress.ip_network(f"{ip}/{_BLOCK_BITS[ipaddress.ip_address(ip).version]}", strict=False)
+        for ip in ips
+    }
+    return sorted((str(n.network_address), n.prefixlen) for n in nets)
+
+
 def learn_chain(services: Iterable[Service], port: int | None) -> dict[str, Any] | None:
-    """The chain for the ClusterIPs of ``services`` (those outside the sidecar's scope), for one
-    destination port or port-less; None when there are none."""
+    """The chain for the blocks of the ClusterIPs of ``services`` (those outside the sidecar's
+    scope), for one destination port or port-less; None when there are none."""
     chosen = [s for s in services if port is None or any(p.port == port for p in s.ports)]
-    # Sorted as text: stable output is all that matters, and a mesh has thousands of these.
-    ips = sorted({ip for svc in chosen for ip in svc.cluster_ips})
-    if not ips:
+    blocks = learn_blocks(ip for svc in chosen for ip in svc.cluster_ips)
+    if not blocks:
         return None
     match: dict[str, Any] = {
-        "prefix_ranges": [
-            {"address_prefix": ip, "prefix_len": 128 if ":" in ip else 32} for ip in ips
-        ]
+        "prefix_ranges": [{"address_prefix": ip, "prefix_len": bits} for ip, bits in blocks]
     }
     if port is not None:
         match = {"destination_port": port, **match}
@@ -96,6 +110,11 @@ def learn_chain(services: Iterable[Service], port: int | None) -> dict[str, Any]
             proxy,
         ],
     }
+
+
+def passthrough_cluster(name: str) -> dict[str, Any]:
+    """What an address in a learn block that is no Service port gets: its original destination."""
+    return bs._original_dst_cluster(name)
 
 
 def alias_cluster(name: str, real: Mapping[str, Any]) -> dict[str, Any]:

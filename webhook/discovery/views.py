@@ -16,7 +16,12 @@ from webhook.dataplane.bootstrap import BootstrapOptions
 from webhook.discovery import compiler as cc, metrics
 from webhook.discovery.clusters import local_clusters
 from webhook.discovery.conn import ProxyConn
-from webhook.discovery.learn import LEARN_PREFIX, alias_cluster, parse_learn_name
+from webhook.discovery.learn import (
+    LEARN_PREFIX,
+    alias_cluster,
+    parse_learn_name,
+    passthrough_cluster,
+)
 from webhook.discovery.listeners import build_listeners, proxy_facts, scoped_meshed_pods
 from webhook.discovery.model import MeshModel, PodInfo, Service, ServicePort
 from webhook.discovery.resources import Encoded, decode, encode
@@ -34,6 +39,8 @@ if TYPE_CHECKING:
 __all__ = ["ProxyViews", "proxy_options"]
 
 LOG = logging.getLogger("sidemesh.discovery")
+#: ``ProxyConn.ondemand``'s target for a learned address that is no Service port.
+PASSTHROUGH = ""
 
 
 def proxy_options(settings: DiscoverySettings, pod: PodInfo) -> BootstrapOptions:
@@ -124,12 +131,16 @@ class ProxyViews:
 
     def learn(self, conn: ProxyConn, names: Iterable[str]) -> list[str]:
         """Resolve on-demand cluster names to Service ports; widen the scope with what they
-        name. Returns the names that resolve to nothing."""
+        name. An address that is no Service port gets a passthrough cluster. Returns the names
+        that are no address at all."""
         unknown = []
         for name in names:
+            if parse_learn_name(name) is None:
+                unknown.append(name)
+                continue
             found = self._service_at(name)
             if found is None:
-                unknown.append(name)
+                conn.ondemand[name] = PASSTHROUGH
                 continue
             svc, port = found
             conn.learned.add((svc.namespace, svc.name))
@@ -158,6 +169,9 @@ class ProxyViews:
         table = self.shared.tables[cc.CLUSTER]
         out: dict[str, Encoded] = {}
         for alias, real in conn.ondemand.items():
+            if real == PASSTHROUGH:
+                out[alias] = self._passthrough(alias)
+                continue
             enc = table.items.get(real)
             if enc is None:
                 continue  # the Service is gone; the alias goes with it
@@ -169,6 +183,14 @@ class ProxyViews:
                 self._alias_cache[key] = cached
             out[alias] = cached
         return out
+
+    def _passthrough(self, alias: str) -> Encoded:
+        key = (alias, PASSTHROUGH)
+        cached = self._alias_cache.get(key)
+        if cached is None:
+            cached = encode(cc.CLUSTER, passthrough_cluster(alias))
+            self._alias_cache[key] = cached
+        return cached
 
     # --- the proxy's own resources -----------------------------------------------------------
 
