@@ -195,8 +195,8 @@ def test_scoped_sidecar_learns_an_undeclared_service_from_its_first_connection()
 
         # An address in the block that is no Service port is reached as before: passthrough.
         d.on_request(conn, _request(CLUSTER, "learn|10.96.9.9:81", nonce="y"))
-        sent = [x for r in _drain(conn) if r.type_url == CLUSTER for x in r.resources]
-        (other,) = [x for x in sent if x.name == "learn|10.96.9.9:81"]
+        answered = [x for r in _drain(conn) if r.type_url == CLUSTER for x in r.resources]
+        (other,) = [x for x in answered if x.name == "learn|10.96.9.9:81"]
         passthrough = cluster_pb2.Cluster()
         other.resource.Unpack(passthrough)
         assert passthrough.type == cluster_pb2.Cluster.ORIGINAL_DST
