@@ -19,7 +19,7 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 from envoy.service.discovery.v3 import discovery_pb2
 
@@ -31,7 +31,7 @@ from webhook.discovery.build import build_model, update_endpoints
 from webhook.discovery.conn import ProxyConn, type_delta
 from webhook.discovery.learn import LEARN_PREFIX
 from webhook.discovery.model import PodInfo
-from webhook.discovery.objects import SLICE_SERVICE_LABEL
+from webhook.discovery.objects import slice_service
 from webhook.discovery.parsecache import ParseCache
 from webhook.discovery.resources import Encoded, delta_response
 from webhook.discovery.shared import SharedResources
@@ -164,7 +164,7 @@ class Discovery:
             if key.kind != "EndpointSlice":
                 return False
             obj = self.store.get(key.kind, key.namespace, key.name)
-            label = _service_label(obj) if obj is not None else None
+            label = slice_service(obj) if obj is not None else None
             old = self._slice_service.get(key)
             if (obj is not None and label is None) or (old and label and old != label):
                 return False
@@ -219,7 +219,7 @@ class Discovery:
         self._slice_service = {
             key_of(o, "EndpointSlice"): label
             for o in objects["EndpointSlice"]
-            if (label := _service_label(o)) is not None
+            if (label := slice_service(o)) is not None
         }
         self._service_slices = {}
         for key, label in self._slice_service.items():
@@ -391,12 +391,6 @@ class Discovery:
             ts.subscribe(subscribe, dict(req.initial_resource_versions))
             ts.unsubscribe(req.resource_names_unsubscribe)
             self.push(conn, only=req.type_url, candidates=subscribe, full=first)
-
-
-def _service_label(obj: Mapping[str, Any]) -> tuple[str, str] | None:
-    meta = obj.get("metadata") or {}
-    name = (meta.get("labels") or {}).get(SLICE_SERVICE_LABEL)
-    return (str(meta.get("namespace") or ""), str(name)) if name else None
 
 
 def _short(type_url: str) -> str:

@@ -30,6 +30,7 @@ __all__ = [
     "read_pod",
     "read_service",
     "slice_entries",
+    "slice_service",
 ]
 
 #: Pod annotation: services this workload calls, declared up front ("ns/name" or "name" for
@@ -182,6 +183,13 @@ def read_service(obj: Mapping[str, Any]) -> Service | None:
         _ips(ip for ip in ips if ip and ip != "None"),
         tuple(ports),
     )
+
+
+def slice_service(obj: Mapping[str, Any]) -> tuple[str, str] | None:
+    """The (namespace, name) of the Service an EndpointSlice belongs to (None: no label)."""
+    meta = _meta(obj)
+    name = _str_map(meta.get("labels")).get(SLICE_SERVICE_LABEL)
+    return (str(meta.get("namespace") or ""), str(name)) if name else None
 
 
 def slice_entries(obj: Mapping[str, Any]) -> tuple[str, list[SliceEntry]]:
