@@ -54,31 +54,34 @@ def _scope_file() -> FileDescriptorProto:
     return fdp
 
 
-def _with_stats_scope(fdp: FileDescriptorProto) -> FileDescriptorProto:
-    fdp.dependency.append(_SCOPE_FILE)
+def _add_config_field(
+    fdp: FileDescriptorProto, name: str, json_name: str, number: int, label: int, type_name: str
+) -> FileDescriptorProto:
+    """``fdp`` with one more message field on its ``Config`` message."""
     config = next(m for m in fdp.message_type if m.name == "Config")
     config.field.add(
-        name="stats_scope",
-        json_name="statsScope",
-        number=6,
-        label=_F.LABEL_OPTIONAL,
+        name=name,
+        json_name=json_name,
+        number=number,
+        label=label,
         type=_F.TYPE_MESSAGE,
-        type_name=".envoy.type.v3.Scope",
+        type_name=type_name,
     )
     return fdp
+
+
+def _with_stats_scope(fdp: FileDescriptorProto) -> FileDescriptorProto:
+    fdp.dependency.append(_SCOPE_FILE)
+    return _add_config_field(
+        fdp, "stats_scope", "statsScope", 6, _F.LABEL_OPTIONAL, ".envoy.type.v3.Scope"
+    )
 
 
 def _with_handshake_values(fdp: FileDescriptorProto) -> FileDescriptorProto:
-    config = next(m for m in fdp.message_type if m.name == "Config")
-    config.field.add(
-        name="on_downstream_tls_handshake",
-        json_name="onDownstreamTlsHandshake",
-        number=2,
-        label=_F.LABEL_REPEATED,
-        type=_F.TYPE_MESSAGE,
-        type_name=".envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue",
+    value = ".envoy.extensions.filters.common.set_filter_state.v3.FilterStateValue"
+    return _add_config_field(
+        fdp, "on_downstream_tls_handshake", "onDownstreamTlsHandshake", 2, _F.LABEL_REPEATED, value
     )
-    return fdp
 
 
 _AMEND: Final = {_STATS_FILE: _with_stats_scope, _SET_STATE_FILE: _with_handshake_values}
