@@ -173,6 +173,7 @@ def test_two_workers_share_the_port_and_stop_together(tmp_path: Path, serve: lis
     s = Serve(tmp_path, "--workers", "2", "--metrics-port", str(metrics_port))
     serve.append(s)
     s.wait_ready()
+    s.wait_listening(2)
     workers = _children(s.proc.pid)
     assert len(workers) == 2
     sent = 60
@@ -197,6 +198,7 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path, serve: list[Serve]) -> N
     s = Serve(tmp_path, "--workers", "2")
     serve.append(s)
     s.wait_ready()
+    s.wait_listening(2)
     first = _children(s.proc.pid)
     victim = min(first)
     os.kill(victim, signal.SIGKILL)
@@ -209,6 +211,7 @@ def test_a_worker_that_dies_is_replaced(tmp_path: Path, serve: list[Serve]) -> N
     else:
         raise AssertionError("the dead worker was not replaced")
     s.wait_ready()
+    s.wait_listening(2)
     assert s.stop() == 0
 
 
@@ -289,6 +292,7 @@ def test_workers_do_not_outlive_a_killed_supervisor(tmp_path: Path, serve: list[
     s = Serve(tmp_path, "--workers", "2")
     serve.append(s)
     s.wait_ready()
+    s.wait_listening(2)
     workers = _children(s.proc.pid)
     assert len(workers) == 2
     s.proc.kill()

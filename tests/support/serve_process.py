@@ -74,6 +74,23 @@ class Serve:
             time.sleep(0.1)
         raise AssertionError(f"sidemesh serve did not become ready:\n{self.log.read_text()}")
 
+    def listeners(self) -> int:
+        """How many sockets listen on the server's port (one per worker: SO_REUSEPORT)."""
+        want = f"0100007F:{self.port:04X}"
+        lines = Path("/proc/net/tcp").read_text().splitlines()[1:]
+        return sum(1 for line in lines if line.split()[1] == want and line.split()[3] == "0A")
+
+    def wait_listening(self, count: int, timeout: float = 30) -> None:
+        """Until ``count`` workers listen: /readyz answers as soon as the first one does."""
+        deadline = time.monotonic() + timeout
+        while self.listeners() < count:
+            assert self.proc.poll() is None, self.log.read_text()
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"{self.listeners()} of {count} workers listen:\n{self.log.read_text()}"
+                )
+            time.sleep(0.1)
+
     def client(self, timeout: float = 10) -> httpx.Client:
         return httpx.Client(
             base_url=self.url, verify=client_ssl(self.cert_dir / "ca.crt"), timeout=timeout
