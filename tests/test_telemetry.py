@@ -31,10 +31,13 @@ from webhook.telemetry import promtext
 from webhook.telemetry.metrics import (
     EDGE_LABELS,
     HTTP_LABELS,
+    OWN_LABELS,
     PROMETHEUS_NAMES,
     REQUESTS,
     TCP_LABELS,
+    own_labels,
     stats_logger,
+    with_own_labels,
 )
 from webhook.telemetry.promtext import Sample
 from webhook.telemetry.settings import AccessLogPolicy, ProxyFacts, parse_access_log
@@ -92,10 +95,15 @@ def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() ->
     out = _listeners("frontend-1")["outbound"]
     chains = {c["name"]: c for c in out["filter_chains"]}
     backend = "outbound|8080||backend.demo.svc.cluster.local"
-    tags = _tags(_loggers(chains[f"{backend}|http"])[0])
+    stats, logged = _loggers(chains[f"{backend}|http"])
+    tags = _tags(stats)
     assert tags["reporter"] == "source"
-    assert tags["source_workload"] == OWN_WORKLOAD == "%ENVIRONMENT(SIDEMESH_WORKLOAD)%"
-    assert tags["source_principal"] == OWN_PRINCIPAL
+    # Its own name is added by the agent at scrape time, not formatted on every request ...
+    assert not set(tags) & set(OWN_LABELS["source"])
+    # ... the access log (a sample of the requests) names it from Envoy's environment.
+    fields = logged["typed_config"]["log_format"]["json_format"]
+    assert fields["source_workload"] == OWN_WORKLOAD == "%ENVIRONMENT(SIDEMESH_WORKLOAD)%"
+    assert fields["source_principal"] == OWN_PRINCIPAL
     assert tags["destination_service"] == "backend.demo.svc.cluster.local"
     assert tags["destination_workload"] == f"%METADATA(UPSTREAM_HOST:{PEER}:workload)%"
     assert tags["destination_namespace"] == "demo"  # the Service's
@@ -127,9 +135,13 @@ def test_endpoints_say_which_workload_they_are() -> None:
 
 def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown() -> None:
     inbound = {c["name"]: c for c in _listeners("frontend-1")["inbound"]["filter_chains"]}
-    mtls = _tags(_loggers(inbound["inbound-mtls-http"])[0])
+    stats, logged = _loggers(inbound["inbound-mtls-http"])
+    mtls = _tags(stats)
     assert mtls["reporter"] == "destination"
-    assert mtls["destination_workload"] == OWN_WORKLOAD
+    assert not set(mtls) & set(OWN_LABELS["destination"])
+    assert logged["typed_config"]["log_format"]["json_format"]["destination_workload"] == (
+        OWN_WORKLOAD
+    )
     assert mtls["source_principal"] == "%DOWNSTREAM_PEER_URI_SAN%"
     assert mtls["source_namespace"] == "%FILTER_STATE(sidemesh.peer.namespace:PLAIN)%"
     claim = inbound["inbound-mtls-http"]["filters"][0]["typed_config"]["on_new_connection"]
@@ -142,7 +154,7 @@ def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown(
     plain = _tags(_loggers(inbound["inbound-plain-tcp"])[0])
     assert plain["source_principal"] == plain["source_workload"] == "unknown"
     assert plain["connection_security_policy"] == "none"
-    assert set(plain) == set(TCP_LABELS)
+    assert set(plain) == set(TCP_LABELS) - set(OWN_LABELS["destination"])
 
 
 def _inbound_http(**telemetry: Any) -> dict[str, Any]:
@@ -163,15 +175,43 @@ def test_http_requests_are_the_histogram_count_and_bytes_are_counted_by_edge() -
     (duration,) = config["histograms"]
     assert duration["stat"]["name"] == "request_duration_milliseconds"
     assert PROMETHEUS_NAMES["request_duration_milliseconds"] + "_count" == REQUESTS
-    assert [t["name"] for t in duration["stat"]["tags"]] == list(HTTP_LABELS)
+    own = OWN_LABELS["destination"]
+    assert [t["name"] for t in duration["stat"]["tags"]] == [n for n in HTTP_LABELS if n not in own]
     counters = {
         c["stat"]["name"]: [t["name"] for t in c["stat"]["tags"]] for c in config["counters"]
     }
     # No second count of the same requests: every label costs Envoy work on every request.
-    assert counters == {
-        "request_bytes_total": list(EDGE_LABELS),
-        "response_bytes_total": list(EDGE_LABELS),
-    }
+    edge = [n for n in EDGE_LABELS if n not in own]
+    assert counters == {"request_bytes_total": edge, "response_bytes_total": edge}
+    # 19 (stat, label) pairs per request, the sidecar's own three labels left to the agent.
+    assert sum(len(x["stat"]["tags"]) for x in [*config["counters"], duration]) == 19
+
+
+def test_the_agent_adds_the_sidecars_own_labels_by_reporter() -> None:
+    own = own_labels("web", "demo", 'spiffe://td/ns/demo/sa/we"b')
+    scraped = (
+        "# TYPE envoy_sidemesh_request_bytes_total counter\n"
+        'envoy_sidemesh_request_bytes_total{reporter="source",destination_workload="db"} 7\n'
+        'envoy_sidemesh_request_duration_milliseconds_bucket{reporter="destination",'
+        'source_workload="client",le="0.5"} 3\n'
+        'envoy_cluster_upstream_rq{reporter="source"} 1\n'  # not a golden metric: untouched
+        # A control plane that still has Envoy record a label: it is not added twice.
+        'envoy_sidemesh_tcp_sent_bytes_total{reporter="source",source_workload="old"} 2\n'
+    )
+    samples = list(promtext.parse(with_own_labels(scraped, own)))
+    assert samples[0].labels == {
+        "reporter": "source", "source_workload": "web", "source_namespace": "demo",
+        "source_principal": 'spiffe://td/ns/demo/sa/we"b', "destination_workload": "db",
+    }  # fmt: skip
+    assert samples[1].labels == {
+        "reporter": "destination", "destination_workload": "web",
+        "destination_namespace": "demo", "destination_principal": 'spiffe://td/ns/demo/sa/we"b',
+        "source_workload": "client", "le": "0.5",
+    }  # fmt: skip
+    assert samples[2].labels == {"reporter": "source"}
+    assert samples[3].labels["source_workload"] == "old"
+    assert samples[3].labels["source_namespace"] == "demo"
+    assert [s.value for s in samples] == [7, 3, 1, 2]
 
 
 def test_stats_logger_refuses_a_label_without_a_value() -> None:

@@ -130,6 +130,7 @@ def alone_variants() -> dict[str, tuple[list[Any], dict[str, Any]]]:
     """Each piece of the telemetry of a server sidecar's HTTP chain on its own: (access
     loggers, connection manager settings)."""
     labels = {name: f"x-{name}" for name in HTTP_LABELS}  # per-chain values: literals
+    labels["reporter"] = "destination"  # so the sidecar's own labels are left to the agent
     labels["source_principal"] = "%DOWNSTREAM_PEER_URI_SAN%"
     labels["source_workload"] = "%FILTER_STATE(sidemesh.peer.workload:PLAIN)%"
     labels["destination_workload"] = OWN_WORKLOAD

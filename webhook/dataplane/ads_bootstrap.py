@@ -2,7 +2,9 @@
 
 Static, as in the fallback bootstrap (:mod:`webhook.dataplane.bootstrap`, which builds them):
 admin on 127.0.0.1:15000, health ``/healthz/ready`` on 15021, ``/stats/prometheus`` on 15090,
-the overload manager, and the SDS files of the workload certificate. Everything else — the
+the overload manager, and the SDS files of the workload certificate. One difference: 15090 is
+answered by the agent (``agent`` cluster, its port 15020), which adds the sidecar's own labels
+to Envoy's golden metrics (:mod:`webhook.dataplane.scrape`). Everything else — the
 capture listeners 15001/15006 and every cluster — arrives over one delta ADS stream to the
 control plane (``xds`` cluster): HTTP/2 over mTLS with the workload certificate, the control
 plane's certificate verified to chain to the mesh root *and* to carry exactly its SPIFFE id.
@@ -23,9 +25,10 @@ from typing import Any, Final
 from webhook import names
 from webhook.dataplane import bootstrap as bs
 
-__all__ = ["XDS_CLUSTER", "XdsOptions", "control_plane_id", "render_ads_bootstrap"]
+__all__ = ["AGENT_CLUSTER", "XDS_CLUSTER", "XdsOptions", "control_plane_id", "render_ads_bootstrap"]
 
 XDS_CLUSTER: Final = "xds"
+AGENT_CLUSTER: Final = "agent"
 _T_H2 = bs._T_HTTP_OPTIONS
 _STATIC_LISTENERS: Final = ("health", "stats")
 _STATIC_CLUSTERS: Final = ("admin",)
@@ -99,6 +102,11 @@ def render_ads_bootstrap(opts: bs.BootstrapOptions, xds: XdsOptions) -> dict[str
     static["listeners"] = [x for x in static["listeners"] if x["name"] in _STATIC_LISTENERS]
     static["clusters"] = [c for c in static["clusters"] if c["name"] in _STATIC_CLUSTERS]
     static["clusters"].append(_xds_cluster(opts, xds))
+    # Scrapes of 15090 go through the agent, which adds the sidecar's own labels.
+    static["clusters"].append(bs.local_cluster(AGENT_CLUSTER, opts.ports.probes))
+    for listener in static["listeners"]:
+        if listener["name"] == "stats":
+            _route_to(listener, AGENT_CLUSTER)
     fetch = f"{xds.initial_fetch_timeout_s:g}s"
     ads_source = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": fetch}
     boot["dynamic_resources"] = {
@@ -112,3 +120,13 @@ def render_ads_bootstrap(opts: bs.BootstrapOptions, xds: XdsOptions) -> dict[str
         "lds_config": ads_source,
     }
     return boot
+
+
+def _route_to(listener: dict[str, Any], cluster: str) -> None:
+    """Send the routes of a static listener that go to Envoy's admin to ``cluster`` instead."""
+    for chain in listener["filter_chains"]:
+        for f in chain["filters"]:
+            for vhost in f["typed_config"]["route_config"]["virtual_hosts"]:
+                for route in vhost["routes"]:
+                    if route.get("route", {}).get("cluster") == "admin":
+                        route["route"]["cluster"] = cluster

@@ -35,6 +35,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from webhook import names
 from webhook.dataplane.ads_bootstrap import render_ads_bootstrap
 from webhook.dataplane.bootstrap import (
     local_address_ip_version,
@@ -44,10 +45,13 @@ from webhook.dataplane.bootstrap import (
 )
 from webhook.dataplane.capture import INBOUND_PASSTHROUGH_SOURCE_V6
 from webhook.dataplane.identity import CARequestError, Issued, renewal_time
-from webhook.dataplane.probes import start_probe_server
+from webhook.dataplane.probes import Page, start_probe_server
 from webhook.dataplane.renew import AgentStatus, Backoff, CertificateSource
+from webhook.dataplane.scrape import envoy_stats_page
 from webhook.dataplane.settings import AgentSettings, api_server_destinations, settings_from
 from webhook.files import write_atomic
+from webhook.telemetry.metrics import own_labels
+from webhook.telemetry.workload import ENV_NAMESPACE, ENV_PRINCIPAL, ENV_WORKLOAD
 
 __all__ = [
     "AgentSettings",
@@ -111,7 +115,7 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
     host = "::" if 6 in s.ip_families else "0.0.0.0"
     status = AgentStatus()
     probes = start_probe_server(
-        s.app_probes, pod_ip=s.pod_ip, port=s.ports.probes, host=host, metrics=status.prometheus
+        s.app_probes, pod_ip=s.pod_ip, port=s.ports.probes, host=host, pages=_pages(s, status)
     )
     source = CertificateSource(
         ca_address=s.ca_address,
@@ -143,6 +147,16 @@ def run_agent(s: AgentSettings, *, now: Callable[[], datetime] = lambda: datetim
             _terminate(proc)  # never leave Envoy behind, whatever went wrong above
     finally:
         probes.shutdown()
+
+
+def _pages(s: AgentSettings, status: AgentStatus) -> dict[str, Page]:
+    """The agent's own metrics, and (ADS mode) Envoy's with this sidecar's labels added."""
+    pages: dict[str, Page] = {"/metrics": lambda _query: (200, status.prometheus())}
+    if s.discovery_address:
+        env = s.envoy_environment()
+        own = own_labels(env[ENV_WORKLOAD], env[ENV_NAMESPACE], env[ENV_PRINCIPAL])
+        pages[names.STATS_PATH] = envoy_stats_page(s.ports.admin, own)
+    return pages
 
 
 def _on_loopback(address: str, if_inet6: Path = Path("/proc/net/if_inet6")) -> bool:

@@ -179,22 +179,21 @@ def render_bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
                 _mesh_cluster("outbound_mesh_tcp", opts, ALPN_TCP),
                 _original_dst_cluster("passthrough"),
                 _inbound_app_cluster(opts),
-                {
-                    "name": "admin",
-                    "type": "STATIC",
-                    "connect_timeout": "1s",
-                    "load_assignment": {
-                        "cluster_name": "admin",
-                        "endpoints": [
-                            {
-                                "lb_endpoints": [
-                                    {"endpoint": {"address": _addr("127.0.0.1", ports.admin)}}
-                                ]
-                            }
-                        ],
-                    },
-                },
+                local_cluster("admin", ports.admin),
             ],
+        },
+    }
+
+
+def local_cluster(name: str, port: int) -> dict[str, Any]:
+    """A cluster of one port on the pod's loopback (Envoy's admin, the agent)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _addr("127.0.0.1", port)}}]}],
         },
     }
 

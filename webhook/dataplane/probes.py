@@ -29,11 +29,13 @@ from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-__all__ = ["ProbeResult", "parse_probes", "run_probe", "start_probe_server"]
+__all__ = ["Page", "ProbeResult", "parse_probes", "run_probe", "start_probe_server"]
 
 LOG = logging.getLogger("sidemesh.proxy")
 
 ProbeResult = tuple[int, str]
+#: A page the agent serves besides the probes: query string → (status, Prometheus text).
+Page = Callable[[str], tuple[int, str]]
 
 
 def parse_probes(raw: str) -> dict[str, dict[str, Any]]:
@@ -177,9 +179,11 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        path = self.path.split("?", 1)[0]
-        if path == "/metrics" and self.server.metrics is not None:
-            self._send(200, self.server.metrics(), "text/plain; version=0.0.4")
+        path, _, query = self.path.partition("?")
+        page = self.server.pages.get(path)
+        if page is not None:
+            status, text = page(query)
+            self._send(status, text, "text/plain; version=0.0.4" if status == 200 else "text/plain")
             return
         probe = self.server.probes.get(path)
         if probe is None:
@@ -211,14 +215,14 @@ class _ProbeServer(ThreadingHTTPServer):
         address: tuple[str, int],
         probes: dict[str, dict[str, Any]],
         pod_ip: str,
-        metrics: Callable[[], str] | None = None,
+        pages: Mapping[str, Page],
     ):
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
         super().__init__(address, _Handler)
         self.probes = probes
         self.pod_ip = pod_ip
-        self.metrics = metrics
+        self.pages = pages
 
     def server_bind(self) -> None:
         if self.address_family == socket.AF_INET6:
@@ -233,12 +237,12 @@ def start_probe_server(
     pod_ip: str,
     port: int,
     host: str = "0.0.0.0",
-    metrics: Callable[[], str] | None = None,
+    pages: Mapping[str, Page] | None = None,
 ) -> ThreadingHTTPServer:
     """Serve the probes on ``host:port`` in a daemon thread; ``shutdown()`` stops it.
-    ``host="::"`` serves IPv4 and IPv6 on one socket. ``metrics``: the agent's own Prometheus
-    text, served at ``/metrics``."""
-    server = _ProbeServer((host, port), probes, pod_ip, metrics)
+    ``host="::"`` serves IPv4 and IPv6 on one socket. ``pages``: path → what answers it (the
+    agent's metrics), given the query string."""
+    server = _ProbeServer((host, port), probes, pod_ip, pages or {})
     # a short poll interval: shutdown() waits for it, and SIGTERM must end the agent promptly
     threading.Thread(target=server.serve_forever, args=(0.1,), name="probes", daemon=True).start()
     return server

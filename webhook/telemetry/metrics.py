@@ -25,12 +25,16 @@ metric                                             type       value
 What a request costs is set by how many (stat, label) pairs it records: Envoy formats every
 label of every stat on every request and builds a stat name from them. So requests are counted
 by the duration histogram (its ``_count``, complete with every label), not by a second counter
-with the same labels; and the byte counters carry only the edge (:data:`EDGE_LABELS`: who
-called whom, through which Service, over mTLS or not), not the answer's code, flags or the
-principals: 26 pairs per HTTP request, where a request counter and byte counters with every
-label would make 48. The price: a histogram reaches
-``/stats/prometheus`` at Envoy's stats flush (every 5 s), so a request shows up in the count
-up to 5 s after it ended.
+with the same labels; the byte counters carry only the edge (:data:`EDGE_LABELS`: who called
+whom, through which Service, over mTLS or not), not the answer's code, flags or the
+principals; and the three labels that name the sidecar itself (:data:`OWN_LABELS`: its
+workload, namespace and principal, the source side's on an outbound chain, the destination
+side's on an inbound one) are not recorded by Envoy at all. They are the same on every series
+a sidecar reports for one ``reporter``, so the agent adds them when the sidecar is scraped
+(:func:`with_own_labels`), as Prometheus adds a target's labels. That leaves 19 pairs per HTTP
+request, where a request counter and byte counters with every label would make 48. The price
+of counting by the histogram: it reaches ``/stats/prometheus`` at Envoy's stats flush (every
+5 s), so a request shows up in the count up to 5 s after it ended.
 
 The labels, where each comes from, and why the cardinality stays bounded are in
 :data:`HTTP_LABELS`, :data:`TCP_LABELS` and ``docs/telemetry.md``.
@@ -45,10 +49,13 @@ __all__ = [
     "EDGE_LABELS",
     "HTTP_LABELS",
     "METRIC_PREFIX",
+    "OWN_LABELS",
     "PROMETHEUS_NAMES",
     "REQUESTS",
     "TCP_LABELS",
+    "own_labels",
     "stats_logger",
+    "with_own_labels",
 ]
 
 _TYPE = "@type"
@@ -74,7 +81,8 @@ HTTP_LABELS: Final = (
 #: Labels of TCP metrics: the same without the HTTP-only ones.
 TCP_LABELS: Final = tuple(x for x in HTTP_LABELS if x not in ("response_code", "grpc_status"))
 
-#: Labels of the HTTP byte counters: the edge, without the answer and the principals.
+#: Labels of the HTTP byte counters: the edge, without the answer and the peer's principal
+#: (the agent adds the reporting sidecar's own principal with its other own labels).
 EDGE_LABELS: Final = (
     "reporter",
     "source_workload",
@@ -84,6 +92,13 @@ EDGE_LABELS: Final = (
     "destination_service",
     "connection_security_policy",
 )
+
+#: The labels that name the reporting sidecar itself, by ``reporter``: the agent adds them at
+#: scrape time (:func:`with_own_labels`), Envoy does not record them.
+OWN_LABELS: Final = {
+    "source": ("source_workload", "source_namespace", "source_principal"),
+    "destination": ("destination_workload", "destination_namespace", "destination_principal"),
+}
 
 #: Per-request values (the rest of the labels are per chain).
 _PER_REQUEST: Final = {
@@ -113,7 +128,8 @@ REQUESTS: Final = PROMETHEUS_NAMES["request_duration_milliseconds"] + "_count"
 
 def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
     """The stats access logger of one chain. ``protocol``: ``http`` or ``tcp``; ``labels``:
-    each per-chain label's format string (literals or Envoy operators)."""
+    each per-chain label's format string (literals or Envoy operators). ``reporter`` comes
+    first, and the sidecar's own labels for that reporter are left to the agent."""
     names = HTTP_LABELS if protocol == "http" else TCP_LABELS
     values = {**labels, **_PER_REQUEST}
     missing = [n for n in names if n not in values]
@@ -121,8 +137,11 @@ def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
         raise ValueError(f"telemetry labels without a value: {', '.join(missing)}")
     counters: list[dict[str, Any]] = []
     histograms: list[dict[str, Any]] = []
+    own = OWN_LABELS.get(values.get("reporter", ""), ())
     for name, kind, value, labelled in _HTTP_STATS if protocol == "http" else _TCP_STATS:
-        tags = [{"name": n, "value_format": _non_empty(values[n])} for n in labelled]
+        tags = [
+            {"name": n, "value_format": _non_empty(values[n])} for n in labelled if n not in own
+        ]
         stat = {"name": name, "tags": tags}
         if kind == "histogram":
             histograms.append({"stat": stat, "unit": "Milliseconds", "value_format": value})
@@ -144,3 +163,40 @@ def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
 def _non_empty(value: str) -> str:
     # Envoy refuses an empty tag format; a label the chain cannot know says so.
     return value or "unknown"
+
+
+def own_labels(workload: str, namespace: str, principal: str) -> dict[str, dict[str, str]]:
+    """What :func:`with_own_labels` adds for a sidecar, by ``reporter``."""
+    values = (workload, namespace, principal)
+    return {
+        reporter: dict(zip(names, values, strict=True)) for reporter, names in OWN_LABELS.items()
+    }
+
+
+def with_own_labels(text: str, own: Mapping[str, Mapping[str, str]]) -> str:
+    """A sidecar's Prometheus text with its own labels (:func:`own_labels`) added to each
+    golden-metric series, after its ``reporter`` (always the first label). A label the series
+    already has is left as it is (a control plane that still has Envoy record it)."""
+    prefix = f"envoy_{METRIC_PREFIX}_"
+    markers = {
+        '{reporter="' + reporter + '"': [
+            (f',{k}="', f',{k}="{_escape(v)}"') for k, v in labels.items()
+        ]
+        for reporter, labels in own.items()
+    }
+    out = []
+    for line in text.splitlines(keepends=True):
+        if line.startswith(prefix):
+            for marker, added in markers.items():
+                at = line.find(marker)
+                if at != -1:
+                    extra = "".join(pair for key, pair in added if key not in line)
+                    cut = at + len(marker)
+                    line = line[:cut] + extra + line[cut:]
+                    break
+        out.append(line)
+    return "".join(out)
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
