@@ -1,6 +1,7 @@
 """The agent's ``/stats/prometheus`` (what 15090 serves in ADS mode), against a real Envoy: the
-golden metrics Envoy recorded without the sidecar's own labels come out with them, the scrape's
-query string reaches Envoy, and a dead Envoy is a 503 that says which admin did not answer."""
+golden metrics Envoy recorded in a side's scope without ``reporter`` and the sidecar's own
+labels come out as the golden metric with them, the scrape's query string reaches Envoy, and
+a dead Envoy is a 503 that says which admin did not answer."""
 
 from __future__ import annotations
 
@@ -90,8 +91,11 @@ def test_scraped_metrics_carry_the_sidecars_own_labels(
         assert _get(port) == 200
     page = envoy_stats_page(admin, own_labels("web", "demo", PRINCIPAL))
     sent = PROMETHEUS_NAMES["response_bytes_total"]
-    status, text = page("filter=response_bytes_total")  # Envoy filters its own stat names
+    # Envoy's own names: sidemesh_in.response_bytes_total, envoy_sidemesh_in_… on its admin.
+    status, text = page("filter=response_bytes_total")
     assert status == 200
+    assert "envoy_sidemesh_in_" not in text
+    assert text.count(f"# TYPE {sent} counter") == 1
     samples = list(promtext.parse(text))
     assert {s.name for s in samples} == {sent}  # the query string reached Envoy
     (series,) = samples

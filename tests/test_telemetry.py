@@ -34,10 +34,11 @@ from webhook.telemetry.metrics import (
     OWN_LABELS,
     PROMETHEUS_NAMES,
     REQUESTS,
+    SCOPES,
     TCP_LABELS,
+    finish_scrape,
     own_labels,
     stats_logger,
-    with_own_labels,
 )
 from webhook.telemetry.promtext import Sample
 from webhook.telemetry.settings import AccessLogPolicy, ProxyFacts, parse_access_log
@@ -97,7 +98,7 @@ def test_client_side_labels_come_from_itself_the_endpoint_and_the_peer_cert() ->
     backend = "outbound|8080||backend.demo.svc.cluster.local"
     stats, logged = _loggers(chains[f"{backend}|http"])
     tags = _tags(stats)
-    assert tags["reporter"] == "source"
+    assert stats["typed_config"]["stats_scope"]["prefix"] == SCOPES["source"]  # reporter
     # Its own name is added by the agent at scrape time, not formatted on every request ...
     assert not set(tags) & set(OWN_LABELS["source"])
     # ... the access log (a sample of the requests) names it from Envoy's environment.
@@ -137,7 +138,7 @@ def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown(
     inbound = {c["name"]: c for c in _listeners("frontend-1")["inbound"]["filter_chains"]}
     stats, logged = _loggers(inbound["inbound-mtls-http"])
     mtls = _tags(stats)
-    assert mtls["reporter"] == "destination"
+    assert stats["typed_config"]["stats_scope"]["prefix"] == SCOPES["destination"]
     assert not set(mtls) & set(OWN_LABELS["destination"])
     assert logged["typed_config"]["log_format"]["json_format"]["destination_workload"] == (
         OWN_WORKLOAD
@@ -154,7 +155,7 @@ def test_server_side_trusts_the_certificate_and_marks_plaintext_callers_unknown(
     plain = _tags(_loggers(inbound["inbound-plain-tcp"])[0])
     assert plain["source_principal"] == plain["source_workload"] == "unknown"
     assert plain["connection_security_policy"] == "none"
-    assert set(plain) == set(TCP_LABELS) - set(OWN_LABELS["destination"])
+    assert set(plain) == set(TCP_LABELS) - {"reporter", *OWN_LABELS["destination"]}
 
 
 def _inbound_http(**telemetry: Any) -> dict[str, Any]:
@@ -172,46 +173,78 @@ def test_switches_metrics_off_and_access_logs_by_policy() -> None:
 
 def test_http_requests_are_the_histogram_count_and_bytes_are_counted_by_edge() -> None:
     config = _loggers(_inbound_http())[0]["typed_config"]
+    # The server's side records into its own scope; the agent makes it reporter="destination".
+    assert config["stats_scope"] == {"prefix": SCOPES["destination"]} == {"prefix": "sidemesh_in"}
     (duration,) = config["histograms"]
     assert duration["stat"]["name"] == "request_duration_milliseconds"
     assert PROMETHEUS_NAMES["request_duration_milliseconds"] + "_count" == REQUESTS
-    own = OWN_LABELS["destination"]
-    assert [t["name"] for t in duration["stat"]["tags"]] == [n for n in HTTP_LABELS if n not in own]
+    skipped = {"reporter", *OWN_LABELS["destination"]}
+    assert [t["name"] for t in duration["stat"]["tags"]] == [
+        n for n in HTTP_LABELS if n not in skipped
+    ]
     counters = {
         c["stat"]["name"]: [t["name"] for t in c["stat"]["tags"]] for c in config["counters"]
     }
     # No second count of the same requests: every label costs Envoy work on every request.
-    edge = [n for n in EDGE_LABELS if n not in own]
+    edge = ["source_workload", "source_namespace", "destination_service"]
+    assert [n for n in EDGE_LABELS if n not in skipped] == edge
     assert counters == {"request_bytes_total": edge, "response_bytes_total": edge}
-    # 19 (stat, label) pairs per request, the sidecar's own three labels left to the agent.
-    assert sum(len(x["stat"]["tags"]) for x in [*config["counters"], duration]) == 19
+    # 14 (stat, label) pairs per request: 8 + 3 + 3.
+    assert sum(len(x["stat"]["tags"]) for x in [*config["counters"], duration]) == 14
 
 
-def test_the_agent_adds_the_sidecars_own_labels_by_reporter() -> None:
+def test_the_agent_finishes_each_sides_metrics_with_reporter_and_its_own_labels() -> None:
     own = own_labels("web", "demo", 'spiffe://td/ns/demo/sa/we"b')
     scraped = (
-        "# TYPE envoy_sidemesh_request_bytes_total counter\n"
-        'envoy_sidemesh_request_bytes_total{reporter="source",destination_workload="db"} 7\n'
-        'envoy_sidemesh_request_duration_milliseconds_bucket{reporter="destination",'
-        'source_workload="client",le="0.5"} 3\n'
-        'envoy_cluster_upstream_rq{reporter="source"} 1\n'  # not a golden metric: untouched
-        # A control plane that still has Envoy record a label: it is not added twice.
+        "# TYPE envoy_cluster_upstream_rq counter\n"
+        'envoy_cluster_upstream_rq{envoy_cluster_name="x"} 1\n'  # not ours: untouched
+        "# TYPE envoy_sidemesh_out_request_bytes_total counter\n"
+        'envoy_sidemesh_out_request_bytes_total{destination_workload="db"} 7\n'
+        "# TYPE envoy_sidemesh_in_request_bytes_total counter\n"
+        'envoy_sidemesh_in_request_bytes_total{source_workload="client"} 5\n'
+        "# TYPE envoy_sidemesh_in_request_duration_milliseconds histogram\n"
+        'envoy_sidemesh_in_request_duration_milliseconds_bucket{source_workload="client",'
+        'le="0.5"} 3\n'
+        "envoy_sidemesh_in_request_duration_milliseconds_count{} 3\n"
+        "envoy_sidemesh_in_request_duration_milliseconds_sum 1.5\n"
+        # A control plane that still records reporter and the own labels in Envoy: the labels
+        # it lacks are added, none twice.
+        "# TYPE envoy_sidemesh_tcp_sent_bytes_total counter\n"
         'envoy_sidemesh_tcp_sent_bytes_total{reporter="source",source_workload="old"} 2\n'
     )
-    samples = list(promtext.parse(with_own_labels(scraped, own)))
-    assert samples[0].labels == {
+    finished = finish_scrape(scraped, own)
+    types = [line.split()[2] for line in finished.splitlines() if line.startswith("# TYPE")]
+    # One family per golden metric, both sides' samples in it, where its first side stood.
+    assert types == [
+        "envoy_cluster_upstream_rq",
+        "envoy_sidemesh_request_bytes_total",
+        "envoy_sidemesh_request_duration_milliseconds",
+        "envoy_sidemesh_tcp_sent_bytes_total",
+    ]
+    samples = list(promtext.parse(finished))
+    assert [(s.name, s.value) for s in samples] == [
+        ("envoy_cluster_upstream_rq", 1),
+        ("envoy_sidemesh_request_bytes_total", 7),
+        ("envoy_sidemesh_request_bytes_total", 5),
+        ("envoy_sidemesh_request_duration_milliseconds_bucket", 3),
+        ("envoy_sidemesh_request_duration_milliseconds_count", 3),
+        ("envoy_sidemesh_request_duration_milliseconds_sum", 1.5),
+        ("envoy_sidemesh_tcp_sent_bytes_total", 2),
+    ]
+    assert samples[0].labels == {"envoy_cluster_name": "x"}
+    assert samples[1].labels == {
         "reporter": "source", "source_workload": "web", "source_namespace": "demo",
         "source_principal": 'spiffe://td/ns/demo/sa/we"b', "destination_workload": "db",
     }  # fmt: skip
-    assert samples[1].labels == {
+    inbound = {
         "reporter": "destination", "destination_workload": "web",
         "destination_namespace": "demo", "destination_principal": 'spiffe://td/ns/demo/sa/we"b',
-        "source_workload": "client", "le": "0.5",
     }  # fmt: skip
-    assert samples[2].labels == {"reporter": "source"}
-    assert samples[3].labels["source_workload"] == "old"
-    assert samples[3].labels["source_namespace"] == "demo"
-    assert [s.value for s in samples] == [7, 3, 1, 2]
+    assert samples[2].labels == {**inbound, "source_workload": "client"}
+    assert samples[3].labels == {**inbound, "source_workload": "client", "le": "0.5"}
+    assert samples[4].labels == samples[5].labels == inbound
+    assert samples[6].labels["source_workload"] == "old"
+    assert samples[6].labels["source_namespace"] == "demo"
 
 
 def test_stats_logger_refuses_a_label_without_a_value() -> None:
@@ -297,7 +330,7 @@ def test_real_envoy_accepts_tracing_and_every_logger(tmp_path: Path) -> None:
         clusters.append(c)
     # The bytes the control plane sends, back in JSON: what Envoy reads from ADS.
     listeners = [decode(LISTENER, encode(LISTENER, x)) for x in res.listeners.values()]
-    assert '"stats_scope": {"prefix": "sidemesh"}' in json.dumps(listeners)
+    assert '"stats_scope": {"prefix": "sidemesh_in"}' in json.dumps(listeners)
     for listener in listeners:  # RDS inlined: the route configs the control plane sends
         for chain in listener["filter_chains"]:
             hcm = chain["filters"][-1]["typed_config"]

@@ -122,8 +122,8 @@ def test_byte_counters_name_the_edge_both_sidecars_saw(mesh: Lab) -> None:
         (sent,) = promtext.select(samples, PROMETHEUS_NAMES["response_bytes_total"],
                                   reporter=reporter, **edge)  # fmt: skip
         print(workload, dict(sent.labels), sent.value)
-        # One edge, one series: the answer's code does not split the byte counts. The agent
-        # adds the reporting sidecar's own principal too (like its workload: one value).
+        # One edge, one series: neither the answer's code nor the transport splits the byte
+        # counts. The agent adds the reporting sidecar's own principal too (one value).
         assert set(sent.labels) == {*EDGE_LABELS, f"{reporter}_principal"}
         assert sent.labels[f"{reporter}_principal"] == WEB_PEER[f"{reporter}_principal"]
         assert sent.value > 0

@@ -1,10 +1,11 @@
 """``sidemesh proxy``: the sidecar agent.
 
-In order: read the pod's facts (:mod:`webhook.dataplane.settings`), serve the app probes and
-the agent's ``/metrics`` on 15020, get a certificate (:mod:`webhook.dataplane.renew`: a fresh
-key, one bounded CA call, the answer checked against the pod's own trust bundle, retried with
-capped, jittered backoff, saying why), install it, render the Envoy bootstrap, start Envoy as
-the proxy uid, and then supervise:
+In order: read the pod's facts (:mod:`webhook.dataplane.settings`), serve the app probes,
+the agent's ``/metrics`` and (ADS mode) the sidecar's ``/stats/prometheus``
+(:mod:`webhook.dataplane.scrape`) on 15020, get a certificate (:mod:`webhook.dataplane.renew`:
+a fresh key, one bounded CA call, the answer checked against the pod's own trust bundle,
+retried with capped, jittered backoff, saying why), install it, render the Envoy bootstrap,
+start Envoy as the proxy uid, and then supervise:
 
 * Envoy exits on its own → the agent exits non-zero, so the kubelet restarts the container;
 * half of the certificate's lifetime has passed → a new key and certificate, swapped in

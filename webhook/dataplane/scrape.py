@@ -1,9 +1,10 @@
 """What Prometheus scrapes on a sidecar's ``:15090/stats/prometheus`` in ADS mode.
 
 Envoy's stats listener hands the request to the agent, which asks Envoy's admin for the same
-page and adds the sidecar's own workload, namespace and principal to each golden-metric series
-(:func:`webhook.telemetry.metrics.with_own_labels`): Envoy does not record them on every
-request, since they never change for one sidecar. Everything else passes through untouched.
+page and finishes the golden metrics (:func:`webhook.telemetry.metrics.finish_scrape`): each
+side's series get ``reporter`` and the sidecar's own workload, namespace and principal, which
+Envoy does not record on every request since they never change for one sidecar. Everything
+else passes through untouched.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Mapping
 
 from webhook import names
 from webhook.dataplane.probes import Page
-from webhook.telemetry.metrics import with_own_labels
+from webhook.telemetry.metrics import finish_scrape
 
 __all__ = ["envoy_stats_page"]
 
@@ -36,6 +37,6 @@ def envoy_stats_page(
             conn.close()
         if resp.status != 200:
             return resp.status, text
-        return 200, with_own_labels(text, own)
+        return 200, finish_scrape(text, own)
 
     return page

@@ -23,18 +23,24 @@ metric                                             type       value
 =================================================  =========  =================================
 
 What a request costs is set by how many (stat, label) pairs it records: Envoy formats every
-label of every stat on every request and builds a stat name from them. So requests are counted
-by the duration histogram (its ``_count``, complete with every label), not by a second counter
-with the same labels; the byte counters carry only the edge (:data:`EDGE_LABELS`: who called
-whom, through which Service, over mTLS or not), not the answer's code, flags or the
-principals; and the three labels that name the sidecar itself (:data:`OWN_LABELS`: its
-workload, namespace and principal, the source side's on an outbound chain, the destination
-side's on an inbound one) are not recorded by Envoy at all. They are the same on every series
-a sidecar reports for one ``reporter``, so the agent adds them when the sidecar is scraped
-(:func:`with_own_labels`), as Prometheus adds a target's labels. That leaves 19 pairs per HTTP
-request, where a request counter and byte counters with every label would make 48. The price
-of counting by the histogram: it reaches ``/stats/prometheus`` at Envoy's stats flush (every
-5 s), so a request shows up in the count up to 5 s after it ended.
+label of every stat on every request, builds a stat name from them and looks it up; and an
+HTTP response is written to the socket only after its access loggers ran, so this is latency
+as well as CPU. So a label that does not change is not Envoy's to record:
+
+* requests are counted by the duration histogram (its ``_count``, complete with every label),
+  not by a second counter with the same labels;
+* the byte counters carry only who called whom through which Service (:data:`EDGE_LABELS`),
+  not the answer's code, flags, the transport or the peer's principal;
+* the labels that name the sidecar itself (:data:`OWN_LABELS`: its workload, namespace and
+  principal; the source side's on an outbound chain, the destination side's on an inbound
+  one) and ``reporter`` are the same on every series of one side, so each side records into
+  a stats scope of its own (:data:`SCOPES`) and the agent turns scope into labels when the
+  sidecar is scraped (:func:`finish_scrape`), as Prometheus adds a target's labels.
+
+That leaves 14 pairs per HTTP request, where a request counter and byte counters with every
+label would make 48. The price of counting by the histogram: it reaches ``/stats/prometheus``
+at Envoy's stats flush (every 5 s), so a request shows up in the count up to 5 s after it
+ended.
 
 The labels, where each comes from, and why the cardinality stays bounded are in
 :data:`HTTP_LABELS`, :data:`TCP_LABELS` and ``docs/telemetry.md``.
@@ -52,10 +58,11 @@ __all__ = [
     "OWN_LABELS",
     "PROMETHEUS_NAMES",
     "REQUESTS",
+    "SCOPES",
     "TCP_LABELS",
+    "finish_scrape",
     "own_labels",
     "stats_logger",
-    "with_own_labels",
 ]
 
 _TYPE = "@type"
@@ -81,8 +88,9 @@ HTTP_LABELS: Final = (
 #: Labels of TCP metrics: the same without the HTTP-only ones.
 TCP_LABELS: Final = tuple(x for x in HTTP_LABELS if x not in ("response_code", "grpc_status"))
 
-#: Labels of the HTTP byte counters: the edge, without the answer and the peer's principal
-#: (the agent adds the reporting sidecar's own principal with its other own labels).
+#: Labels of the HTTP byte counters: who called whom through which Service, without the
+#: answer, the transport or the peer's principal (the agent adds the reporting sidecar's own
+#: principal with its other own labels).
 EDGE_LABELS: Final = (
     "reporter",
     "source_workload",
@@ -90,15 +98,19 @@ EDGE_LABELS: Final = (
     "destination_workload",
     "destination_namespace",
     "destination_service",
-    "connection_security_policy",
 )
 
 #: The labels that name the reporting sidecar itself, by ``reporter``: the agent adds them at
-#: scrape time (:func:`with_own_labels`), Envoy does not record them.
+#: scrape time (:func:`finish_scrape`), Envoy does not record them.
 OWN_LABELS: Final = {
     "source": ("source_workload", "source_namespace", "source_principal"),
     "destination": ("destination_workload", "destination_namespace", "destination_principal"),
 }
+#: Envoy records each side's metrics under a stats scope of its own, and the agent turns the
+#: scope into ``reporter`` (so ``reporter`` is not a label Envoy formats on every request):
+#: ``envoy_sidemesh_out_…`` and ``envoy_sidemesh_in_…`` on the admin port are
+#: ``envoy_sidemesh_…{reporter="source"|"destination"}`` on 15090.
+SCOPES: Final = {"source": f"{METRIC_PREFIX}_out", "destination": f"{METRIC_PREFIX}_in"}
 
 #: Per-request values (the rest of the labels are per chain).
 _PER_REQUEST: Final = {
@@ -128,8 +140,9 @@ REQUESTS: Final = PROMETHEUS_NAMES["request_duration_milliseconds"] + "_count"
 
 def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
     """The stats access logger of one chain. ``protocol``: ``http`` or ``tcp``; ``labels``:
-    each per-chain label's format string (literals or Envoy operators). ``reporter`` comes
-    first, and the sidecar's own labels for that reporter are left to the agent."""
+    each per-chain label's format string (literals or Envoy operators). ``reporter`` (a
+    literal, ``source`` or ``destination``) picks the stats scope, and the sidecar's own labels
+    for that reporter are left to the agent (:func:`finish_scrape`)."""
     names = HTTP_LABELS if protocol == "http" else TCP_LABELS
     values = {**labels, **_PER_REQUEST}
     missing = [n for n in names if n not in values]
@@ -137,11 +150,12 @@ def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
         raise ValueError(f"telemetry labels without a value: {', '.join(missing)}")
     counters: list[dict[str, Any]] = []
     histograms: list[dict[str, Any]] = []
-    own = OWN_LABELS.get(values.get("reporter", ""), ())
+    reporter = values["reporter"]
+    if reporter not in SCOPES:
+        raise ValueError(f"reporter must be source or destination, not {reporter!r}")
+    kept = [n for n in names if n != "reporter" and n not in OWN_LABELS[reporter]]
     for name, kind, value, labelled in _HTTP_STATS if protocol == "http" else _TCP_STATS:
-        tags = [
-            {"name": n, "value_format": _non_empty(values[n])} for n in labelled if n not in own
-        ]
+        tags = [{"name": n, "value_format": _non_empty(values[n])} for n in kept if n in labelled]
         stat = {"name": name, "tags": tags}
         if kind == "histogram":
             histograms.append({"stat": stat, "unit": "Milliseconds", "value_format": value})
@@ -152,7 +166,7 @@ def stats_logger(protocol: str, labels: Mapping[str, str]) -> dict[str, Any]:
     config: dict[str, Any] = {
         _TYPE: _T_STATS,
         # Envoy 1.40 calls stat_prefix deprecated; its successor is a stats scope.
-        "stats_scope": {"prefix": METRIC_PREFIX},
+        "stats_scope": {"prefix": SCOPES[reporter]},
         "counters": counters,
     }
     if histograms:
@@ -166,36 +180,86 @@ def _non_empty(value: str) -> str:
 
 
 def own_labels(workload: str, namespace: str, principal: str) -> dict[str, dict[str, str]]:
-    """What :func:`with_own_labels` adds for a sidecar, by ``reporter``."""
+    """What :func:`finish_scrape` adds for a sidecar, by ``reporter``."""
     values = (workload, namespace, principal)
     return {
         reporter: dict(zip(names, values, strict=True)) for reporter, names in OWN_LABELS.items()
     }
 
 
-def with_own_labels(text: str, own: Mapping[str, Mapping[str, str]]) -> str:
-    """A sidecar's Prometheus text with its own labels (:func:`own_labels`) added to each
-    golden-metric series, after its ``reporter`` (always the first label). A label the series
-    already has is left as it is (a control plane that still has Envoy record it)."""
-    prefix = f"envoy_{METRIC_PREFIX}_"
-    markers = {
-        '{reporter="' + reporter + '"': [
-            (f',{k}="', f',{k}="{_escape(v)}"') for k, v in labels.items()
-        ]
-        for reporter, labels in own.items()
+def finish_scrape(text: str, own: Mapping[str, Mapping[str, str]]) -> str:
+    """A sidecar's ``/stats/prometheus`` as Prometheus should see it: each metric family of a
+    side's scope (:data:`SCOPES`) renamed to the golden metric, its samples labelled with
+    ``reporter`` and the sidecar's own labels (:func:`own_labels`), and the two sides' samples
+    of one metric merged under one ``# TYPE`` line where the first of them stood. Everything
+    else passes through as Envoy wrote it. (A series from a control plane that still records
+    ``reporter`` in the plain ``sidemesh`` scope gets the own labels it lacks after its
+    ``reporter``.)"""
+    renames = {
+        f"envoy_{scope}_": (reporter, _label_text({"reporter": reporter, **own.get(reporter, {})}))
+        for reporter, scope in SCOPES.items()
     }
-    out = []
+    golden = f"envoy_{METRIC_PREFIX}_"
+    families: dict[str, list[str]] = {}
+    out: list[str | list[str]] = []
+    for block in _blocks(text):
+        head = block[0]
+        name = head.split()[2] if head.startswith("# TYPE ") and len(head.split()) >= 3 else ""
+        for prefix, (_reporter, labels) in renames.items():
+            if name.startswith(prefix):
+                base = golden + name[len(prefix) :]
+                samples = [_relabel(line, name, base, labels) for line in block[1:]]
+                if base in families:
+                    families[base].extend(samples)
+                else:
+                    families[base] = [f"# TYPE {base} {head.split()[3]}\n", *samples]
+                    out.append(families[base])
+                break
+        else:
+            if name.startswith(golden):
+                block = [_with_own(line, own) for line in block]
+            out.append(block)
+    return "".join(line for part in out for line in part)
+
+
+def _blocks(text: str) -> list[list[str]]:
+    """Envoy's Prometheus text cut at each ``# TYPE`` line (a block: its line and samples)."""
+    blocks: list[list[str]] = [[]]
     for line in text.splitlines(keepends=True):
-        if line.startswith(prefix):
-            for marker, added in markers.items():
-                at = line.find(marker)
-                if at != -1:
-                    extra = "".join(pair for key, pair in added if key not in line)
-                    cut = at + len(marker)
-                    line = line[:cut] + extra + line[cut:]
-                    break
-        out.append(line)
-    return "".join(out)
+        if line.startswith("# TYPE ") and blocks[-1]:
+            blocks.append([])
+        blocks[-1].append(line if line.endswith("\n") else line + "\n")
+    return [b for b in blocks if b]
+
+
+def _relabel(line: str, name: str, base: str, labels: str) -> str:
+    """``name…{a="b"} 1`` → ``base…{<labels>,a="b"} 1`` (a sample of ``name``'s family)."""
+    if not line.startswith(name):
+        return line
+    rest = line[len(name) :]
+    suffix, brace, tail = rest.partition("{")
+    if brace:
+        sep = "" if tail.startswith("}") else ","
+        return f"{base}{suffix}{{{labels}{sep}{tail}"
+    suffix, space, value = rest.partition(" ")
+    return f"{base}{suffix}{{{labels}}}{space}{value}"
+
+
+def _with_own(line: str, own: Mapping[str, Mapping[str, str]]) -> str:
+    for reporter, labels in own.items():
+        marker = '{reporter="' + reporter + '"'
+        at = line.find(marker)
+        if at != -1:
+            extra = "".join(
+                f',{k}="{_escape(v)}"' for k, v in labels.items() if f',{k}="' not in line
+            )
+            cut = at + len(marker)
+            return line[:cut] + extra + line[cut:]
+    return line
+
+
+def _label_text(labels: Mapping[str, str]) -> str:
+    return ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
 
 
 def _escape(value: str) -> str:
