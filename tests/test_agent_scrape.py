@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import envoy_binary
+from tests.support.envoy_alone import direct_response_config
 from tests.support.ports import free_port
 from tests.support.wait import wait_for
 from webhook.dataplane.scrape import envoy_stats_page
@@ -29,24 +30,7 @@ PRINCIPAL = "spiffe://cluster.local/ns/demo/sa/web"
 def _config(port: int, admin: int) -> dict[str, Any]:
     labels = {name: f"x-{name}" for name in HTTP_LABELS}
     labels["reporter"] = "destination"  # an inbound chain: web is the destination
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": "in",
-        "access_log": [stats_logger("http", labels)],
-        "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"},
-             "direct_response": {"status": 200, "body": {"inline_string": "hello"}}}]}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-    }  # fmt: skip
-    addr = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {"listeners": [{"name": "l", "address": addr, "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                          "typed_config": hcm}]}]}]},
-    }  # fmt: skip
+    return direct_response_config(port, admin, [stats_logger("http", labels)])
 
 
 @pytest.fixture

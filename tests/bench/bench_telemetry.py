@@ -47,6 +47,7 @@ sys.path.insert(0, str(REPO))
 
 from tests.bench.bench_dataplane import cpu_seconds, wrk  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
+from tests.support.envoy_alone import direct_response_config  # noqa: E402
 from tests.support.meshlab import app, envoy_pids  # noqa: E402
 from tests.support.netns import NetnsLab  # noqa: E402
 from tests.support.telemetrylab import OTLP_PORT, WEB, start  # noqa: E402
@@ -101,25 +102,7 @@ def run() -> dict[str, Any]:
 def _alone_config(
     port: int, admin: int, loggers: list[Any], extra: dict[str, Any]
 ) -> dict[str, Any]:
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager"
-        ".v3.HttpConnectionManager",
-        "stat_prefix": "alone",
-        "access_log": loggers,
-        "route_config": {"virtual_hosts": [{"name": "v", "domains": ["*"], "routes": [
-            {"match": {"prefix": "/"},
-             "direct_response": {"status": 200, "body": {"inline_string": "hello"}}}]}]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-        **extra,
-    }  # fmt: skip
-    addr = {"socket_address": {"address": "127.0.0.1", "port_value": port}}
-    config: dict[str, Any] = {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin}}},
-        "static_resources": {"listeners": [{"name": "l", "address": addr, "filter_chains": [
-            {"filters": [{"name": "envoy.filters.network.http_connection_manager",
-                          "typed_config": hcm}]}]}]},
-    }  # fmt: skip
+    config = direct_response_config(port, admin, loggers, extra)
     if "tracing" in extra:  # a collector nobody listens on: spans are dropped at export
         collector = collector_cluster(TelemetryConfig(tracing_collector="127.0.0.1:19939"))
         config["static_resources"]["clusters"] = [collector]
