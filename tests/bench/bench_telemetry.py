@@ -19,7 +19,8 @@ logger the control plane compiles for an HTTP chain, same rounds. A third counts
 instructions that Envoy executes per request for each piece, under valgrind's callgrind: a
 figure that does not move with the machine's load. Root, Envoy and wrk required (valgrind for
 the third part); ``BENCH_SECONDS`` (default 5) per run, ``BENCH_ROUNDS`` (default 3) per mode,
-``BENCH_PARTS`` (default ``lab,alone,instructions``) what to run.
+``BENCH_PARTS`` (default ``lab,alone,instructions,lab-instructions``) what to run; the
+fourth counts the instructions of the lab's own two sidecars per request, telemetry off and on.
 
     .venv/bin/python tests/bench/bench_telemetry.py   # table on stdout,
                                                       # JSON in bench-results/telemetry.json
@@ -27,6 +28,7 @@ the third part); ``BENCH_SECONDS`` (default 5) per run, ``BENCH_ROUNDS`` (defaul
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import http.client
 import json
@@ -37,6 +39,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -51,7 +54,7 @@ from tests.support.envoy_alone import direct_response_config  # noqa: E402
 from tests.support.meshlab import app, envoy_pids  # noqa: E402
 from tests.support.netns import NetnsLab  # noqa: E402
 from tests.support.telemetrylab import OTLP_PORT, WEB, start  # noqa: E402
-from webhook.config import TelemetryConfig  # noqa: E402
+from webhook.config import DEFAULTS, TelemetryConfig  # noqa: E402
 from webhook.telemetry.accesslog import json_logger  # noqa: E402
 from webhook.telemetry.metrics import HTTP_LABELS, stats_logger  # noqa: E402
 from webhook.telemetry.settings import AccessLogPolicy  # noqa: E402
@@ -61,6 +64,7 @@ from webhook.telemetry.workload import OWN_WORKLOAD  # noqa: E402
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 INSTRUCTION_REQUESTS = int(os.environ.get("BENCH_INSTRUCTION_REQUESTS", "1000"))
+PROXY_UID = DEFAULTS.proxy.uid
 GOALS = {"added_cpu_per_request": 0.10, "added_p50_ms": 0.05}
 
 
@@ -89,14 +93,23 @@ def run() -> dict[str, Any]:
                     m.restart_discovery(telemetry)
                     current = name
                 wrk(client, url, 1, 1)  # warm-up after the listener change
-                before = {w: cpu_seconds(p) for w, p in envoys.items()}
+                before = {w: _user_seconds(p) for w, p in envoys.items()}
+                before_all = {w: cpu_seconds(p) for w, p in envoys.items()}
                 r = wrk(client, url, 1, SECONDS)
                 for w, p in envoys.items():
-                    r[f"cpu_us_per_req_{w}"] = (cpu_seconds(p) - before[w]) / r["requests"] * 1e6
+                    n = r["requests"]
+                    r[f"cpu_us_per_req_{w}"] = (cpu_seconds(p) - before_all[w]) / n * 1e6
+                    r[f"user_us_per_req_{w}"] = (_user_seconds(p) - before[w]) / n * 1e6
                 runs[name].append(r)
         return {"seconds_per_run": SECONDS, "rounds": ROUNDS, "runs": runs}
     finally:
         lab.close(raise_errors=False)
+
+
+def _user_seconds(pid: int) -> float:
+    """User-space CPU time of a process (utime): what instruction counts compare with."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(fields[11]) / os.sysconf("SC_CLK_TCK")
 
 
 def _alone_config(
@@ -229,6 +242,98 @@ def envoy_instructions() -> dict[str, float]:
         }
 
 
+def _callgrind_control(pid: int, command: str) -> None:
+    # As the proxy uid: vgdb cannot reach a valgrind of another user without CAP_SYS_PTRACE.
+    argv = ["setpriv", f"--reuid={PROXY_UID}", f"--regid={PROXY_UID}", "--clear-groups",
+            "callgrind_control", f"--{command}", str(pid)]  # fmt: skip
+    subprocess.run(argv, check=True, capture_output=True, timeout=120)
+
+
+def _valgrind_pid(pod: Any) -> int:
+    for pid in pod.ns.pids():
+        with contextlib.suppress(OSError):
+            if Path(f"/proc/{pid}/comm").read_text().startswith(("callgrind", "valgrind")):
+                return int(pid)
+    raise AssertionError("no Envoy under valgrind in the pod")
+
+
+def lab_instructions() -> dict[str, dict[str, float]]:
+    """Instructions per request of the lab's two sidecars (client and web) under callgrind,
+    telemetry off and on: the lab's figure that does not move with the machine's load. A load
+    thread in the client pod sends keep-alive requests through both; the counters are zeroed
+    and dumped while it runs (valgrind answers only a busy process)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)
+        out = work / "out"
+        out.mkdir(mode=0o777)
+        out.chmod(0o777)
+        wrapper = work / "envoy-under-callgrind"
+        run = f"valgrind --tool=callgrind --callgrind-out-file={out}/%p.out {envoy_binary()}"
+        wrapper.write_text(f'#!/bin/sh\nexec {run} "$@"\n')
+        wrapper.chmod(0o755)
+        lab = NetnsLab("smtelc")
+        try:
+            configs = {"off": {"metrics": False, "access_log": "off"}, "on": {}}
+            m = start(lab, configs["off"], pod_annotations=False,
+                      envoy_binary={"client": str(wrapper), "web": str(wrapper)})  # fmt: skip
+            pids = {w: _valgrind_pid(m.pod(w)) for w in ("client", "web")}
+            results: dict[str, dict[str, float]] = {}
+            for name, telemetry in configs.items():
+                if name != "off":
+                    m.restart_discovery(telemetry)
+                results[name] = _counted(m, pids, out)
+            return results
+        finally:
+            lab.close(raise_errors=False)
+
+
+def _counted(m: Any, pids: dict[str, int], out: Path) -> dict[str, float]:
+    done, stop = [0], threading.Event()
+
+    def load() -> None:
+        conn: http.client.HTTPConnection | None = None
+        while not stop.is_set():
+            try:
+                conn = conn or http.client.HTTPConnection(WEB, 80, timeout=60)
+                conn.request("GET", "/")
+                response = conn.getresponse()
+                response.read()
+                done[0] += response.status == 200
+            except (OSError, http.client.HTTPException):
+                conn = None  # the first requests under valgrind may time out: start over
+                time.sleep(0.2)
+
+    client = m.pod("client").ns
+    thread = threading.Thread(target=lambda: client.in_namespace(load), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 300
+        while done[0] < 100:  # valgrind translates the request path on its first runs
+            assert time.monotonic() < deadline, "no requests through the sidecars under valgrind"
+            time.sleep(0.5)
+        time.sleep(5)
+        for pid in pids.values():
+            _callgrind_control(pid, "zero")
+        first, before = done[0], set(out.iterdir())
+        time.sleep(4 * SECONDS)
+        last = done[0]
+        for pid in pids.values():
+            _callgrind_control(pid, "dump")
+        requests = (last + done[0]) / 2 - first  # the dumps are a moment apart
+    finally:
+        stop.set()
+        thread.join(timeout=120)
+    counted: dict[str, float] = {}
+    for workload, pid in pids.items():
+        (dump,) = [f for f in set(out.iterdir()) - before if f.name.startswith(f"{pid}.out.")]
+        found = re.search(r"^(?:summary|totals): (\d+)", dump.read_text(), re.M)
+        assert found, f"no instruction total in {dump}"
+        counted[workload] = round(int(found.group(1)) / requests)
+    counted["requests"] = requests
+    return counted
+
+
 def report(results: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = _report_lab(results) if results["runs"] else {}
     alone = results["envoy_alone"]
@@ -239,6 +344,27 @@ def report(results: dict[str, Any]) -> dict[str, Any]:
         for k, v in med.items():
             p50s = [r["p50"] for r in alone[k]]
             print(f"  {k:<20}{v:>7.1f} us {v - med['off']:>+7.1f} us  {p50s}")
+    in_lab = results.get("lab_instructions")
+    if in_lab:
+        summary["lab_instructions_per_req"] = in_lab
+        off, on = in_lab["off"], in_lab["on"]
+        print("the lab's sidecars under callgrind: instructions per request, off -> on")
+        for w in ("client", "web"):
+            print(f"  {w:<8}{off[w]:>10,.0f} {on[w]:>10,.0f} {on[w] - off[w]:>+9,.0f}"
+                  f" ({100 * (on[w] / off[w] - 1):+.1f} %)")  # fmt: skip
+        added = sum(on[w] - off[w] for w in ("client", "web")) / sum(
+            off[w] for w in ("client", "web")
+        )
+        summary["lab_added_user_instructions"] = round(added, 4)
+        lab_off = summary.get("off")
+        if lab_off:  # user space's share of the proxies' CPU, from the timed lab runs
+            user = lab_off["user_us_per_req_client"] + lab_off["user_us_per_req_web"]
+            total = lab_off["cpu_us_per_req_client"] + lab_off["cpu_us_per_req_web"]
+            summary["lab_user_share"] = round(user / total, 4)
+            summary["lab_added_cpu_from_instructions"] = round(added * user / total, 4)
+            print(f"  both: {100 * added:+.1f} % of their user-space instructions; user space is "
+                  f"{100 * user / total:.0f} % of their CPU when off, so about "
+                  f"{100 * added * user / total:+.1f} % proxy CPU per request")  # fmt: skip
     counted = results.get("envoy_instructions")
     if counted:
         summary["envoy_instructions_per_req"] = counted
@@ -258,8 +384,9 @@ def _report_lab(results: dict[str, Any]) -> dict[str, Any]:
     for name, runs in results["runs"].items():
         med = {
             k: statistics.median(r[k] for r in runs)
-            for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req_client", "cpu_us_per_req_web")
-        }
+            for k in ("rps", "p50_ms", "p99_ms", "cpu_us_per_req_client", "cpu_us_per_req_web",
+                      "user_us_per_req_client", "user_us_per_req_web")
+        }  # fmt: skip
         summary[name] = {k: round(v, 4) for k, v in med.items()}
         cpu = f"{med['cpu_us_per_req_client']:.1f} | {med['cpu_us_per_req_web']:.1f}"
         print(f"{name:<12}{med['rps']:>9.0f}{med['p50_ms']:>9.3f}{med['p99_ms']:>9.3f}{cpu:>24}")
@@ -286,10 +413,16 @@ def main() -> int:
         return 0
     started = time.monotonic()
     # BENCH_PARTS: a comma-separated choice of lab, alone (one Envoy, CPU time), instructions
-    # (one Envoy under callgrind; needs valgrind). Default: all that can run here.
-    parts = set(os.environ.get("BENCH_PARTS", "lab,alone,instructions").split(","))
+    # (one Envoy under callgrind; needs valgrind), lab-instructions (the lab's two sidecars
+    # under callgrind). Default: all that can run here.
+    parts = set(os.environ.get("BENCH_PARTS", "lab,alone,instructions,lab-instructions").split(","))
     measured: dict[str, Any] = run() if "lab" in parts else {"runs": {}}
     measured["envoy_alone"] = envoy_alone() if "alone" in parts else {}
+    if "lab-instructions" in parts:
+        if shutil.which("callgrind_control") and shutil.which("setpriv"):
+            measured["lab_instructions"] = lab_instructions()
+        else:
+            print("no valgrind/setpriv here: the lab's instructions not counted")
     if "instructions" in parts:
         if shutil.which("callgrind_control"):
             measured["envoy_instructions"] = envoy_instructions()

@@ -184,12 +184,17 @@ class Lab:
 
 
 def start(
-    lab: NetnsLab, telemetry: dict[str, Any] | None = None, *, pod_annotations: bool = True
+    lab: NetnsLab,
+    telemetry: dict[str, Any] | None = None,
+    *,
+    pod_annotations: bool = True,
+    envoy_binary: dict[str, str] | None = None,
 ) -> Lab:
     """The lab with every pod running; ``telemetry``: the mesh config's section (default:
     tracing to the lab's collector, every trace sampled); ``pod_annotations`` False: neither
     the namespace nor a pod overrides the mesh's access-log setting (otherwise the namespace
-    logs failures only and web every request)."""
+    logs failures only and web every request); ``envoy_binary``: workload → the program its
+    agent starts as Envoy (e.g. Envoy under valgrind)."""
     m = Lab(lab)
     if telemetry is None:
         telemetry = {"tracing_collector": f"{m.cp.ip}:{OTLP_PORT}", "tracing_sampling": 100}
@@ -208,6 +213,13 @@ def start(
     for name in PODS:
         pod = admit(m.node.ns, cp_url, pki / "ca.crt", _manifest(name, pod_annotations))
         admitted[name] = pod
+        if envoy_binary and name.split("-")[0] in envoy_binary:
+            proxy = next(c for c in pod["spec"]["initContainers"] if c["name"] == "sidemesh-proxy")
+            proxy["args"] = [
+                *proxy.get("args", []),
+                "--envoy-binary",
+                envoy_binary[name.split("-")[0]],
+            ]
         record = copy.deepcopy(pod)
         ip = m.pods[name].ip
         record["status"] = {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}
