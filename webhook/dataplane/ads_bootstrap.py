@@ -4,10 +4,11 @@ Static, as in the fallback bootstrap (:mod:`webhook.dataplane.bootstrap`, which 
 admin on 127.0.0.1:15000, health ``/healthz/ready`` on 15021, ``/stats/prometheus`` on 15090,
 the overload manager, and the SDS files of the workload certificate. One difference: 15090 is
 answered by the agent (``agent`` cluster, its port 15020), which finishes Envoy's golden
-metrics with ``reporter`` and the sidecar's own labels (:mod:`webhook.dataplane.scrape`). Everything else — the
-capture listeners 15001/15006 and every cluster — arrives over one delta ADS stream to the
-control plane (``xds`` cluster): HTTP/2 over mTLS with the workload certificate, the control
-plane's certificate verified to chain to the mesh root *and* to carry exactly its SPIFFE id.
+metrics with ``reporter`` and the sidecar's own labels (:mod:`webhook.dataplane.scrape`).
+Everything else — the capture listeners 15001/15006 and every cluster — arrives over one
+delta ADS stream to the control plane (``xds`` cluster): HTTP/2 over mTLS with the workload
+certificate, the control plane's certificate verified to chain to the mesh root *and* to
+carry exactly its SPIFFE id.
 
 ``initial_fetch_timeout``: Envoy's ``/ready`` (so the pod's readiness) waits for the first
 clusters and listeners. With a dead control plane it would wait forever; after this timeout the
