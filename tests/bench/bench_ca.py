@@ -40,6 +40,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.hazmat.primitives import hashes, serialization  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec  # noqa: E402
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.jwks_issuer import Issuer  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 from webhook.ca.authority import CertificateAuthority  # noqa: E402
@@ -300,9 +301,7 @@ def main() -> int:
               f"{res['per_server_core_second']:10,.0f} {res['server_cpu_microseconds']:8.0f}"
               f"  ({res['per_core_ratio_to_in_process']:.2f}x in-process)")  # fmt: skip
     print("goals: >= 3,000/s in-process on one core; API >= 0.5x of that. Shared machine.")
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "ca.json").write_text(json.dumps(results, indent=2))
+    write_results("ca", results)
     return 0
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import os
 import resource
 import statistics
@@ -28,6 +27,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO))
+
+from tests.bench.results import write_results  # noqa: E402
+
 DEMO = "webhook/samples/demo-app.yaml"
 COMMANDS = {"--help": ["--help"], "inject": ["inject", "-f", DEMO]}
 
@@ -111,9 +114,7 @@ def main() -> int:
                 f" cpu {new['cpu_median_ms'] / old['cpu_median_ms']:.2f}"
             )
         print(line)
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "cli_startup.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("cli_startup", results)
     return 0
 
 

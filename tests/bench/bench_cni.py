@@ -14,7 +14,6 @@ and max, so that sidemesh's share can be told from the bridge's. Compare within 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from pathlib import Path
 TESTS = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(TESTS.parent))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.cni_lab import built_plugin, cni_node  # noqa: E402
 from tests.support.cni_runtime import Runtime  # noqa: E402
 from tests.support.netns import NetnsLab  # noqa: E402
@@ -85,9 +85,7 @@ def main() -> int:
     }
     for key, row in rows.items():
         print(f"{key:28s} median {row['median_ms']:7.1f} ms   max {row['max_ms']:7.1f} ms")
-    out = Path("bench-results")
-    out.mkdir(exist_ok=True)
-    (out / "cni.json").write_text(json.dumps({"runs": runs, "add": rows}, indent=2))
+    write_results("cni", {"runs": runs, "add": rows})
     return 0
 
 

@@ -13,7 +13,6 @@ PSS. Root, Envoy and wrk required. ``BENCH_SECONDS`` (default 5) sets each run's
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,6 +25,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.meshlab import (  # noqa: E402
     APP_UID,
     SIDEMESH,
@@ -147,10 +147,7 @@ def main() -> int:
     started = time.monotonic()
     results = report(run())
     results["wall_seconds"] = round(time.monotonic() - started, 1)
-    out = REPO / "bench-results" / "dataplane.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {out.relative_to(REPO)}")
+    write_results("dataplane", results)
     return 0
 
 

@@ -49,6 +49,7 @@ TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.xds import make_ca, run_control_plane, workload_cert  # noqa: E402
 from webhook.discovery.compiler import CLUSTER, ENDPOINTS, LISTENER, ROUTE  # noqa: E402
 from webhook.discovery.core import DiscoverySettings  # noqa: E402
@@ -463,10 +464,7 @@ def main() -> int:
         "max_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
     }  # fmt: skip
     print(json.dumps(result, indent=1))
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    suffix = "-scoped" if args.scoped else ""
-    (out / f"discovery{suffix}.json").write_text(json.dumps(result, indent=1))
+    write_results("discovery-scoped" if args.scoped else "discovery", result)
     return 0
 
 

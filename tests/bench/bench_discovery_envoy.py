@@ -21,6 +21,7 @@ REPO = TESTS.parent
 sys.path.insert(0, str(REPO))
 
 from tests.bench.bench_discovery import client_pod, synthetic_mesh  # noqa: E402
+from tests.bench.results import write_results  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.xds import (  # noqa: E402
     free_ports,
@@ -75,9 +76,7 @@ def main() -> int:
                 key = f"{size} services, {'scoped' if scoped else 'unscoped'}"
                 results[key] = measure(size, scoped, Path(tmp))
                 print(key, results[key], flush=True)
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "discovery_envoy.json").write_text(json.dumps(results, indent=1))
+    write_results("discovery_envoy", results)
     return 0
 
 

@@ -47,6 +47,7 @@ from tests.bench.bench_discovery import (  # noqa: E402
     percentile,
     synthetic_mesh,
 )
+from tests.bench.results import write_results  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.xds import (  # noqa: E402
     Envoy,
@@ -230,10 +231,7 @@ def main() -> int:
     with inotify_instances(args.envoys), tempfile.TemporaryDirectory() as tmp:
         result = run(args, Path(tmp))
     print(json.dumps(result, indent=1))
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    suffix = "-scoped" if args.scoped else ""
-    (out / f"discovery_fleet{suffix}.json").write_text(json.dumps(result, indent=1))
+    write_results("discovery_fleet-scoped" if args.scoped else "discovery_fleet", result)
     return 0
 
 

@@ -19,7 +19,6 @@ floor an EDS update costs Envoy.
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import shutil
 import subprocess
@@ -41,6 +40,7 @@ from tests.bench.bench_discovery import (  # noqa: E402
     synthetic_mesh,
 )
 from tests.bench.bench_discovery_fleet import client_identity, fixed_ports  # noqa: E402
+from tests.bench.results import write_results  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.xds import run_control_plane, run_envoy  # noqa: E402
 from webhook.config import Ports  # noqa: E402
@@ -143,10 +143,7 @@ def main() -> int:
             results[variant] = measure(variant, args.services, args.changes, Path(tmp))
         print(f"{variant:<10} {results[variant]['instructions_per_change']:>12,} "
               "instructions per endpoint change (idle subtracted)", flush=True)  # fmt: skip
-    out = REPO / "bench-results" / "envoy_eds.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {out.relative_to(REPO)}")
+    write_results("envoy_eds", results)
     return 0
 
 

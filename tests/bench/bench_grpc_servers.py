@@ -33,6 +33,8 @@ TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
+
 METHOD = "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources"
 CLUSTER = "type.googleapis.com/envoy.config.cluster.v3.Cluster"
 
@@ -262,9 +264,7 @@ def main() -> int:
     ]
     out = {"response_bytes": len(body), "results": results}
     print(json.dumps(out, indent=1))
-    target = REPO / "bench-results"
-    target.mkdir(exist_ok=True)
-    (target / "grpc_servers.json").write_text(json.dumps(out, indent=1))
+    write_results("grpc_servers", out)
     return 0
 
 

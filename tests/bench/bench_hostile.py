@@ -43,9 +43,9 @@ import orjson
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "webhook" / "samples" / "review.json"
-RESULTS = REPO / "bench-results" / "hostile.json"
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 HEAD = b"POST /mutate HTTP/1.1\r\nHost: sidemesh\r\nContent-Type: application/json\r\n"
@@ -421,9 +421,7 @@ def main() -> int:
         ok = value == goal if op == "==" else value < goal
         results["checks"].append({"name": name, "value": value, "goal": f"{op} {goal}", "ok": ok})
         print(f"  {'ok  ' if ok else 'MISS'} {name}: {value} (goal {op} {goal})")
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS.relative_to(REPO)}")
+    write_results("hostile", results)
     return 0
 
 

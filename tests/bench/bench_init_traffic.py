@@ -12,7 +12,6 @@ prints). The machine is shared and noisy: compare within one run only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import statistics
@@ -23,6 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.netns import NetnsLab  # noqa: E402
 
 ARGS = [
@@ -68,9 +68,7 @@ def main() -> int:
                 "apply_ms_median": round(statistics.median(within), 2) if within else None,
             }
         )
-    out = Path("bench-results")
-    out.mkdir(exist_ok=True)
-    (out / "init_traffic.json").write_text(json.dumps({"runs": runs, "steps": rows}, indent=2))
+    write_results("init_traffic", {"runs": runs, "steps": rows})
     return 0
 
 

@@ -38,6 +38,7 @@ sys.path.insert(0, os.environ.get("SIDEMESH_BENCH_ROOT", str(REPO)))
 
 import jsonpatch  # noqa: E402
 
+from tests.bench.results import write_results  # noqa: E402
 from webhook.config import MeshConfig  # noqa: E402
 from webhook.inject.pod import inject_pod  # noqa: E402
 
@@ -244,9 +245,7 @@ def main() -> int:
             f"{'ok' if r['meets_goal'] else 'MISSED'} "
             f"({b['median_us'] / a['median_us']:.0f}x faster than diffing)"
         )
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "inject.json").write_text(json.dumps(results, indent=2) + "\n")
+    write_results("inject", results)
     return 0
 
 

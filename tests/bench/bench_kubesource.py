@@ -30,6 +30,7 @@ TESTS = Path(__file__).resolve().parent.parent
 REPO = TESTS.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.apiserver_standin import APIServerStandin  # noqa: E402
 from tests.support.jwks_issuer import Issuer  # noqa: E402
 from webhook.discovery.kubesource import KubeSource  # noqa: E402
@@ -171,9 +172,7 @@ def main() -> None:
     results["heap_bytes_per_pod_slim"] = slimmed // len(raw)
     results["json_bytes_per_pod_full"] = len(json.dumps(raw[0]))
     print(json.dumps(results, indent=2))
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "kubesource.json").write_text(json.dumps(results, indent=2))
+    write_results("kubesource", results)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,6 @@ injected pods have rewritten to the proxy's probe port. Root and Envoy required.
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.meshlab import (  # noqa: E402
     MESHAPP,
     PYTHON,
@@ -112,9 +112,7 @@ def main() -> int:
     for kind in KINDS:
         print(f"  {kind:14} {median[kind]:6.3f} s   {rounded[kind]}")
     print(f"  injected - plain {injected - plain:+6.3f} s   (goal: +{GOAL_ADDED_S} s at most)")
-    out = REPO / "bench-results" / "podstart.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    write_results("podstart", result)
     if injected - plain > GOAL_ADDED_S:
         print("  goal missed (see docs/benchmarks.md, 'Pod start', for where the time goes)")
     return 0

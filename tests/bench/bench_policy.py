@@ -36,6 +36,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.podrunner import sidemesh_argv  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
@@ -339,9 +340,7 @@ def main() -> int:
             rls.terminate()
             rls.wait(10)
     assert CLUSTER  # the cluster name the global filter asks through
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "policy.json").write_text(json.dumps(results, indent=1))
+    write_results("policy", results)
     return 0
 
 

@@ -15,7 +15,6 @@ writes bench-results/routing.json.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from webhook.dataplane.bootstrap import BootstrapOptions  # noqa: E402
 from webhook.discovery import compiler as cc  # noqa: E402
 from webhook.discovery.build import build_model  # noqa: E402
@@ -133,9 +133,7 @@ def main() -> None:
         print(f"{n:>8}  {row['build_table_ms']:>15.1f}  {row['build_table_warm_ms']:>8.1f}  "
               f"{row['build_dicts_ms']:>15.1f}  "
               f"{row['encode_ms']:>10.1f}  {len(built)}")  # fmt: skip
-    out = REPO / "bench-results"
-    out.mkdir(exist_ok=True)
-    (out / "routing.json").write_text(json.dumps(results, indent=1))
+    write_results("routing", results)
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ REPO = HERE.parent.parent
 sys.path.insert(0, str(REPO))
 
 from tests.bench.bench_dataplane import cpu_seconds, wrk  # noqa: E402
+from tests.bench.results import write_results  # noqa: E402
 from tests.conftest import envoy_binary  # noqa: E402
 from tests.support.envoy_alone import direct_response_config  # noqa: E402
 from tests.support.meshlab import app, envoy_pids  # noqa: E402
@@ -430,10 +431,7 @@ def main() -> int:
             print("no valgrind here (apt-get install -y valgrind): instructions not counted")
     results = report(measured)
     results["wall_seconds"] = round(time.monotonic() - started, 1)
-    out = REPO / "bench-results" / "telemetry.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"written to {out.relative_to(REPO)}")
+    write_results("telemetry", results)
     return 0
 
 

@@ -41,11 +41,11 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "webhook" / "samples" / "review.json"
-RESULTS = REPO / "bench-results" / "webhook.json"
 #: ``sidemesh serve`` with the ceiling endpoint ``POST /noop`` added (test-only).
 NOOP_SERVE = Path(__file__).resolve().parent / "noop_serve.py"
 sys.path.insert(0, str(REPO))
 
+from tests.bench.results import write_results  # noqa: E402
 from tests.support.ports import free_port  # noqa: E402
 
 CONNECTIONS = 16
@@ -237,8 +237,7 @@ def main() -> int:
     args = parser.parse_args()
     if shutil.which("wrk") is None:  # skip loudly, so that `make bench` still runs the others
         print("bench_webhook: SKIPPED, needs wrk (apt-get install wrk)", file=sys.stderr)
-        RESULTS.parent.mkdir(exist_ok=True)
-        RESULTS.write_text(json.dumps({"skipped": "wrk not installed"}) + "\n")
+        write_results("webhook", {"skipped": "wrk not installed"})
         return 0
     runs = []
     with tempfile.TemporaryDirectory(prefix="sidemesh-bench-") as tmp_name:
@@ -336,9 +335,7 @@ def main() -> int:
         for k in ("noop", "mutate", "mutate_handshake")
     )
     summary["errors"] = errors
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(summary, indent=2) + "\n")
-    print(f"\nwritten to {RESULTS.relative_to(REPO)}")
+    write_results("webhook", summary)
     return 1 if errors else 0
 
 
