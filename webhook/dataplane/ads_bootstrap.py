@@ -100,14 +100,15 @@ def render_ads_bootstrap(opts: bs.BootstrapOptions, xds: XdsOptions) -> dict[str
         raise ValueError("initial_fetch_timeout must be positive (0 would wait forever)")
     boot = bs.render_bootstrap(opts)
     static = boot["static_resources"]
-    static["listeners"] = [x for x in static["listeners"] if x["name"] in _STATIC_LISTENERS]
+    # Scrapes of 15090 go through the agent, which finishes the golden metrics.
+    static["listeners"] = [
+        bs.stats_listener(opts, AGENT_CLUSTER) if x["name"] == "stats" else x
+        for x in static["listeners"]
+        if x["name"] in _STATIC_LISTENERS
+    ]
     static["clusters"] = [c for c in static["clusters"] if c["name"] in _STATIC_CLUSTERS]
     static["clusters"].append(_xds_cluster(opts, xds))
-    # Scrapes of 15090 go through the agent, which adds the sidecar's own labels.
     static["clusters"].append(bs.local_cluster(AGENT_CLUSTER, opts.ports.probes))
-    for listener in static["listeners"]:
-        if listener["name"] == "stats":
-            _route_to(listener, AGENT_CLUSTER)
     fetch = f"{xds.initial_fetch_timeout_s:g}s"
     ads_source = {"ads": {}, "resource_api_version": "V3", "initial_fetch_timeout": fetch}
     boot["dynamic_resources"] = {
@@ -121,13 +122,3 @@ def render_ads_bootstrap(opts: bs.BootstrapOptions, xds: XdsOptions) -> dict[str
         "lds_config": ads_source,
     }
     return boot
-
-
-def _route_to(listener: dict[str, Any], cluster: str) -> None:
-    """Send the routes of a static listener that go to Envoy's admin to ``cluster`` instead."""
-    for chain in listener["filter_chains"]:
-        for f in chain["filters"]:
-            for vhost in f["typed_config"]["route_config"]["virtual_hosts"]:
-                for route in vhost["routes"]:
-                    if route.get("route", {}).get("cluster") == "admin":
-                        route["route"]["cluster"] = cluster

@@ -171,7 +171,7 @@ def render_bootstrap(opts: BootstrapOptions) -> dict[str, Any]:
                 _outbound_listener(opts),
                 _inbound_listener(opts),
                 _health_listener(opts),
-                _stats_listener(opts),
+                stats_listener(opts),
             ],
             "clusters": [
                 _mesh_cluster("outbound_mesh_http", opts, ALPN_HTTP),
@@ -229,12 +229,12 @@ def _check_port(port: int, what: str) -> None:
 
 
 def _admin_route_listener(
-    opts: BootstrapOptions, name: str, port: int, path: str, rewrite: str
+    opts: BootstrapOptions, name: str, port: int, path: str, rewrite: str, cluster: str = "admin"
 ) -> dict[str, Any]:
     routes: list[dict[str, Any]] = [
         {
             "match": {"path": path},
-            "route": {"cluster": "admin", "prefix_rewrite": rewrite, "timeout": "5s"},
+            "route": {"cluster": cluster, "prefix_rewrite": rewrite, "timeout": "5s"},
         },
         {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
     ]
@@ -254,6 +254,8 @@ def _health_listener(opts: BootstrapOptions) -> dict[str, Any]:
     return _admin_route_listener(opts, "health", port, names.HEALTH_PATH, "/ready")
 
 
-def _stats_listener(opts: BootstrapOptions) -> dict[str, Any]:
+def stats_listener(opts: BootstrapOptions, cluster: str = "admin") -> dict[str, Any]:
+    """``/stats/prometheus`` on the stats port, answered by ``cluster`` (Envoy's admin)."""
     port = opts.ports.stats
-    return _admin_route_listener(opts, "stats", port, names.STATS_PATH, names.STATS_PATH)
+    path = names.STATS_PATH
+    return _admin_route_listener(opts, "stats", port, path, path, cluster)
